@@ -1,0 +1,230 @@
+"""The request dispatcher: client address, CORS, the gateway's own endpoints, then a route."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from gateway.accesslog import AccessLog
+from gateway.config import Config
+from gateway.cors import CorsPolicy
+from gateway.errors import BadRequest, PayloadTooLarge, UpstreamError, UpstreamTimeout, UpstreamTLSError
+from gateway.headers import Forwarded, TrustedProxies, forwarded_for
+from gateway.proxy import ClientBodyError, Exchange, Proxy, ProxySettings, response_headers
+from gateway.routing import CompiledRoute, RouteTable, compile_route, normalize_path
+from gateway.upstream import UpstreamPool
+from gateway.websocket import splice
+
+log = logging.getLogger("gateway.app")
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+# Rewrites a request body before it is forwarded (the chat injection); returns the new
+# body and extra response headers (e.g. the guest cookie).
+BodyRewriter = Callable[[web.BaseRequest, bytes], Awaitable[tuple[bytes, list[tuple[str, str]]]]]
+
+CLIENT_IP = "gateway.client_ip"
+REQUEST_ID = "gateway.request_id"
+
+
+def error_response(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
+    """Short, plain error bodies: what happened, never how (no traces, no hosts)."""
+    return web.Response(status=status, text=f"{status} {text}\n", headers=headers)
+
+
+@dataclass
+class Extensions:
+    """What the chat, token and sandbox features plug into the request path."""
+
+    endpoints: dict[str, Handler] = field(default_factory=dict)
+    # (path, max body) -> rewriter, applied to POSTs on the proxy path
+    rewriters: dict[str, tuple[int, BodyRewriter]] = field(default_factory=dict)
+
+
+class Gateway:
+    """Runtime state built once from a Config; ``handle`` is the per-request entry point."""
+
+    def __init__(self, config: Config, *, pool: UpstreamPool | None = None,
+                 extensions: Extensions | None = None) -> None:
+        self.config = config
+        self.scheme = "https" if config.listen.tls else "http"
+        self.routes = RouteTable([
+            compile_route(r.prefix, r.upstream, preserve_host=r.preserve_host,
+                          ca_file=r.ca_file, websocket=r.websocket)
+            for r in config.routes
+        ])
+        self.trusted = TrustedProxies(config.trusted_proxies)
+        self.cors = CorsPolicy(config.cors)
+        self.pool = pool or UpstreamPool(connect_timeout=config.timeouts.connect)
+        self.proxy = Proxy(self.pool, ProxySettings(
+            read_timeout=config.timeouts.read,
+            client_body_timeout=config.timeouts.client_body,
+            max_body=config.limits.client_max_body_size,
+        ))
+        self.ext = extensions or Extensions()
+        self.access = AccessLog(enabled=config.access_log)
+        self.ws_idle = config.timeouts.websocket_idle
+        self.open_websockets = 0
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        ex = Exchange()
+        route: CompiledRoute | None = None
+        resp: web.StreamResponse | None = None
+        headers = request.headers
+        peer = request.remote or ""
+        fwd = forwarded_for(peer, headers.getall("X-Forwarded-For", ()), self.trusted,
+                            self.scheme, request.host, headers.get("X-Forwarded-Proto"),
+                            headers.get("X-Forwarded-Host"))
+        request[CLIENT_IP] = fwd.client_ip
+        rid = headers.get("X-Request-ID") if self.trusted.contains(peer) else None
+        if not rid or len(rid) > 128 or not rid.isprintable():
+            rid = uuid.uuid4().hex
+        request[REQUEST_ID] = rid
+        try:
+            resp, route = await self._dispatch(request, fwd, rid, ex)
+            return resp
+        except asyncio.CancelledError:
+            ex.error = "client went away"
+            raise
+        finally:
+            if resp is not None and not resp.prepared:
+                resp.headers["X-Request-ID"] = rid
+            self.access.log(request, fwd.client_ip, rid, resp, route, ex, loop.time() - start)
+
+    async def _dispatch(self, request: web.BaseRequest, fwd: Forwarded, rid: str, ex: Exchange
+                        ) -> tuple[web.StreamResponse, CompiledRoute | None]:
+        method = request.method
+        raw_target = request.raw_path
+        if method == "CONNECT" or not raw_target.startswith("/"):
+            # Absolute- and authority-form targets: this is not a forward proxy.
+            return error_response(400, "Bad Request: only origin-form targets are served"), None
+        path, _, query = raw_target.partition("?")
+        try:
+            path = normalize_path(path)
+        except BadRequest as exc:
+            return error_response(400, f"Bad Request: {exc}"), None
+
+        origin = request.headers.get("Origin")
+        cors_headers = None
+        if origin and self.cors.enabled:
+            if method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+                pre = self.cors.preflight(origin, request.headers.get("Access-Control-Request-Headers"))
+                resp = web.Response(status=204 if pre else 403)
+                if pre:
+                    resp.headers.extend(pre)
+                resp.headers["Vary"] = "Origin"
+                return resp, None
+            cors_headers = self.cors.actual(origin)
+
+        handler = self.ext.endpoints.get(path)
+        if handler is not None:
+            resp = await handler(request)
+            if cors_headers and not resp.prepared:
+                resp.headers.extend(cors_headers)
+            return resp, None
+
+        route = self.routes.match(path)
+        if route is None:
+            redirect = self.routes.redirect_for(path)
+            if redirect is not None:
+                location = redirect + ("?" + query if query else "")
+                return web.Response(status=301, headers={"Location": location}), None
+            return error_response(404, "Not Found"), None
+        target = route.target(path, query)
+        if self.cors.enabled:
+            cors_headers = [*(cors_headers or ()), ("Vary", "Origin")]
+        try:
+            if request.headers.get("Upgrade", "").lower() == "websocket" and route.websocket:
+                return await self._websocket(request, route, target, fwd, rid, ex), route
+            body: bytes | None = None
+            if method == "POST":
+                rw = self.ext.rewriters.get(path)
+                if rw is not None:
+                    body, extra = await self._rewrite(request, rw[0], rw[1])
+                    ex.extra_response_headers.extend(extra)
+            resp = await self.proxy.forward(request, route, target, fwd, rid, ex, body=body,
+                                            cors=cors_headers)
+            return resp, route
+        except PayloadTooLarge:
+            ex.error = "body too large"
+            return self._close_after(error_response(413, "Content Too Large")), route
+        except ClientBodyError as exc:
+            ex.error = str(exc)
+            return self._close_after(error_response(400, "Bad Request: request body broke off")), route
+        except TimeoutError:
+            ex.error = "client body timeout"
+            return self._close_after(error_response(408, "Request Timeout")), route
+        except BadRequest as exc:
+            ex.error = str(exc)
+            return error_response(400, f"Bad Request: {exc}"), route
+        except UpstreamTimeout as exc:
+            ex.error = str(exc)
+            log.warning("%s %s: %s", route.name, rid, exc)
+            return error_response(504, "Gateway Timeout: the upstream did not answer in time"), route
+        except UpstreamTLSError as exc:
+            ex.error = str(exc)
+            log.error("%s %s: %s", route.name, rid, exc)
+            return error_response(502, "Bad Gateway: the upstream's certificate was refused"), route
+        except UpstreamError as exc:
+            ex.error = str(exc)
+            log.warning("%s %s: %s", route.name, rid, exc)
+            return error_response(502, "Bad Gateway: the upstream could not be reached"), route
+
+    @staticmethod
+    def _close_after(resp: web.StreamResponse) -> web.StreamResponse:
+        # The rest of an unread body is still on the wire; don't parse it as a request.
+        resp.force_close()
+        return resp
+
+    async def _rewrite(self, request: web.BaseRequest, limit: int, rewriter: BodyRewriter
+                       ) -> tuple[bytes, list[tuple[str, str]]]:
+        length = request.content_length
+        if length is not None and length > limit:
+            raise BadRequest(f"JSON body is over {limit} bytes")
+        data = bytearray()
+        async with asyncio.timeout(self.config.timeouts.client_body or None):
+            while True:
+                chunk = await request.content.readany()
+                if not chunk:
+                    break
+                data += chunk
+                if len(data) > limit:
+                    raise BadRequest(f"JSON body is over {limit} bytes")
+        return await rewriter(request, bytes(data))
+
+    async def _websocket(self, request: web.BaseRequest, route: CompiledRoute, target: str,
+                         fwd: Forwarded, rid: str, ex: Exchange) -> web.StreamResponse:
+        from gateway.headers import upstream_request_head
+
+        up = route.upstream
+        host = request.host if route.preserve_host else up.host_header
+        head = upstream_request_head("GET", target, request.raw_headers, host, fwd, rid,
+                                     upgrade=True) + b"\r\n"
+        conn = await self.pool.acquire(up, fresh=True)
+        fut = conn.start(bytes(head), method="GET", read_timeout=self.config.timeouts.read)
+        conn.arm_read_timeout()
+        try:
+            message, payload = await fut
+        except BaseException:
+            conn.abort()
+            raise
+        if message.code != 101:
+            # Refused upgrade: an ordinary response.
+            return await self.proxy._respond(request, route, conn, message, payload, None, ex, None)
+        ex.upstream_status = 101
+        conn.finish_for_tunnel()
+        shell = web.StreamResponse(headers=response_headers(message.raw_headers, route))
+        self.open_websockets += 1
+        try:
+            return await splice(request, conn, message, shell, self.ws_idle)
+        finally:
+            self.open_websockets -= 1

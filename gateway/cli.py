@@ -1,0 +1,128 @@
+"""Command line: a thin layer over the typed Config (``gateway run|check|sign|...``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway.config import Config, load_config
+from gateway.errors import ConfigError
+
+log = logging.getLogger("gateway.cli")
+
+DEFAULT_CONFIG = "gateway.yaml"
+
+
+def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
+    from gateway.accesslog import JsonFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _load(path: str) -> Config:
+    return load_config(path)
+
+
+def _report(exc: ConfigError, path: str) -> int:
+    sys.stderr.write(f"{path}: {len(exc.problems)} problem(s) in the configuration:\n")
+    for problem in exc.problems:
+        sys.stderr.write(f"  - {problem}\n")
+    return 2
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        cfg = _load(args.config)
+    except ConfigError as exc:
+        return _report(exc, args.config)
+    out = sys.stdout
+    scheme = "https" if cfg.listen.tls else "http"
+    out.write(f"{args.config}: OK\n")
+    out.write(f"listen   {scheme}://{cfg.listen.host}:{cfg.listen.port}\n")
+    for route in sorted(cfg.routes, key=lambda r: len(r.prefix), reverse=True):
+        host = "client Host" if route.preserve_host else "upstream Host"
+        extra = f", ca_file={route.ca_file}" if route.ca_file else ""
+        out.write(f"route    {route.prefix:<24} -> {route.upstream} ({host}{extra})\n")
+    if cfg.cors.allow_origins:
+        out.write(f"cors     {', '.join(cfg.cors.allow_origins)}"
+                  f"{' (credentials)' if cfg.cors.allow_credentials else ''}\n")
+    if cfg.cec is not None:
+        out.write(f"cec      tenant {cfg.cec.tenant_space_id}, channel {cfg.cec.channel_config_id},"
+                  f" auth {cfg.cec.auth.mode}, identity {cfg.cec.identity.source}\n")
+    if cfg.token is not None:
+        out.write(f"token    store {cfg.token.store.split('@')[-1]}, ttl {cfg.token.ttl:g}s,"
+                  f" callback {cfg.token.validate_path}\n")
+    if cfg.sandbox is not None:
+        out.write("sandbox  configured\n")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        cfg = _load(args.config)
+    except ConfigError as exc:
+        return _report(exc, args.config)
+    from gateway.runtime import serve_forever
+
+    _use_uvloop()
+    try:
+        asyncio.run(serve_forever(cfg))
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", cfg.listen.host, cfg.listen.port, exc.strerror)
+        return 1
+    return 0
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    uvloop.install()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--log-level", default=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="serve")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check", help="validate the config and print a summary of routes")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    p.set_defaults(func=cmd_check)
+
+    try:
+        from gateway.signcli import add_sign_parser
+    except ImportError:  # pragma: no cover - during development only
+        pass
+    else:
+        add_sign_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_format, args.log_level.upper())
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,519 @@
+"""Configuration: YAML in, a validated, typed ``Config`` out, or a ConfigError naming every mistake.
+
+Loading happens in three steps, each reporting problems by YAML key path:
+1. parse the YAML;
+2. interpolate ``${NAME}`` / ``${NAME:-default}`` from the environment and read secret files;
+3. validate with pydantic, whose messages are rewritten to ``key.path: what (got value) / fix``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from yarl import URL
+
+from gateway.errors import ConfigError, Problem
+from gateway.sandbox.settings import SandboxSettings
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)\s*$")
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_SECRET_KEYS = frozenset({"secret_key", "signing_key", "api_key", "cookie_key", "password"})
+_CEC_SECRET_RE = re.compile(r"^[A-Za-z0-9]{43}$")
+
+
+def parse_size(value: object) -> int:
+    """nginx size syntax: ``1024``, ``8k``, ``1m``, ``2g``; ``0`` means no limit."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ValueError("not a size; write bytes or a number with k, m or g, e.g. 1m")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+def parse_duration(value: object) -> float:
+    """nginx time syntax: ``500ms``, ``10s``, ``5m``, ``1h``; a bare number is seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    m = _DURATION_RE.match(str(value))
+    if not m:
+        raise ValueError("not a duration; write e.g. 500ms, 10s, 5m or 1h")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSFiles(_Model):
+    cert_file: Path
+    key_file: Path
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> TLSFiles:
+        for name in ("cert_file", "key_file"):
+            path: Path = getattr(self, name)
+            if not path.is_file():
+                raise ValueError(f"{name} {str(path)!r} is not a readable file")
+        return self
+
+
+class Listen(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    tls: TLSFiles | None = None
+    workers: int | None = Field(None, ge=1, le=256)
+    backlog: int = Field(1024, ge=1)
+
+
+class Limits(_Model):
+    client_max_body_size: Size = 1024**2
+    max_header_size: Size = 8 * 1024
+    max_headers: int = Field(100, ge=1)
+
+
+class Timeouts(_Model):
+    connect: Duration = 5.0
+    read: Duration = 60.0
+    client_header: Duration = 10.0
+    client_body: Duration = 60.0
+    keepalive: Duration = 75.0
+    websocket_idle: Duration = 3600.0
+    shutdown_grace: Duration = 10.0
+
+
+class Route(_Model):
+    prefix: str
+    upstream: str
+    preserve_host: bool = False
+    ca_file: Path | None = None
+    websocket: bool = True
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_absolute(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("a prefix must start with '/', e.g. /service-cloud/")
+        return v
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream_url(cls, v: str) -> str:
+        url = URL(v)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("the upstream must be an absolute http:// or https:// URL")
+        if url.query_string or url.fragment:
+            raise ValueError("the upstream URL cannot carry a query string or fragment")
+        return v
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"ca_file {str(v)!r} is not a readable file")
+        return v
+
+    @model_validator(mode="after")
+    def _slash_bug(self) -> Route:
+        # The vendor guide's recipe: `location /service-cloud/` with
+        # `proxy_pass https://cec/service-cloud;` glues the rest onto the prefix.
+        path = URL(self.upstream).raw_path
+        if self.prefix.endswith("/") and not path.endswith("/"):
+            example = path + "webclient/chat_client/js/thirdPartyClient.js"
+            raise ValueError(
+                f"the prefix ends in '/' but the upstream path {path!r} does not, so "
+                f"{self.prefix}webclient/chat_client/js/thirdPartyClient.js would be sent "
+                f"upstream as {example}; fix: end the upstream with '/' "
+                f"({self.upstream}/)"
+            )
+        return self
+
+    @property
+    def url(self) -> URL:
+        return URL(self.upstream)
+
+
+class Cors(_Model):
+    allow_origins: list[str] = []
+    allow_credentials: bool = False
+    allow_methods: list[str] = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+    allow_headers: list[str] = []  # empty: echo what the preflight asks for
+    expose_headers: list[str] = []
+    max_age: int = Field(600, ge=0)
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for origin in v:
+            if origin == "*":
+                continue
+            url = URL(origin)
+            if url.scheme not in ("http", "https") or not url.host or url.raw_path not in ("", "/"):
+                raise ValueError(
+                    f"{origin!r} is not an origin; write scheme://host[:port] "
+                    "with no path, e.g. https://www.example.com"
+                )
+        return [o.rstrip("/") for o in v]
+
+    @model_validator(mode="after")
+    def _no_wildcard_credentials(self) -> Cors:
+        if "*" in self.allow_origins and self.allow_credentials:
+            raise ValueError(
+                "allow_origins '*' together with allow_credentials: true lets any site "
+                "act as the visitor; fix: list the trusted origins explicitly"
+            )
+        return self
+
+
+class CecSigning(_Model):
+    signed_headers: list[str] = ["Content-Length", "Content-Type"]
+    content_type: str = "application/json;charset=UTF-8"
+    payload_fields: list[str] = ["thirdUserName", "thirdUserId", "tenantSpaceId", "channelConfigId"]
+    timestamp_format: str = "%Y-%m-%dT%H:%M:%S.{ms}Z"
+
+
+class CecAuth(_Model):
+    mode: Literal["authorization", "token"] = "authorization"
+    secret_key: SecretStr | None = None
+    access_key: str | None = None
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_shape(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not _CEC_SECRET_RE.match(v.get_secret_value()):
+            raise ValueError(
+                "the CEC secretKey must be exactly 43 characters of [A-Za-z0-9]; "
+                "copy it again from the CEC channel configuration page"
+            )
+        return v
+
+
+class IdentityUrl(_Model):
+    url: str
+    user_id_field: str = "userId"
+    user_name_field: str = "userName"
+    cache_ttl: Duration = 30.0
+    timeout: Duration = 5.0
+
+
+class CecIdentity(_Model):
+    source: Literal["guest", "url"] = "guest"
+    url: IdentityUrl | None = None
+    fallback: Literal["guest"] | None = None
+
+    @model_validator(mode="after")
+    def _url_needed(self) -> CecIdentity:
+        if self.source == "url" and self.url is None:
+            raise ValueError("source 'url' needs url: {url: http://site/api/me}")
+        return self
+
+
+class CecGuest(_Model):
+    cookie_name: str = "cec_guest"
+    cookie_key: SecretStr | None = None
+    max_name_length: int = Field(64, ge=1, le=256)
+
+
+class CecConfig(_Model):
+    tenant_space_id: str
+    channel_config_id: str
+    locale: Literal["zh", "en"] = "zh"
+    map_service: Literal["tencent", "google"] = "tencent"
+    context_path: str = "/service-cloud"
+    cobrowse: bool = False
+    auth: CecAuth = CecAuth()
+    identity: CecIdentity = CecIdentity()
+    guest: CecGuest = CecGuest()
+    signing: CecSigning = CecSigning()
+    authorization_path: str = "/gateway/authorization"
+    loader_path: str = "/gateway/chat.js"
+    page_path: str | None = "/chat/"
+    max_json_size: Size = 16 * 1024
+
+    @field_validator("context_path")
+    @classmethod
+    def _ctx(cls, v: str) -> str:
+        if not v.startswith("/") or v.endswith("/"):
+            raise ValueError("context_path starts with '/' and has no trailing '/', e.g. /service-cloud")
+        return v
+
+    @model_validator(mode="after")
+    def _secret_for_mode(self) -> CecConfig:
+        if self.auth.mode == "authorization" and self.auth.secret_key is None:
+            raise ValueError(
+                "auth.mode 'authorization' needs auth.secret_key (e.g. ${CEC_SECRET_KEY}) "
+                "or auth.secret_key_file"
+            )
+        return self
+
+    @property
+    def access_key(self) -> str:
+        return self.auth.access_key or self.channel_config_id
+
+
+class TokenGuard(_Model):
+    max_failures: int = Field(5, ge=1)
+    window: Duration = 300.0
+    lockout: Duration = 900.0
+
+
+class TokenConfig(_Model):
+    signing_key: SecretStr
+    api_key: SecretStr | None = None
+    ttl: Duration = 600.0
+    store: str = "memory"
+    validate_path: str = "/rest/cc-messaging/v1/thirdparty/chatThirdPartyValidate"
+    validate_allow_from: list[IPNetwork] = [
+        ipaddress.ip_network("127.0.0.1/32"),
+        ipaddress.ip_network("::1/128"),
+    ]
+    issue_path: str = "/gateway/token"
+    guard: TokenGuard = TokenGuard()
+    rate_limit: str = "50/second"
+    max_concurrency: int = Field(16, ge=1)
+    max_body: Size = 4096
+    body_timeout: Duration = 5.0
+
+    @field_validator("signing_key", "api_key")
+    @classmethod
+    def _long_enough(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters; generate one with `openssl rand -hex 32`")
+        return v
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str) -> str:
+        if v != "memory" and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("store is 'memory' or a redis://host:port/db URL")
+        return v
+
+
+class Admin(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(9090, ge=0, le=65535)
+
+
+class Config(_Model):
+    listen: Listen = Listen()
+    trusted_proxies: list[IPNetwork] = []
+    limits: Limits = Limits()
+    timeouts: Timeouts = Timeouts()
+    routes: list[Route] = Field(min_length=1)
+    cors: Cors = Cors()
+    cec: CecConfig | None = None
+    token: TokenConfig | None = None
+    admin: Admin | None = None
+    sandbox: SandboxSettings | None = None
+    access_log: bool = True
+    public_url: str | None = None  # scheme://host the visitors use, when TLS ends before us
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _cidrs(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [v]
+        return v
+
+    @field_validator("routes")
+    @classmethod
+    def _unique_prefixes(cls, v: list[Route]) -> list[Route]:
+        seen: set[str] = set()
+        for route in v:
+            if route.prefix in seen:
+                raise ValueError(f"prefix {route.prefix!r} appears twice; keep one route per prefix")
+            seen.add(route.prefix)
+        return v
+
+    @model_validator(mode="after")
+    def _token_for_mode(self) -> Config:
+        if self.cec is not None and self.cec.auth.mode == "token" and self.token is None:
+            raise ValueError("cec.auth.mode 'token' needs a token: section (signing_key at least)")
+        return self
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _path_str(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def _is_secret_path(loc: tuple[str | int, ...]) -> bool:
+    return any(isinstance(p, str) and p in _SECRET_KEYS for p in loc)
+
+
+def _interpolate(node: Any, loc: tuple[str | int, ...], env: Mapping[str, str],
+                 problems: list[Problem]) -> Any:
+    if isinstance(node, dict):
+        return {k: _interpolate(v, (*loc, str(k)), env, problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, (*loc, i), env, problems) for i, v in enumerate(node)]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+
+    def repl(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        problems.append(Problem(_path_str(loc), f"${{{name}}}",
+                                f"environment variable {name} is not set",
+                                f"export {name}=... or write ${{{name}:-default}}"))
+        return ""
+
+    return _ENV_RE.sub(repl, node)
+
+
+def _read_secret_files(node: Any, loc: tuple[str | int, ...], base: Path,
+                       problems: list[Problem]) -> Any:
+    """``secret_key_file: path`` becomes ``secret_key: <contents>`` (same for any *_key_file)."""
+    if isinstance(node, list):
+        return [_read_secret_files(v, (*loc, i), base, problems) for i, v in enumerate(node)]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        key = str(key)
+        if key.endswith("_file") and key[: -len("_file")] in _SECRET_KEYS:
+            target = key[: -len("_file")]
+            if target in node:
+                problems.append(Problem(_path_str((*loc, key)), "",
+                                        f"both {target} and {key} are set",
+                                        f"keep only one of {target} and {key}"))
+                continue
+            path = (base / str(value)).expanduser()
+            try:
+                out[target] = path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                problems.append(Problem(_path_str((*loc, key)), repr(str(value)),
+                                        f"cannot read the secret file: {exc.strerror}",
+                                        "point it at a readable file holding only the secret"))
+            continue
+        out[key] = _read_secret_files(value, (*loc, key), base, problems)
+    return out
+
+
+_FIXES = {
+    "missing": "add this key",
+    "extra_forbidden": "remove it, or check its spelling against the README's config reference",
+    "bool_parsing": "write true or false",
+    "bool_type": "write true or false",
+    "int_parsing": "write a whole number",
+    "int_type": "write a whole number",
+    "literal_error": "",
+    "ip_v4_network": "write a CIDR such as 10.0.0.0/8 or 2001:db8::/32",
+    "ip_v6_network": "write a CIDR such as 10.0.0.0/8 or 2001:db8::/32",
+    "ip_any_network": "write a CIDR such as 10.0.0.0/8 or 2001:db8::/32",
+    "too_short": "add at least one entry",
+}
+
+
+def _lookup(tree: Any, loc: tuple[str | int, ...]) -> tuple[bool, Any]:
+    node = tree
+    for part in loc:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return False, None
+    return True, node
+
+
+def _problems_from(exc: ValidationError, tree: Any) -> list[Problem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+        # pydantic reports union members as extra loc parts (e.g. 'IPv4Network'); drop them
+        loc = tuple(p for p in loc if not (isinstance(p, str) and p[:1].isupper()))
+        found, value = _lookup(tree, loc)
+        if _is_secret_path(loc):
+            shown = "<redacted>" if found else ""
+        else:
+            shown = repr(value) if found else ""
+            if len(shown) > 120:
+                shown = shown[:117] + "..."
+        msg = str(err["msg"])
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        fix = _FIXES.get(str(err["type"]), "")
+        if "; fix: " in msg:
+            msg, fix = msg.split("; fix: ", 1)
+        problems.append(Problem(_path_str(loc), shown, msg, fix))
+    return problems
+
+
+def load_config_text(text: str, *, env: Mapping[str, str] | None = None,
+                     base_dir: Path | None = None, source: str = "<config>") -> Config:
+    env = os.environ if env is None else env
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else source
+        raise ConfigError([Problem("", "", f"{source} is not valid YAML at {where}: "
+                                   f"{getattr(exc, 'problem', exc)}",
+                                   "fix the YAML syntax (indentation, quotes, colons)")]) from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError([Problem("", type(tree).__name__, "the config must be a mapping",
+                                   "start with keys such as listen:, routes:")])
+    problems: list[Problem] = []
+    tree = _interpolate(tree, (), env, problems)
+    tree = _read_secret_files(tree, (), base_dir or Path.cwd(), problems)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_problems_from(exc, tree)) from None
+
+
+def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([Problem("", str(p), f"cannot read the config file: {exc.strerror}",
+                                   "pass an existing file with -c PATH")]) from None
+    return load_config_text(text, env=env, base_dir=p.parent, source=str(p))

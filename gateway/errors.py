@@ -1,0 +1,55 @@
+"""The gateway's exception hierarchy: everything it raises on purpose is a GatewayError."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class GatewayError(Exception):
+    """Root of every error the gateway raises deliberately."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One configuration mistake: where, what was found, and how to fix it."""
+
+    path: str
+    value: str
+    message: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.path or '<root>'}: {self.message}"
+        if self.value:
+            text += f" (got {self.value})"
+        if self.fix:
+            text += f"\n    fix: {self.fix}"
+        return text
+
+
+class ConfigError(GatewayError):
+    """The configuration cannot be used; carries every problem found, not just the first."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class UpstreamError(GatewayError):
+    """The upstream could not be reached or broke the exchange (answered as 502)."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream stayed silent past a timeout (answered as 504)."""
+
+
+class UpstreamTLSError(UpstreamError):
+    """The upstream's certificate did not verify (answered as 502, logged with the reason)."""
+
+
+class BadRequest(GatewayError):
+    """The client's request is malformed (answered as 400)."""
+
+
+class PayloadTooLarge(GatewayError):
+    """The client's body is over the configured limit (answered as 413)."""

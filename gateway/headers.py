@@ -1,0 +1,233 @@
+"""Header rewriting, as pure functions over raw ``(name, value)`` byte pairs.
+
+Requests going upstream lose hop-by-hop headers and gain forwarded headers; responses
+coming back lose hop-by-hop headers and have ``Set-Cookie``, ``Location`` and ``Refresh``
+mapped from the upstream's URL space to the gateway's. Nothing here touches a socket.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from yarl import URL
+
+RawHeaders = Sequence[tuple[bytes, bytes]]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# RFC 9110 7.6.1 plus the de-facto ones nginx also drops.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+    b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
+})
+# Set by the gateway itself on the way up, so whatever the client sent is replaced.
+_REPLACED_UP = frozenset({
+    b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto",
+    b"x-forwarded-host", b"x-real-ip", b"x-request-id", b"forwarded",
+})
+
+
+def connection_tokens(raw: RawHeaders) -> frozenset[bytes]:
+    """Header names listed in ``Connection``, which are hop-by-hop for this message only."""
+    names: set[bytes] = set()
+    for name, value in raw:
+        if name.lower() == b"connection":
+            names.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(names)
+
+
+class TrustedProxies:
+    """Membership test for ``trusted_proxies``, memoised because the same peers recur."""
+
+    def __init__(self, networks: Iterable[IPNetwork]) -> None:
+        self._networks = tuple(networks)
+        self.contains = lru_cache(maxsize=4096)(self._contains)
+
+    def _contains(self, address: str) -> bool:
+        if not self._networks:
+            return False
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self._networks)
+
+    def __bool__(self) -> bool:
+        return bool(self._networks)
+
+
+def real_client_ip(peer: str, xff_values: Sequence[str], trusted: TrustedProxies) -> str:
+    """nginx realip with ``real_ip_recursive on``.
+
+    Walk ``X-Forwarded-For`` from the right, skipping trusted proxies; the first untrusted
+    address is the client. When the peer itself is untrusted the header is the client's
+    own words and is ignored.
+    """
+    if not xff_values or not trusted.contains(peer):
+        return peer
+    client = peer
+    for value in reversed(xff_values):
+        for part in reversed(value.split(",")):
+            candidate = part.strip()
+            if not candidate:
+                continue
+            if candidate.startswith("[") and "]" in candidate:
+                candidate = candidate[1 : candidate.index("]")]
+            try:
+                ipaddress.ip_address(candidate)
+            except ValueError:
+                return client  # garbage: stop at the last address we could trust
+            client = candidate
+            if not trusted.contains(candidate):
+                return client
+    return client
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarded:
+    """What the gateway tells the upstream about the original request."""
+
+    client_ip: str
+    xff: str  # full X-Forwarded-For value to send
+    proto: str
+    host: str
+
+
+def forwarded_for(peer: str, xff_values: Sequence[str], trusted: TrustedProxies, scheme: str,
+                  host: str, fwd_proto: str | None, fwd_host: str | None) -> Forwarded:
+    client = real_client_ip(peer, xff_values, trusted)
+    # nginx's $proxy_add_x_forwarded_for: what came in, plus the peer.
+    prior = ", ".join(v.strip() for v in xff_values if v.strip())
+    xff = f"{prior}, {peer}" if prior else peer
+    if trusted.contains(peer):
+        proto = fwd_proto.split(",")[0].strip() if fwd_proto else scheme
+        host = fwd_host.split(",")[0].strip() if fwd_host else host
+    else:
+        proto = scheme
+    return Forwarded(client, xff, proto, host)
+
+
+_SAFE_VALUE = re.compile(rb"^[^\x00-\x08\x0a-\x1f\x7f]*$")
+
+
+def upstream_request_head(method: str, target: str, raw: RawHeaders, host: str,
+                          fwd: Forwarded, request_id: str | None,
+                          extra: Sequence[tuple[bytes, bytes]] = (),
+                          upgrade: bool = False) -> bytearray:
+    """The request line and headers for the upstream, as bytes ready to write.
+
+    Body framing (Content-Length / chunked) is appended by the caller, who knows it.
+    """
+    drop = HOP_BY_HOP | _REPLACED_UP
+    tokens = connection_tokens(raw) if any(n.lower() == b"connection" for n, _ in raw) else ()
+    out = bytearray(f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode("latin-1"))
+    for name, value in raw:
+        lname = name.lower()
+        if lname in drop or lname in tokens:
+            continue
+        out += name + b": " + value + b"\r\n"
+    out += b"X-Real-IP: " + fwd.client_ip.encode() + b"\r\n"
+    out += b"X-Forwarded-For: " + fwd.xff.encode("latin-1") + b"\r\n"
+    out += b"X-Forwarded-Proto: " + fwd.proto.encode("latin-1") + b"\r\n"
+    out += b"X-Forwarded-Host: " + fwd.host.encode("latin-1") + b"\r\n"
+    if request_id:
+        out += b"X-Request-ID: " + request_id.encode("latin-1") + b"\r\n"
+    for name, value in extra:
+        out += name + b": " + value + b"\r\n"
+    if upgrade:
+        out += b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+    return out
+
+
+# ------------------------------------------------------------------ responses
+
+
+@dataclass(frozen=True, slots=True)
+class UrlMap:
+    """How one route maps the upstream's URL space onto the gateway's."""
+
+    prefix: str  # gateway path prefix, e.g. /service-cloud/
+    upstream_path: str  # upstream path the prefix maps to, e.g. /service-cloud/
+    upstream_origins: tuple[str, ...]  # e.g. ("https://cec.example.com", "https://cec.example.com:443")
+    upstream_host: str  # host name, lower-case, for cookie Domain matching
+
+    @classmethod
+    def for_route(cls, prefix: str, upstream: URL) -> UrlMap:
+        host = (upstream.host or "").lower()
+        shown = f"[{host}]" if ":" in host else host
+        origins = {f"{upstream.scheme}://{shown}:{upstream.port}"}
+        if upstream.is_default_port():
+            origins.add(f"{upstream.scheme}://{shown}")
+        return cls(prefix, upstream.raw_path or "/", tuple(sorted(origins, key=len, reverse=True)),
+                   host)
+
+    def map_path(self, path: str) -> str | None:
+        """Upstream path → gateway path, or None when it lies outside this route."""
+        up = self.upstream_path
+        if path.startswith(up):
+            return self.prefix + path[len(up):]
+        if up.endswith("/") and path == up[:-1]:
+            return self.prefix[:-1] if self.prefix.endswith("/") and len(self.prefix) > 1 else self.prefix
+        return None
+
+
+def rewrite_location(value: str, urls: UrlMap) -> str:
+    """nginx ``proxy_redirect default``: upstream absolute URLs become gateway paths."""
+    for origin in urls.upstream_origins:
+        if value[: len(origin)].lower() == origin:
+            rest = value[len(origin):]
+            if rest == "" or rest[0] in "/?#":
+                path, sep, tail = _split_path(rest or "/")
+                mapped = urls.map_path(path)
+                if mapped is not None:
+                    return mapped + sep + tail
+            return value
+    if value.startswith("/") and not value.startswith("//"):
+        path, sep, tail = _split_path(value)
+        mapped = urls.map_path(path)
+        if mapped is not None:
+            return mapped + sep + tail
+    return value
+
+
+def _split_path(rest: str) -> tuple[str, str, str]:
+    for i, ch in enumerate(rest):
+        if ch in "?#":
+            return rest[:i], ch, rest[i + 1:]
+    return rest, "", ""
+
+
+_REFRESH_URL = re.compile(r"(?i)(url\s*=\s*)(['\"]?)([^'\"]*)(['\"]?)")
+
+
+def rewrite_refresh(value: str, urls: UrlMap) -> str:
+    return _REFRESH_URL.sub(lambda m: m.group(1) + m.group(2) + rewrite_location(m.group(3), urls)
+                            + m.group(4), value, count=1)
+
+
+def rewrite_set_cookie(value: str, urls: UrlMap) -> str:
+    """Drop a ``Domain`` naming the upstream host; map ``Path`` through the route.
+
+    The cookie then belongs to the gateway's origin, which is what the browser talks to.
+    """
+    parts = value.split(";")
+    out = [parts[0]]
+    for attr in parts[1:]:
+        name, eq, val = attr.strip().partition("=")
+        lname = name.lower()
+        if lname == "domain":
+            domain = val.strip().lstrip(".").lower()
+            if domain == urls.upstream_host or urls.upstream_host.endswith("." + domain):
+                continue
+        elif lname == "path" and eq:
+            mapped = urls.map_path(val.strip())
+            if mapped is not None:
+                out.append(f" Path={mapped}")
+                continue
+        out.append(attr)
+    return ";".join(out)

@@ -1,0 +1,300 @@
+"""The upstream leg: pooled keep-alive HTTP/1.1 connections driven by aiohttp's C parser.
+
+``ClientSession`` does a great deal per request (cookie handling, redirects, tracing,
+connector bookkeeping, a fresh ``ClientResponse``) that a reverse proxy never uses; most of
+the textbook aiohttp proxy's cost is there. This module keeps only what a proxy needs: a
+protocol per connection, ``HttpResponseParser`` to frame responses, aiohttp's
+``StreamReader`` (with its flow control) for bodies, and an idle pool per upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
+from aiohttp.streams import StreamReader
+
+from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamTLSError
+from gateway.routing import Upstream
+
+log = logging.getLogger("gateway.upstream")
+
+_READ_LIMIT = 2**16
+
+
+class UpstreamConnection(BaseProtocol):
+    """One TCP (or TLS) connection to an upstream; one exchange at a time."""
+
+    __slots__ = (
+        "_deadline", "_exchange_done", "_head", "_idle_handle", "_last_read", "_parser",
+        "_payload", "_pool", "_read_timeout", "_timer", "key", "reused", "tail", "tunnel",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: UpstreamPool,
+                 key: tuple[str, int, bool]) -> None:
+        super().__init__(loop)
+        self._pool = pool
+        self.key = key
+        self._parser: HttpResponseParser | None = None
+        self._head: asyncio.Future[tuple[RawResponseMessage, StreamReader]] | None = None
+        self._payload: StreamReader | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._read_timeout = 0.0
+        self._last_read = 0.0
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._exchange_done = True
+        self.reused = False
+        # After a 101, bytes go straight to this callback (the WebSocket splice).
+        self.tunnel: Callable[[bytes], None] | None = None
+        self.tail = b""
+
+    # -------------------------------------------------------------- exchange
+
+    def start(self, head: bytes, *, method: str, read_timeout: float
+              ) -> asyncio.Future[tuple[RawResponseMessage, StreamReader]]:
+        """Send the request head (and any body already appended) and expect a response."""
+        loop = self._loop
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        self._exchange_done = False
+        self._parser = HttpResponseParser(
+            self, loop, _READ_LIMIT, response_with_body=method != "HEAD",
+            read_until_eof=True, auto_decompress=False,
+        )
+        self._head = loop.create_future()
+        self._payload = None
+        self._read_timeout = read_timeout
+        assert self.transport is not None
+        self.transport.write(head)
+        return self._head
+
+    def arm_read_timeout(self) -> None:
+        """Start counting upstream silence; called once the request has been sent."""
+        if self._read_timeout > 0 and self._timer is None:
+            self._last_read = self._loop.time()
+            self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._exchange_done or self.transport is None:
+            return
+        now = self._loop.time()
+        due = self._last_read + self._read_timeout
+        # Time spent paused (the client reads slowly) is not the upstream's silence.
+        if self._reading_paused or now < due:
+            self._last_read = now if self._reading_paused else self._last_read
+            self._timer = self._loop.call_at(max(due, now + 0.05), self._on_timer)
+            return
+        self._fail(UpstreamTimeout(f"upstream sent nothing for {self._read_timeout:g}s"))
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise UpstreamError("upstream closed the connection while we were sending")
+        await self._drain_helper()
+
+    def finish(self, *, reusable: bool) -> None:
+        """End the exchange: back to the pool when clean, otherwise closed."""
+        self._exchange_done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._parser = None
+        self._head = None
+        self._payload = None
+        if reusable and self.transport is not None and not self.transport.is_closing():
+            self._pool.release(self)
+        else:
+            self.close()
+
+    def finish_for_tunnel(self) -> None:
+        """The exchange became a WebSocket: no more HTTP framing or read timeout."""
+        self._exchange_done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._parser = None
+        self._head = None
+        self._payload = None
+
+    def close(self) -> None:
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def set_idle_timer(self, delay: float) -> None:
+        self._idle_handle = self._loop.call_later(delay, self.close)
+
+    # -------------------------------------------------------------- protocol
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel(data)
+            return
+        parser = self._parser
+        if parser is None:
+            # Bytes outside an exchange: the upstream is not speaking HTTP/1.1 keep-alive
+            # correctly. Never reuse this connection.
+            self.abort()
+            return
+        self._last_read = self._loop.time()
+        try:
+            messages, upgraded, tail = parser.feed_data(data)
+        except HttpProcessingError as exc:
+            self._fail(UpstreamError(f"upstream sent an invalid response: {exc.message}"))
+            return
+        except Exception as exc:  # the parser reports some framing errors this way
+            self._fail(UpstreamError(f"upstream sent an invalid response: {exc}"))
+            return
+        if messages:
+            message, payload = messages[0]
+            if message.code < 200 and message.code != 101:
+                # 1xx interim answers (100 Continue, 103) are not forwarded; wait for the real one.
+                return
+            self._payload = payload
+            if upgraded:
+                # Whatever follows the 101 belongs to the spliced protocol, not to HTTP.
+                self.tail = tail
+                self.tunnel = self._buffer_tail
+            head = self._head
+            if head is not None and not head.done():
+                head.set_result((message, payload))
+
+    def _buffer_tail(self, data: bytes) -> None:
+        self.tail += data
+
+    def eof_received(self) -> bool:
+        if self.tunnel is None and self._parser is not None:
+            try:
+                self._parser.feed_eof()
+            except HttpProcessingError as exc:
+                self._fail(UpstreamError(f"upstream closed mid-response: {exc.message}"))
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._pool.forget(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        if not self._exchange_done:
+            if self._parser is not None and self._payload is not None and exc is None:
+                try:
+                    self._parser.feed_eof()
+                except HttpProcessingError:
+                    pass
+            if self._payload is None or not self._payload.is_eof():
+                reason = f": {exc}" if exc else ""
+                self._fail(UpstreamError(f"upstream closed the connection{reason}"))
+        if self.tunnel is not None:
+            self.tunnel(b"")
+
+    def _fail(self, exc: UpstreamError) -> None:
+        head = self._head
+        if head is not None and not head.done():
+            head.set_exception(exc)
+        elif self._payload is not None and not self._payload.is_eof():
+            self._payload.set_exception(exc)
+        self._exchange_done = True
+        self.abort()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per upstream, opened on demand with a connect timeout."""
+
+    def __init__(self, *, connect_timeout: float, idle_timeout: float = 30.0,
+                 max_idle_per_host: int = 256) -> None:
+        self._idle: dict[tuple[str, int, bool], deque[UpstreamConnection]] = {}
+        self._all: set[UpstreamConnection] = set()
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.max_idle = max_idle_per_host
+        self._closed = False
+
+    async def acquire(self, up: Upstream, *, fresh: bool = False) -> UpstreamConnection:
+        key = up.key
+        if not fresh:
+            idle = self._idle.get(key)
+            while idle:
+                conn = idle.pop()
+                if conn.transport is not None and not conn.transport.is_closing():
+                    conn.reused = True
+                    return conn
+        return await self._connect(up)
+
+    async def _connect(self, up: Upstream) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        key = up.key
+        try:
+            async with asyncio.timeout(self.connect_timeout or None):
+                _, proto = await loop.create_connection(
+                    lambda: UpstreamConnection(loop, self, key), up.host, up.port,
+                    ssl=up.ssl, server_hostname=up.host if up.ssl else None,
+                )
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"connecting to {up.host}:{up.port} took over {self.connect_timeout:g}s"
+            ) from None
+        except ssl.SSLCertVerificationError as exc:
+            raise UpstreamTLSError(
+                f"TLS verification of {up.host}:{up.port} failed: {exc.verify_message}; "
+                "set the route's ca_file to the CA that signed it"
+            ) from None
+        except ssl.SSLError as exc:
+            raise UpstreamTLSError(f"TLS with {up.host}:{up.port} failed: {exc.reason}") from None
+        except OSError as exc:
+            raise UpstreamError(
+                f"cannot connect to {up.host}:{up.port}: {exc.strerror or exc}"
+            ) from None
+        self._all.add(proto)
+        return proto
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if self._closed:
+            conn.close()
+            return
+        idle = self._idle.setdefault(conn.key, deque())
+        if len(idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.set_idle_timer(self.idle_timeout)
+        idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        self._all.discard(conn)
+        idle = self._idle.get(conn.key)
+        if idle:
+            try:
+                idle.remove(conn)
+            except ValueError:
+                pass
+
+    async def close(self) -> None:
+        self._closed = True
+        for conn in list(self._all):
+            conn.close()
+        self._idle.clear()
+        await asyncio.sleep(0)
+
+    def stats(self) -> dict[str, Any]:
+        return {"open": len(self._all), "idle": sum(len(d) for d in self._idle.values())}

@@ -1,0 +1,136 @@
+"""WebSockets: forward the upgrade, then splice the two sockets byte for byte.
+
+The gateway does not parse frames; text, binary, ping/pong and close frames (with their
+codes) pass unchanged, and an idle connection costs two transports and this small object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+from aiohttp.http_parser import RawResponseMessage
+
+from gateway.upstream import UpstreamConnection
+
+log = logging.getLogger("gateway.websocket")
+
+_WRITE_HIGH = 1 << 20
+
+
+class _SwitchingResponse(web.StreamResponse):
+    """The 101 answer: headers only, and aiohttp must not try to end a body afterwards."""
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+
+class Splice:
+    """Moves bytes between the client and upstream transports until either side closes."""
+
+    def __init__(self, request: web.BaseRequest, conn: UpstreamConnection, idle_timeout: float
+                 ) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._client = request.transport
+        self._protocol = request.protocol
+        self._conn = conn
+        self._idle = idle_timeout
+        self._last = loop.time()
+        self.done: asyncio.Future[None] = loop.create_future()
+        self._timer = loop.call_at(self._last + idle_timeout, self._check_idle) if idle_timeout else None
+        conn.tunnel = self._from_upstream
+
+    # aiohttp calls these as the "payload parser" of the upgraded client connection.
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        self._last = self._loop.time()
+        transport = self._conn.transport
+        if transport is None or transport.is_closing():
+            self.close()
+            return True, b""
+        transport.write(data)
+        if transport.get_write_buffer_size() > _WRITE_HIGH and self._client is not None:
+            self._client.pause_reading()
+            asyncio.ensure_future(self._resume_client())
+        return False, b""
+
+    def feed_eof(self) -> None:
+        self.close()
+
+    async def _resume_client(self) -> None:
+        try:
+            await self._conn.drain()
+        except Exception:  # the upstream went away; close() follows from connection_lost
+            return
+        if self._client is not None and not self._client.is_closing():
+            self._client.resume_reading()
+
+    def _from_upstream(self, data: bytes) -> None:
+        if not data:  # upstream connection lost
+            self.close()
+            return
+        self._last = self._loop.time()
+        client = self._client
+        if client is None or client.is_closing():
+            self.close()
+            return
+        client.write(data)
+        if client.get_write_buffer_size() > _WRITE_HIGH:
+            transport = self._conn.transport
+            if transport is not None:
+                transport.pause_reading()
+                asyncio.ensure_future(self._resume_upstream())
+
+    async def _resume_upstream(self) -> None:
+        writer = self._protocol
+        try:
+            await writer._drain_helper()
+        except Exception:
+            return
+        transport = self._conn.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def _check_idle(self) -> None:
+        self._timer = None
+        due = self._last + self._idle
+        if self._loop.time() >= due:
+            log.info("closing an idle WebSocket after %gs", self._idle)
+            self.close()
+            return
+        self._timer = self._loop.call_at(due, self._check_idle)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._conn.tunnel = None
+        self._conn.close()
+        if self._client is not None and not self._client.is_closing():
+            self._client.close()
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def splice(request: web.BaseRequest, conn: UpstreamConnection, message: RawResponseMessage,
+                 headers: web.StreamResponse, idle_timeout: float) -> web.StreamResponse:
+    """Answer the client's upgrade with the upstream's 101 and splice until the end."""
+    resp = _SwitchingResponse(status=101, reason=message.reason, headers=headers.headers)
+    resp.headers["Connection"] = "Upgrade"
+    resp.headers["Upgrade"] = message.headers.get("Upgrade", "websocket")
+    resp.force_close()
+    await resp.prepare(request)
+    link = Splice(request, conn, idle_timeout)
+    request.protocol.set_parser(link)  # type: ignore[arg-type]
+    tail = conn.tail
+    conn.tail = b""
+    if tail:
+        link._from_upstream(tail)
+    if conn.transport is None or conn.transport.is_closing():
+        link.close()
+    try:
+        await link.done
+    finally:
+        link.close()
+    return resp
