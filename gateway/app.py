@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -45,6 +45,18 @@ class Extensions:
     rewriters: dict[str, tuple[int, BodyRewriter]] = field(default_factory=dict)
 
 
+class RequestIds:
+    """Unique request ids without a uuid4 per request: a random process prefix and a counter."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(6)
+        self._n = 0
+
+    def next(self) -> str:
+        self._n += 1
+        return f"{self._prefix}{self._n:010x}"
+
+
 class Gateway:
     """Runtime state built once from a Config; ``handle`` is the per-request entry point."""
 
@@ -69,6 +81,7 @@ class Gateway:
         self.access = AccessLog(enabled=config.access_log)
         self.ws_idle = config.timeouts.websocket_idle
         self.open_websockets = 0
+        self._ids = RequestIds()
 
     async def close(self) -> None:
         await self.pool.close()
@@ -86,9 +99,10 @@ class Gateway:
                             headers.get("X-Forwarded-Host"))
         request[CLIENT_IP] = fwd.client_ip
         rid = headers.get("X-Request-ID") if self.trusted.contains(peer) else None
-        if not rid or len(rid) > 128 or not rid.isprintable():
-            rid = uuid.uuid4().hex
+        if not rid or len(rid) > 128 or not rid.isascii() or not rid.isprintable():
+            rid = self._ids.next()
         request[REQUEST_ID] = rid
+        ex.extra_response_headers.append(("X-Request-ID", rid))
         try:
             resp, route = await self._dispatch(request, fwd, rid, ex)
             return resp

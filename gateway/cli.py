@@ -75,10 +75,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _report(exc, args.config)
     from gateway.runtime import serve_forever
+    from gateway.workers import PORT_ENV, Supervisor, default_workers
 
+    worker_port = os.environ.get(PORT_ENV)
+    if worker_port is not None:
+        # A worker started by the supervisor: same config, the port the master reserved.
+        cfg = cfg.model_copy(update={"listen": cfg.listen.model_copy(
+            update={"port": int(worker_port)})})
+    elif args.workers != 1:
+        n, why = (args.workers, "--workers") if args.workers else default_workers(cfg)
+        if n > 1:
+            extra = ["--log-format", args.log_format, "--log-level", args.log_level]
+            return Supervisor(args.config, cfg, n, extra).run()
+        log.info("running %s", why)
     _use_uvloop()
     try:
-        asyncio.run(serve_forever(cfg))
+        asyncio.run(serve_forever(cfg, reuse_port=worker_port is not None))
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", cfg.listen.host, cfg.listen.port, exc.strerror)
         return 1
@@ -101,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="serve")
     p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes sharing the port (default: listen.workers, "
+                        "else one per core)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check", help="validate the config and print a summary of routes")

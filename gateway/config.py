@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -146,20 +147,21 @@ class Route(_Model):
             raise ValueError(f"ca_file {str(v)!r} is not a readable file")
         return v
 
-    @model_validator(mode="after")
-    def _slash_bug(self) -> Route:
+    @field_validator("upstream")
+    @classmethod
+    def _slash_bug(cls, v: str, info: ValidationInfo) -> str:
         # The vendor guide's recipe: `location /service-cloud/` with
         # `proxy_pass https://cec/service-cloud;` glues the rest onto the prefix.
-        path = URL(self.upstream).raw_path
-        if self.prefix.endswith("/") and not path.endswith("/"):
+        prefix = info.data.get("prefix")
+        path = URL(v).raw_path
+        if prefix and prefix.endswith("/") and not path.endswith("/"):
             example = path + "webclient/chat_client/js/thirdPartyClient.js"
             raise ValueError(
-                f"the prefix ends in '/' but the upstream path {path!r} does not, so "
-                f"{self.prefix}webclient/chat_client/js/thirdPartyClient.js would be sent "
-                f"upstream as {example}; fix: end the upstream with '/' "
-                f"({self.upstream}/)"
+                f"the prefix {prefix!r} ends in '/' but the upstream path {path!r} does not, so "
+                f"{prefix}webclient/chat_client/js/thirdPartyClient.js would be sent "
+                f"upstream as {example}; fix: end the upstream with '/' ({v}/)"
             )
-        return self
+        return v
 
     @property
     def url(self) -> URL:
@@ -188,14 +190,15 @@ class Cors(_Model):
                 )
         return [o.rstrip("/") for o in v]
 
-    @model_validator(mode="after")
-    def _no_wildcard_credentials(self) -> Cors:
-        if "*" in self.allow_origins and self.allow_credentials:
+    @field_validator("allow_credentials")
+    @classmethod
+    def _no_wildcard_credentials(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and "*" in info.data.get("allow_origins", ()):
             raise ValueError(
                 "allow_origins '*' together with allow_credentials: true lets any site "
                 "act as the visitor; fix: list the trusted origins explicitly"
             )
-        return self
+        return v
 
 
 class CecSigning(_Model):
@@ -216,7 +219,7 @@ class CecAuth(_Model):
         if v is not None and not _CEC_SECRET_RE.match(v.get_secret_value()):
             raise ValueError(
                 "the CEC secretKey must be exactly 43 characters of [A-Za-z0-9]; "
-                "copy it again from the CEC channel configuration page"
+                "fix: copy it again from the CEC channel configuration page"
             )
         return v
 
@@ -446,6 +449,13 @@ _FIXES = {
     "ip_v6_network": "write a CIDR such as 10.0.0.0/8 or 2001:db8::/32",
     "ip_any_network": "write a CIDR such as 10.0.0.0/8 or 2001:db8::/32",
     "too_short": "add at least one entry",
+    "less_than_equal": "use a smaller value",
+    "greater_than_equal": "use a larger value",
+    "string_type": "write a string (quote it)",
+    "list_type": "write a YAML list, e.g. [a, b]",
+    "model_type": "write a mapping of keys",
+    "dict_type": "write a mapping of keys",
+    "float_parsing": "write a number",
 }
 
 
@@ -476,9 +486,14 @@ def _problems_from(exc: ValidationError, tree: Any) -> list[Problem]:
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         fix = _FIXES.get(str(err["type"]), "")
+        if err["type"] in ("ip_v4_network", "ip_v6_network"):
+            # The IPv4 | IPv6 union fails once per member; the user made one mistake.
+            msg = "not an IPv4 or IPv6 network"
         if "; fix: " in msg:
             msg, fix = msg.split("; fix: ", 1)
-        problems.append(Problem(_path_str(loc), shown, msg, fix))
+        problem = Problem(_path_str(loc), shown, msg, fix)
+        if problem not in problems:
+            problems.append(problem)
     return problems
 
 

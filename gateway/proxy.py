@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from aiohttp.http_writer import HttpVersion11
 from aiohttp.http_parser import RawResponseMessage
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
@@ -170,47 +171,85 @@ class Proxy:
                        conn: UpstreamConnection, message: RawResponseMessage,
                        payload: StreamReader, sender: asyncio.Task[int] | None, ex: Exchange,
                        cors: Sequence[tuple[str, str]] | None) -> web.StreamResponse:
-        ex.upstream_status = message.code
-        headers = response_headers(message.raw_headers, route)
-        for name, value in ex.extra_response_headers:
-            headers.add(name, value)
-        if cors:
-            for name, value in cors:
-                headers[name] = value
-        resp = web.StreamResponse(status=message.code, reason=message.reason, headers=headers)
-        sent_all = False
-        try:
-            if payload.is_eof():
-                # The whole body is already here (the common small response): headers and
-                # body leave in one write.
-                data = payload.read_nowait(-1) if not payload.at_eof() else b""
-                await resp.prepare(request)
-                await resp.write_eof(data)
-                ex.bytes_out = len(data)
+        """Write the upstream's answer straight to the client transport.
+
+        aiohttp's StreamResponse would rebuild the headers into a CIMultiDict, serialise
+        them again and send them in a write of their own; a proxy already has the bytes.
+        """
+        code = message.code
+        ex.upstream_status = code
+        version = request.version
+        keep_alive = request.keep_alive
+        no_body = request.method == "HEAD" or code in (204, 304) or code < 200
+        has_length = "Content-Length" in message.headers
+        rechunk = False
+        if not no_body and not has_length:
+            if version >= HttpVersion11:
+                rechunk = True
             else:
-                await resp.prepare(request)
-                out = 0
+                keep_alive = False  # HTTP/1.0 client: the end of the body is the close
+        head = bytearray(b"HTTP/%d.%d %d %s\r\n" % (version.major, version.minor, code,
+                                                     message.reason.encode("latin-1", "replace")))
+        head += response_header_bytes(message.raw_headers, route)
+        for name, value in (*ex.extra_response_headers, *(cors or ())):
+            head += f"{name}: {value}\r\n".encode("latin-1")
+        if rechunk:
+            head += b"Transfer-Encoding: chunked\r\n"
+        if not keep_alive:
+            head += b"Connection: close\r\n"
+        elif version < HttpVersion11:
+            head += b"Connection: keep-alive\r\n"
+        head += b"\r\n"
+
+        transport = request.transport
+        protocol = request.protocol
+        sent_all = False
+        out = 0
+        try:
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("client went away")
+            if no_body or payload.is_eof():
+                # The whole body is already here (the common small response): one write.
+                data = b"" if no_body or payload.at_eof() else payload.read_nowait(-1)
+                out = len(data)
+                if rechunk:
+                    transport.write(bytes(head) + (b"%x\r\n%b\r\n0\r\n\r\n" % (out, data)
+                                                   if out else b"0\r\n\r\n"))
+                else:
+                    transport.write(bytes(head) + data)
+            else:
+                transport.write(head)
                 while True:
                     chunk = await payload.readany()
                     if not chunk:
                         break
+                    if transport.is_closing():
+                        raise ConnectionResetError("client went away")
                     out += len(chunk)
-                    await resp.write(chunk)
-                ex.bytes_out = out
-                await resp.write_eof()
+                    if rechunk:
+                        transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                    else:
+                        transport.write(chunk)
+                    if protocol.writing_paused:
+                        await protocol._drain_helper()
+                if rechunk:
+                    transport.write(b"0\r\n\r\n")
             sent_all = True
         except UpstreamError as exc:
             # Headers are gone already: cut the client off so it can tell the body is short.
             ex.error = str(exc)
+            keep_alive = False
             log.warning("upstream broke off mid-response on %s: %s", route.name, exc)
-            if request.transport is not None:
-                request.transport.abort()
-        except (ConnectionError, asyncio.CancelledError):
+            if transport is not None:
+                transport.abort()
+        except (ConnectionError, asyncio.CancelledError) as exc:
+            ex.error = "client went away"
+            keep_alive = False
             conn.abort()
-            if sender is not None:
-                sender.cancel()
-            raise
+            if isinstance(exc, asyncio.CancelledError):
+                raise
         finally:
+            ex.bytes_out = out
             if sender is not None and not sender.done():
                 # The upstream answered before reading the whole body: the connection's
                 # state is unknown, so it cannot be reused.
@@ -219,7 +258,50 @@ class Proxy:
             elif sender is not None and not sender.cancelled() and sender.exception() is None:
                 ex.bytes_in = sender.result()
             conn.finish(reusable=sent_all and not message.should_close and not message.upgrade)
-        return resp
+        return Sent(code, keep_alive)  # type: ignore[return-value]
+
+
+class Sent:
+    """Stands in for a StreamResponse whose bytes the proxy already wrote itself.
+
+    aiohttp's connection loop only asks a finished response to prepare/write_eof (no-ops
+    here) and whether to keep the connection alive.
+    """
+
+    __slots__ = ("keep_alive", "status")
+    prepared = True
+    body_length = 0
+
+    def __init__(self, status: int, keep_alive: bool) -> None:
+        self.status = status
+        self.keep_alive = keep_alive
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+
+def response_header_bytes(raw: Sequence[tuple[bytes, bytes]], route: CompiledRoute) -> bytes:
+    """Upstream response header lines as the client should see them (no framing headers)."""
+    tokens = connection_tokens(raw) if any(n.lower() == b"connection" for n, _ in raw) else ()
+    out = bytearray()
+    for name, value in raw:
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname in tokens:
+            continue
+        if lname in _REWRITTEN:
+            text = value.decode("utf-8", "surrogateescape")
+            if lname == b"set-cookie":
+                text = rewrite_set_cookie(text, route.urls)
+            elif lname == b"refresh":
+                text = rewrite_refresh(text, route.urls)
+            else:
+                text = rewrite_location(text, route.urls)
+            value = text.encode("utf-8", "surrogateescape")
+        out += name + b": " + value + b"\r\n"
+    return bytes(out)
 
 
 def response_headers(raw: Sequence[tuple[bytes, bytes]], route: CompiledRoute) -> CIMultiDict[str]:
