@@ -13,7 +13,16 @@ from aiohttp import web
 from gateway.accesslog import AccessLog
 from gateway.config import Config
 from gateway.cors import CorsPolicy
-from gateway.errors import BadRequest, PayloadTooLarge, UpstreamError, UpstreamTimeout, UpstreamTLSError
+from gateway.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    Unauthorized,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamTLSError,
+)
+from gateway.keys import CLIENT_IP, REQUEST_ID
 from gateway.headers import Forwarded, TrustedProxies, forwarded_for
 from gateway.proxy import ClientBodyError, Exchange, Proxy, ProxySettings, response_headers
 from gateway.routing import CompiledRoute, RouteTable, compile_route, normalize_path
@@ -27,8 +36,6 @@ Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 # body and extra response headers (e.g. the guest cookie).
 BodyRewriter = Callable[[web.BaseRequest, bytes], Awaitable[tuple[bytes, list[tuple[str, str]]]]]
 
-CLIENT_IP = "gateway.client_ip"
-REQUEST_ID = "gateway.request_id"
 
 
 def error_response(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -81,6 +88,9 @@ class Gateway:
         self.access = AccessLog(enabled=config.access_log)
         self.ws_idle = config.timeouts.websocket_idle
         self.open_websockets = 0
+        # Extension points for observability (metrics) and readiness probes.
+        self.metrics_hook: Callable[[str, str], None] | None = None
+        self.ready_checks: list[Callable[[], Awaitable[None]]] = []
         self._ids = RequestIds()
 
     async def close(self) -> None:
@@ -180,6 +190,13 @@ class Gateway:
         except BadRequest as exc:
             ex.error = str(exc)
             return error_response(400, f"Bad Request: {exc}"), route
+        except ServiceUnavailable as exc:
+            ex.error = str(exc)
+            log.error("%s %s: %s", route.name, rid, exc)
+            return error_response(503, "Service Unavailable"), route
+        except Unauthorized as exc:
+            ex.error = str(exc)
+            return error_response(401, "Unauthorized: log in to chat"), route
         except UpstreamTimeout as exc:
             ex.error = str(exc)
             log.warning("%s %s: %s", route.name, rid, exc)

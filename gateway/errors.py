@@ -53,3 +53,11 @@ class BadRequest(GatewayError):
 
 class PayloadTooLarge(GatewayError):
     """The client's body is over the configured limit (answered as 413)."""
+
+
+class Unauthorized(GatewayError):
+    """The visitor must be logged in for this (answered 401)."""
+
+
+class ServiceUnavailable(GatewayError):
+    """A backend the gateway itself needs (e.g. the token store) is down (answered 503)."""

@@ -8,7 +8,8 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from gateway.app import Extensions, Gateway
+from gateway.app import Gateway
+from gateway.features import install_features
 from gateway.config import Config
 from gateway.server import Listener, bind_socket, make_server, server_ssl_context
 
@@ -35,28 +36,24 @@ class Running:
         return f"{scheme}://{host}:{self.port}"
 
 
-async def build_extensions(config: Config, gateway: Gateway) -> Extensions:
-    """Chat, token and sandbox features, wired only when configured."""
-    from gateway.features import install_features
-
-    return await install_features(config, gateway)
 
 
 @contextlib.asynccontextmanager
 async def serving(config: Config, *, reuse_port: bool = False) -> AsyncIterator[Running]:
     """Serve ``config`` in the running loop; on exit, shut down gracefully."""
-    gateway = Gateway(config)
-    gateway.ext = await build_extensions(config, gateway)
-    server = make_server(config, gateway.handle)
-    sock = bind_socket(config.listen.host, config.listen.port, reuse_port=reuse_port,
-                       backlog=config.listen.backlog)
-    listener = Listener(server, sock, server_ssl_context(config))
-    await listener.start()
-    try:
-        yield Running(gateway, listener)
-    finally:
-        await listener.stop(config.timeouts.shutdown_grace)
-        await gateway.close()
+    async with contextlib.AsyncExitStack() as stack:
+        gateway = Gateway(config)
+        stack.push_async_callback(gateway.close)
+        gateway.ext = await install_features(config, gateway, stack)
+        server = make_server(config, gateway.handle)
+        sock = bind_socket(config.listen.host, config.listen.port, reuse_port=reuse_port,
+                           backlog=config.listen.backlog)
+        listener = Listener(server, sock, server_ssl_context(config))
+        await listener.start()
+        try:
+            yield Running(gateway, listener)
+        finally:
+            await listener.stop(config.timeouts.shutdown_grace)
 
 
 async def serve_forever(config: Config, *, reuse_port: bool = False) -> None:

@@ -1,0 +1,363 @@
+"""The CEC's auth-v2 signature, as fixed by the vectors in SPEC.md.
+
+Pure functions, no I/O: the gateway signs ``thirdUserData`` server-side so that the channel's
+``secretKey`` never reaches a browser. The signed header set, the payload fields and the
+timestamp format are parameters (with SPEC.md's defaults) because the real CEC may differ and
+an operator must be able to adjust them without a code change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.errors import GatewayError
+
+__all__ = [
+    "AUTH_VERSION",
+    "DEFAULT_CONTENT_TYPE",
+    "DEFAULT_PAYLOAD_FIELDS",
+    "DEFAULT_SIGNED_HEADERS",
+    "DEFAULT_TIMESTAMP_FORMAT",
+    "DEFAULT_URI",
+    "ParsedAuthorization",
+    "Signer",
+    "SigningError",
+    "auth_string_prefix",
+    "authorization",
+    "canonical_headers",
+    "canonical_request",
+    "default_headers",
+    "format_timestamp",
+    "normalize",
+    "parse_authorization",
+    "signature",
+    "signed_headers_line",
+    "signed_payload",
+    "signing_key",
+    "verify",
+]
+
+AUTH_VERSION = "auth-v2"
+DEFAULT_SIGNED_HEADERS: tuple[str, ...] = ("Content-Length", "Content-Type")
+DEFAULT_CONTENT_TYPE = "application/json;charset=UTF-8"
+DEFAULT_PAYLOAD_FIELDS: tuple[str, ...] = (
+    "thirdUserName",
+    "thirdUserId",
+    "tenantSpaceId",
+    "channelConfigId",
+)
+DEFAULT_TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.{ms}Z"
+DEFAULT_URI = "/service-cloud/webclient/chat_client/js/newThirdPartyClient.js"
+
+# RFC 3986 unreserved characters; every other UTF-8 byte is percent-encoded.
+_UNRESERVED = frozenset(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
+)
+_ENCODED = tuple(chr(b) if b in _UNRESERVED else f"%{b:02X}" for b in range(256))
+
+
+class SigningError(GatewayError):
+    """A signature cannot be computed from what was given (missing field or header)."""
+
+
+def normalize(s: str) -> str:
+    """Percent-encode ``s`` byte by byte (UTF-8), keeping only ``A-Z a-z 0-9 - . _ ~``."""
+    return "".join(_ENCODED[b] for b in s.encode("utf-8"))
+
+
+def signed_headers_line(names: Sequence[str] | Mapping[str, str]) -> str:
+    """``SignedHeaders``: the lower-cased header names, sorted, joined by ``;``."""
+    return ";".join(sorted({name.strip().lower() for name in names}))
+
+
+def auth_string_prefix(access_key: str, timestamp: str, names: Sequence[str]) -> str:
+    """``auth-v2/{accessKey}/{timestamp}/{SignedHeaders}``."""
+    return f"{AUTH_VERSION}/{access_key}/{timestamp}/{signed_headers_line(names)}"
+
+
+def _hmac_hex(key: str, msg: str) -> str:
+    return hmac.new(key.encode("utf-8"), msg.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def signing_key(secret: str, prefix: str) -> str:
+    """Lower-case hex of HMAC-SHA256(key=secret, msg=authStringPrefix)."""
+    return _hmac_hex(secret, prefix)
+
+
+def canonical_headers(headers: Mapping[str, str]) -> str:
+    """``normalize(lower(name)) + ":" + normalize(trim(value))`` per header, sorted, ``\\n``."""
+    lines = (
+        f"{normalize(name.strip().lower())}:{normalize(value.strip())}"
+        for name, value in headers.items()
+    )
+    return "\n".join(sorted(lines))
+
+
+def canonical_request(method: str, uri: str, headers: Mapping[str, str], payload: str) -> str:
+    """``METHOD\\nURI\\nSignedHeaders\\nCanonicalHeaders[\\nnormalize(payload)]``.
+
+    ``headers`` must hold exactly the signed headers. The payload part is present only when
+    the payload is non-empty (SPEC.md).
+    """
+    parts = [method.upper(), uri, signed_headers_line(list(headers)), canonical_headers(headers)]
+    if payload:
+        parts.append(normalize(payload))
+    return "\n".join(parts)
+
+
+def signature(key: str, request: str) -> str:
+    """Lower-case hex of HMAC-SHA256(key=signingKey as hex text, msg=CanonicalRequest)."""
+    return _hmac_hex(key, request)
+
+
+def authorization(
+    secret: str,
+    access_key: str,
+    timestamp: str,
+    method: str,
+    uri: str,
+    headers: Mapping[str, str],
+    payload: str,
+) -> str:
+    """The full Authorization string ``authStringPrefix/signature`` for the signed headers."""
+    prefix = auth_string_prefix(access_key, timestamp, list(headers))
+    key = signing_key(secret, prefix)
+    return f"{prefix}/{signature(key, canonical_request(method, uri, headers, payload))}"
+
+
+def format_timestamp(dt: datetime, fmt: str = DEFAULT_TIMESTAMP_FORMAT) -> str:
+    """Format ``dt`` in UTC with ``strftime`` plus ``{ms}`` (3-digit milliseconds).
+
+    A naive ``dt`` is taken to be UTC already.
+    """
+    utc = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    # {ms} is substituted first so strftime never sees the braces; digits are inert to it.
+    return utc.strftime(fmt.replace("{ms}", f"{utc.microsecond // 1000:03d}"))
+
+
+def signed_payload(
+    data: Mapping[str, object], fields: Sequence[str] = DEFAULT_PAYLOAD_FIELDS
+) -> str:
+    """Compact JSON of exactly ``fields`` of ``data``, in that order, non-ASCII kept as is."""
+    missing = [f for f in fields if f not in data]
+    if missing:
+        raise SigningError(f"payload field missing: {', '.join(missing)}")
+    return json.dumps(
+        {f: data[f] for f in fields}, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+    )
+
+
+def default_headers(payload: str, content_type: str = DEFAULT_CONTENT_TYPE) -> dict[str, str]:
+    """The headers SPEC.md signs: Content-Length (UTF-8 bytes of the payload), Content-Type."""
+    return {
+        "Content-Length": str(len(payload.encode("utf-8"))),
+        "Content-Type": content_type,
+    }
+
+
+class ParsedAuthorization:
+    """The parts of an ``auth-v2/{ak}/{ts}/{SignedHeaders}/{signature}`` string."""
+
+    __slots__ = ("access_key", "signature", "signed_headers", "timestamp")
+
+    def __init__(
+        self, access_key: str, timestamp: str, signed_headers: tuple[str, ...], signature: str
+    ) -> None:
+        self.access_key = access_key
+        self.timestamp = timestamp
+        self.signed_headers = signed_headers
+        self.signature = signature
+
+    def __repr__(self) -> str:
+        return (
+            f"ParsedAuthorization(access_key={self.access_key!r}, timestamp={self.timestamp!r},"
+            f" signed_headers={self.signed_headers!r})"
+        )
+
+
+def parse_authorization(value: str) -> ParsedAuthorization | None:
+    """Split an Authorization string; None when it is not auth-v2 shaped."""
+    head, sep, rest = value.partition("/")
+    if head != AUTH_VERSION or not sep:
+        return None
+    access_key, sep, rest = rest.partition("/")
+    if not sep or not access_key:
+        return None
+    # The timestamp is whatever lies between the access key and the last two parts, so a
+    # timestamp format containing "/" still parses.
+    pieces = rest.rsplit("/", 2)
+    if len(pieces) != 3 or not all(pieces):
+        return None
+    timestamp, names, sig = pieces
+    return ParsedAuthorization(access_key, timestamp, tuple(names.split(";")), sig)
+
+
+def verify(
+    value: str,
+    *,
+    secret: str,
+    payload: str,
+    access_key: str | None = None,
+    method: str = "POST",
+    uri: str = DEFAULT_URI,
+    headers: Mapping[str, str] | None = None,
+    content_type: str = DEFAULT_CONTENT_TYPE,
+) -> bool:
+    """True when ``value`` is a valid signature of ``payload`` (constant-time comparison).
+
+    The header values come from ``headers`` (case-insensitive), falling back to the default
+    Content-Length/Content-Type of ``payload``; the names come from the string itself.
+    When ``access_key`` is given, the string must name that key.
+    """
+    parsed = parse_authorization(value)
+    if parsed is None:
+        return False
+    if access_key is not None and not hmac.compare_digest(
+        parsed.access_key.encode(), access_key.encode()
+    ):
+        return False
+    available = {k.lower(): v for k, v in default_headers(payload, content_type).items()}
+    available.update({k.strip().lower(): v for k, v in (headers or {}).items()})
+    if any(name not in available for name in parsed.signed_headers):
+        return False
+    signed = {name: available[name] for name in parsed.signed_headers}
+    expected = authorization(
+        secret, parsed.access_key, parsed.timestamp, method, uri, signed, payload
+    )
+    return hmac.compare_digest(expected.encode("utf-8"), value.encode("utf-8"))
+
+
+class Signer:
+    """Signs payloads for one channel; holds the secret and never shows it."""
+
+    __slots__ = (
+        "_secret",
+        "access_key",
+        "content_type",
+        "payload_fields",
+        "signed_headers",
+        "timestamp_format",
+    )
+
+    def __init__(
+        self,
+        access_key: str,
+        secret_key: str,
+        *,
+        signed_headers: Sequence[str] = DEFAULT_SIGNED_HEADERS,
+        content_type: str = DEFAULT_CONTENT_TYPE,
+        payload_fields: Sequence[str] = DEFAULT_PAYLOAD_FIELDS,
+        timestamp_format: str = DEFAULT_TIMESTAMP_FORMAT,
+    ) -> None:
+        if not secret_key:
+            raise SigningError("the secret key is empty")
+        if not signed_headers:
+            raise SigningError("at least one signed header is needed")
+        if len({n.strip().lower() for n in signed_headers}) != len(signed_headers):
+            raise SigningError("signed header names repeat (names are case-insensitive)")
+        self.access_key = access_key
+        self._secret = secret_key
+        self.signed_headers: tuple[str, ...] = tuple(signed_headers)
+        self.content_type = content_type
+        self.payload_fields: tuple[str, ...] = tuple(payload_fields)
+        self.timestamp_format = timestamp_format
+
+    def __repr__(self) -> str:
+        return (
+            f"Signer(access_key={self.access_key!r}, secret_key='**********',"
+            f" signed_headers={list(self.signed_headers)!r},"
+            f" payload_fields={list(self.payload_fields)!r})"
+        )
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        # Pickling would copy the secret into wherever the pickle goes.
+        raise TypeError("Signer cannot be pickled")
+
+    def timestamp(self, now: datetime | None = None) -> str:
+        """``now`` (default: the current time) in the configured timestamp format."""
+        return format_timestamp(now or datetime.now(UTC), self.timestamp_format)
+
+    def headers_for(self, payload: str, headers: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The configured signed headers with their values for ``payload``.
+
+        Values come from ``headers`` (case-insensitive) over the defaults; a configured header
+        that has no value raises SigningError.
+        """
+        available = {
+            k.lower(): (k, v) for k, v in default_headers(payload, self.content_type).items()
+        }
+        available.update({k.strip().lower(): (k, v) for k, v in (headers or {}).items()})
+        chosen: dict[str, str] = {}
+        for name in self.signed_headers:
+            entry = available.get(name.strip().lower())
+            if entry is None:
+                raise SigningError(f"no value for signed header {name}")
+            chosen[name] = entry[1]
+        return chosen
+
+    def sign_payload(
+        self,
+        payload: str,
+        *,
+        timestamp: str | None = None,
+        method: str = "POST",
+        uri: str = DEFAULT_URI,
+        headers: Mapping[str, str] | None = None,
+    ) -> str:
+        """The Authorization string for ``payload`` (timestamp defaults to now)."""
+        ts = self.timestamp() if timestamp is None else timestamp
+        return authorization(
+            self._secret,
+            self.access_key,
+            ts,
+            method,
+            uri,
+            self.headers_for(payload, headers),
+            payload,
+        )
+
+    def payload_for(self, data: Mapping[str, object]) -> str:
+        """The payload text of the configured fields of ``data``."""
+        return signed_payload(data, self.payload_fields)
+
+    def sign_fields(
+        self,
+        data: Mapping[str, object],
+        *,
+        timestamp: str | None = None,
+        method: str = "POST",
+        uri: str = DEFAULT_URI,
+        headers: Mapping[str, str] | None = None,
+    ) -> str:
+        """Build the payload from the configured fields of ``data`` and sign it."""
+        return self.sign_payload(
+            self.payload_for(data), timestamp=timestamp, method=method, uri=uri, headers=headers
+        )
+
+    def verify(
+        self,
+        value: str,
+        payload: str,
+        *,
+        method: str = "POST",
+        uri: str = DEFAULT_URI,
+        headers: Mapping[str, str] | None = None,
+    ) -> bool:
+        """True when ``value`` is this signer's valid signature of ``payload``."""
+        return verify(
+            value,
+            secret=self._secret,
+            payload=payload,
+            access_key=self.access_key,
+            method=method,
+            uri=uri,
+            headers=headers,
+            content_type=self.content_type,
+        )

@@ -1,0 +1,220 @@
+"""Guessing and flood protection for the token validation callback.
+
+Counters come from the ``limits`` library, in process memory or in Redis (``async+redis``) so
+that several gateway processes sharing one Redis count failures together and lock out together:
+
+* failures per client address and per userId in a moving window; reaching ``max_failures``
+  starts a lock-out of ``lockout`` seconds (a fixed-window marker of one hit), during which even
+  a correct token is refused;
+* a global rate limit on the callback (``limits`` notation, e.g. ``50/second``);
+* a per-process concurrency limit (a plain counter: concurrency is about this process's load).
+
+``limits`` counts in whole seconds, so ``window`` and ``lockout`` are rounded up to a whole
+second (at least one). Any backend failure raises TokenBackendUnavailable: the callback must
+fail closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from collections.abc import Iterator
+
+from limits import RateLimitItem, RateLimitItemPerSecond, parse
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
+from limits.errors import StorageError
+from redis.exceptions import RedisError
+
+from gateway.config import TokenConfig
+from gateway.tokens.store import TokenBackendUnavailable, redis_pool
+
+_BACKEND_ERRORS = (StorageError, RedisError, OSError)
+_KEY_PREFIX = "gateway-limits"
+
+
+def _seconds(value: float) -> int:
+    return max(1, math.ceil(value))
+
+
+def _user_key(user_id: str) -> str:
+    # Hashed: user ids are caller-controlled text and must not shape storage keys.
+    return hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:32]
+
+
+class Guard:
+    """Failure counting, lock-out, global rate and concurrency limits for one callback."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        max_failures: int,
+        window: float,
+        lockout: float,
+        rate_limit: str,
+        max_concurrency: int,
+        pool: object | None = None,
+    ) -> None:
+        if max_failures < 1:
+            raise ValueError("max_failures must be at least 1")
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        self._storage = storage
+        self._pool = pool
+        self._failures = MovingWindowRateLimiter(storage)
+        self._fixed = FixedWindowRateLimiter(storage)
+        self._moving = MovingWindowRateLimiter(storage)
+        self.lockout = _seconds(lockout)
+        self._fail_item: RateLimitItem = RateLimitItemPerSecond(
+            max_failures, _seconds(window), namespace="tokfail"
+        )
+        self._lock_item: RateLimitItem = RateLimitItemPerSecond(
+            1, self.lockout, namespace="toklock"
+        )
+        self._rate_item: RateLimitItem = parse(rate_limit)
+        self.max_concurrency = max_concurrency
+        self._active = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"Guard(failures={self._fail_item!r}, lockout={self.lockout}s, "
+            f"rate={self._rate_item!r}, max_concurrency={self.max_concurrency})"
+        )
+
+    @staticmethod
+    def _subjects(client_ip: str, user_id: str | None) -> list[tuple[str, str]]:
+        subjects = [("ip", client_ip)]
+        if user_id is not None:
+            subjects.append(("user", _user_key(user_id)))
+        return subjects
+
+    async def lockout_remaining(self, client_ip: str, user_id: str | None = None) -> float:
+        """Seconds until the address (and the userId, if given) may try again; 0.0 when free."""
+        remaining = 0.0
+        try:
+            for subject in self._subjects(client_ip, user_id):
+                if not await self._fixed.test(self._lock_item, *subject):
+                    stats = await self._fixed.get_window_stats(self._lock_item, *subject)
+                    # A marker whose TTL just ran out still reads as locked for a moment: 1 s.
+                    remaining = max(remaining, stats.reset_time - time.time(), 1.0)
+        except _BACKEND_ERRORS as exc:
+            raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
+        return remaining
+
+    async def record_failure(self, client_ip: str, user_id: str | None = None) -> float:
+        """Count one failure; returns the lock-out length if this failure started one, else 0."""
+        started = 0.0
+        try:
+            for subject in self._subjects(client_ip, user_id):
+                counted = await self._failures.hit(self._fail_item, *subject)
+                if not counted or not await self._failures.test(self._fail_item, *subject):
+                    await self._fixed.hit(self._lock_item, *subject)
+                    # A fresh allowance once the lock-out is over, even if window > lockout.
+                    await self._failures.clear(self._fail_item, *subject)
+                    started = float(self.lockout)
+        except _BACKEND_ERRORS as exc:
+            raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
+        return started
+
+    async def reset(self, client_ip: str, user_id: str | None = None) -> None:
+        """Forget failures and lock-outs for these subjects (an operator's unlock)."""
+        try:
+            for subject in self._subjects(client_ip, user_id):
+                await self._failures.clear(self._fail_item, *subject)
+                await self._fixed.clear(self._lock_item, *subject)
+        except _BACKEND_ERRORS as exc:
+            raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
+
+    async def admit(self) -> float:
+        """Take one unit of the global rate; 0.0 when admitted, else seconds to wait."""
+        try:
+            if await self._moving.hit(self._rate_item, "validate"):
+                return 0.0
+            stats = await self._moving.get_window_stats(self._rate_item, "validate")
+        except _BACKEND_ERRORS as exc:
+            raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
+        return max(1.0, stats.reset_time - time.time())
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[bool]:
+        """``with guard.slot() as ok:`` — ok is False when max_concurrency calls are running."""
+        if self._active >= self.max_concurrency:
+            yield False
+            return
+        self._active += 1
+        try:
+            yield True
+        finally:
+            self._active -= 1
+
+    @property
+    def active(self) -> int:
+        """Callbacks being processed right now in this process."""
+        return self._active
+
+    async def ping(self) -> None:
+        """Raise TokenBackendUnavailable when the counter storage is unreachable."""
+        try:
+            healthy = await self._storage.check()
+        except _BACKEND_ERRORS as exc:
+            raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
+        if not healthy:
+            raise TokenBackendUnavailable("guard: storage check failed")
+
+    async def close(self) -> None:
+        disconnect = getattr(self._pool, "disconnect", None)
+        if disconnect is not None:
+            await disconnect()
+
+
+def open_guard(
+    url: str,
+    *,
+    max_failures: int,
+    window: float,
+    lockout: float,
+    rate_limit: str,
+    max_concurrency: int,
+) -> Guard:
+    """A Guard on ``"memory"`` or a ``redis://`` URL (same values as ``token.store``)."""
+    storage: Storage
+    pool = None
+    if url == "memory":
+        storage = MemoryStorage()
+    elif url.startswith(("redis://", "rediss://", "unix://")):
+        pool = redis_pool(url)
+        # The URI only selects the storage class; connections come from our pool (timeouts,
+        # TLS and database number as given in the configured URL).
+        storage = RedisStorage(
+            "async+redis://",
+            implementation="redispy",
+            wrap_exceptions=True,
+            key_prefix=_KEY_PREFIX,
+            connection_pool=pool,  # type: ignore[arg-type]
+        )
+    else:
+        raise ValueError("guard storage is 'memory' or a redis:// URL")
+    return Guard(
+        storage,
+        max_failures=max_failures,
+        window=window,
+        lockout=lockout,
+        rate_limit=rate_limit,
+        max_concurrency=max_concurrency,
+        pool=pool,
+    )
+
+
+def guard_from_config(cfg: TokenConfig) -> Guard:
+    """The Guard for ``token:`` (counters in ``token.store``)."""
+    return open_guard(
+        cfg.store,
+        max_failures=cfg.guard.max_failures,
+        window=cfg.guard.window,
+        lockout=cfg.guard.lockout,
+        rate_limit=cfg.rate_limit,
+        max_concurrency=cfg.max_concurrency,
+    )
