@@ -50,25 +50,36 @@ class AccessLog:
         if not self.enabled or not access_logger.isEnabledFor(logging.INFO):
             return
         status = resp.status if resp is not None else 499
-        path = request.raw_path.partition("?")[0]
+        if not ex.upstream_status and isinstance(resp, web.Response) and resp.body is not None:
+            ex.bytes_out = len(resp.body) if isinstance(resp.body, bytes | bytearray) else 0
+        self.log_exchange(client_ip, request_id, request.method, request.raw_path,
+                          request.version.minor, status, route, ex, duration)
+
+    def log_exchange(self, client_ip: str, request_id: str, method: str, raw_path: str,
+                     minor: int, status: int, route: CompiledRoute | None, ex: Exchange,
+                     duration: float) -> None:
+        if not self.enabled or not access_logger.isEnabledFor(logging.INFO):
+            return
+        path = raw_path.partition("?")[0]
+        route_name = route.name if route else None
         fields = {
             "request_id": request_id,
             "client_ip": client_ip,
-            "method": request.method,
+            "method": method,
             "path": path,
             "status": status,
             "bytes_in": ex.bytes_in,
-            "bytes_out": ex.bytes_out if ex.upstream_status else (resp.body_length if resp else 0),
+            "bytes_out": ex.bytes_out,
             "duration_ms": round(duration * 1000, 3),
-            "route": route.name if route else None,
+            "route": route_name,
             "upstream_status": ex.upstream_status or None,
             "upstream_ms": round(ex.upstream_time * 1000, 3) if ex.upstream_status else None,
         }
         if ex.error:
             fields["error"] = ex.error
         access_logger.info(
-            '%s %s %s %s %d %d/%d %.1fms route=%s upstream=%s rid=%s',
-            client_ip, request.method, path, f"HTTP/{request.version.major}.{request.version.minor}",
-            status, ex.bytes_in, fields["bytes_out"], duration * 1000, fields["route"],
-            ex.upstream_status or "-", request_id, extra={"fields": fields},
+            "%s %s %s HTTP/1.%d %d %d/%d %.1fms route=%s upstream=%s rid=%s",
+            client_ip, method, path, minor, status, ex.bytes_in, ex.bytes_out,
+            duration * 1000, route_name, ex.upstream_status or "-", request_id,
+            extra={"fields": fields},
         )

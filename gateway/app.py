@@ -22,8 +22,8 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamTLSError,
 )
-from gateway.keys import CLIENT_IP, REQUEST_ID
 from gateway.headers import Forwarded, TrustedProxies, forwarded_for
+from gateway.keys import CLIENT_IP, REQUEST_ID
 from gateway.proxy import ClientBodyError, Exchange, Proxy, ProxySettings, response_headers
 from gateway.routing import CompiledRoute, RouteTable, compile_route, normalize_path
 from gateway.upstream import UpstreamPool
@@ -78,7 +78,9 @@ class Gateway:
         ])
         self.trusted = TrustedProxies(config.trusted_proxies)
         self.cors = CorsPolicy(config.cors)
-        self.pool = pool or UpstreamPool(connect_timeout=config.timeouts.connect)
+        read = config.timeouts.read
+        self.pool = pool or UpstreamPool(connect_timeout=config.timeouts.connect,
+                                         tick=min(1.0, max(0.05, read / 5)) if read else 1.0)
         self.proxy = Proxy(self.pool, ProxySettings(
             read_timeout=config.timeouts.read,
             client_body_timeout=config.timeouts.client_body,
@@ -91,7 +93,7 @@ class Gateway:
         # Extension points for observability (metrics) and readiness probes.
         self.metrics_hook: Callable[[str, str], None] | None = None
         self.ready_checks: list[Callable[[], Awaitable[None]]] = []
-        self._ids = RequestIds()
+        self.ids = RequestIds()
 
     async def close(self) -> None:
         await self.pool.close()
@@ -110,7 +112,7 @@ class Gateway:
         request[CLIENT_IP] = fwd.client_ip
         rid = headers.get("X-Request-ID") if self.trusted.contains(peer) else None
         if not rid or len(rid) > 128 or not rid.isascii() or not rid.isprintable():
-            rid = self._ids.next()
+            rid = self.ids.next()
         request[REQUEST_ID] = rid
         ex.extra_response_headers.append(("X-Request-ID", rid))
         try:
@@ -141,12 +143,13 @@ class Gateway:
         cors_headers = None
         if origin and self.cors.enabled:
             if method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-                pre = self.cors.preflight(origin, request.headers.get("Access-Control-Request-Headers"))
-                resp = web.Response(status=204 if pre else 403)
+                asked = request.headers.get("Access-Control-Request-Headers")
+                pre = self.cors.preflight(origin, asked)
+                answer = web.Response(status=204 if pre else 403)
                 if pre:
-                    resp.headers.extend(pre)
-                resp.headers["Vary"] = "Origin"
-                return resp, None
+                    answer.headers.extend(pre)
+                answer.headers["Vary"] = "Origin"
+                return answer, None
             cors_headers = self.cors.actual(origin)
 
         handler = self.ext.endpoints.get(path)
@@ -183,7 +186,8 @@ class Gateway:
             return self._close_after(error_response(413, "Content Too Large")), route
         except ClientBodyError as exc:
             ex.error = str(exc)
-            return self._close_after(error_response(400, "Bad Request: request body broke off")), route
+            resp = error_response(400, "Bad Request: request body broke off")
+            return self._close_after(resp), route
         except TimeoutError:
             ex.error = "client body timeout"
             return self._close_after(error_response(408, "Request Timeout")), route
@@ -200,7 +204,8 @@ class Gateway:
         except UpstreamTimeout as exc:
             ex.error = str(exc)
             log.warning("%s %s: %s", route.name, rid, exc)
-            return error_response(504, "Gateway Timeout: the upstream did not answer in time"), route
+            return error_response(504, "Gateway Timeout: the upstream did not answer in time"), \
+                route
         except UpstreamTLSError as exc:
             ex.error = str(exc)
             log.error("%s %s: %s", route.name, rid, exc)

@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError
@@ -86,7 +85,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         n, why = (args.workers, "--workers") if args.workers else default_workers(cfg)
         if n > 1:
             extra = ["--log-format", args.log_format, "--log-level", args.log_level]
-            return Supervisor(args.config, cfg, n, extra).run()
+            try:
+                return Supervisor(args.config, cfg, n, extra).run()
+            except OSError as exc:  # the master could not reserve the port
+                log.error("cannot listen on %s:%s: %s", cfg.listen.host, cfg.listen.port,
+                          exc.strerror)
+                return 1
         log.info("running %s", why)
     _use_uvloop()
     try:
@@ -128,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_sign_parser(sub)
+    from gateway.demo.cli import add_demo_parsers
+
+    add_demo_parsers(sub)
     return parser
 
 

@@ -270,7 +270,8 @@ class CecConfig(_Model):
     @classmethod
     def _ctx(cls, v: str) -> str:
         if not v.startswith("/") or v.endswith("/"):
-            raise ValueError("context_path starts with '/' and has no trailing '/', e.g. /service-cloud")
+            raise ValueError(
+                "context_path starts with '/' and has no trailing '/', e.g. /service-cloud")
         return v
 
     @model_validator(mode="after")
@@ -314,7 +315,8 @@ class TokenConfig(_Model):
     @classmethod
     def _long_enough(cls, v: SecretStr | None) -> SecretStr | None:
         if v is not None and len(v.get_secret_value()) < 16:
-            raise ValueError("must be at least 16 characters; generate one with `openssl rand -hex 32`")
+            raise ValueError(
+                "must be at least 16 characters; fix: generate one with `openssl rand -hex 32`")
         return v
 
     @field_validator("store")
@@ -357,7 +359,8 @@ class Config(_Model):
         seen: set[str] = set()
         for route in v:
             if route.prefix in seen:
-                raise ValueError(f"prefix {route.prefix!r} appears twice; keep one route per prefix")
+                raise ValueError(
+                    f"prefix {route.prefix!r} appears twice; fix: keep one route per prefix")
             seen.add(route.prefix)
         return v
 

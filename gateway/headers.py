@@ -172,7 +172,8 @@ class UrlMap:
         if path.startswith(up):
             return self.prefix + path[len(up):]
         if up.endswith("/") and path == up[:-1]:
-            return self.prefix[:-1] if self.prefix.endswith("/") and len(self.prefix) > 1 else self.prefix
+            trimmed = self.prefix.endswith("/") and len(self.prefix) > 1
+            return self.prefix[:-1] if trimmed else self.prefix
         return None
 
 

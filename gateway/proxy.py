@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from aiohttp.http_writer import HttpVersion11
 from aiohttp.http_parser import RawResponseMessage
+from aiohttp.http_writer import HttpVersion, HttpVersion11
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 
@@ -178,29 +178,9 @@ class Proxy:
         """
         code = message.code
         ex.upstream_status = code
-        version = request.version
-        keep_alive = request.keep_alive
-        no_body = request.method == "HEAD" or code in (204, 304) or code < 200
-        has_length = "Content-Length" in message.headers
-        rechunk = False
-        if not no_body and not has_length:
-            if version >= HttpVersion11:
-                rechunk = True
-            else:
-                keep_alive = False  # HTTP/1.0 client: the end of the body is the close
-        head = bytearray(b"HTTP/%d.%d %d %s\r\n" % (version.major, version.minor, code,
-                                                     message.reason.encode("latin-1", "replace")))
-        head += response_header_bytes(message.raw_headers, route)
-        for name, value in (*ex.extra_response_headers, *(cors or ())):
-            head += f"{name}: {value}\r\n".encode("latin-1")
-        if rechunk:
-            head += b"Transfer-Encoding: chunked\r\n"
-        if not keep_alive:
-            head += b"Connection: close\r\n"
-        elif version < HttpVersion11:
-            head += b"Connection: keep-alive\r\n"
-        head += b"\r\n"
-
+        head, rechunk, keep_alive, no_body = response_head(
+            message, route, request.version, request.keep_alive, request.method == "HEAD",
+            (*ex.extra_response_headers, *(cors or ())))
         transport = request.transport
         protocol = request.protocol
         sent_all = False
@@ -212,11 +192,7 @@ class Proxy:
                 # The whole body is already here (the common small response): one write.
                 data = b"" if no_body or payload.at_eof() else payload.read_nowait(-1)
                 out = len(data)
-                if rechunk:
-                    transport.write(bytes(head) + (b"%x\r\n%b\r\n0\r\n\r\n" % (out, data)
-                                                   if out else b"0\r\n\r\n"))
-                else:
-                    transport.write(bytes(head) + data)
+                transport.write(head + (framed_last(data) if rechunk else data))
             else:
                 transport.write(head)
                 while True:
@@ -261,6 +237,37 @@ class Proxy:
         return Sent(code, keep_alive)  # type: ignore[return-value]
 
 
+def response_head(message: RawResponseMessage, route: CompiledRoute, version: HttpVersion,
+                  keep_alive: bool, head_request: bool, extra: Sequence[tuple[str, str]]
+                  ) -> tuple[bytes, bool, bool, bool]:
+    """The response head for the client: (bytes, re-chunk the body?, keep-alive?, no body?).
+
+    The upstream's framing is not the client's: a chunked upstream body is re-chunked for
+    HTTP/1.1 clients and close-delimited for HTTP/1.0 ones.
+    """
+    code = message.code
+    no_body = head_request or code in (204, 304) or code < 200
+    rechunk = False
+    if not no_body and "Content-Length" not in message.headers:
+        if version >= HttpVersion11:
+            rechunk = True
+        else:
+            keep_alive = False  # HTTP/1.0 client: the end of the body is the close
+    head = bytearray(b"HTTP/%d.%d %d %s\r\n" % (version.major, version.minor, code,
+                                                 message.reason.encode("latin-1", "replace")))
+    head += response_header_bytes(message.raw_headers, route, "Connection" in message.headers)
+    for name, value in extra:
+        head += f"{name}: {value}\r\n".encode("latin-1")
+    if rechunk:
+        head += b"Transfer-Encoding: chunked\r\n"
+    if not keep_alive:
+        head += b"Connection: close\r\n"
+    elif version < HttpVersion11:
+        head += b"Connection: keep-alive\r\n"
+    head += b"\r\n"
+    return bytes(head), rechunk, keep_alive, no_body
+
+
 class Sent:
     """Stands in for a StreamResponse whose bytes the proxy already wrote itself.
 
@@ -283,9 +290,15 @@ class Sent:
         return None
 
 
-def response_header_bytes(raw: Sequence[tuple[bytes, bytes]], route: CompiledRoute) -> bytes:
+def framed_last(data: bytes) -> bytes:
+    """A whole body as the last (or only) chunks of a chunked message."""
+    return b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if data else b"0\r\n\r\n"
+
+
+def response_header_bytes(raw: Sequence[tuple[bytes, bytes]], route: CompiledRoute,
+                          has_connection: bool = True) -> bytes:
     """Upstream response header lines as the client should see them (no framing headers)."""
-    tokens = connection_tokens(raw) if any(n.lower() == b"connection" for n, _ in raw) else ()
+    tokens = connection_tokens(raw) if has_connection else ()
     out = bytearray()
     for name, value in raw:
         lname = name.lower()

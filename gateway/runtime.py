@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from gateway.app import Gateway
-from gateway.features import install_features
 from gateway.config import Config
+from gateway.fastpath import FastRequestHandler
+from gateway.features import install_features
 from gateway.server import Listener, bind_socket, make_server, server_ssl_context
 
 log = logging.getLogger("gateway.runtime")
@@ -45,7 +46,7 @@ async def serving(config: Config, *, reuse_port: bool = False) -> AsyncIterator[
         gateway = Gateway(config)
         stack.push_async_callback(gateway.close)
         gateway.ext = await install_features(config, gateway, stack)
-        server = make_server(config, gateway.handle)
+        server = make_server(config, gateway.handle, protocol=FastRequestHandler, gateway=gateway)
         sock = bind_socket(config.listen.host, config.listen.port, reuse_port=reuse_port,
                            backlog=config.listen.backlog)
         listener = Listener(server, sock, server_ssl_context(config))

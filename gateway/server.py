@@ -48,7 +48,8 @@ class _GatewayRequestHandler(RequestHandler):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        busy = bool(self._messages) or self._current_request is not None
+        busy = (bool(self._messages) or self._current_request is not None
+                or getattr(self, "_inline", None) is not None)
         super().data_received(data)
         if self._messages or self._upgraded or self._payload_parser is not None:
             if self._header_timer is not None:
@@ -81,19 +82,19 @@ class _GatewayRequestHandler(RequestHandler):
 
 
 class GatewayServer(web.Server):
+    """aiohttp's server, making the gateway's protocol for each connection."""
+
     def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], *,
-                 client_header_timeout: float, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)  # type: ignore[arg-type]
+                 client_header_timeout: float,
+                 protocol: type[RequestHandler] = _GatewayRequestHandler,
+                 gateway: Any = None, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
         self.client_header_timeout = client_header_timeout
+        self.protocol = protocol
+        self.gateway = gateway
 
     def __call__(self) -> RequestHandler:
-        try:
-            return _GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
-        except TypeError:
-            # aiohttp version differences in accepted kwargs: drop unknown ones
-            kwargs = {k: v for k, v in self._kwargs.items()
-                      if k in RequestHandler.__init__.__code__.co_varnames}
-            return _GatewayRequestHandler(self, loop=self._loop, **kwargs)
+        return self.protocol(self, loop=self._loop, **self._kwargs)
 
 
 def server_ssl_context(cfg: Config) -> ssl.SSLContext | None:
@@ -107,11 +108,14 @@ def server_ssl_context(cfg: Config) -> ssl.SSLContext | None:
     return ctx
 
 
-def make_server(cfg: Config, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+def make_server(cfg: Config, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+                *, protocol: type[RequestHandler] = _GatewayRequestHandler, gateway: Any = None
                 ) -> GatewayServer:
     size = cfg.limits.max_header_size or 1 << 20
     return GatewayServer(
         handler,
+        protocol=protocol,
+        gateway=gateway,
         client_header_timeout=cfg.timeouts.client_header,
         max_line_size=size,
         max_field_size=size,

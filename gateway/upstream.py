@@ -28,13 +28,16 @@ log = logging.getLogger("gateway.upstream")
 
 _READ_LIMIT = 2**16
 
+# on_head(message, payload, None) on success, on_head(None, None, error) on failure.
+OnHead = Callable[[RawResponseMessage | None, StreamReader | None, UpstreamError | None], None]
+
 
 class UpstreamConnection(BaseProtocol):
     """One TCP (or TLS) connection to an upstream; one exchange at a time."""
 
     __slots__ = (
-        "_deadline", "_exchange_done", "_head", "_idle_handle", "_last_read", "_parser",
-        "_payload", "_pool", "_read_timeout", "_timer", "key", "reused", "tail", "tunnel",
+        "_exchange_done", "_head", "_idle_since", "_last_read", "_on_head", "_parser",
+        "_payload", "_pool", "_read_timeout", "key", "reused", "tail", "tunnel",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: UpstreamPool,
@@ -44,11 +47,11 @@ class UpstreamConnection(BaseProtocol):
         self.key = key
         self._parser: HttpResponseParser | None = None
         self._head: asyncio.Future[tuple[RawResponseMessage, StreamReader]] | None = None
+        self._on_head: OnHead | None = None
         self._payload: StreamReader | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._read_timeout = 0.0
         self._last_read = 0.0
-        self._idle_handle: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0
         self._exchange_done = True
         self.reused = False
         # After a 101, bytes go straight to this callback (the WebSocket splice).
@@ -57,43 +60,49 @@ class UpstreamConnection(BaseProtocol):
 
     # -------------------------------------------------------------- exchange
 
-    def start(self, head: bytes, *, method: str, read_timeout: float
-              ) -> asyncio.Future[tuple[RawResponseMessage, StreamReader]]:
-        """Send the request head (and any body already appended) and expect a response."""
-        loop = self._loop
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
+    def _begin(self, head: bytes, method: str, read_timeout: float) -> None:
         self._exchange_done = False
+        self._idle_since = 0.0
         self._parser = HttpResponseParser(
-            self, loop, _READ_LIMIT, response_with_body=method != "HEAD",
+            self, self._loop, _READ_LIMIT, response_with_body=method != "HEAD",
             read_until_eof=True, auto_decompress=False,
         )
-        self._head = loop.create_future()
         self._payload = None
         self._read_timeout = read_timeout
         assert self.transport is not None
         self.transport.write(head)
+
+    def start(self, head: bytes, *, method: str, read_timeout: float
+              ) -> asyncio.Future[tuple[RawResponseMessage, StreamReader]]:
+        """Send the request head (and any body already appended) and expect a response."""
+        self._head = self._loop.create_future()
+        self._on_head = None
+        self._begin(head, method, read_timeout)
         return self._head
+
+    def start_cb(self, head: bytes, *, method: str, read_timeout: float, on_head: OnHead) -> None:
+        """Like ``start``, but the response head is handed to ``on_head`` synchronously from
+        ``data_received`` (the fast path: no future, no extra loop iteration)."""
+        self._head = None
+        self._on_head = on_head
+        self._begin(head, method, read_timeout)
 
     def arm_read_timeout(self) -> None:
         """Start counting upstream silence; called once the request has been sent."""
-        if self._read_timeout > 0 and self._timer is None:
+        if self._read_timeout > 0:
             self._last_read = self._loop.time()
-            self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._on_timer)
+            self._pool.watch(self)
 
-    def _on_timer(self) -> None:
-        self._timer = None
+    def check_timeout(self, now: float) -> None:
+        """Called by the pool's ticker for connections in an exchange."""
         if self._exchange_done or self.transport is None:
+            self._pool.unwatch(self)
             return
-        now = self._loop.time()
-        due = self._last_read + self._read_timeout
         # Time spent paused (the client reads slowly) is not the upstream's silence.
-        if self._reading_paused or now < due:
-            self._last_read = now if self._reading_paused else self._last_read
-            self._timer = self._loop.call_at(max(due, now + 0.05), self._on_timer)
-            return
-        self._fail(UpstreamTimeout(f"upstream sent nothing for {self._read_timeout:g}s"))
+        if self._reading_paused:
+            self._last_read = now
+        elif now - self._last_read >= self._read_timeout:
+            self._fail(UpstreamTimeout(f"upstream sent nothing for {self._read_timeout:g}s"))
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert self.transport is not None
@@ -107,11 +116,10 @@ class UpstreamConnection(BaseProtocol):
     def finish(self, *, reusable: bool) -> None:
         """End the exchange: back to the pool when clean, otherwise closed."""
         self._exchange_done = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._pool.unwatch(self)
         self._parser = None
         self._head = None
+        self._on_head = None
         self._payload = None
         if reusable and self.transport is not None and not self.transport.is_closing():
             self._pool.release(self)
@@ -121,26 +129,19 @@ class UpstreamConnection(BaseProtocol):
     def finish_for_tunnel(self) -> None:
         """The exchange became a WebSocket: no more HTTP framing or read timeout."""
         self._exchange_done = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._pool.unwatch(self)
         self._parser = None
         self._head = None
+        self._on_head = None
         self._payload = None
 
     def close(self) -> None:
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
-
-    def set_idle_timer(self, delay: float) -> None:
-        self._idle_handle = self._loop.call_later(delay, self.close)
 
     # -------------------------------------------------------------- protocol
 
@@ -173,6 +174,11 @@ class UpstreamConnection(BaseProtocol):
                 # Whatever follows the 101 belongs to the spliced protocol, not to HTTP.
                 self.tail = tail
                 self.tunnel = self._buffer_tail
+            on_head = self._on_head
+            if on_head is not None:
+                self._on_head = None
+                on_head(message, payload, None)
+                return
             head = self._head
             if head is not None and not head.done():
                 head.set_result((message, payload))
@@ -191,12 +197,6 @@ class UpstreamConnection(BaseProtocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self._pool.forget(self)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
         if not self._exchange_done:
             if self._parser is not None and self._payload is not None and exc is None:
                 try:
@@ -210,7 +210,14 @@ class UpstreamConnection(BaseProtocol):
             self.tunnel(b"")
 
     def _fail(self, exc: UpstreamError) -> None:
+        on_head = self._on_head
         head = self._head
+        if on_head is not None:
+            self._on_head = None
+            self._exchange_done = True
+            self.abort()
+            on_head(None, None, exc)
+            return
         if head is not None and not head.done():
             head.set_exception(exc)
         elif self._payload is not None and not self._payload.is_eof():
@@ -220,28 +227,62 @@ class UpstreamConnection(BaseProtocol):
 
 
 class UpstreamPool:
-    """Idle keep-alive connections per upstream, opened on demand with a connect timeout."""
+    """Idle keep-alive connections per upstream, opened on demand with a connect timeout.
+
+    One ticker per pool enforces read timeouts and idle expiry, instead of a timer per
+    request: arming and cancelling timers was a measurable share of the hot path.
+    """
 
     def __init__(self, *, connect_timeout: float, idle_timeout: float = 30.0,
-                 max_idle_per_host: int = 256) -> None:
+                 max_idle_per_host: int = 256, tick: float = 0.25) -> None:
         self._idle: dict[tuple[str, int, bool], deque[UpstreamConnection]] = {}
         self._all: set[UpstreamConnection] = set()
+        self._watched: set[UpstreamConnection] = set()
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle_per_host
+        self.tick = tick
+        self._ticker: asyncio.TimerHandle | None = None
         self._closed = False
 
-    async def acquire(self, up: Upstream, *, fresh: bool = False) -> UpstreamConnection:
-        key = up.key
-        if not fresh:
-            idle = self._idle.get(key)
-            while idle:
-                conn = idle.pop()
-                if conn.transport is not None and not conn.transport.is_closing():
-                    conn.reused = True
-                    return conn
-        return await self._connect(up)
+    def watch(self, conn: UpstreamConnection) -> None:
+        self._watched.add(conn)
+        if self._ticker is None and not self._closed:
+            loop = asyncio.get_running_loop()
+            self._ticker = loop.call_later(self.tick, self._on_tick)
 
+    def unwatch(self, conn: UpstreamConnection) -> None:
+        self._watched.discard(conn)
+
+    def _on_tick(self) -> None:
+        self._ticker = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in list(self._watched):
+            conn.check_timeout(now)
+        limit = now - self.idle_timeout
+        for idle in self._idle.values():
+            while idle and idle[0]._idle_since < limit:
+                idle.popleft().close()
+        if (self._watched or any(self._idle.values())) and not self._closed:
+            self._ticker = loop.call_later(self.tick, self._on_tick)
+
+    def acquire_idle(self, up: Upstream) -> UpstreamConnection | None:
+        """A pooled connection if one is idle (no await: the fast path needs this)."""
+        idle = self._idle.get(up.key)
+        while idle:
+            conn = idle.pop()
+            if conn.transport is not None and not conn.transport.is_closing():
+                conn.reused = True
+                return conn
+        return None
+
+    async def acquire(self, up: Upstream, *, fresh: bool = False) -> UpstreamConnection:
+        if not fresh:
+            conn = self.acquire_idle(up)
+            if conn is not None:
+                return conn
+        return await self._connect(up)
     async def _connect(self, up: Upstream) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         key = up.key
@@ -277,8 +318,10 @@ class UpstreamPool:
         if len(idle) >= self.max_idle:
             conn.close()
             return
-        conn.set_idle_timer(self.idle_timeout)
+        conn._idle_since = asyncio.get_running_loop().time()
         idle.append(conn)
+        if self._ticker is None:
+            self._ticker = asyncio.get_running_loop().call_later(self.tick, self._on_tick)
 
     def forget(self, conn: UpstreamConnection) -> None:
         self._all.discard(conn)
@@ -291,6 +334,9 @@ class UpstreamPool:
 
     async def close(self) -> None:
         self._closed = True
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
         for conn in list(self._all):
             conn.close()
         self._idle.clear()

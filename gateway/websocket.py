@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_parser import RawResponseMessage
@@ -39,7 +41,9 @@ class Splice:
         self._idle = idle_timeout
         self._last = loop.time()
         self.done: asyncio.Future[None] = loop.create_future()
-        self._timer = loop.call_at(self._last + idle_timeout, self._check_idle) if idle_timeout else None
+        self._timer = (loop.call_at(self._last + idle_timeout, self._check_idle)
+                       if idle_timeout else None)
+        self._tasks: set[asyncio.Task[None]] = set()
         conn.tunnel = self._from_upstream
 
     # aiohttp calls these as the "payload parser" of the upgraded client connection.
@@ -52,8 +56,13 @@ class Splice:
         transport.write(data)
         if transport.get_write_buffer_size() > _WRITE_HIGH and self._client is not None:
             self._client.pause_reading()
-            asyncio.ensure_future(self._resume_client())
+            self._spawn(self._resume_client())
         return False, b""
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def feed_eof(self) -> None:
         self.close()
@@ -80,7 +89,7 @@ class Splice:
             transport = self._conn.transport
             if transport is not None:
                 transport.pause_reading()
-                asyncio.ensure_future(self._resume_upstream())
+                self._spawn(self._resume_upstream())
 
     async def _resume_upstream(self) -> None:
         writer = self._protocol

@@ -31,7 +31,7 @@ from gateway.chat.inject import (
 )
 from gateway.chat.loader import render_loader, render_page
 from gateway.config import CecConfig
-from gateway.errors import GatewayError, Unauthorized
+from gateway.errors import Unauthorized
 from gateway.signing import Signer
 
 __all__ = [

@@ -25,7 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from gateway.errors import GatewayError, ServiceUnavailable
+from gateway.errors import ServiceUnavailable
 
 log = logging.getLogger("gateway.tokens")
 

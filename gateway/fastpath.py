@@ -1,0 +1,324 @@
+"""The hot path: plain proxied GET/HEAD requests served without a task or a request object.
+
+aiohttp's connection loop creates a Task, a ``BaseRequest``, a ``StreamWriter`` and a
+response object for every request; for a proxy hop that only moves bytes, that machinery
+costs more than the proxying. ``FastRequestHandler`` is aiohttp's per-connection protocol
+with one addition: when aiohttp's loop is idle (parked on its waiter) and the next parsed
+request is a body-less GET/HEAD for a proxy route with a pooled upstream connection ready,
+the request is forwarded from ``data_received`` itself and the answer written from the
+upstream's callback. Everything else (bodies, WebSockets, CORS, the gateway's endpoints,
+pipelined requests behind a slow one, errors and retries) goes through aiohttp's loop and
+``app.Gateway.handle`` as before, so the two paths never answer out of order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aiohttp.http_parser import RawRequestMessage, RawResponseMessage
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+
+from gateway.errors import UpstreamError, UpstreamTimeout
+from gateway.headers import forwarded_for, upstream_request_head
+from gateway.proxy import Exchange, framed_last, response_head
+from gateway.routing import CompiledRoute
+from gateway.server import _GatewayRequestHandler
+from gateway.upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+log = logging.getLogger("gateway.fastpath")
+
+_FAST_METHODS = frozenset({"GET", "HEAD"})
+_ERRORS = {
+    502: b"502 Bad Gateway: the upstream could not be reached\n",
+    504: b"504 Gateway Timeout: the upstream did not answer in time\n",
+}
+
+
+class _Inline:
+    """One request in flight on the fast path."""
+
+    __slots__ = ("client_ip", "conn", "ex", "head", "head_request", "keep_alive", "method",
+                 "minor", "raw_path", "rid", "route", "start", "version")
+
+    def __init__(self, conn: UpstreamConnection, route: CompiledRoute, msg: RawRequestMessage,
+                 ex: Exchange, rid: str, client_ip: str, start: float, head: bytes) -> None:
+        self.conn = conn
+        self.head = head
+        self.route = route
+        self.method = msg.method
+        self.head_request = msg.method == "HEAD"
+        self.raw_path = msg.path
+        self.version = msg.version
+        self.minor = msg.version.minor
+        self.keep_alive = not msg.should_close
+        self.ex = ex
+        self.rid = rid
+        self.client_ip = client_ip
+        self.start = start
+
+
+class FastRequestHandler(_GatewayRequestHandler):
+    _inline: _Inline | None = None
+    _drained: asyncio.Future[None] | None = None
+    _peer_ip: str | None = None
+
+    @property
+    def gateway(self) -> Gateway:
+        manager: Any = self._manager
+        gateway: Gateway = manager.gateway
+        return gateway
+
+    # ------------------------------------------------------------------ aiohttp hooks
+
+    def data_received(self, data: bytes) -> None:
+        # Hide aiohttp's waiter while parsing so that it is not woken for messages the fast
+        # path may take; wake it ourselves for the ones it must serve.
+        waiter = self._waiter
+        parked = waiter is not None and not waiter.done()
+        if parked:
+            self._waiter = None
+        try:
+            super().data_received(data)
+        finally:
+            if parked:
+                self._waiter = waiter
+        if self._messages:
+            self._pump()
+
+    def _pump(self) -> None:
+        waiter = self._waiter
+        messages = self._messages
+        while (messages and self._inline is None and waiter is not None and not waiter.done()
+               and not self._force_close and not self._close):
+            msg, payload = messages[0]
+            if not self._try_inline(msg, payload):
+                waiter.set_result(None)
+                return
+            messages.popleft()
+            if self._parser is not None:
+                self._parser.message_consumed()
+
+    def _process_keepalive(self) -> None:
+        if self._inline is not None:
+            # aiohttp's loop looks idle while the fast path works; not a dead connection.
+            self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+        super()._process_keepalive()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        inline = self._inline
+        if inline is not None:
+            inline.conn.abort()
+            self._done(inline, 499, error="client went away")
+        super().connection_lost(exc)
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109
+        if self._inline is not None:
+            self._drained = self._loop.create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._drained
+            except TimeoutError:
+                pass
+        await super().shutdown(timeout)
+
+    # ------------------------------------------------------------------ the fast path
+
+    def _try_inline(self, msg: Any, payload: StreamReader) -> bool:
+        if (payload is not EMPTY_PAYLOAD or msg.__class__ is not RawRequestMessage
+                or msg.method not in _FAST_METHODS or msg.upgrade):
+            return False
+        raw_path: str = msg.path
+        path, _, query = raw_path.partition("?")
+        # Anything unusual in the path is normalised (or refused) by the full path.
+        if (not path.startswith("/") or "%" in path or "/." in path or "//" in path
+                or "\\" in path):
+            return False
+        gw = self.gateway
+        if path in gw.ext.endpoints:
+            return False
+        headers = msg.headers
+        if "Origin" in headers or "Expect" in headers:
+            return False
+        host = headers.get("Host")
+        if not host:
+            return False
+        route = gw.routes.match(path)
+        if route is None:
+            return False
+        up = route.upstream
+        conn = gw.pool.acquire_idle(up)
+        if conn is None:
+            return False
+        loop = self._loop
+        start = loop.time()
+        peer = self._peer_ip
+        if peer is None:
+            name = self.peername
+            peer = self._peer_ip = name[0] if isinstance(name, tuple) else ""
+        trusted = gw.trusted
+        xff = headers.getall("X-Forwarded-For", ())
+        if trusted:
+            fwd = forwarded_for(peer, xff, trusted, gw.scheme, host,
+                                headers.get("X-Forwarded-Proto"), headers.get("X-Forwarded-Host"))
+        else:
+            fwd = forwarded_for(peer, xff, trusted, gw.scheme, host, None, None)
+        rid = headers.get("X-Request-ID") if trusted.contains(peer) else None
+        if not rid or len(rid) > 128 or not rid.isascii() or not rid.isprintable():
+            rid = gw.ids.next()
+        ex = Exchange()
+        target = route.target(path, query)
+        head = upstream_request_head(msg.method, target, msg.raw_headers,
+                                     host if route.preserve_host else up.host_header, fwd, rid)
+        head += b"\r\n"
+        inline = _Inline(conn, route, msg, ex, rid, fwd.client_ip, start, bytes(head))
+        self._inline = inline
+        conn.start_cb(inline.head, method=msg.method, read_timeout=gw.proxy.settings.read_timeout,
+                      on_head=lambda m, p, e: self._on_head(inline, m, p, e))
+        conn.arm_read_timeout()
+        return True
+
+    def _on_head(self, inline: _Inline, message: RawResponseMessage | None,
+                 payload: StreamReader | None, exc: UpstreamError | None) -> None:
+        if self._inline is not inline:
+            return  # the client went away meanwhile
+        if exc is not None or message is None or payload is None:
+            inline.conn.abort()
+            if (isinstance(exc, UpstreamError) and not isinstance(exc, UpstreamTimeout)
+                    and not inline.ex.retried):
+                # Nothing reached the client yet and GET/HEAD are idempotent: retry once on
+                # a fresh connection (typically a pooled one the upstream had closed).
+                inline.ex.retried = True
+                task = self._loop.create_task(self._retry(inline))
+                task.add_done_callback(_log_task_error)
+                return
+            status = 504 if isinstance(exc, UpstreamTimeout) else 502
+            inline.ex.error = str(exc)
+            log.warning("%s %s: %s", inline.route.name, inline.rid, exc)
+            self._write_error(inline, status)
+            return
+        self._respond(inline, message, payload)
+
+    def _respond(self, inline: _Inline, message: RawResponseMessage, payload: StreamReader
+                 ) -> None:
+        ex = inline.ex
+        ex.upstream_status = message.code
+        ex.upstream_time = self._loop.time() - inline.start
+        head, rechunk, keep_alive, no_body = response_head(
+            message, inline.route, inline.version, inline.keep_alive, inline.head_request,
+            (("X-Request-ID", inline.rid),))
+        inline.keep_alive = keep_alive
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            inline.conn.abort()
+            self._done(inline, 499, error="client went away")
+            return
+        if no_body or payload.is_eof():
+            data = b"" if no_body or payload.at_eof() else payload.read_nowait(-1)
+            ex.bytes_out = len(data)
+            transport.write(head + (framed_last(data) if rechunk else data))
+            inline.conn.finish(reusable=not message.should_close)
+            self._done(inline, message.code)
+            return
+        transport.write(head)
+        task = self._loop.create_task(self._stream(inline, message, payload, rechunk))
+        task.add_done_callback(_log_task_error)
+
+    async def _stream(self, inline: _Inline, message: RawResponseMessage, payload: StreamReader,
+                      rechunk: bool) -> None:
+        """A body still on its way: stream it with flow control, as the full path does."""
+        transport = self.transport
+        out = 0
+        ok = False
+        try:
+            while True:
+                chunk = await payload.readany()
+                if not chunk:
+                    break
+                if transport is None or transport.is_closing():
+                    raise ConnectionResetError("client went away")
+                out += len(chunk)
+                transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if rechunk else chunk)
+                if self.writing_paused:
+                    await self._drain_helper()
+            if rechunk and transport is not None:
+                transport.write(b"0\r\n\r\n")
+            ok = True
+        except UpstreamError as exc:
+            inline.ex.error = str(exc)
+            log.warning("upstream broke off mid-response on %s: %s", inline.route.name, exc)
+        except ConnectionError:
+            inline.ex.error = "client went away"
+        finally:
+            inline.ex.bytes_out = out
+            inline.conn.finish(reusable=ok and not message.should_close)
+            if not ok:
+                inline.keep_alive = False
+                if transport is not None:
+                    transport.abort()
+            self._done(inline, message.code)
+
+    async def _retry(self, inline: _Inline) -> None:
+        gw = self.gateway
+        try:
+            conn = await gw.pool.acquire(inline.route.upstream, fresh=True)
+            inline.conn = conn
+            fut = conn.start(inline.head, method=inline.method,
+                             read_timeout=gw.proxy.settings.read_timeout)
+            conn.arm_read_timeout()
+            message, payload = await fut
+        except UpstreamError as exc:
+            inline.conn.abort()
+            inline.ex.error = str(exc)
+            log.warning("%s %s: %s", inline.route.name, inline.rid, exc)
+            self._write_error(inline, 504 if isinstance(exc, UpstreamTimeout) else 502)
+            return
+        if self._inline is inline:
+            self._respond(inline, message, payload)
+        else:
+            inline.conn.abort()
+
+    def _write_error(self, inline: _Inline, status: int) -> None:
+        body = _ERRORS[status]
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(
+                b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                b"Content-Length: %d\r\nX-Request-ID: %s\r\n%s\r\n%s"
+                % (status, b"Bad Gateway" if status == 502 else b"Gateway Timeout", len(body),
+                   inline.rid.encode(), b"" if inline.keep_alive else b"Connection: close\r\n",
+                   body))
+        inline.ex.bytes_out = len(body)
+        self._done(inline, status)
+
+    def _done(self, inline: _Inline, status: int, *, error: str | None = None) -> None:
+        if self._inline is not inline:
+            return
+        self._inline = None
+        loop = self._loop
+        if error:
+            inline.ex.error = error
+        gw = self.gateway
+        gw.access.log_exchange(inline.client_ip, inline.rid, inline.method, inline.raw_path,
+                               inline.minor, status, inline.route, inline.ex,
+                               loop.time() - inline.start)
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        if not inline.keep_alive:
+            self.force_close()
+            return
+        self._next_keepalive_close_time = loop.time() + self._keepalive_timeout
+        if self._keepalive_handle is None and self._keepalive_timeout > 0:
+            self._keepalive_handle = loop.call_at(self._next_keepalive_close_time,
+                                                  self._process_keepalive)
+        if self._messages:
+            self._pump()
+
+
+def _log_task_error(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("fast path task failed", exc_info=task.exception())
