@@ -7,6 +7,7 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 from aiohttp import web
 
@@ -24,10 +25,11 @@ from gateway.errors import (
 )
 from gateway.headers import Forwarded, TrustedProxies, forwarded_for
 from gateway.keys import CLIENT_IP, REQUEST_ID
+from gateway.metrics import Metrics
 from gateway.proxy import ClientBodyError, Exchange, Proxy, ProxySettings, response_headers
 from gateway.routing import CompiledRoute, RouteTable, compile_route, normalize_path
 from gateway.upstream import UpstreamPool
-from gateway.websocket import splice
+from gateway.websocket import Splice, splice
 
 log = logging.getLogger("gateway.app")
 
@@ -36,6 +38,15 @@ Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 # body and extra response headers (e.g. the guest cookie).
 BodyRewriter = Callable[[web.BaseRequest, bytes], Awaitable[tuple[bytes, list[tuple[str, str]]]]]
 
+
+
+def rewrite_key(path: str) -> str:
+    """``path`` as an upstream may serve it: %XX decoded, ``;params`` dropped per segment.
+
+    The CEC may decode ``newThirdPartyClient%2Ejs`` or ignore ``;x=1`` (servlet path
+    parameters); such spellings must not slip past the body rewrite.
+    """
+    return "/".join(unquote(seg.partition(";")[0], errors="replace") for seg in path.split("/"))
 
 
 def error_response(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -68,7 +79,7 @@ class Gateway:
     """Runtime state built once from a Config; ``handle`` is the per-request entry point."""
 
     def __init__(self, config: Config, *, pool: UpstreamPool | None = None,
-                 extensions: Extensions | None = None) -> None:
+                 extensions: Extensions | None = None, metrics: Metrics | None = None) -> None:
         self.config = config
         self.scheme = "https" if config.listen.tls else "http"
         self.routes = RouteTable([
@@ -89,11 +100,28 @@ class Gateway:
         self.ext = extensions or Extensions()
         self.access = AccessLog(enabled=config.access_log)
         self.ws_idle = config.timeouts.websocket_idle
-        self.open_websockets = 0
-        # Extension points for observability (metrics) and readiness probes.
-        self.metrics_hook: Callable[[str, str], None] | None = None
+        self.metrics = metrics or Metrics()
+        self.metrics_hook: Callable[[str, str], None] = self.metrics.token_event
         self.ready_checks: list[Callable[[], Awaitable[None]]] = []
+        self.splices: set[Splice] = set()
         self.ids = RequestIds()
+
+    def finished(self, client_ip: str, rid: str, method: str, raw_path: str, minor: int,
+                 status: int, route: CompiledRoute | None, ex: Exchange, duration: float
+                 ) -> None:
+        """Every request ends here, from either path: one access-log line, the metrics."""
+        self.access.log_exchange(client_ip, rid, method, raw_path, minor, status, route, ex,
+                                 duration)
+        upstream_error = None
+        if ex.error and not ex.upstream_status:
+            upstream_error = "timeout" if status == 504 else "error" if status == 502 else None
+        self.metrics.observe(route.name if route else "gateway", method, status, duration,
+                             upstream_error)
+
+    def going_away(self) -> None:
+        """Shutdown: tell every spliced WebSocket the server is going away (1001)."""
+        for link in list(self.splices):
+            link.going_away()
 
     async def close(self) -> None:
         await self.pool.close()
@@ -124,7 +152,12 @@ class Gateway:
         finally:
             if resp is not None and not resp.prepared:
                 resp.headers["X-Request-ID"] = rid
-            self.access.log(request, fwd.client_ip, rid, resp, route, ex, loop.time() - start)
+            status = resp.status if resp is not None else 499
+            if not ex.upstream_status and isinstance(resp, web.Response):
+                body = resp.body
+                ex.bytes_out = len(body) if isinstance(body, bytes | bytearray) else 0
+            self.finished(fwd.client_ip, rid, request.method, request.raw_path,
+                          request.version.minor, status, route, ex, loop.time() - start)
 
     async def _dispatch(self, request: web.BaseRequest, fwd: Forwarded, rid: str, ex: Exchange
                         ) -> tuple[web.StreamResponse, CompiledRoute | None]:
@@ -175,6 +208,8 @@ class Gateway:
             body: bytes | None = None
             if method == "POST":
                 rw = self.ext.rewriters.get(path)
+                if rw is None and ("%" in path or ";" in path):
+                    rw = self.ext.rewriters.get(rewrite_key(path))
                 if rw is not None:
                     body, extra = await self._rewrite(request, rw[0], rw[1])
                     ex.extra_response_headers.extend(extra)
@@ -259,8 +294,8 @@ class Gateway:
         ex.upstream_status = 101
         conn.finish_for_tunnel()
         shell = web.StreamResponse(headers=response_headers(message.raw_headers, route))
-        self.open_websockets += 1
+        self.metrics.websockets.inc()
         try:
-            return await splice(request, conn, message, shell, self.ws_idle)
+            return await splice(request, conn, message, shell, self.ws_idle, self.splices)
         finally:
-            self.open_websockets -= 1
+            self.metrics.websockets.dec()

@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError
@@ -74,9 +76,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _report(exc, args.config)
     from gateway.runtime import serve_forever
-    from gateway.workers import PORT_ENV, Supervisor, default_workers
+    from gateway.workers import INDEX_ENV, PORT_ENV, Supervisor, default_workers
 
     worker_port = os.environ.get(PORT_ENV)
+    worker_index = int(os.environ.get(INDEX_ENV, "0"))
     if worker_port is not None:
         # A worker started by the supervisor: same config, the port the master reserved.
         cfg = cfg.model_copy(update={"listen": cfg.listen.model_copy(
@@ -93,11 +96,45 @@ def cmd_run(args: argparse.Namespace) -> int:
                 return 1
         log.info("running %s", why)
     _use_uvloop()
+    pid_file = cfg.pid_file if worker_port is None else None
+    if pid_file is not None:
+        pid_file.write_text(f"{os.getpid()}\n")
     try:
-        asyncio.run(serve_forever(cfg, reuse_port=worker_port is not None))
+        asyncio.run(serve_forever(cfg, config_path=args.config,
+                                  reuse_port=worker_port is not None, worker_index=worker_index))
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", cfg.listen.host, cfg.listen.port, exc.strerror)
         return 1
+    finally:
+        if pid_file is not None:
+            pid_file.unlink(missing_ok=True)
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Check the config first, then SIGHUP the running gateway (its master, with workers)."""
+    try:
+        cfg = _load(args.config)
+    except ConfigError as exc:
+        _report(exc, args.config)
+        sys.stderr.write("not reloading: the running gateway keeps its config\n")
+        return 2
+    pid = args.pid
+    if pid is None:
+        if cfg.pid_file is None:
+            sys.stderr.write("no pid: pass --pid PID or set pid_file in the config\n")
+            return 2
+        try:
+            pid = int(Path(cfg.pid_file).read_text().strip())
+        except (OSError, ValueError) as exc:
+            sys.stderr.write(f"cannot read pid_file {cfg.pid_file}: {exc}\n")
+            return 2
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        sys.stderr.write(f"no process {pid}: is the gateway running?\n")
+        return 1
+    sys.stdout.write(f"sent SIGHUP to {pid}\n")
     return 0
 
 
@@ -122,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "else one per core)")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("reload", help="check the config, then make the running gateway load it")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    p.add_argument("--pid", type=int, default=None, help="default: read pid_file from config")
+    p.set_defaults(func=cmd_reload)
+
     p = sub.add_parser("check", help="validate the config and print a summary of routes")
     p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     p.set_defaults(func=cmd_check)
@@ -142,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_format, args.log_level.upper())
-    code: int = args.func(args)
+    func = getattr(args, "func", None) or args.handler
+    code: int = func(args)
     return code
 
 

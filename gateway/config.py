@@ -114,6 +114,7 @@ class Timeouts(_Model):
     keepalive: Duration = 75.0
     websocket_idle: Duration = 3600.0
     shutdown_grace: Duration = 10.0
+    shutdown_delay: Duration = 0.0  # /readyz fails this long before the port closes
 
 
 class Route(_Model):
@@ -344,6 +345,7 @@ class Config(_Model):
     admin: Admin | None = None
     sandbox: SandboxSettings | None = None
     access_log: bool = True
+    pid_file: Path | None = None  # written by `gateway run`, read by `gateway reload`
     public_url: str | None = None  # scheme://host the visitors use, when TLS ends before us
 
     @field_validator("trusted_proxies", mode="before")

@@ -302,10 +302,9 @@ class FastRequestHandler(_GatewayRequestHandler):
         loop = self._loop
         if error:
             inline.ex.error = error
-        gw = self.gateway
-        gw.access.log_exchange(inline.client_ip, inline.rid, inline.method, inline.raw_path,
-                               inline.minor, status, inline.route, inline.ex,
-                               loop.time() - inline.start)
+        self.gateway.finished(inline.client_ip, inline.rid, inline.method, inline.raw_path,
+                              inline.minor, status, inline.route, inline.ex,
+                              loop.time() - inline.start)
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
         if not inline.keep_alive:

@@ -165,10 +165,12 @@ class Listener:
         name = self.sock.getsockname()
         return name[0], name[1]
 
-    async def stop(self, grace: float) -> None:
+    async def stop(self, grace: float, before_drain: Callable[[], None] | None = None) -> None:
         """Stop accepting, let in-flight requests finish within ``grace``, then cancel."""
         if self._aserver is not None:
             self._aserver.close()
+        if before_drain is not None:
+            before_drain()
         # Idle keep-alive connections close now; busy ones after their current response.
         self.server.pre_shutdown()
         await self.server.shutdown(grace)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Coroutine
 from typing import Any
 
@@ -19,6 +20,9 @@ from gateway.upstream import UpstreamConnection
 log = logging.getLogger("gateway.websocket")
 
 _WRITE_HIGH = 1 << 20
+_CLOSE_1001_PAYLOAD = (1001).to_bytes(2, "big")
+# Server-to-client frames are unmasked; client-to-server frames must be masked.
+_CLOSE_1001_TO_CLIENT = b"\x88\x02" + _CLOSE_1001_PAYLOAD
 
 
 class _SwitchingResponse(web.StreamResponse):
@@ -101,6 +105,23 @@ class Splice:
         if transport is not None and not transport.is_closing():
             transport.resume_reading()
 
+    def going_away(self) -> None:
+        """Close both sides with 1001 (server going away), as a shutting-down server should.
+
+        The frames are injected between whatever was relayed so far; chat traffic is small
+        frames, so the chance of landing inside a partly relayed frame is negligible, and
+        the connections are closed right after either way.
+        """
+        client = self._client
+        if client is not None and not client.is_closing():
+            client.write(_CLOSE_1001_TO_CLIENT)
+        transport = self._conn.transport
+        if transport is not None and not transport.is_closing():
+            mask = os.urandom(4)
+            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(_CLOSE_1001_PAYLOAD))
+            transport.write(b"\x88\x82" + mask + payload)
+        self.close()
+
     def _check_idle(self) -> None:
         self._timer = None
         due = self._last + self._idle
@@ -123,7 +144,8 @@ class Splice:
 
 
 async def splice(request: web.BaseRequest, conn: UpstreamConnection, message: RawResponseMessage,
-                 headers: web.StreamResponse, idle_timeout: float) -> web.StreamResponse:
+                 headers: web.StreamResponse, idle_timeout: float,
+                 registry: set[Splice] | None = None) -> web.StreamResponse:
     """Answer the client's upgrade with the upstream's 101 and splice until the end."""
     resp = _SwitchingResponse(status=101, reason=message.reason, headers=headers.headers)
     resp.headers["Connection"] = "Upgrade"
@@ -138,8 +160,12 @@ async def splice(request: web.BaseRequest, conn: UpstreamConnection, message: Ra
         link._from_upstream(tail)
     if conn.transport is None or conn.transport.is_closing():
         link.close()
+    if registry is not None:
+        registry.add(link)
     try:
         await link.done
     finally:
         link.close()
+        if registry is not None:
+            registry.discard(link)
     return resp

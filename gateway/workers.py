@@ -77,6 +77,8 @@ class Supervisor:
             for proc in self.procs.values():
                 proc.send_signal(signal.SIGHUP)
 
+        if self.cfg.pid_file is not None:
+            Path(self.cfg.pid_file).write_text(f"{os.getpid()}\n")
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, hup)
@@ -101,6 +103,8 @@ class Supervisor:
         finally:
             self._shutdown()
             reserved.close()
+            if self.cfg.pid_file is not None:
+                Path(self.cfg.pid_file).unlink(missing_ok=True)
         return 0
 
     def _shutdown(self) -> None:

@@ -332,6 +332,7 @@ class TokenEndpoints:
         started = await self._guard.record_failure(ip, user_id)
         if started:
             reason += f"; lock-out of {started:.0f}s starts"
+            self._count("validate", "lockout_started")
         # 200 with a non-zero retCode: the CEC reads the body, and the message is the same
         # whichever part of the binding was wrong.
         return self._refuse(
