@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -31,49 +28,17 @@ from yarl import URL
 
 from gateway.errors import ConfigError, Problem
 from gateway.sandbox.settings import SandboxSettings
+from gateway.yamlconf import (
+    CEC_SECRET_RE,
+    Duration,
+    Size,
+    interpolate,
+    problems_from,
+    read_secret_files,
+    read_yaml,
+)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)\s*$")
-_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_SECRET_KEYS = frozenset({"secret_key", "signing_key", "api_key", "cookie_key", "password"})
-_CEC_SECRET_RE = re.compile(r"^[A-Za-z0-9]{43}$")
-
-
-def parse_size(value: object) -> int:
-    """nginx size syntax: ``1024``, ``8k``, ``1m``, ``2g``; ``0`` means no limit."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("a size cannot be negative")
-        return value
-    m = _SIZE_RE.match(str(value))
-    if not m:
-        raise ValueError("not a size; write bytes or a number with k, m or g, e.g. 1m")
-    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
-
-
-def parse_duration(value: object) -> float:
-    """nginx time syntax: ``500ms``, ``10s``, ``5m``, ``1h``; a bare number is seconds."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    m = _DURATION_RE.match(str(value))
-    if not m:
-        raise ValueError("not a duration; write e.g. 500ms, 10s, 5m or 1h")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-
-
-Size = Annotated[int, BeforeValidator(parse_size)]
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -217,7 +182,7 @@ class CecAuth(_Model):
     @field_validator("secret_key")
     @classmethod
     def _secret_shape(cls, v: SecretStr | None) -> SecretStr | None:
-        if v is not None and not _CEC_SECRET_RE.match(v.get_secret_value()):
+        if v is not None and not CEC_SECRET_RE.match(v.get_secret_value()):
             raise ValueError(
                 "the CEC secretKey must be exactly 43 characters of [A-Za-z0-9]; "
                 "fix: copy it again from the CEC channel configuration page"
@@ -376,157 +341,19 @@ class Config(_Model):
 # ---------------------------------------------------------------- loading
 
 
-def _path_str(loc: tuple[str | int, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + part
-    return out
-
-
-def _is_secret_path(loc: tuple[str | int, ...]) -> bool:
-    return any(isinstance(p, str) and p in _SECRET_KEYS for p in loc)
-
-
-def _interpolate(node: Any, loc: tuple[str | int, ...], env: Mapping[str, str],
-                 problems: list[Problem]) -> Any:
-    if isinstance(node, dict):
-        return {k: _interpolate(v, (*loc, str(k)), env, problems) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_interpolate(v, (*loc, i), env, problems) for i, v in enumerate(node)]
-    if not isinstance(node, str) or "${" not in node:
-        return node
-
-    def repl(m: re.Match[str]) -> str:
-        name, default = m.group(1), m.group(2)
-        if name in env:
-            return env[name]
-        if default is not None:
-            return default
-        problems.append(Problem(_path_str(loc), f"${{{name}}}",
-                                f"environment variable {name} is not set",
-                                f"export {name}=... or write ${{{name}:-default}}"))
-        return ""
-
-    return _ENV_RE.sub(repl, node)
-
-
-def _read_secret_files(node: Any, loc: tuple[str | int, ...], base: Path,
-                       problems: list[Problem]) -> Any:
-    """``secret_key_file: path`` becomes ``secret_key: <contents>`` (same for any *_key_file)."""
-    if isinstance(node, list):
-        return [_read_secret_files(v, (*loc, i), base, problems) for i, v in enumerate(node)]
-    if not isinstance(node, dict):
-        return node
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        key = str(key)
-        if key.endswith("_file") and key[: -len("_file")] in _SECRET_KEYS:
-            target = key[: -len("_file")]
-            if target in node:
-                problems.append(Problem(_path_str((*loc, key)), "",
-                                        f"both {target} and {key} are set",
-                                        f"keep only one of {target} and {key}"))
-                continue
-            path = (base / str(value)).expanduser()
-            try:
-                out[target] = path.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                problems.append(Problem(_path_str((*loc, key)), repr(str(value)),
-                                        f"cannot read the secret file: {exc.strerror}",
-                                        "point it at a readable file holding only the secret"))
-            continue
-        out[key] = _read_secret_files(value, (*loc, key), base, problems)
-    return out
-
-
-_FIXES = {
-    "missing": "add this key",
-    "extra_forbidden": "remove it, or check its spelling against the README's config reference",
-    "bool_parsing": "write true or false",
-    "bool_type": "write true or false",
-    "int_parsing": "write a whole number",
-    "int_type": "write a whole number",
-    "literal_error": "",
-    "ip_v4_network": "write a CIDR such as 10.0.0.0/8 or 2001:db8::/32",
-    "ip_v6_network": "write a CIDR such as 10.0.0.0/8 or 2001:db8::/32",
-    "ip_any_network": "write a CIDR such as 10.0.0.0/8 or 2001:db8::/32",
-    "too_short": "add at least one entry",
-    "less_than_equal": "use a smaller value",
-    "greater_than_equal": "use a larger value",
-    "string_type": "write a string (quote it)",
-    "list_type": "write a YAML list, e.g. [a, b]",
-    "model_type": "write a mapping of keys",
-    "dict_type": "write a mapping of keys",
-    "float_parsing": "write a number",
-}
-
-
-def _lookup(tree: Any, loc: tuple[str | int, ...]) -> tuple[bool, Any]:
-    node = tree
-    for part in loc:
-        try:
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            return False, None
-    return True, node
-
-
-def _problems_from(exc: ValidationError, tree: Any) -> list[Problem]:
-    problems = []
-    for err in exc.errors(include_url=False):
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
-        # pydantic reports union members as extra loc parts (e.g. 'IPv4Network'); drop them
-        loc = tuple(p for p in loc if not (isinstance(p, str) and p[:1].isupper()))
-        found, value = _lookup(tree, loc)
-        if _is_secret_path(loc):
-            shown = "<redacted>" if found else ""
-        else:
-            shown = repr(value) if found else ""
-            if len(shown) > 120:
-                shown = shown[:117] + "..."
-        msg = str(err["msg"])
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        fix = _FIXES.get(str(err["type"]), "")
-        if err["type"] in ("ip_v4_network", "ip_v6_network"):
-            # The IPv4 | IPv6 union fails once per member; the user made one mistake.
-            msg = "not an IPv4 or IPv6 network"
-        if "; fix: " in msg:
-            msg, fix = msg.split("; fix: ", 1)
-        problem = Problem(_path_str(loc), shown, msg, fix)
-        if problem not in problems:
-            problems.append(problem)
-    return problems
-
-
 def load_config_text(text: str, *, env: Mapping[str, str] | None = None,
                      base_dir: Path | None = None, source: str = "<config>") -> Config:
     env = os.environ if env is None else env
-    try:
-        tree = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else source
-        raise ConfigError([Problem("", "", f"{source} is not valid YAML at {where}: "
-                                   f"{getattr(exc, 'problem', exc)}",
-                                   "fix the YAML syntax (indentation, quotes, colons)")]) from None
-    if tree is None:
-        tree = {}
-    if not isinstance(tree, dict):
-        raise ConfigError([Problem("", type(tree).__name__, "the config must be a mapping",
-                                   "start with keys such as listen:, routes:")])
+    tree = read_yaml(text, source)
     problems: list[Problem] = []
-    tree = _interpolate(tree, (), env, problems)
-    tree = _read_secret_files(tree, (), base_dir or Path.cwd(), problems)
+    tree = interpolate(tree, (), env, problems)
+    tree = read_secret_files(tree, (), base_dir or Path.cwd(), problems)
     if problems:
         raise ConfigError(problems)
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_problems_from(exc, tree)) from None
+        raise ConfigError(problems_from(exc, tree)) from None
 
 
 def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:

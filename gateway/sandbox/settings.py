@@ -13,12 +13,10 @@ import re
 import zoneinfo
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
-import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -28,33 +26,22 @@ from pydantic import (
 )
 
 from gateway.errors import ConfigError, Problem
+from gateway.yamlconf import (
+    CEC_SECRET_RE,
+    Duration,
+    interpolate,
+    problems_from,
+    read_secret_files,
+    read_yaml,
+)
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _CLOCK_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$|^24:00$")
-_CEC_SECRET_RE = re.compile(r"^[A-Za-z0-9]{43}$")
 _OFFSET_RE = re.compile(r"^([+-])(\d{2}):(\d{2})$")
-_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SECRET_NAMES = frozenset({"secret_key", "password"})
 
 DEFAULT_VALIDATE_URL = "http://127.0.0.1:8080/rest/cc-messaging/v1/thirdparty/chatThirdPartyValidate"
 
 
-def _duration(value: object) -> float:
-    """Seconds as a number, or nginx-like text: ``500ms``, ``10s``, ``20m``, ``1h``."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    m = _DURATION_RE.match(str(value))
-    if not m:
-        raise ValueError("not a duration; write e.g. 500ms, 10s, 20m or 1h")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-
-
-Duration = Annotated[float, BeforeValidator(_duration)]
 
 
 class _Model(BaseModel):
@@ -210,7 +197,7 @@ class SandboxSettings(_Model):
     @field_validator("secret_key")
     @classmethod
     def _secret_shape(cls, v: SecretStr | None) -> SecretStr | None:
-        if v is not None and not _CEC_SECRET_RE.match(v.get_secret_value()):
+        if v is not None and not CEC_SECRET_RE.match(v.get_secret_value()):
             raise ValueError("the CEC secretKey must be exactly 43 characters of [A-Za-z0-9]")
         return v
 
@@ -230,32 +217,6 @@ class SandboxSettings(_Model):
 # ---------------------------------------------------------------- loading
 
 
-def _interpolate(node: Any, env: Mapping[str, str], missing: list[str]) -> Any:
-    if isinstance(node, dict):
-        return {k: _interpolate(v, env, missing) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_interpolate(v, env, missing) for v in node]
-    if not isinstance(node, str) or "${" not in node:
-        return node
-
-    def repl(m: re.Match[str]) -> str:
-        if m.group(1) in env:
-            return env[m.group(1)]
-        if m.group(2) is not None:
-            return m.group(2)
-        missing.append(m.group(1))
-        return ""
-
-    return _ENV_RE.sub(repl, node)
-
-
-def _loc_text(loc: tuple[str | int, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + part
-    return out
-
-
 def load_sandbox_settings(path: str | Path, *,
                           env: Mapping[str, str] | None = None) -> SandboxSettings:
     """Read sandbox settings from YAML: a file of its own or a gateway.yaml's ``sandbox:``.
@@ -267,43 +228,21 @@ def load_sandbox_settings(path: str | Path, *,
     env = os.environ if env is None else env
     p = Path(path)
     try:
-        tree = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([Problem("", str(p), f"cannot read the file: {exc.strerror}",
                                    "pass an existing YAML file")]) from None
-    except yaml.YAMLError:
-        raise ConfigError([Problem("", str(p), "not valid YAML",
-                                   "fix the YAML syntax (indentation, quotes, colons)")]) from None
-    if tree is None:
-        tree = {}
-    if isinstance(tree, dict) and isinstance(tree.get("sandbox"), dict):
+    tree = read_yaml(text, str(p))
+    if isinstance(tree.get("sandbox"), dict):
         tree = tree["sandbox"]
-    if not isinstance(tree, dict):
-        raise ConfigError([Problem("", type(tree).__name__, "the sandbox settings must be a "
-                                   "mapping", "write keys such as port:, agents:")])
-    missing: list[str] = []
-    tree = _interpolate(tree, env, missing)
-    if missing:
-        raise ConfigError([Problem("", "", f"environment variable {name} is not set",
-                                   f"export {name}=...") for name in missing])
-    if "secret_key_file" in tree:
-        secret_file = (p.parent / str(tree.pop("secret_key_file"))).expanduser()
-        try:
-            tree["secret_key"] = secret_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError([Problem("secret_key_file", str(secret_file),
-                                       f"cannot read the secret file: {exc.strerror}",
-                                       "point it at a readable file")]) from None
+    problems: list[Problem] = []
+    tree = interpolate(tree, (), env, problems)
+    tree = read_secret_files(tree, (), p.parent, problems)
+    if problems:
+        raise ConfigError(problems)
     if tree.get("secret_key") is None and env.get("CEC_SECRET_KEY"):
         tree["secret_key"] = env["CEC_SECRET_KEY"]
     try:
         return SandboxSettings.model_validate(tree)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors(include_url=False, include_input=False):
-            loc = tuple(err["loc"])
-            shown = "<redacted>" if any(x in _SECRET_NAMES for x in loc if isinstance(x, str)) \
-                else ""
-            msg = str(err["msg"]).removeprefix("Value error, ")
-            problems.append(Problem(_loc_text(loc), shown, msg))
-        raise ConfigError(problems) from None
+        raise ConfigError(problems_from(exc, tree)) from None

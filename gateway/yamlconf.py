@@ -1,0 +1,205 @@
+"""YAML configuration plumbing shared by the gateway's config and the sandbox's settings.
+
+nginx-style sizes and durations, ``${NAME}`` interpolation, ``*_key_file`` secrets, and
+pydantic errors rewritten as Problems that name the YAML key path, the value (secrets
+redacted) and the fix.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BeforeValidator, ValidationError
+
+from gateway.errors import ConfigError, Problem
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)\s*$")
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_SECRET_KEYS = frozenset({"secret_key", "signing_key", "api_key", "cookie_key", "password"})
+CEC_SECRET_RE = re.compile(r"^[A-Za-z0-9]{43}$")
+
+
+def parse_size(value: object) -> int:
+    """nginx size syntax: ``1024``, ``8k``, ``1m``, ``2g``; ``0`` means no limit."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ValueError("not a size; write bytes or a number with k, m or g, e.g. 1m")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+def parse_duration(value: object) -> float:
+    """nginx time syntax: ``500ms``, ``10s``, ``5m``, ``1h``; a bare number is seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    m = _DURATION_RE.match(str(value))
+    if not m:
+        raise ValueError("not a duration; write e.g. 500ms, 10s, 5m or 1h")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+
+def read_yaml(text: str, source: str) -> dict[str, Any]:
+    """Parse YAML into a mapping, or raise a ConfigError that says where it broke."""
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else source
+        raise ConfigError([Problem("", "", f"{source} is not valid YAML at {where}: "
+                                   f"{getattr(exc, 'problem', exc)}",
+                                   "fix the YAML syntax (indentation, quotes, colons)")]) from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError([Problem("", type(tree).__name__, "the config must be a mapping",
+                                   "start with keys such as listen:, routes:")])
+    return tree
+
+
+def path_str(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def _is_secret_path(loc: tuple[str | int, ...]) -> bool:
+    return any(isinstance(p, str) and p in _SECRET_KEYS for p in loc)
+
+
+def interpolate(node: Any, loc: tuple[str | int, ...], env: Mapping[str, str],
+                 problems: list[Problem]) -> Any:
+    if isinstance(node, dict):
+        return {k: interpolate(v, (*loc, str(k)), env, problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [interpolate(v, (*loc, i), env, problems) for i, v in enumerate(node)]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+
+    def repl(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        problems.append(Problem(path_str(loc), f"${{{name}}}",
+                                f"environment variable {name} is not set",
+                                f"export {name}=... or write ${{{name}:-default}}"))
+        return ""
+
+    return _ENV_RE.sub(repl, node)
+
+
+def read_secret_files(node: Any, loc: tuple[str | int, ...], base: Path,
+                       problems: list[Problem]) -> Any:
+    """``secret_key_file: path`` becomes ``secret_key: <contents>`` (same for any *_key_file)."""
+    if isinstance(node, list):
+        return [read_secret_files(v, (*loc, i), base, problems) for i, v in enumerate(node)]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        key = str(key)
+        if key.endswith("_file") and key[: -len("_file")] in _SECRET_KEYS:
+            target = key[: -len("_file")]
+            if target in node:
+                problems.append(Problem(path_str((*loc, key)), "",
+                                        f"both {target} and {key} are set",
+                                        f"keep only one of {target} and {key}"))
+                continue
+            path = (base / str(value)).expanduser()
+            try:
+                out[target] = path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                problems.append(Problem(path_str((*loc, key)), repr(str(value)),
+                                        f"cannot read the secret file: {exc.strerror}",
+                                        "point it at a readable file holding only the secret"))
+            continue
+        out[key] = read_secret_files(value, (*loc, key), base, problems)
+    return out
+
+
+_FIXES = {
+    "missing": "add this key",
+    "extra_forbidden": "remove it, or check its spelling against the README's config reference",
+    "bool_parsing": "write true or false",
+    "bool_type": "write true or false",
+    "int_parsing": "write a whole number",
+    "int_type": "write a whole number",
+    "literal_error": "",
+    "ip_v4_network": "write a CIDR such as 10.0.0.0/8 or 2001:db8::/32",
+    "ip_v6_network": "write a CIDR such as 10.0.0.0/8 or 2001:db8::/32",
+    "ip_any_network": "write a CIDR such as 10.0.0.0/8 or 2001:db8::/32",
+    "too_short": "add at least one entry",
+    "less_than_equal": "use a smaller value",
+    "greater_than_equal": "use a larger value",
+    "string_type": "write a string (quote it)",
+    "list_type": "write a YAML list, e.g. [a, b]",
+    "model_type": "write a mapping of keys",
+    "dict_type": "write a mapping of keys",
+    "float_parsing": "write a number",
+}
+
+
+def _lookup(tree: Any, loc: tuple[str | int, ...]) -> tuple[bool, Any]:
+    node = tree
+    for part in loc:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return False, None
+    return True, node
+
+
+def problems_from(exc: ValidationError, tree: Any) -> list[Problem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+        # pydantic reports union members as extra loc parts (e.g. 'IPv4Network'); drop them
+        loc = tuple(p for p in loc if not (isinstance(p, str) and p[:1].isupper()))
+        found, value = _lookup(tree, loc)
+        if _is_secret_path(loc):
+            shown = "<redacted>" if found else ""
+        else:
+            shown = repr(value) if found else ""
+            if len(shown) > 120:
+                shown = shown[:117] + "..."
+        msg = str(err["msg"])
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        fix = _FIXES.get(str(err["type"]), "")
+        if err["type"] in ("ip_v4_network", "ip_v6_network"):
+            # The IPv4 | IPv6 union fails once per member; the user made one mistake.
+            msg = "not an IPv4 or IPv6 network"
+        if "; fix: " in msg:
+            msg, fix = msg.split("; fix: ", 1)
+        problem = Problem(path_str(loc), shown, msg, fix)
+        if problem not in problems:
+            problems.append(problem)
+    return problems
+
+
