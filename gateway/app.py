@@ -54,13 +54,22 @@ def error_response(status: int, text: str, headers: dict[str, str] | None = None
     return web.Response(status=status, text=f"{status} {text}\n", headers=headers)
 
 
+@dataclass(frozen=True)
+class Rewriter:
+    """A POST body rewritten before forwarding (the chat injection)."""
+
+    max_size: int
+    rewrite: BodyRewriter
+    content_type: str  # the rewritten body's type, replacing the page's
+
+
 @dataclass
 class Extensions:
     """What the chat, token and sandbox features plug into the request path."""
 
     endpoints: dict[str, Handler] = field(default_factory=dict)
     # (path, max body) -> rewriter, applied to POSTs on the proxy path
-    rewriters: dict[str, tuple[int, BodyRewriter]] = field(default_factory=dict)
+    rewriters: dict[str, Rewriter] = field(default_factory=dict)
 
 
 class RequestIds:
@@ -206,15 +215,17 @@ class Gateway:
             if request.headers.get("Upgrade", "").lower() == "websocket" and route.websocket:
                 return await self._websocket(request, route, target, fwd, rid, ex), route
             body: bytes | None = None
+            body_type: str | None = None
             if method == "POST":
                 rw = self.ext.rewriters.get(path)
                 if rw is None and ("%" in path or ";" in path):
                     rw = self.ext.rewriters.get(rewrite_key(path))
                 if rw is not None:
-                    body, extra = await self._rewrite(request, rw[0], rw[1])
+                    body, extra = await self._rewrite(request, rw.max_size, rw.rewrite)
+                    body_type = rw.content_type
                     ex.extra_response_headers.extend(extra)
             resp = await self.proxy.forward(request, route, target, fwd, rid, ex, body=body,
-                                            cors=cors_headers)
+                                            body_type=body_type, cors=cors_headers)
             return resp, route
         except PayloadTooLarge:
             ex.error = "body too large"

@@ -101,7 +101,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         pid_file.write_text(f"{os.getpid()}\n")
     try:
         asyncio.run(serve_forever(cfg, config_path=args.config,
-                                  reuse_port=worker_port is not None, worker_index=worker_index))
+                                  reuse_port=worker_port is not None, worker_index=worker_index,
+                                  announce=worker_port is None))
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", cfg.listen.host, cfg.listen.port, exc.strerror)
         return 1

@@ -15,10 +15,12 @@ from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
+from aiohttp import web
+
 from gateway.config import Config
 
 if TYPE_CHECKING:
-    from gateway.app import Extensions, Gateway
+    from gateway.app import BodyRewriter, Extensions, Gateway
 
 log = logging.getLogger("gateway.features")
 
@@ -47,7 +49,7 @@ def guest_cookie_key(config: Config) -> bytes:
 
 async def install_features(config: Config, gateway: Gateway, stack: AsyncExitStack
                            ) -> Extensions:
-    from gateway.app import Extensions
+    from gateway.app import Extensions, Rewriter
 
     ext = Extensions()
     if config.cec is None:
@@ -57,8 +59,10 @@ async def install_features(config: Config, gateway: Gateway, stack: AsyncExitSta
 
     cec = config.cec
     signer = signer_from_config(cec) if cec.auth.mode == "authorization" else None
+    # Secure when visitors use https, also when TLS ends at a load balancer before us.
+    public_https = (config.public_url or "").startswith("https://")
     guest = GuestCookies(guest_cookie_key(config), cec.guest.cookie_name,
-                         secure=gateway.scheme == "https")
+                         secure=gateway.scheme == "https" or public_https)
     identify = None
     if cec.identity.source == "url":
         import aiohttp
@@ -85,7 +89,7 @@ async def install_features(config: Config, gateway: Gateway, stack: AsyncExitSta
         tokens = TokenEndpoints(tcfg, cec.tenant_space_id, store, guard,
                                 metrics_hook=gateway.metrics_hook)
         ext.endpoints.update(tokens.routes())
-        gateway.ready_checks.append(store.ping)
+        gateway.ready_checks.extend((store.ping, guard.ping))
         if cec.auth.mode == "token":
             tenant = cec.tenant_space_id
 
@@ -95,7 +99,32 @@ async def install_features(config: Config, gateway: Gateway, stack: AsyncExitSta
             token_for = token_for_user
 
     chat = ChatEndpoints(cec, signer, guest, identify=identify, token_for=token_for)
+    metrics = gateway.metrics
+
+    def counted(rewrite: BodyRewriter) -> BodyRewriter:
+        if signer is None:
+            return rewrite
+
+        async def rewrite_and_count(request: web.BaseRequest, body: bytes
+                                    ) -> tuple[bytes, list[tuple[str, str]]]:
+            out = await rewrite(request, body)
+            metrics.signatures.inc()
+            return out
+
+        return rewrite_and_count
+
     ext.endpoints.update(chat.endpoints())
+    if signer is not None and cec.authorization_path in ext.endpoints:
+        sign_endpoint = ext.endpoints[cec.authorization_path]
+
+        async def authorization_and_count(request: web.BaseRequest) -> web.StreamResponse:
+            resp = await sign_endpoint(request)
+            if resp.status == 200:
+                metrics.signatures.inc()
+            return resp
+
+        ext.endpoints[cec.authorization_path] = authorization_and_count
     for path in chat.rewrite_paths():
-        ext.rewriters[path] = (cec.max_json_size, chat.rewrite)
+        ext.rewriters[path] = Rewriter(cec.max_json_size, counted(chat.rewrite),
+                                       cec.signing.content_type)
     return ext

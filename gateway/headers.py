@@ -27,7 +27,10 @@ HOP_BY_HOP = frozenset({
 _REPLACED_UP = frozenset({
     b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto",
     b"x-forwarded-host", b"x-real-ip", b"x-request-id", b"forwarded",
+    # The gateway streams bodies itself (and answers 100 Continue on its own).
+    b"expect",
 })
+_CONTENT_TYPE = frozenset({b"content-type"})
 
 
 def connection_tokens(raw: RawHeaders) -> frozenset[bytes]:
@@ -112,18 +115,18 @@ def forwarded_for(peer: str, xff_values: Sequence[str], trusted: TrustedProxies,
     return Forwarded(client, xff, proto, host)
 
 
-_SAFE_VALUE = re.compile(rb"^[^\x00-\x08\x0a-\x1f\x7f]*$")
-
-
 def upstream_request_head(method: str, target: str, raw: RawHeaders, host: str,
                           fwd: Forwarded, request_id: str | None,
                           extra: Sequence[tuple[bytes, bytes]] = (),
-                          upgrade: bool = False) -> bytearray:
+                          upgrade: bool = False, new_content_type: bytes | None = None
+                          ) -> bytearray:
     """The request line and headers for the upstream, as bytes ready to write.
 
     Body framing (Content-Length / chunked) is appended by the caller, who knows it.
     """
     drop = HOP_BY_HOP | _REPLACED_UP
+    if new_content_type is not None:
+        drop = drop | _CONTENT_TYPE
     tokens = connection_tokens(raw) if any(n.lower() == b"connection" for n, _ in raw) else ()
     out = bytearray(f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode("latin-1"))
     for name, value in raw:
@@ -139,6 +142,8 @@ def upstream_request_head(method: str, target: str, raw: RawHeaders, host: str,
         out += b"X-Request-ID: " + request_id.encode("latin-1") + b"\r\n"
     for name, value in extra:
         out += name + b": " + value + b"\r\n"
+    if new_content_type is not None:
+        out += b"Content-Type: " + new_content_type + b"\r\n"
     if upgrade:
         out += b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
     return out

@@ -64,7 +64,7 @@ class Proxy:
 
     async def forward(self, request: web.BaseRequest, route: CompiledRoute, target: str,
                       fwd: Forwarded, request_id: str | None, ex: Exchange, *,
-                      body: bytes | None = None,
+                      body: bytes | None = None, body_type: str | None = None,
                       cors: Sequence[tuple[str, str]] | None = None) -> web.StreamResponse:
         """Send ``request`` to ``route`` and stream the answer; ``body`` replaces the client's."""
         loop = asyncio.get_running_loop()
@@ -91,7 +91,8 @@ class Proxy:
                 request.transport.write(_CONTINUE)
         elif method in ("POST", "PUT", "PATCH"):
             framing.append((b"Content-Length", b"0"))
-        head = upstream_request_head(method, target, raw, host, fwd, request_id, framing)
+        head = upstream_request_head(method, target, raw, host, fwd, request_id, framing,
+                                     new_content_type=body_type.encode() if body_type else None)
         head += b"\r\n"
         if body:
             head += body

@@ -194,7 +194,8 @@ async def serving(config: Config, *, reuse_port: bool = False, config_path: str 
 
 
 async def serve_forever(config: Config, *, config_path: str | None = None,
-                        reuse_port: bool = False, worker_index: int = 0) -> None:
+                        reuse_port: bool = False, worker_index: int = 0,
+                        announce: bool = True) -> None:
     from gateway.server import install_signal_handlers
 
     stop = asyncio.Event()
@@ -210,7 +211,10 @@ async def serve_forever(config: Config, *, config_path: str | None = None,
 
         install_signal_handlers(stop, on_hup)
         extra = f", admin on {running.admin_url}" if running.admin_url else ""
-        log.info("listening on %s%s", running.url, extra)
+        if announce:
+            log.info("listening on %s%s", running.url, extra)
+        else:  # a worker: the master said where the gateway listens
+            log.debug("worker %d ready on %s%s", worker_index, running.url, extra)
         await stop.wait()
         log.info("shutting down: draining for up to %gs", runtime.config.timeouts.shutdown_grace)
     log.info("stopped")

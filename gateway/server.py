@@ -68,6 +68,12 @@ class _GatewayRequestHandler(RequestHandler):
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         if isinstance(exc, LineTooLong):
+            # The C parser reports the start of what overflowed: a target starts with '/'.
+            line = exc.args[0] if exc.args else b""
+            if isinstance(line, bytes | str) and line[:1] in (b"/", "/"):
+                resp = web.Response(status=414, text="414 URI Too Long\n")
+                resp.force_close()
+                return resp
             resp = web.Response(status=431, text="431 Request Header Fields Too Large\n")
             resp.force_close()
             return resp

@@ -140,6 +140,12 @@ class UpstreamConnection(BaseProtocol):
             self.transport.close()
 
     def abort(self) -> None:
+        # Whoever aborts has given up on the exchange: the connection_lost that follows
+        # must not set an error on a head future no one will await (asyncio would log
+        # "Future exception was never retrieved", e.g. on every chunked 413).
+        head = self._head
+        if head is not None and not head.done():
+            head.cancel()
         if self.transport is not None:
             self.transport.abort()
 

@@ -62,13 +62,26 @@ class Supervisor:
                str(Path(self.config_path)), "--workers", "1"]
         self.procs[index] = subprocess.Popen(cmd, env=env)  # noqa: S603 - our own interpreter
 
+    def _wait_listening(self, port: int, timeout: float = 30.0) -> None:
+        """Announce only once a worker accepts connections (the master's socket never does)."""
+        host = self.cfg.listen.host
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in self.procs.values()):
+                return  # a worker died at start; the loop below reports and restarts it
+            try:
+                with socket.create_connection((host, port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+
     def run(self) -> int:
         reserved = _reserve(self.cfg.listen.host, self.cfg.listen.port)
         port = reserved.getsockname()[1]
-        log.info("master %d starting %d workers on %s:%d", os.getpid(), self.n,
-                 self.cfg.listen.host, port)
-        for i in range(self.n):
-            self._spawn(i, port)
 
         def stop(signum: int, _frame: object) -> None:
             self._stopping = True
@@ -82,6 +95,14 @@ class Supervisor:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, hup)
+        for i in range(self.n):
+            self._spawn(i, port)
+        self._wait_listening(port)
+        scheme = "https" if self.cfg.listen.tls else "http"
+        host = self.cfg.listen.host
+        shown = f"[{host}]" if ":" in host else host
+        log.info("listening on %s://%s:%d with %d workers (master pid %d)", scheme, shown, port,
+                 self.n, os.getpid())
         try:
             while not self._stopping:
                 time.sleep(0.2)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from gateway.config import Config, load_config, load_config_text
-from gateway.yamlconf import parse_duration, parse_size
 from gateway.errors import ConfigError, GatewayError, Problem
+from gateway.yamlconf import parse_duration, parse_size
 
 MINIMAL = """
 routes:

@@ -1,0 +1,51 @@
+"""Shared fixtures: a real echo upstream on 127.0.0.1 port 0, a gateway factory, a client.
+
+The helpers themselves live in ``tests/gwhelpers.py`` so test modules can import them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+# Test modules import helpers as ``tests.<module>``; that needs the project root on the path
+# whatever pytest's rootdir insertion did (tests/ has no __init__.py).
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from gateway.runtime import Running, serving  # noqa: E402
+from tests.gwhelpers import ROUTES, Echo, GatewayFactory, build_config, run_echo  # noqa: E402
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[Echo]:
+    async with run_echo() as e:
+        yield e
+
+
+@pytest.fixture
+async def gateway(echo: Echo) -> AsyncIterator[GatewayFactory]:
+    """``running = await gateway(yaml_text)`` serves a gateway until the test ends."""
+    async with contextlib.AsyncExitStack() as stack:
+        async def start(yaml_text: str = ROUTES, **env: str) -> Running:
+            return await stack.enter_async_context(serving(build_config(yaml_text, echo, **env)))
+
+        yield start
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client without a cookie jar and without decompression: it shows what arrived."""
+    async with aiohttp.ClientSession(auto_decompress=False,
+                                     cookie_jar=aiohttp.DummyCookieJar()) as session:
+        yield session
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: the big streaming tests (about 30 s)")

@@ -1,0 +1,202 @@
+"""The command line: ``gateway check`` and ``gateway run`` as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.gwhelpers import (
+    PROJECT,
+    PYTHON,
+    ROUTES,
+    Echo,
+    free_port,
+    start_gateway_process,
+)
+
+
+def gateway_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PYTHON, "-m", "gateway", *args], capture_output=True, text=True,
+                          cwd=str(PROJECT), timeout=60, env=env)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_check_ok_prints_routes(tmp_path: Path) -> None:
+    conf = write(tmp_path, """
+listen: {host: 127.0.0.1, port: 8080}
+routes:
+  - prefix: /
+    upstream: http://127.0.0.1:3000/
+    preserve_host: true
+  - prefix: /service-cloud/
+    upstream: https://cec.example.com/service-cloud/
+cors: {allow_origins: [https://www.example.com], allow_credentials: true}
+""")
+    out = gateway_cli("check", "-c", str(conf))
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "OK" in text
+    assert "http://127.0.0.1:8080" in text
+    # longest prefix first, as they are matched
+    assert text.index("/service-cloud/") < text.index("http://127.0.0.1:3000/")
+    assert "https://cec.example.com/service-cloud/" in text
+    assert "https://www.example.com" in text
+
+
+def test_check_reports_every_problem_with_path_value_and_fix(tmp_path: Path) -> None:
+    conf = write(tmp_path, """
+listen: {port: 99999}
+limits: {client_max_body_size: 1mb}
+trusted_proxies: [10.0.0.0/33]
+routes:
+  - prefix: /service-cloud/
+    upstream: https://servicestage.besclouds.com/service-cloud
+cors: {allow_origins: ["*"], allow_credentials: true}
+""")
+    out = gateway_cli("check", "-c", str(conf))
+    assert out.returncode != 0
+    assert out.stdout == ""
+    err = out.stderr
+    assert "5 problem" in err
+    for path, value in [("listen.port", "99999"), ("limits.client_max_body_size", "1mb"),
+                        ("trusted_proxies[0]", "10.0.0.0/33")]:
+        line = next(ln for ln in err.splitlines() if ln.strip().startswith(f"- {path}:"))
+        assert value in line, line
+    assert "routes[0]" in err
+    assert "/service-cloudwebclient/chat_client/js/thirdPartyClient.js" in err
+    assert "https://servicestage.besclouds.com/service-cloud/" in err  # the fix
+    assert "- cors" in err
+    assert err.count("fix:") >= 4
+    assert "Traceback" not in err
+
+
+def test_check_missing_env_variable(tmp_path: Path) -> None:
+    conf = write(tmp_path, "routes:\n  - {prefix: /, upstream: '${UPSTREAM_URL}'}\n")
+    out = gateway_cli("check", "-c", str(conf), env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode != 0
+    assert "routes[0].upstream" in out.stderr and "UPSTREAM_URL" in out.stderr
+    out = gateway_cli("check", "-c", str(conf),
+                      env={"PATH": "/usr/bin:/bin", "UPSTREAM_URL": "http://127.0.0.1:1/"})
+    assert out.returncode == 0, out.stderr
+
+
+def test_check_missing_file(tmp_path: Path) -> None:
+    out = gateway_cli("check", "-c", str(tmp_path / "absent.yaml"))
+    assert out.returncode != 0
+    assert "absent.yaml" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_run_with_bad_config_does_not_start(tmp_path: Path) -> None:
+    conf = write(tmp_path, "routes: []\n")
+    out = gateway_cli("run", "-c", str(conf))
+    assert out.returncode != 0
+    assert "routes" in out.stderr
+    assert "listening" not in out.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_run_on_a_busy_port_fails_cleanly(tmp_path: Path, workers: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        conf = write(tmp_path, f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+                               "routes:\n  - {prefix: /, upstream: 'http://127.0.0.1:1/'}\n")
+        out = gateway_cli("run", "-c", str(conf), "--workers", workers)
+    assert out.returncode != 0
+    assert str(port) in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+async def test_run_logs_where_it_listens_and_serves(tmp_path: Path, echo: Echo) -> None:
+    port = free_port()
+    text = ROUTES.replace("${ECHO}", echo.url) + f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+    gw = await start_gateway_process(text, tmp_path)
+    try:
+        assert gw.url == f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(gw.url + "/app/hello?q=1") as resp:
+                assert resp.status == 200
+                assert (await resp.json())["target"] == "/up/hello?q=1"
+    finally:
+        code = await gw.stop()
+    assert code == 0
+    log = gw.log_text()
+    assert sum("listening on" in line for line in log.splitlines()) == 1
+    assert "/app/hello" in log  # the access log line
+    assert "q=1" not in log
+    assert "Traceback" not in log
+
+
+async def test_sigterm_is_graceful(tmp_path: Path, echo: Echo) -> None:
+    text = ROUTES.replace("${ECHO}", echo.url) + """
+listen: {host: 127.0.0.1, port: 0}
+timeouts: {shutdown_grace: 10s}
+"""
+    gw = await start_gateway_process(text, tmp_path)
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as http:
+        slow = asyncio.ensure_future(http.get(gw.url + "/app/do/slow?delay=1.5"))
+        for _ in range(100):  # wait until the request has reached the upstream
+            if echo.seen:
+                break
+            await asyncio.sleep(0.02)
+        assert echo.seen, "the slow request never arrived"
+        start = loop.time()
+        gw.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        # no new connections once shutting down
+        refused = False
+        try:
+            async with http.get(gw.url + "/app/late") as late:
+                await late.read()
+        except aiohttp.ClientConnectionError:
+            refused = True
+        assert refused
+        resp = await slow
+        assert resp.status == 200
+        assert (await resp.json())["path"] == "/up/do/slow"
+        resp.release()
+    async with asyncio.timeout(10):
+        code = await gw.proc.wait()
+    assert code == 0
+    assert loop.time() - start < 8
+    assert [s.path for s in echo.seen] == ["/up/do/slow"]
+    log = gw.log_text()
+    assert "shutting down" in log
+    assert "Traceback" not in log
+
+
+async def test_sigint_stops_too(tmp_path: Path, echo: Echo) -> None:
+    text = ROUTES.replace("${ECHO}", echo.url) + "listen: {host: 127.0.0.1, port: 0}\n"
+    gw = await start_gateway_process(text, tmp_path)
+    gw.proc.send_signal(signal.SIGINT)
+    async with asyncio.timeout(10):
+        assert await gw.proc.wait() == 0
+
+
+async def test_several_workers_serve_and_stop(tmp_path: Path, echo: Echo) -> None:
+    text = ROUTES.replace("${ECHO}", echo.url) + "listen: {host: 127.0.0.1, port: 0}\n"
+    gw = await start_gateway_process(text, tmp_path, "--workers", "2")
+    try:
+        async with aiohttp.ClientSession() as http:
+            for i in range(4):
+                async with http.get(f"{gw.url}/app/w{i}") as resp:
+                    assert resp.status == 200
+    finally:
+        code = await gw.stop()
+    assert code == 0
+    assert [s.path for s in echo.seen] == [f"/up/w{i}" for i in range(4)]
+    assert "Traceback" not in gw.log_text()

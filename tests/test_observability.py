@@ -1,0 +1,529 @@
+"""Observability: the access log, X-Request-ID, Prometheus metrics, /healthz and /readyz.
+
+Everything on real sockets: an echo upstream in the test's loop, the gateway either in the
+same loop (``serving``) or as a ``python -m gateway`` subprocess whose stderr is inspected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway.fastpath import FastRequestHandler
+from tests.gwhelpers import Echo, GatewayFactory, free_port
+from tests.lifecycle_helpers import (
+    KeepAlive,
+    free_port_pair,
+    metric,
+    readyz,
+    scrape,
+    start_gateway_proc,
+    wait_for,
+)
+
+TENANT = "202007159031"
+CHANNEL = "202011230001"
+CEC_SECRET = "ObservabilityTestSecret0123456789abcdefXYZ1"  # 43 of [A-Za-z0-9]
+TOKEN_KEY = "obs-signing-key-0123456789abcdef"
+API_KEY = "obs-api-key-0123456789abcdef-SECRET"
+VALIDATE = "/rest/cc-messaging/v1/thirdparty/chatThirdPartyValidate"
+NEW_CLIENT = "/service-cloud/webclient/chat_client/js/newThirdPartyClient.js"
+ACCESS_FIELDS = {"time", "request_id", "client_ip", "method", "path", "status", "bytes_in",
+                 "bytes_out", "duration_ms", "route", "upstream_status", "upstream_ms"}
+TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+APP_ROUTES = """
+routes:
+  - prefix: /app/
+    upstream: ${ECHO}/up/
+  - prefix: /
+    upstream: ${ECHO}/root/
+"""
+
+
+def assert_cec_secret_shape() -> None:
+    assert re.fullmatch(r"[A-Za-z0-9]{43}", CEC_SECRET)
+
+
+@pytest.fixture
+def fast_path_spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """Records (path, taken) for every request the fast path was offered."""
+    calls: list[tuple[str, bool]] = []
+    original = FastRequestHandler._try_inline
+
+    def spy(self: FastRequestHandler, msg: Any, payload: Any) -> bool:
+        taken = original(self, msg, payload)
+        calls.append((getattr(msg, "path", "?"), taken))
+        return taken
+
+    monkeypatch.setattr(FastRequestHandler, "_try_inline", spy)
+    return calls
+
+
+@pytest.fixture
+def access_records(caplog: pytest.LogCaptureFixture) -> Callable[[], list[dict[str, Any]]]:
+    """The ``fields`` of every ``gateway.access`` record logged so far."""
+    caplog.set_level(logging.INFO, logger="gateway.access")
+
+    def get() -> list[dict[str, Any]]:
+        return [dict(r.fields) for r in caplog.records  # type: ignore[attr-defined]
+                if r.name == "gateway.access"]
+
+    return get
+
+
+# ------------------------------------------------------------------ access log (subprocess)
+
+
+def token_mode_config(echo: Echo, extra: str = "") -> str:
+    return f"""
+listen: {{host: 127.0.0.1, port: 0}}
+admin: {{host: 127.0.0.1, port: 0}}
+timeouts: {{shutdown_grace: 2s}}
+routes:
+  - prefix: /app/
+    upstream: {echo.url}/up/
+  - prefix: /
+    upstream: {echo.url}/root/
+cec:
+  tenant_space_id: "{TENANT}"
+  channel_config_id: "{CHANNEL}"
+  auth: {{mode: token}}
+  guest: {{cookie_key: "guest-cookie-key-0123456789abcdef"}}
+token:
+  signing_key: {TOKEN_KEY}
+  api_key: {API_KEY}
+  validate_path: {VALIDATE}
+  validate_allow_from: [127.0.0.1/32]
+  rate_limit: 1000/second
+{extra}
+"""
+
+
+async def test_json_access_log_one_line_per_request_and_no_secrets(tmp_path: Path,
+                                                                  echo: Echo) -> None:
+    gw = await start_gateway_proc(token_mode_config(echo), tmp_path)
+    secrets = ["QUERYSECRET1", "COOKIESECRET1", "SESSIONSECRET1", "AUTHSECRET1",
+               "QUERYSECRET2", API_KEY, TOKEN_KEY]
+    sent: list[tuple[str, str, int, int, str]] = []  # method, path, status, body len, rid
+    client_headers = {"Cookie": "ccmessaging-token=COOKIESECRET1; sid=SESSIONSECRET1",
+                      "Authorization": "Bearer AUTHSECRET1"}
+    try:
+        connector = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=connector,
+                                         cookie_jar=aiohttp.DummyCookieJar()) as http:
+            # GETs on one kept-alive connection: after the first, the pool has an idle
+            # upstream connection and the fast path serves them.
+            for _ in range(3):
+                async with http.get(gw.url + "/app/a?token=QUERYSECRET1",
+                                    headers=client_headers) as resp:
+                    body = await resp.read()
+                    sent.append(("GET", "/app/a", resp.status, len(body),
+                                 resp.headers["X-Request-ID"]))
+            async with http.post(gw.url + "/app/p?sig=QUERYSECRET2", data=b"x" * 100,
+                                 headers=client_headers) as resp:
+                body = await resp.read()
+                sent.append(("POST", "/app/p", resp.status, len(body),
+                             resp.headers["X-Request-ID"]))
+            async with http.post(gw.url + "/gateway/token",
+                                 json={"userId": "u1", "userName": "Ann"},
+                                 headers={"Authorization": f"Bearer {API_KEY}"}) as resp:
+                body = await resp.read()
+                token = json.loads(body)["token"]
+                secrets.append(token)
+                sent.append(("POST", "/gateway/token", resp.status, len(body),
+                             resp.headers["X-Request-ID"]))
+            async with http.post(gw.url + VALIDATE, json={
+                    "Token": token, "userId": "u1", "userName": "Ann",
+                    "tenantSpaceId": TENANT}) as resp:
+                body = await resp.read()
+                assert json.loads(body)["retCode"] == 0
+                sent.append(("POST", VALIDATE, resp.status, len(body),
+                             resp.headers["X-Request-ID"]))
+            async with http.delete(gw.url + f"/gateway/token?token={token}",
+                                   headers={"Authorization": f"Bearer {API_KEY}"}) as resp:
+                body = await resp.read()
+                sent.append(("DELETE", "/gateway/token", resp.status, len(body),
+                             resp.headers["X-Request-ID"]))
+    finally:
+        code = await gw.stop()
+    assert code == 0
+    assert [s[2] for s in sent] == [200, 200, 200, 200, 200, 200, 204]
+
+    text = gw.log_text()
+    for secret in secrets:
+        assert secret not in text, f"{secret[:6]}... leaked into the log"
+    assert "Bearer" not in text and "Cookie" not in text
+
+    lines = gw.access()
+    assert len(lines) == len(sent), lines
+    assert "?" not in "".join(str(line["path"]) for line in lines)
+    for line, (method, path, status, size, rid) in zip(lines, sent, strict=True):
+        assert ACCESS_FIELDS <= set(line), line
+        assert TIME_RE.match(line["time"]), line
+        assert line["request_id"] == rid
+        assert line["client_ip"] == "127.0.0.1"
+        assert (line["method"], line["path"], line["status"]) == (method, path, status)
+        assert line["bytes_out"] == size
+        assert isinstance(line["duration_ms"], int | float) and line["duration_ms"] >= 0
+    proxied, own = lines[:4], lines[4:]
+    for line in proxied:
+        assert line["route"] == "/app/"
+        assert line["upstream_status"] == 200
+        assert isinstance(line["upstream_ms"], int | float)
+        assert 0 <= line["upstream_ms"] <= line["duration_ms"]
+    assert [line["bytes_in"] for line in proxied] == [0, 0, 0, 100]
+    for line in own:  # the gateway's own endpoints: no route, no upstream
+        assert line["route"] is None and line["upstream_status"] is None
+        assert line["upstream_ms"] is None
+    # Bytes in count for the gateway's own endpoints too (the issuing request's JSON body).
+    assert own[0]["bytes_in"] == len(json.dumps({"userId": "u1", "userName": "Ann"}))
+
+
+async def test_text_log_format_has_the_access_line(tmp_path: Path, echo: Echo) -> None:
+    gw = await start_gateway_proc(token_mode_config(echo), tmp_path, log_format="text")
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(gw.url + "/app/t?secret=QSECRET") as resp:
+                rid = resp.headers["X-Request-ID"]
+                assert resp.status == 200
+    finally:
+        assert await gw.stop() == 0
+    lines = [line for line in gw.log_text().splitlines() if "gateway.access" in line]
+    assert len(lines) == 1
+    assert "GET /app/t " in lines[0] and rid in lines[0] and " 200 " in lines[0]
+    assert "QSECRET" not in gw.log_text()
+
+
+# ------------------------------------------------------------------ X-Request-ID
+
+
+async def test_request_id_generated_when_absent(
+        gateway: GatewayFactory, echo: Echo, fast_path_spy: list[tuple[str, bool]],
+        access_records: Callable[[], list[dict[str, Any]]],
+        caplog: pytest.LogCaptureFixture) -> None:
+    dead = free_port()
+    gw = await gateway(APP_ROUTES + f"""
+  - prefix: /dead/
+    upstream: http://127.0.0.1:{dead}/
+""")
+    conn = await KeepAlive.open(gw.port)
+    try:
+        answers = [await conn.request("GET", f"/app/g{i}") for i in range(3)]
+        answers.append(await conn.request("POST", "/app/p", body=b"hello"))
+        failed = await conn.request("GET", "/dead/x")
+    finally:
+        await conn.close()
+    assert any(taken for _, taken in fast_path_spy), "the fast path never served a GET"
+    rids = [a.header("X-Request-ID") for a in answers]
+    assert all(rid and rid.isascii() and rid.isprintable() for rid in rids)
+    assert len(set(rids)) == 4
+    assert [s.all("X-Request-ID") for s in echo.seen] == [[rid] for rid in rids]
+    assert [json.loads(a.body)["headers"] for a in answers]  # the echo answered each
+    failed_rid = failed.header("X-Request-ID")
+    assert failed.status == 502 and failed_rid and failed_rid not in rids
+    records = access_records()
+    assert [r["request_id"] for r in records] == [*rids, failed_rid]
+    # The error line about the failed request carries its id as well.
+    errors = [r.getMessage() for r in caplog.records
+              if r.name != "gateway.access" and r.levelno >= logging.WARNING]
+    assert any(failed_rid in message for message in errors), errors
+
+
+@pytest.mark.parametrize("trusted", ["127.0.0.1/32", "10.0.0.0/8"])
+async def test_request_id_kept_only_from_a_trusted_proxy(
+        trusted: str, gateway: GatewayFactory, echo: Echo,
+        fast_path_spy: list[tuple[str, bool]],
+        access_records: Callable[[], list[dict[str, Any]]]) -> None:
+    gw = await gateway(APP_ROUTES + f"trusted_proxies: [{trusted}]\n")
+    is_trusted = trusted.startswith("127.")
+    sent = [f"edge-{i}-abc" for i in range(4)]
+    conn = await KeepAlive.open(gw.port)
+    try:
+        answers = [await conn.request("GET", f"/app/k{i}", f"X-Request-ID: {sent[i]}")
+                   for i in range(3)]
+        answers.append(await conn.request("POST", "/app/p", f"X-Request-ID: {sent[3]}",
+                                          body=b"data"))
+        # Too long or not ASCII: never used, even from a trusted proxy.
+        odd = [await conn.request("GET", "/app/long", "X-Request-ID: " + "a" * 300),
+               await conn.request("GET", "/app/utf8", "X-Request-ID: bad-\xe9-id")]
+    finally:
+        await conn.close()
+    assert any(taken for _, taken in fast_path_spy), "the fast path never served a GET"
+    got = [a.header("X-Request-ID") for a in answers]
+    upstream = [s.all("X-Request-ID") for s in echo.seen[:4]]
+    logged = [r["request_id"] for r in access_records()[:4]]
+    if is_trusted:
+        assert got == sent
+    else:
+        assert not set(got) & set(sent)
+        assert all(got)
+    # Exactly one id goes upstream (never the client's next to ours), the one returned.
+    assert upstream == [[rid] for rid in got]
+    assert logged == got
+    for answer, seen in zip(odd, echo.seen[4:], strict=True):
+        rid = answer.header("X-Request-ID")
+        assert rid and len(rid) <= 128 and rid.isprintable() and "bad" not in rid
+        assert seen.all("X-Request-ID") == [rid]
+
+
+# ------------------------------------------------------------------ metrics
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+        yield session
+
+
+async def test_metrics_after_mixed_traffic(gateway: GatewayFactory, echo: Echo,
+                                           http: aiohttp.ClientSession) -> None:
+    dead = free_port()
+    gw = await gateway(f"""
+admin: {{host: 127.0.0.1, port: 0}}
+timeouts: {{read: 400ms, shutdown_grace: 1s}}
+routes:
+  - prefix: /app/
+    upstream: ${{ECHO}}/up/
+  - prefix: /dead/
+    upstream: http://127.0.0.1:{dead}/
+""")
+    assert gw.admin_url is not None
+    admin = gw.admin_url
+    for i in range(3):
+        async with http.get(f"{gw.url}/app/ok{i}") as resp:
+            assert resp.status == 200
+    async with http.post(f"{gw.url}/app/post", data=b"12345") as resp:
+        assert resp.status == 200
+    async with http.get(f"{gw.url}/dead/x") as resp:
+        assert resp.status == 502
+    async with http.get(f"{gw.url}/app/do/slow?delay=3") as resp:
+        assert resp.status == 504
+
+    async with http.ws_connect(gw.url + "/app/do/ws") as ws:
+        await ws.send_str("hi")
+        assert await ws.receive_str(timeout=3) == "echo:hi"
+        text = await scrape(http, admin)
+        assert metric(text, "gateway_websockets_open") == 1
+
+    async def ws_closed() -> bool:
+        return metric(await scrape(http, admin), "gateway_websockets_open") == 0
+
+    await wait_for(ws_closed, what="the WebSocket gauge to drop")
+    text = await scrape(http, admin)
+
+    def requests(route: str, method: str, status: str) -> float:
+        return metric(text, "gateway_requests_total", route=route, method=method, status=status)
+
+    assert requests("/app/", "GET", "200") == 3
+    assert requests("/app/", "POST", "200") == 1
+    assert requests("/dead/", "GET", "502") == 1
+    assert requests("/app/", "GET", "504") == 1
+    assert requests("/app/", "GET", "101") == 1
+    # Nothing else was counted (the scrapes go to the admin listener, not through here).
+    assert metric(text, "gateway_requests_total") == 7
+    assert metric(text, "gateway_upstream_errors_total", route="/dead/", kind="error") == 1
+    assert metric(text, "gateway_upstream_errors_total", route="/app/", kind="timeout") == 1
+    assert metric(text, "gateway_upstream_errors_total") == 2
+    assert metric(text, "gateway_websockets_open") == 0
+
+    hist = "gateway_request_duration_seconds"
+    assert metric(text, hist + "_count", route="/app/") == 6
+    assert metric(text, hist + "_count", route="/dead/") == 1
+    assert metric(text, hist + "_bucket", route="/app/", le="+Inf") == 6
+    # The 504 waited for the 400 ms read timeout; the rest were quick.
+    assert metric(text, hist + "_bucket", route="/app/", le="0.25") == 4
+    assert metric(text, hist + "_sum", route="/app/") >= 0.4
+    assert metric(text, hist + "_bucket", route="/dead/", le="0.25") == 1
+
+
+def chat_config(extra: str = "") -> str:
+    return f"""
+admin: {{host: 127.0.0.1, port: 0}}
+routes:
+  - prefix: /service-cloud/
+    upstream: ${{ECHO}}/service-cloud/
+  - prefix: /
+    upstream: ${{ECHO}}/root/
+cec:
+  tenant_space_id: "{TENANT}"
+  channel_config_id: "{CHANNEL}"
+  auth: {{mode: authorization, secret_key: {CEC_SECRET}}}
+  guest: {{cookie_key: "guest-cookie-key-0123456789abcdef"}}
+token:
+  signing_key: {TOKEN_KEY}
+  api_key: {API_KEY}
+  validate_path: {VALIDATE}
+  validate_allow_from: [127.0.0.1/32]
+  guard: {{max_failures: 2, window: 1m, lockout: 30s}}
+  rate_limit: 1000/second
+{extra}
+"""
+
+
+def third_user_data() -> dict[str, Any]:
+    return {"thirdUserName": "Tom", "thirdUserId": "10010001", "tenantSpaceId": TENANT,
+            "channelConfigId": CHANNEL, "locale": "en", "timestamp": 1700000000000,
+            "mapService": "tencent"}
+
+
+async def test_metrics_count_signatures(gateway: GatewayFactory, echo: Echo,
+                                        http: aiohttp.ClientSession) -> None:
+    assert_cec_secret_shape()
+    gw = await gateway(chat_config())
+    assert gw.admin_url is not None
+    async with http.post(gw.url + "/gateway/authorization", json=third_user_data()) as resp:
+        assert resp.status == 200
+        assert (await resp.text()).startswith(f"auth-v2/{CHANNEL}/")
+    async with http.post(gw.url + NEW_CLIENT + "?&t=1", json=third_user_data()) as resp:
+        assert resp.status == 200
+    forwarded = [s for s in echo.seen if s.path.endswith("newThirdPartyClient.js")]
+    assert len(forwarded) == 1
+    text = await scrape(http, gw.admin_url)
+    assert metric(text, "gateway_signatures_total") == 2
+
+
+async def test_metrics_count_token_events_and_lockouts(gateway: GatewayFactory,
+                                                       http: aiohttp.ClientSession) -> None:
+    gw = await gateway(chat_config())
+    assert gw.admin_url is not None
+    bearer = {"Authorization": f"Bearer {API_KEY}"}
+    async with http.post(gw.url + "/gateway/token", json={"userId": "u1", "userName": "Ann"},
+                         headers=bearer) as resp:
+        assert resp.status == 200
+        token = (await resp.json())["token"]
+    good = {"Token": token, "userId": "u1", "userName": "Ann", "tenantSpaceId": TENANT}
+    bad = {**good, "Token": "not-the-token"}
+    results = []
+    for body in (good, bad, bad, bad):
+        async with http.post(gw.url + VALIDATE, json=body) as resp:
+            results.append((resp.status, (await resp.json())["retCode"]))
+    assert results == [(200, 0), (200, 1), (200, 1), (429, 1)]
+
+    text = await scrape(http, gw.admin_url)
+
+    def events(endpoint: str, outcome: str) -> float:
+        return metric(text, "gateway_token_events_total", endpoint=endpoint, outcome=outcome)
+
+    assert events("issue", "issued") == 1
+    assert events("validate", "ok") == 1
+    assert events("validate", "failed") == 2
+    assert events("validate", "lockout_started") == 1
+    assert metric(text, "gateway_token_events_total", endpoint="validate") == 5
+    assert metric(text, "gateway_lockouts_total") == 1
+    # The requests themselves are counted under the gateway's own pseudo-route.
+    assert metric(text, "gateway_requests_total", method="POST") == 5
+
+
+async def test_metrics_per_worker_admin_ports_add_up(tmp_path: Path, echo: Echo) -> None:
+    admin_port = free_port_pair()
+    text = f"""
+listen: {{host: 127.0.0.1, port: 0}}
+admin: {{host: 127.0.0.1, port: {admin_port}}}
+timeouts: {{shutdown_grace: 2s}}
+routes:
+  - prefix: /app/
+    upstream: {echo.url}/up/
+"""
+    gw = await start_gateway_proc(text, tmp_path, "--workers", "2")
+    try:
+        await gw.wait_log("listening on", count=2, within=20)
+        sent = 24
+        # A new connection per request so that SO_REUSEPORT spreads them over the workers.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)
+                                         ) as http:
+            for i in range(sent):
+                async with http.get(f"{gw.url}/app/w{i}") as resp:
+                    assert resp.status == 200
+            counts = []
+            for port in (admin_port, admin_port + 1):
+                url = f"http://127.0.0.1:{port}"
+                async with http.get(url + "/healthz") as resp:
+                    assert resp.status == 200
+                body = await scrape(http, url)
+                counts.append(metric(body, "gateway_requests_total", route="/app/",
+                                     status="200"))
+    finally:
+        code = await gw.stop()
+    assert code == 0
+    assert sum(counts) == sent, counts
+    assert all(c > 0 for c in counts), f"one worker got no traffic: {counts}"
+
+
+# ------------------------------------------------------------------ /healthz and /readyz
+
+
+async def test_healthz_and_readyz_when_all_is_well(gateway: GatewayFactory, echo: Echo,
+                                                   http: aiohttp.ClientSession) -> None:
+    gw = await gateway(APP_ROUTES + "admin: {host: 127.0.0.1, port: 0}\n")
+    assert gw.admin_url is not None and gw.admin_url.startswith("http://127.0.0.1:")
+    async with http.get(gw.admin_url + "/healthz") as resp:
+        assert resp.status == 200
+    status, report = await readyz(http, gw.admin_url)
+    assert status == 200, report
+    assert report["status"] == "ready"
+    assert report[f"upstream 127.0.0.1:{echo.port}"] == "ok"
+    # The admin endpoints are not served on the public listener.
+    async with http.get(gw.url + "/metrics") as resp:
+        assert "gateway_requests" not in await resp.text()
+
+
+async def test_readyz_503_while_an_upstream_is_down_then_recovers(
+        gateway: GatewayFactory, http: aiohttp.ClientSession) -> None:
+    port = free_port()
+    gw = await gateway(APP_ROUTES + f"""
+  - prefix: /other/
+    upstream: http://127.0.0.1:{port}/
+admin: {{host: 127.0.0.1, port: 0}}
+""")
+    assert gw.admin_url is not None
+    status, report = await readyz(http, gw.admin_url)
+    assert status == 503
+    assert report["status"] == "not ready"
+    assert report[f"upstream 127.0.0.1:{port}"].startswith("unreachable")
+    async with http.get(gw.admin_url + "/healthz") as resp:
+        assert resp.status == 200  # alive, just not ready
+
+    # The upstream comes up: readiness follows once the short cache expires.
+    runner = web.ServerRunner(web.Server(lambda r: _ok(r)))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        async def ready() -> bool:
+            return (await readyz(http, gw.admin_url or ""))[0] == 200
+
+        await wait_for(ready, within=5, interval=0.25, what="/readyz to turn 200")
+    finally:
+        await runner.cleanup()
+
+
+async def _ok(request: web.BaseRequest) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def test_readyz_503_when_the_token_store_is_unreachable(
+        gateway: GatewayFactory, http: aiohttp.ClientSession) -> None:
+    redis_port = free_port()  # nothing listens there
+    gw = await gateway(chat_config().replace(
+        "  rate_limit: 1000/second", f"  rate_limit: 1000/second\n"
+                                     f"  store: redis://127.0.0.1:{redis_port}/0"))
+    assert gw.admin_url is not None
+    status, report = await readyz(http, gw.admin_url)
+    assert status == 503, report
+    failed = [k for k, v in report.items() if v.startswith("failed")]
+    assert failed and any("ping" in k for k in failed), report
+    assert all(v == "ok" for k, v in report.items() if k.startswith("upstream")), report
+
+
+async def test_admin_listener_defaults_to_loopback(gateway: GatewayFactory) -> None:
+    gw = await gateway(APP_ROUTES + "admin: {port: 0}\n")
+    assert gw.admin_url is not None and gw.admin_url.startswith("http://127.0.0.1:")
