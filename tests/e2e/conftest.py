@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import os
 import shutil
 import socket
 import string
@@ -194,6 +195,9 @@ def _have_chromium() -> bool:
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
     if not _have_chromium():
+        # `./dev test` (and so CI) installs Chromium and sets this: there, missing is a failure.
+        if os.environ.get("GATEWAY_REQUIRE_BROWSER"):
+            pytest.fail("Chromium or playwright is missing but GATEWAY_REQUIRE_BROWSER is set")
         pytest.skip("needs /usr/bin/chromium and playwright")
     from playwright.async_api import async_playwright
 
