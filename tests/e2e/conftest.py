@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import os
+import secrets
 import shutil
 import socket
 import string
