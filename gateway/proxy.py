@@ -77,6 +77,7 @@ class Proxy:
         framing: list[tuple[bytes, bytes]] = []
         if body is not None:
             framing.append((b"Content-Length", str(len(body)).encode()))
+            ex.bytes_in = len(body)
         elif streaming:
             length = request.content_length
             if length is None:
@@ -86,7 +87,14 @@ class Proxy:
                 if self.settings.max_body and length > self.settings.max_body:
                     raise PayloadTooLarge(f"body of {length} bytes is over the limit")
                 framing.append((b"Content-Length", str(length).encode()))
-            if request.headers.get("Expect", "").lower() == "100-continue":
+                content = request.content
+                if content.is_eof() and content.total_bytes == length:
+                    # A small body that arrived with the head: send it in the same write,
+                    # with no sender task (it is already in memory, nothing is copied twice).
+                    body = content.read_nowait(-1)
+                    streaming = False
+                    ex.bytes_in = len(body)
+            if streaming and request.headers.get("Expect", "").lower() == "100-continue":
                 assert request.transport is not None
                 request.transport.write(_CONTINUE)
         elif method in ("POST", "PUT", "PATCH"):
@@ -96,6 +104,7 @@ class Proxy:
         head += b"\r\n"
         if body:
             head += body
+        # A replay is safe only for idempotent methods whose body we still hold.
         attempts = 2 if (method in _IDEMPOTENT and not streaming) else 1
         started = loop.time()
         for attempt in range(attempts):
