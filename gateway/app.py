@@ -141,6 +141,7 @@ class Gateway:
         ex = Exchange()
         route: CompiledRoute | None = None
         resp: web.StreamResponse | None = None
+        status_override = 499  # nginx's "client closed request" when nothing was answered
         headers = request.headers
         peer = request.remote or ""
         fwd = forwarded_for(peer, headers.getall("X-Forwarded-For", ()), self.trusted,
@@ -156,15 +157,22 @@ class Gateway:
             resp, route = await self._dispatch(request, fwd, rid, ex)
             return resp
         except asyncio.CancelledError:
-            ex.error = "client went away"
+            if ex.upstream_status == 101:
+                # A spliced WebSocket ends by closing the client side, which cancels us.
+                status_override = 101
+            else:
+                ex.error = "client went away"
             raise
         finally:
             if resp is not None and not resp.prepared:
                 resp.headers["X-Request-ID"] = rid
-            status = resp.status if resp is not None else 499
-            if not ex.upstream_status and isinstance(resp, web.Response):
-                body = resp.body
-                ex.bytes_out = len(body) if isinstance(body, bytes | bytearray) else 0
+            status = resp.status if resp is not None else status_override
+            route = route or ex.route
+            if not ex.upstream_status:
+                ex.bytes_in = request.content.total_bytes
+                if isinstance(resp, web.Response):
+                    body = resp.body
+                    ex.bytes_out = len(body) if isinstance(body, bytes | bytearray) else 0
             self.finished(fwd.client_ip, rid, request.method, request.raw_path,
                           request.version.minor, status, route, ex, loop.time() - start)
 
@@ -209,6 +217,7 @@ class Gateway:
                 return web.Response(status=301, headers={"Location": location}), None
             return error_response(404, "Not Found"), None
         target = route.target(path, query)
+        ex.route = route
         if self.cors.enabled:
             cors_headers = [*(cors_headers or ()), ("Vary", "Origin")]
         try:
@@ -307,6 +316,6 @@ class Gateway:
         shell = web.StreamResponse(headers=response_headers(message.raw_headers, route))
         self.metrics.websockets.inc()
         try:
-            return await splice(request, conn, message, shell, self.ws_idle, self.splices)
+            return await splice(request, conn, message, shell, self.ws_idle, self.splices, ex)
         finally:
             self.metrics.websockets.dec()

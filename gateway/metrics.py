@@ -47,12 +47,14 @@ class Metrics:
                 key = (route, "OTHER", status)
             child = self._req[key] = self.requests.labels(route, key[1], str(status))
         child.inc()
+        if upstream_error is not None:
+            self.upstream_errors.labels(route, upstream_error).inc()
+        if status == 101:
+            return  # a WebSocket session's length is not a request latency
         hist = self._lat.get(route)
         if hist is None:
             hist = self._lat[route] = self.latency.labels(route)
         hist.observe(duration)
-        if upstream_error is not None:
-            self.upstream_errors.labels(route, upstream_error).inc()
 
     def token_event(self, endpoint: str, outcome: str) -> None:
         self.token_events.labels(endpoint, outcome).inc()

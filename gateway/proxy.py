@@ -47,6 +47,7 @@ class Exchange:
     bytes_out: int = 0
     retried: bool = False
     error: str = ""
+    route: CompiledRoute | None = None  # known before the answer, for a cancelled exchange
     extra_response_headers: list[tuple[str, str]] = field(default_factory=list)
 
 

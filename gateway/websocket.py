@@ -10,12 +10,15 @@ import asyncio
 import logging
 import os
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.http_parser import RawResponseMessage
 
 from gateway.upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from gateway.proxy import Exchange
 
 log = logging.getLogger("gateway.websocket")
 
@@ -48,11 +51,14 @@ class Splice:
         self._timer = (loop.call_at(self._last + idle_timeout, self._check_idle)
                        if idle_timeout else None)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.bytes_in = 0
+        self.bytes_out = 0
         conn.tunnel = self._from_upstream
 
     # aiohttp calls these as the "payload parser" of the upgraded client connection.
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
         self._last = self._loop.time()
+        self.bytes_in += len(data)
         transport = self._conn.transport
         if transport is None or transport.is_closing():
             self.close()
@@ -84,6 +90,7 @@ class Splice:
             self.close()
             return
         self._last = self._loop.time()
+        self.bytes_out += len(data)
         client = self._client
         if client is None or client.is_closing():
             self.close()
@@ -145,7 +152,8 @@ class Splice:
 
 async def splice(request: web.BaseRequest, conn: UpstreamConnection, message: RawResponseMessage,
                  headers: web.StreamResponse, idle_timeout: float,
-                 registry: set[Splice] | None = None) -> web.StreamResponse:
+                 registry: set[Splice] | None = None, ex: Exchange | None = None
+                 ) -> web.StreamResponse:
     """Answer the client's upgrade with the upstream's 101 and splice until the end."""
     resp = _SwitchingResponse(status=101, reason=message.reason, headers=headers.headers)
     resp.headers["Connection"] = "Upgrade"
@@ -168,4 +176,6 @@ async def splice(request: web.BaseRequest, conn: UpstreamConnection, message: Ra
         link.close()
         if registry is not None:
             registry.discard(link)
+        if ex is not None:
+            ex.bytes_in, ex.bytes_out = link.bytes_in, link.bytes_out
     return resp
