@@ -281,6 +281,13 @@ class Gateway:
         length = request.content_length
         if length is not None and length > limit:
             raise BadRequest(f"JSON body is over {limit} bytes")
+        content = request.content
+        if content.is_eof():
+            # The usual case: a small JSON body that came with the head.
+            body = content.read_nowait(-1)
+            if len(body) > limit:
+                raise BadRequest(f"JSON body is over {limit} bytes")
+            return await rewriter(request, body)
         data = bytearray()
         async with asyncio.timeout(self.config.timeouts.client_body or None):
             while True:

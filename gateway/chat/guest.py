@@ -24,6 +24,22 @@ _COOKIE_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _SALT = b"gateway.chat.guest"
 
 
+class _KeyCachingSigner(itsdangerous.Signer):
+    """itsdangerous derives the same key again on every sign and unsign; derive it once."""
+
+    _derived: dict[str | bytes | None, bytes]
+
+    def derive_key(self, secret_key: str | bytes | None = None) -> bytes:
+        cache: dict[str | bytes | None, bytes] | None = getattr(self, "_derived", None)
+        if cache is None:
+            cache = {}
+            self._derived = cache
+        key = cache.get(secret_key)
+        if key is None:
+            key = cache[secret_key] = super().derive_key(secret_key)
+        return key
+
+
 class GuestCookies:
     """Reads, mints and formats the signed guest-id cookie."""
 
@@ -43,7 +59,7 @@ class GuestCookies:
             raise ValueError(f"{cookie_name!r} is not a valid cookie name")
         if max_age <= 0:
             raise ValueError("max_age must be positive")
-        self._signer = itsdangerous.Signer(key, salt=_SALT, digest_method=hashlib.sha256)
+        self._signer = _KeyCachingSigner(key, salt=_SALT, digest_method=hashlib.sha256)
         self.cookie_name = cookie_name
         self.secure = secure
         self.max_age = max_age

@@ -16,6 +16,7 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 
 from gateway.errors import BadRequest
 from gateway.signing import DEFAULT_URI, Signer, SigningError
@@ -64,6 +65,7 @@ class RewriteResult:
     stripped_secret: bool
 
 
+@lru_cache(maxsize=1024)
 def _fold(key: str) -> str:
     """The letters and digits of ``key`` after NFKC and case folding (look-alike detection)."""
     folded = unicodedata.normalize("NFKC", key).casefold()
