@@ -173,7 +173,8 @@ class FastRequestHandler(_GatewayRequestHandler):
         ex = Exchange()
         target = route.target(path, query)
         head = upstream_request_head(msg.method, target, msg.raw_headers,
-                                     host if route.preserve_host else up.host_header, fwd, rid)
+                                     host if route.preserve_host else up.host_header, fwd, rid,
+                                     connection=headers.getall("Connection", ()))
         head += b"\r\n"
         inline = _Inline(conn, route, msg, ex, rid, fwd.client_ip, start, bytes(head))
         self._inline = inline

@@ -42,6 +42,19 @@ def connection_tokens(raw: RawHeaders) -> frozenset[bytes]:
     return frozenset(names)
 
 
+def extra_hop_by_hop(raw: RawHeaders, connection: Sequence[str]) -> frozenset[bytes]:
+    """Headers named by ``Connection`` beyond the standard hop-by-hop set (usually none).
+
+    ``connection`` holds the header's values, looked up in aiohttp's C multidict, so the
+    common case (absent, or one ``keep-alive``/``close``) costs no pass over the headers.
+    """
+    if not connection:
+        return frozenset()
+    if len(connection) == 1 and connection[0].lower() in ("keep-alive", "close", "upgrade"):
+        return frozenset()
+    return connection_tokens(raw) - HOP_BY_HOP
+
+
 class TrustedProxies:
     """Membership test for ``trusted_proxies``, memoised because the same peers recur."""
 
@@ -118,8 +131,8 @@ def forwarded_for(peer: str, xff_values: Sequence[str], trusted: TrustedProxies,
 def upstream_request_head(method: str, target: str, raw: RawHeaders, host: str,
                           fwd: Forwarded, request_id: str | None,
                           extra: Sequence[tuple[bytes, bytes]] = (),
-                          upgrade: bool = False, new_content_type: bytes | None = None
-                          ) -> bytearray:
+                          upgrade: bool = False, new_content_type: bytes | None = None,
+                          connection: Sequence[str] | None = None) -> bytearray:
     """The request line and headers for the upstream, as bytes ready to write.
 
     Body framing (Content-Length / chunked) is appended by the caller, who knows it.
@@ -127,7 +140,10 @@ def upstream_request_head(method: str, target: str, raw: RawHeaders, host: str,
     drop = HOP_BY_HOP | _REPLACED_UP
     if new_content_type is not None:
         drop = drop | _CONTENT_TYPE
-    tokens = connection_tokens(raw) if any(n.lower() == b"connection" for n, _ in raw) else ()
+    if connection is None:  # not looked up by the caller
+        tokens = connection_tokens(raw) if any(n.lower() == b"connection" for n, _ in raw) else ()
+    else:
+        tokens = extra_hop_by_hop(raw, connection)
     out = bytearray(f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode("latin-1"))
     for name, value in raw:
         lname = name.lower()

@@ -18,6 +18,7 @@ from gateway.headers import (
     HOP_BY_HOP,
     Forwarded,
     connection_tokens,
+    extra_hop_by_hop,
     rewrite_location,
     rewrite_refresh,
     rewrite_set_cookie,
@@ -101,7 +102,8 @@ class Proxy:
         elif method in ("POST", "PUT", "PATCH"):
             framing.append((b"Content-Length", b"0"))
         head = upstream_request_head(method, target, raw, host, fwd, request_id, framing,
-                                     new_content_type=body_type.encode() if body_type else None)
+                                     new_content_type=body_type.encode() if body_type else None,
+                                     connection=request.headers.getall("Connection", ()))
         head += b"\r\n"
         if body:
             head += body
@@ -266,7 +268,7 @@ def response_head(message: RawResponseMessage, route: CompiledRoute, version: Ht
             keep_alive = False  # HTTP/1.0 client: the end of the body is the close
     head = bytearray(b"HTTP/%d.%d %d %s\r\n" % (version.major, version.minor, code,
                                                  message.reason.encode("latin-1", "replace")))
-    head += response_header_bytes(message.raw_headers, route, "Connection" in message.headers)
+    head += response_header_bytes(message.raw_headers, route, message.headers.getall("Connection", ()))
     for name, value in extra:
         head += f"{name}: {value}\r\n".encode("latin-1")
     if rechunk:
@@ -307,9 +309,9 @@ def framed_last(data: bytes) -> bytes:
 
 
 def response_header_bytes(raw: Sequence[tuple[bytes, bytes]], route: CompiledRoute,
-                          has_connection: bool = True) -> bytes:
+                          connection: Sequence[str]) -> bytes:
     """Upstream response header lines as the client should see them (no framing headers)."""
-    tokens = connection_tokens(raw) if has_connection else ()
+    tokens = extra_hop_by_hop(raw, connection)
     out = bytearray()
     for name, value in raw:
         lname = name.lower()

@@ -36,8 +36,20 @@ class UpstreamConnection(BaseProtocol):
     """One TCP (or TLS) connection to an upstream; one exchange at a time."""
 
     __slots__ = (
-        "_exchange_done", "_head", "_idle_since", "_last_read", "_on_head", "_parser",
-        "_payload", "_pool", "_read_timeout", "key", "reused", "tail", "tunnel",
+        "_exchange_done",
+        "_head",
+        "_idle_since",
+        "_keep_parser",
+        "_last_read",
+        "_on_head",
+        "_parser",
+        "_payload",
+        "_pool",
+        "_read_timeout",
+        "key",
+        "reused",
+        "tail",
+        "tunnel",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: UpstreamPool,
@@ -48,6 +60,7 @@ class UpstreamConnection(BaseProtocol):
         self._parser: HttpResponseParser | None = None
         self._head: asyncio.Future[tuple[RawResponseMessage, StreamReader]] | None = None
         self._on_head: OnHead | None = None
+        self._keep_parser: HttpResponseParser | None = None
         self._payload: StreamReader | None = None
         self._read_timeout = 0.0
         self._last_read = 0.0
@@ -63,10 +76,19 @@ class UpstreamConnection(BaseProtocol):
     def _begin(self, head: bytes, method: str, read_timeout: float) -> None:
         self._exchange_done = False
         self._idle_since = 0.0
-        self._parser = HttpResponseParser(
-            self, self._loop, _READ_LIMIT, response_with_body=method != "HEAD",
-            read_until_eof=True, auto_decompress=False,
-        )
+        if method == "HEAD":
+            # A HEAD answer has no body whatever its headers say: a parser of its own.
+            self._parser = HttpResponseParser(
+                self, self._loop, _READ_LIMIT, response_with_body=False,
+                read_until_eof=True, auto_decompress=False,
+            )
+        else:
+            # llhttp starts a new message after a complete one; one parser per connection.
+            parser = self._keep_parser
+            if parser is None:
+                parser = self._keep_parser = HttpResponseParser(
+                    self, self._loop, _READ_LIMIT, read_until_eof=True, auto_decompress=False)
+            self._parser = parser
         self._payload = None
         self._read_timeout = read_timeout
         assert self.transport is not None
