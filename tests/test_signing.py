@@ -8,7 +8,7 @@ import pickle
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import signing
@@ -294,3 +294,20 @@ def test_signer_rejects_bad_setup() -> None:
     with pytest.raises(SigningError) as info:
         Signer(AK, SECRET).sign_fields({"thirdUserName": "x"})
     assert SECRET not in str(info.value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    name=st.text(max_size=40),
+    user=st.one_of(st.text(max_size=30), st.integers(), st.none(), st.booleans()),
+    extra=st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3),
+)
+def test_fast_signing_path_equals_the_general_one(name: str, user: object,
+                                                   extra: dict[str, str]) -> None:
+    """Signer.sign_fields has a fast path for the SPEC's header set; it must never differ."""
+    signer = Signer(AK, SECRET)
+    data = {**extra, "thirdUserName": name, "thirdUserId": user,
+            "tenantSpaceId": "202007159031", "channelConfigId": "202011230001"}
+    fast = signer.sign_fields(data, timestamp=TS)
+    general = signer.sign_payload(signer.payload_for(data), timestamp=TS)
+    assert fast == general

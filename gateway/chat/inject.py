@@ -83,6 +83,9 @@ def clean_user_name(value: object, max_length: int) -> str:
     """
     if not isinstance(value, str):
         return ""
+    if value.isascii() and value.isprintable() and "  " not in value:
+        # Plain ASCII with no control characters and no space runs: nothing to collapse.
+        return value.strip()[: max(max_length, 0)].strip()
     out: list[str] = []
     pending_space = False
     for ch in value:
