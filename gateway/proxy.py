@@ -268,7 +268,8 @@ def response_head(message: RawResponseMessage, route: CompiledRoute, version: Ht
             keep_alive = False  # HTTP/1.0 client: the end of the body is the close
     head = bytearray(b"HTTP/%d.%d %d %s\r\n" % (version.major, version.minor, code,
                                                  message.reason.encode("latin-1", "replace")))
-    head += response_header_bytes(message.raw_headers, route, message.headers.getall("Connection", ()))
+    head += response_header_bytes(message.raw_headers, route,
+                                  message.headers.getall("Connection", ()))
     for name, value in extra:
         head += f"{name}: {value}\r\n".encode("latin-1")
     if rechunk:
