@@ -105,6 +105,7 @@ class Gateway:
             read_timeout=config.timeouts.read,
             client_body_timeout=config.timeouts.client_body,
             max_body=config.limits.client_max_body_size,
+            send_timeout=config.timeouts.send,
         ))
         self.ext = extensions or Extensions()
         self.access = AccessLog(enabled=config.access_log)
@@ -183,6 +184,10 @@ class Gateway:
         if method == "CONNECT" or not raw_target.startswith("/"):
             # Absolute- and authority-form targets: this is not a forward proxy.
             return error_response(400, "Bad Request: only origin-form targets are served"), None
+        if request.version < (1, 1) and "Transfer-Encoding" in request.headers:
+            # RFC 9112 6.1: chunked framing in HTTP/1.0 is faulty; never keep reading after it.
+            return self._close_after(
+                error_response(400, "Bad Request: Transfer-Encoding in HTTP/1.0")), None
         path, _, query = raw_target.partition("?")
         try:
             path = normalize_path(path)

@@ -76,6 +76,7 @@ class Timeouts(_Model):
     read: Duration = 60.0
     client_header: Duration = 10.0
     client_body: Duration = 60.0
+    send: Duration = 60.0  # a client that takes nothing of a response for this long is cut
     keepalive: Duration = 75.0
     websocket_idle: Duration = 3600.0
     shutdown_grace: Duration = 10.0

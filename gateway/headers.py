@@ -31,6 +31,7 @@ _REPLACED_UP = frozenset({
     b"expect",
 })
 _CONTENT_TYPE = frozenset({b"content-type"})
+_RAW = ("utf-8", "surrogateescape")
 
 
 def connection_tokens(raw: RawHeaders) -> frozenset[bytes]:
@@ -144,18 +145,22 @@ def upstream_request_head(method: str, target: str, raw: RawHeaders, host: str,
         tokens = connection_tokens(raw) if any(n.lower() == b"connection" for n, _ in raw) else ()
     else:
         tokens = extra_hop_by_hop(raw, connection)
-    out = bytearray(f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode("latin-1"))
+    # aiohttp decodes header bytes as UTF-8 with surrogateescape: encoding back the same
+    # way sends exactly the bytes the client sent, whatever they were.
+    out = bytearray(f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode(*_RAW))
     for name, value in raw:
         lname = name.lower()
-        if lname in drop or lname in tokens:
+        # Names with '_' are dropped like nginx does: CGI-style upstreams read X_Real_IP
+        # as X-Real-IP, which would let a client spoof what the gateway sets.
+        if lname in drop or lname in tokens or b"_" in lname:
             continue
         out += name + b": " + value + b"\r\n"
-    out += b"X-Real-IP: " + fwd.client_ip.encode() + b"\r\n"
-    out += b"X-Forwarded-For: " + fwd.xff.encode("latin-1") + b"\r\n"
-    out += b"X-Forwarded-Proto: " + fwd.proto.encode("latin-1") + b"\r\n"
-    out += b"X-Forwarded-Host: " + fwd.host.encode("latin-1") + b"\r\n"
+    out += b"X-Real-IP: " + fwd.client_ip.encode(*_RAW) + b"\r\n"
+    out += b"X-Forwarded-For: " + fwd.xff.encode(*_RAW) + b"\r\n"
+    out += b"X-Forwarded-Proto: " + fwd.proto.encode(*_RAW) + b"\r\n"
+    out += b"X-Forwarded-Host: " + fwd.host.encode(*_RAW) + b"\r\n"
     if request_id:
-        out += b"X-Request-ID: " + request_id.encode("latin-1") + b"\r\n"
+        out += b"X-Request-ID: " + request_id.encode(*_RAW) + b"\r\n"
     for name, value in extra:
         out += name + b": " + value + b"\r\n"
     if new_content_type is not None:
@@ -199,7 +204,18 @@ class UrlMap:
 
 
 def rewrite_location(value: str, urls: UrlMap) -> str:
-    """nginx ``proxy_redirect default``: upstream absolute URLs become gateway paths."""
+    """nginx ``proxy_redirect default``: upstream absolute URLs become gateway paths.
+
+    A result that would start with ``//`` or ``/\\`` (a redirect to another site, for a
+    browser) keeps a single leading slash instead.
+    """
+    out = _rewrite_location(value, urls)
+    if out is not value and out[:2] in ("//", "/\\"):
+        out = "/" + out.lstrip("/\\")
+    return out
+
+
+def _rewrite_location(value: str, urls: UrlMap) -> str:
     for origin in urls.upstream_origins:
         if value[: len(origin)].lower() == origin:
             rest = value[len(origin):]

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_parser import RawResponseMessage
 from aiohttp.http_writer import HttpVersion, HttpVersion11
 from aiohttp.streams import StreamReader
@@ -57,6 +61,39 @@ class ProxySettings:
     read_timeout: float
     client_body_timeout: float
     max_body: int  # 0 = unlimited
+    send_timeout: float = 60.0  # a client that reads nothing for this long is dropped
+
+
+def cut_off(transport: asyncio.BaseTransport, close_delimited: bool) -> None:
+    """End a response the upstream broke off, so that the client can tell it is short.
+
+    Content-Length and chunked framing already say so on a plain close (which also lets
+    the bytes written so far arrive). A close-delimited body (an HTTP/1.0 client) would
+    look complete after a FIN, so it gets a reset.
+    """
+    if close_delimited:
+        reset(transport)
+    else:
+        transport.abort()  # type: ignore[attr-defined]
+
+
+def reset(transport: asyncio.BaseTransport) -> None:
+    """Abort with a TCP reset (bytes still unsent are dropped)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()  # type: ignore[attr-defined]
+
+
+async def drain_client(protocol: BaseProtocol, send_timeout: float) -> None:
+    """Wait for a slow client to take what was written, at most ``send_timeout`` seconds."""
+    try:
+        async with asyncio.timeout(send_timeout or None):
+            await protocol._drain_helper()
+    except TimeoutError:
+        raise ConnectionResetError(
+            f"the client read nothing for {send_timeout:g}s (send timeout)") from None
 
 
 class Proxy:
@@ -220,7 +257,7 @@ class Proxy:
                     else:
                         transport.write(chunk)
                     if protocol.writing_paused:
-                        await protocol._drain_helper()
+                        await drain_client(protocol, self.settings.send_timeout)
                 if rechunk:
                     transport.write(b"0\r\n\r\n")
             sent_all = True
@@ -230,11 +267,14 @@ class Proxy:
             keep_alive = False
             log.warning("upstream broke off mid-response on %s: %s", route.name, exc)
             if transport is not None:
-                transport.abort()
+                cut_off(transport, close_delimited=not keep_alive and not rechunk
+                        and "Content-Length" not in message.headers)
         except (ConnectionError, asyncio.CancelledError) as exc:
-            ex.error = "client went away"
+            ex.error = str(exc) or "client went away"
             keep_alive = False
             conn.abort()
+            if transport is not None and not transport.is_closing():
+                reset(transport)
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:

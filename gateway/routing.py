@@ -98,7 +98,7 @@ def normalize_path(raw: str) -> str:
     if not raw.startswith("/"):
         raise BadRequest("request target must be an absolute path")
     if "%" not in raw and "/." not in raw and "\\" not in raw and "//" not in raw:
-        return raw
+        return raw  # the usual path: nothing to resolve
     if "\\" in raw:
         raise BadRequest("backslash in path")
     segments = raw.split("/")[1:]
@@ -113,6 +113,9 @@ def normalize_path(raw: str) -> str:
             if "%2f" in low or "%5c" in low or "%00" in low:
                 raise BadRequest("encoded '/', '\\' or NUL in path")
             decoded = unquote(seg, errors="replace")
+        if ";" in decoded and decoded.split(";", 1)[0] in (".", ".."):
+            # Servlet containers drop ";params" and then resolve the dot segment.
+            raise BadRequest("dot segment with parameters in path")
         if decoded == "" and i != last:
             continue  # merge_slashes, like nginx
         if decoded == ".":
