@@ -119,6 +119,44 @@ class Guard:
             raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
         return started
 
+    async def reserve_user_attempt(self, user_id: str) -> tuple[float, bool]:
+        """Count a guess against ``user_id`` *before* it is checked.
+
+        Counting after the check let concurrent guesses all pass the lock-out test before
+        any failure was recorded; counting first (an atomic hit in ``limits``) admits at
+        most ``max_failures`` checks per window, however many arrive at once. Returns
+        (seconds locked out, whether this attempt started the lock-out); (0.0, False) admits.
+        A correct token gives the attempt back (``user_succeeded``).
+        """
+        subject = ("user", _user_key(user_id))
+        try:
+            if await self._failures.hit(self._fail_item, *subject):
+                return 0.0, False
+            await self._fixed.hit(self._lock_item, *subject)
+            await self._failures.clear(self._fail_item, *subject)
+        except _BACKEND_ERRORS as exc:
+            raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
+        return float(self.lockout), True
+
+    async def user_failed(self, user_id: str) -> bool:
+        """The reserved attempt was a wrong guess: lock out once the allowance is used up."""
+        subject = ("user", _user_key(user_id))
+        try:
+            if await self._failures.test(self._fail_item, *subject):
+                return False
+            await self._fixed.hit(self._lock_item, *subject)
+            await self._failures.clear(self._fail_item, *subject)
+        except _BACKEND_ERRORS as exc:
+            raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
+        return True
+
+    async def user_succeeded(self, user_id: str) -> None:
+        """A correct token: the user's provisional count starts again."""
+        try:
+            await self._failures.clear(self._fail_item, "user", _user_key(user_id))
+        except _BACKEND_ERRORS as exc:
+            raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
+
     async def reset(self, client_ip: str, user_id: str | None = None) -> None:
         """Forget failures and lock-outs for these subjects (an operator's unlock)."""
         try:

@@ -314,6 +314,20 @@ class TokenEndpoints:
                     retry_after=wait,
                 )
 
+            wait, started = await self._guard.reserve_user_attempt(user_id)
+            if wait:
+                if started:
+                    self._count("validate", "lockout_started")
+                return self._refuse(
+                    "validate",
+                    "locked",
+                    ip,
+                    f"userId {user_id!r} locked out" + ("; lock-out starts" if started else ""),
+                    429,
+                    {"retCode": 1, "message": "too many failed attempts"},
+                    retry_after=wait,
+                )
+
         token, user_name = fields.get("Token"), fields.get("userName")
         tenant = fields.get("tenantSpaceId")
         if token is None or user_id is None or user_name is None or tenant is None:
@@ -325,13 +339,18 @@ class TokenEndpoints:
             ok = await self._store.check(token, user_id, user_name, tenant) and ours
             reason = "token unknown, expired, revoked or bound to other values"
         if ok:
+            assert user_id is not None
+            await self._guard.user_succeeded(user_id)
             log.info("token validated for %s (userId %r)", ip, user_id)
             self._count("validate", "ok")
             return web.json_response(SUCCESS, headers={"Cache-Control": "no-store"})
 
-        started = await self._guard.record_failure(ip, user_id)
+        # The userId's attempt was counted before the check; the address is counted here.
+        started = await self._guard.record_failure(ip) > 0
+        if user_id is not None:
+            started = await self._guard.user_failed(user_id) or started
         if started:
-            reason += f"; lock-out of {started:.0f}s starts"
+            reason += "; lock-out starts"
             self._count("validate", "lockout_started")
         # 200 with a non-zero retCode: the CEC reads the body, and the message is the same
         # whichever part of the binding was wrong.
