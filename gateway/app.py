@@ -325,7 +325,7 @@ class Gateway:
             return await self.proxy._respond(request, route, conn, message, payload, None, ex, None)
         ex.upstream_status = 101
         conn.finish_for_tunnel()
-        shell = web.StreamResponse(headers=response_headers(message.raw_headers, route))
+        shell = web.StreamResponse(headers=response_headers(message, route))
         self.metrics.websockets.inc()
         try:
             return await splice(request, conn, message, shell, self.ws_idle, self.splices, ex)

@@ -29,9 +29,9 @@ from yarl import URL
 from gateway.errors import ConfigError, Problem
 from gateway.sandbox.settings import SandboxSettings
 from gateway.yamlconf import (
-    CEC_SECRET_RE,
     Duration,
     Size,
+    check_cec_secret,
     interpolate,
     problems_from,
     read_secret_files,
@@ -183,12 +183,7 @@ class CecAuth(_Model):
     @field_validator("secret_key")
     @classmethod
     def _secret_shape(cls, v: SecretStr | None) -> SecretStr | None:
-        if v is not None and not CEC_SECRET_RE.match(v.get_secret_value()):
-            raise ValueError(
-                "the CEC secretKey must be exactly 43 characters of [A-Za-z0-9]; "
-                "fix: copy it again from the CEC channel configuration page"
-            )
-        return v
+        return check_cec_secret(v)
 
 
 class IdentityUrl(_Model):

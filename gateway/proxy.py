@@ -7,7 +7,7 @@ import contextlib
 import logging
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -21,7 +21,6 @@ from gateway.errors import PayloadTooLarge, UpstreamError, UpstreamTimeout
 from gateway.headers import (
     HOP_BY_HOP,
     Forwarded,
-    connection_tokens,
     extra_hop_by_hop,
     rewrite_location,
     rewrite_refresh,
@@ -349,11 +348,11 @@ def framed_last(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if data else b"0\r\n\r\n"
 
 
-def response_header_bytes(raw: Sequence[tuple[bytes, bytes]], route: CompiledRoute,
-                          connection: Sequence[str]) -> bytes:
-    """Upstream response header lines as the client should see them (no framing headers)."""
+def client_headers(raw: Sequence[tuple[bytes, bytes]], route: CompiledRoute,
+                   connection: Sequence[str]) -> Iterator[tuple[bytes, bytes]]:
+    """Upstream response headers as the client should see them: hop-by-hop ones dropped,
+    ``Set-Cookie``, ``Location`` and ``Refresh`` mapped onto the gateway's URL space."""
     tokens = extra_hop_by_hop(raw, connection)
-    out = bytearray()
     for name, value in raw:
         lname = name.lower()
         if lname in HOP_BY_HOP or lname in tokens:
@@ -367,25 +366,19 @@ def response_header_bytes(raw: Sequence[tuple[bytes, bytes]], route: CompiledRou
             else:
                 text = rewrite_location(text, route.urls)
             value = text.encode("utf-8", "surrogateescape")
-        out += name + b": " + value + b"\r\n"
-    return bytes(out)
+        yield name, value
 
 
-def response_headers(raw: Sequence[tuple[bytes, bytes]], route: CompiledRoute) -> CIMultiDict[str]:
-    """Upstream response headers as the client should see them."""
-    tokens = connection_tokens(raw) if any(n.lower() == b"connection" for n, _ in raw) else ()
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in raw:
-        lname = name.lower()
-        if lname in HOP_BY_HOP or lname in tokens:
-            continue
-        text = value.decode("utf-8", "surrogateescape")
-        if lname in _REWRITTEN:
-            if lname == b"set-cookie":
-                text = rewrite_set_cookie(text, route.urls)
-            elif lname == b"refresh":
-                text = rewrite_refresh(text, route.urls)
-            else:
-                text = rewrite_location(text, route.urls)
-        headers.add(name.decode("latin-1"), text)
-    return headers
+def response_header_bytes(raw: Sequence[tuple[bytes, bytes]], route: CompiledRoute,
+                          connection: Sequence[str]) -> bytes:
+    """The header lines of ``client_headers``, ready to write (no framing headers)."""
+    return b"".join(name + b": " + value + b"\r\n"
+                    for name, value in client_headers(raw, route, connection))
+
+
+def response_headers(message: RawResponseMessage, route: CompiledRoute) -> CIMultiDict[str]:
+    """``client_headers`` as a multidict, for responses aiohttp writes (the WebSocket 101)."""
+    return CIMultiDict(
+        (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+        for name, value in client_headers(message.raw_headers, route,
+                                          message.headers.getall("Connection", ())))

@@ -135,14 +135,17 @@ class UpstreamConnection(BaseProtocol):
             raise UpstreamError("upstream closed the connection while we were sending")
         await self._drain_helper()
 
-    def finish(self, *, reusable: bool) -> None:
-        """End the exchange: back to the pool when clean, otherwise closed."""
+    def _end_exchange(self) -> None:
         self._exchange_done = True
         self._pool.unwatch(self)
         self._parser = None
         self._head = None
         self._on_head = None
         self._payload = None
+
+    def finish(self, *, reusable: bool) -> None:
+        """End the exchange: back to the pool when clean, otherwise closed."""
+        self._end_exchange()
         if reusable and self.transport is not None and not self.transport.is_closing():
             self._pool.release(self)
         else:
@@ -150,12 +153,7 @@ class UpstreamConnection(BaseProtocol):
 
     def finish_for_tunnel(self) -> None:
         """The exchange became a WebSocket: no more HTTP framing or read timeout."""
-        self._exchange_done = True
-        self._pool.unwatch(self)
-        self._parser = None
-        self._head = None
-        self._on_head = None
-        self._payload = None
+        self._end_exchange()
 
     def close(self) -> None:
         if self.transport is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BeforeValidator, ValidationError
+from pydantic import BeforeValidator, SecretStr, ValidationError
 
 from gateway.errors import ConfigError, Problem
 
@@ -24,6 +24,16 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SECRET_KEYS = frozenset({"secret_key", "signing_key", "api_key", "cookie_key", "password"})
 CEC_SECRET_RE = re.compile(r"^[A-Za-z0-9]{43}$")
+
+
+def check_cec_secret(value: SecretStr | None) -> SecretStr | None:
+    """The CEC's own rule for a channel secretKey; the message never shows the value."""
+    if value is not None and not CEC_SECRET_RE.match(value.get_secret_value()):
+        raise ValueError(
+            "the CEC secretKey must be exactly 43 characters of [A-Za-z0-9]; "
+            "fix: copy it again from the CEC channel configuration page"
+        )
+    return value
 
 
 def parse_size(value: object) -> int:

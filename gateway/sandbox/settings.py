@@ -27,8 +27,8 @@ from pydantic import (
 
 from gateway.errors import ConfigError, Problem
 from gateway.yamlconf import (
-    CEC_SECRET_RE,
     Duration,
+    check_cec_secret,
     interpolate,
     problems_from,
     read_secret_files,
@@ -197,9 +197,7 @@ class SandboxSettings(_Model):
     @field_validator("secret_key")
     @classmethod
     def _secret_shape(cls, v: SecretStr | None) -> SecretStr | None:
-        if v is not None and not CEC_SECRET_RE.match(v.get_secret_value()):
-            raise ValueError("the CEC secretKey must be exactly 43 characters of [A-Za-z0-9]")
-        return v
+        return check_cec_secret(v)
 
     @field_validator("agents")
     @classmethod
