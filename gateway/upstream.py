@@ -154,6 +154,7 @@ class UpstreamConnection(BaseProtocol):
     def finish_for_tunnel(self) -> None:
         """The exchange became a WebSocket: no more HTTP framing or read timeout."""
         self._end_exchange()
+        self._keep_parser = None  # idle WebSockets are many: keep nothing they do not use
 
     def close(self) -> None:
         if self.transport is not None:

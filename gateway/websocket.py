@@ -160,8 +160,13 @@ async def splice(request: web.BaseRequest, conn: UpstreamConnection, message: Ra
     resp.headers["Upgrade"] = message.headers.get("Upgrade", "websocket")
     resp.force_close()
     await resp.prepare(request)
+    del message, headers
     link = Splice(request, conn, idle_timeout)
-    request.protocol.set_parser(link)  # type: ignore[arg-type]
+    protocol = request.protocol
+    protocol.set_parser(link)  # type: ignore[arg-type]
+    # From here on the connection carries frames, never HTTP again: drop the HTTP parser
+    # (aiohttp only consults it while no payload parser is set).
+    protocol._parser = None
     tail = conn.tail
     conn.tail = b""
     if tail:

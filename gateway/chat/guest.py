@@ -24,6 +24,9 @@ _COOKIE_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _SALT = b"gateway.chat.guest"
 
 
+_VERIFIED_MAX = 10_000
+
+
 class _KeyCachingSigner(itsdangerous.Signer):
     """itsdangerous derives the same key again on every sign and unsign; derive it once."""
 
@@ -43,7 +46,7 @@ class _KeyCachingSigner(itsdangerous.Signer):
 class GuestCookies:
     """Reads, mints and formats the signed guest-id cookie."""
 
-    __slots__ = ("_signer", "cookie_name", "max_age", "secure")
+    __slots__ = ("_signer", "_verified", "cookie_name", "max_age", "secure")
 
     def __init__(
         self,
@@ -61,6 +64,7 @@ class GuestCookies:
             raise ValueError("max_age must be positive")
         self._signer = _KeyCachingSigner(key, salt=_SALT, digest_method=hashlib.sha256)
         self.cookie_name = cookie_name
+        self._verified: dict[str, str] = {}
         self.secure = secure
         self.max_age = max_age
 
@@ -86,6 +90,17 @@ class GuestCookies:
         """The guest id inside a cookie value, or None when absent, malformed or tampered."""
         if not value:
             return None
+        known = self._verified.get(value)
+        if known is not None:
+            return known  # verified before: a browser sends the same cookie every time
+        guest_id = self._verify(value)
+        if guest_id is not None:
+            if len(self._verified) >= _VERIFIED_MAX:
+                self._verified.clear()  # bounded; refilling costs one HMAC per browser
+            self._verified[value] = guest_id
+        return guest_id
+
+    def _verify(self, value: str) -> str | None:
         try:
             raw = self._signer.unsign(value.encode("ascii"))
         except (itsdangerous.BadSignature, UnicodeEncodeError):
