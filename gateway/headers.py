@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from yarl import URL
 
@@ -105,8 +106,7 @@ def real_client_ip(peer: str, xff_values: Sequence[str], trusted: TrustedProxies
     return client
 
 
-@dataclass(frozen=True, slots=True)
-class Forwarded:
+class Forwarded(NamedTuple):
     """What the gateway tells the upstream about the original request."""
 
     client_ip: str

@@ -2,13 +2,19 @@
 
 With several workers each worker serves its own registry on ``admin.port + worker index``
 (documented in the README): no shared directory, no multiprocess-mode caveats, and every
-series stays exact. Labelled children are cached so the hot path does a dict lookup and an
-increment, not a label resolution.
+series stays exact. The per-request series (requests, latency) are plain integers and lists
+updated with a dict lookup, and turned into metric families only when scraped: the client
+library's locks and label resolution cost more than the rest of a request's bookkeeping.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from bisect import bisect_left
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             10.0, 30.0, 60.0)
@@ -18,11 +24,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("gateway_requests", "Requests answered",
-                                ["route", "method", "status"], registry=r)
-        self.latency = Histogram("gateway_request_duration_seconds",
-                                 "Time from request to the end of the response", ["route"],
-                                 buckets=_BUCKETS, registry=r)
+        self._counts: dict[tuple[str, str, int], int] = {}
+        # route -> [count per bucket (non-cumulative, last one +Inf), sum of durations]
+        self._hist: dict[str, tuple[list[int], list[float]]] = {}
+        r.register(_RequestCollector(self))
         self.upstream_errors = Counter("gateway_upstream_errors", "Upstream failures",
                                        ["route", "kind"], registry=r)
         self.websockets = Gauge("gateway_websockets_open", "WebSocket connections open",
@@ -35,26 +40,24 @@ class Metrics:
                                 registry=r)
         self.reloads = Counter("gateway_config_reloads", "Config reloads", ["result"],
                                registry=r)
-        self._req: dict[tuple[str, str, int], Counter] = {}
-        self._lat: dict[str, Histogram] = {}
-
     def observe(self, route: str, method: str, status: int, duration: float,
                 upstream_error: str | None) -> None:
+        counts = self._counts
         key = (route, method, status)
-        child = self._req.get(key)
-        if child is None:
-            if len(self._req) > 2000:  # methods are client-chosen: bound the series
-                key = (route, "OTHER", status)
-            child = self._req[key] = self.requests.labels(route, key[1], str(status))
-        child.inc()
+        n = counts.get(key)
+        if n is None and len(counts) > 2000:  # methods are client-chosen: bound the series
+            key = (route, "OTHER", status)
+            n = counts.get(key)
+        counts[key] = (n or 0) + 1
         if upstream_error is not None:
             self.upstream_errors.labels(route, upstream_error).inc()
         if status == 101:
             return  # a WebSocket session's length is not a request latency
-        hist = self._lat.get(route)
+        hist = self._hist.get(route)
         if hist is None:
-            hist = self._lat[route] = self.latency.labels(route)
-        hist.observe(duration)
+            hist = self._hist[route] = ([0] * (len(_BUCKETS) + 1), [0.0])
+        hist[0][bisect_left(_BUCKETS, duration)] += 1
+        hist[1][0] += duration
 
     def token_event(self, endpoint: str, outcome: str) -> None:
         self.token_events.labels(endpoint, outcome).inc()
@@ -63,3 +66,28 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _RequestCollector(Collector):
+    """The per-request series, read from Metrics' plain counters at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("gateway_requests", "Requests answered",
+                                       labels=["route", "method", "status"])
+        for (route, method, status), n in sorted(self._m._counts.items()):
+            requests.add_metric([route, method, str(status)], n)
+        yield requests
+        latency = HistogramMetricFamily("gateway_request_duration_seconds",
+                                        "Time from request to the end of the response",
+                                        labels=["route"])
+        for route, (buckets, total) in sorted(self._m._hist.items()):
+            cumulative = []
+            running = 0
+            for bound, n in zip((*_BUCKETS, float("inf")), buckets, strict=True):
+                running += n
+                cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
+            latency.add_metric([route], cumulative, total[0])
+        yield latency
