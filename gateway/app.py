@@ -26,7 +26,14 @@ from gateway.errors import (
 from gateway.headers import Forwarded, TrustedProxies, forwarded_for
 from gateway.keys import CLIENT_IP, REQUEST_ID
 from gateway.metrics import Metrics
-from gateway.proxy import ClientBodyError, Exchange, Proxy, ProxySettings, response_headers
+from gateway.proxy import (
+    ClientBodyError,
+    Exchange,
+    Proxy,
+    ProxySettings,
+    Sent,
+    response_header_bytes,
+)
 from gateway.routing import CompiledRoute, RouteTable, compile_route, normalize_path
 from gateway.upstream import UpstreamPool
 from gateway.websocket import Splice, splice
@@ -310,10 +317,11 @@ class Gateway:
 
         up = route.upstream
         host = request.host if route.preserve_host else up.host_header
-        head = upstream_request_head("GET", target, request.raw_headers, host, fwd, rid,
-                                     upgrade=True) + b"\r\n"
+        request_head = upstream_request_head("GET", target, request.raw_headers, host, fwd, rid,
+                                             upgrade=True) + b"\r\n"
         conn = await self.pool.acquire(up, fresh=True)
-        fut = conn.start(bytes(head), method="GET", read_timeout=self.config.timeouts.read)
+        fut = conn.start(bytes(request_head), method="GET",
+                         read_timeout=self.config.timeouts.read)
         conn.arm_read_timeout()
         try:
             message, payload = await fut
@@ -325,9 +333,14 @@ class Gateway:
             return await self.proxy._respond(request, route, conn, message, payload, None, ex, None)
         ex.upstream_status = 101
         conn.finish_for_tunnel()
-        shell = web.StreamResponse(headers=response_headers(message, route))
+        head = (b"HTTP/1.1 101 Switching Protocols\r\n"
+                + response_header_bytes(message.raw_headers, route,
+                                        message.headers.getall("Connection", ()))
+                + b"Upgrade: " + message.headers.get("Upgrade", "websocket").encode("latin-1")
+                + b"\r\nConnection: Upgrade\r\nX-Request-ID: " + rid.encode() + b"\r\n\r\n")
         self.metrics.websockets.inc()
         try:
-            return await splice(request, conn, message, shell, self.ws_idle, self.splices, ex)
+            await splice(request, conn, head, self.ws_idle, self.splices, ex)
         finally:
             self.metrics.websockets.dec()
+        return Sent(101, keep_alive=False)  # type: ignore[return-value]

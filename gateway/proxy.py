@@ -7,7 +7,7 @@ import contextlib
 import logging
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -15,7 +15,6 @@ from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_parser import RawResponseMessage
 from aiohttp.http_writer import HttpVersion, HttpVersion11
 from aiohttp.streams import StreamReader
-from multidict import CIMultiDict
 
 from gateway.errors import PayloadTooLarge, UpstreamError, UpstreamTimeout
 from gateway.headers import (
@@ -348,11 +347,13 @@ def framed_last(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if data else b"0\r\n\r\n"
 
 
-def client_headers(raw: Sequence[tuple[bytes, bytes]], route: CompiledRoute,
-                   connection: Sequence[str]) -> Iterator[tuple[bytes, bytes]]:
-    """Upstream response headers as the client should see them: hop-by-hop ones dropped,
-    ``Set-Cookie``, ``Location`` and ``Refresh`` mapped onto the gateway's URL space."""
+def response_header_bytes(raw: Sequence[tuple[bytes, bytes]], route: CompiledRoute,
+                          connection: Sequence[str]) -> bytes:
+    """Upstream response header lines as the client should see them (no framing headers):
+    hop-by-hop ones dropped, ``Set-Cookie``, ``Location`` and ``Refresh`` mapped onto the
+    gateway's URL space."""
     tokens = extra_hop_by_hop(raw, connection)
+    out = bytearray()
     for name, value in raw:
         lname = name.lower()
         if lname in HOP_BY_HOP or lname in tokens:
@@ -366,19 +367,5 @@ def client_headers(raw: Sequence[tuple[bytes, bytes]], route: CompiledRoute,
             else:
                 text = rewrite_location(text, route.urls)
             value = text.encode("utf-8", "surrogateescape")
-        yield name, value
-
-
-def response_header_bytes(raw: Sequence[tuple[bytes, bytes]], route: CompiledRoute,
-                          connection: Sequence[str]) -> bytes:
-    """The header lines of ``client_headers``, ready to write (no framing headers)."""
-    return b"".join(name + b": " + value + b"\r\n"
-                    for name, value in client_headers(raw, route, connection))
-
-
-def response_headers(message: RawResponseMessage, route: CompiledRoute) -> CIMultiDict[str]:
-    """``client_headers`` as a multidict, for responses aiohttp writes (the WebSocket 101)."""
-    return CIMultiDict(
-        (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
-        for name, value in client_headers(message.raw_headers, route,
-                                          message.headers.getall("Connection", ())))
+        out += name + b": " + value + b"\r\n"
+    return bytes(out)

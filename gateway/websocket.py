@@ -13,7 +13,6 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from aiohttp.http_parser import RawResponseMessage
 
 from gateway.upstream import UpstreamConnection
 
@@ -26,13 +25,6 @@ _WRITE_HIGH = 1 << 20
 _CLOSE_1001_PAYLOAD = (1001).to_bytes(2, "big")
 # Server-to-client frames are unmasked; client-to-server frames must be masked.
 _CLOSE_1001_TO_CLIENT = b"\x88\x02" + _CLOSE_1001_PAYLOAD
-
-
-class _SwitchingResponse(web.StreamResponse):
-    """The 101 answer: headers only, and aiohttp must not try to end a body afterwards."""
-
-    async def write_eof(self, data: bytes = b"") -> None:
-        return None
 
 
 class Splice:
@@ -150,17 +142,16 @@ class Splice:
             self.done.set_result(None)
 
 
-async def splice(request: web.BaseRequest, conn: UpstreamConnection, message: RawResponseMessage,
-                 headers: web.StreamResponse, idle_timeout: float,
-                 registry: set[Splice] | None = None, ex: Exchange | None = None
-                 ) -> web.StreamResponse:
-    """Answer the client's upgrade with the upstream's 101 and splice until the end."""
-    resp = _SwitchingResponse(status=101, reason=message.reason, headers=headers.headers)
-    resp.headers["Connection"] = "Upgrade"
-    resp.headers["Upgrade"] = message.headers.get("Upgrade", "websocket")
-    resp.force_close()
-    await resp.prepare(request)
-    del message, headers
+async def splice(request: web.BaseRequest, conn: UpstreamConnection, head: bytes,
+                 idle_timeout: float, registry: set[Splice] | None = None,
+                 ex: Exchange | None = None) -> None:
+    """Answer the client's upgrade with ``head`` (the upstream's 101) and splice until the
+    end. The caller returns a response object that tells aiohttp to close afterwards."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        conn.abort()
+        return
+    transport.write(head)
     link = Splice(request, conn, idle_timeout)
     protocol = request.protocol
     protocol.set_parser(link)  # type: ignore[arg-type]
@@ -183,4 +174,3 @@ async def splice(request: web.BaseRequest, conn: UpstreamConnection, message: Ra
             registry.discard(link)
         if ex is not None:
             ex.bytes_in, ex.bytes_out = link.bytes_in, link.bytes_out
-    return resp
