@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp.http_parser import RawRequestMessage, RawResponseMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import RequestHandler
 
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.headers import forwarded_for, upstream_request_head
@@ -78,17 +79,27 @@ class FastRequestHandler(_GatewayRequestHandler):
     def data_received(self, data: bytes) -> None:
         # Hide aiohttp's waiter while parsing so that it is not woken for messages the fast
         # path may take; wake it ourselves for the ones it must serve.
+        # (The client-header deadline of the parent class is kept here too, inline: this
+        # runs once per request on the hot path.)
         waiter = self._waiter
         parked = waiter is not None and not waiter.done()
+        busy = bool(self._messages) or self._current_request is not None or (
+            self._inline is not None)
         if parked:
             self._waiter = None
         try:
-            super().data_received(data)
+            RequestHandler.data_received(self, data)
         finally:
             if parked:
                 self._waiter = waiter
-        if self._messages:
-            self._pump()
+        if self._messages or self._upgraded or self._payload_parser is not None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            if self._messages:
+                self._pump()
+        elif not busy and data:
+            self._arm_header_timer()
 
     def _pump(self) -> None:
         waiter = self._waiter

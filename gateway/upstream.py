@@ -345,10 +345,11 @@ class UpstreamPool:
         if len(idle) >= self.max_idle:
             conn.close()
             return
-        conn._idle_since = asyncio.get_running_loop().time()
+        loop = conn._loop
+        conn._idle_since = loop.time()
         idle.append(conn)
         if self._ticker is None:
-            self._ticker = asyncio.get_running_loop().call_later(self.tick, self._on_tick)
+            self._ticker = loop.call_later(self.tick, self._on_tick)
 
     def forget(self, conn: UpstreamConnection) -> None:
         self._all.discard(conn)
