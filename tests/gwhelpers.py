@@ -376,11 +376,12 @@ class GatewayProcess:
     def log_text(self) -> str:
         return self.log.read_text(encoding="utf-8", errors="replace")
 
-    async def stop(self) -> int:
+    async def stop(self, within: float = 15.0) -> int:
+        """SIGTERM, wait up to ``within`` seconds (then SIGKILL); the exit code."""
         if self.proc.returncode is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                async with asyncio.timeout(15):
+                async with asyncio.timeout(within):
                     await self.proc.wait()
             except TimeoutError:
                 self.proc.kill()

@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.gwhelpers import PROJECT, PYTHON, RawResponse
+from tests.gwhelpers import PROJECT, PYTHON, GatewayProcess, RawResponse
 
 _LISTEN_RE = re.compile(r"listening on (https?://[^\s,\"]+)")
 _ADMIN_RE = re.compile(r"admin on (https?://[^\s,\"]+)")
@@ -98,23 +98,11 @@ def alive(pid: int) -> bool:
 
 
 @dataclass
-class GatewayProc:
-    proc: asyncio.subprocess.Process
-    url: str
-    admin_url: str | None
-    log: Path
-    config: Path
+class GatewayProc(GatewayProcess):
+    """A gateway process as in ``tests.gwhelpers``, plus its admin URL and config file."""
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-    def log_text(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace")
+    admin_url: str | None = None
+    config: Path | None = None
 
     def records(self) -> list[dict[str, Any]]:
         """The JSON log lines (``--log-format json``); a non-JSON line fails the test."""
@@ -133,18 +121,6 @@ class GatewayProc:
     async def wait_log(self, needle: str, within: float = 5.0, count: int = 1) -> None:
         await wait_for(lambda: self.log_text().count(needle) >= count, within,
                        what=f"{needle!r} in the gateway log")
-
-    async def stop(self, within: float = 15.0) -> int:
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(within):
-                    await self.proc.wait()
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        assert self.proc.returncode is not None
-        return self.proc.returncode
 
     async def kill(self) -> None:
         """Last resort in a test's cleanup: the whole process group."""
@@ -173,7 +149,7 @@ async def start_gateway_proc(config_text: str, workdir: Path, *run_args: str,
         m = _LISTEN_RE.search(text)
         if m:
             admin = _ADMIN_RE.search(text)
-            return GatewayProc(proc, m.group(1), admin.group(1) if admin else None, log, conf)
+            return GatewayProc(proc, m.group(1), log, admin.group(1) if admin else None, conf)
         if proc.returncode is not None:
             break
         await asyncio.sleep(0.03)

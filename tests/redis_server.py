@@ -124,3 +124,19 @@ def running_redis(binary: str = REDIS_SERVER) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def redis_or_fail() -> Iterator[RedisServer]:
+    """A started server for a fixture; a missing redis-server fails the test (not a skip)."""
+    import pytest
+
+    server = RedisServer()
+    try:
+        server.start()
+    except RedisServerMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()

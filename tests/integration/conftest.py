@@ -39,7 +39,7 @@ if _ROOT not in sys.path:
 
 from gateway.config import load_config_text  # noqa: E402
 from gateway.runtime import Running, serving  # noqa: E402
-from tests.redis_server import RedisServer, RedisServerMissing  # noqa: E402
+from tests.redis_server import RedisServer, redis_or_fail  # noqa: E402
 
 PROJECT = Path(_ROOT)
 # A known secret, 43 characters of [A-Za-z0-9]: tests search for these bytes in everything.
@@ -192,15 +192,9 @@ async def site() -> AsyncIterator[Site]:
 
 @pytest.fixture
 def redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    try:
-        server.start()
-    except RedisServerMissing as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
+    """A fresh redis-server on a free loopback port, stopped after the test."""
+    with redis_or_fail() as server:
         yield server
-    finally:
-        server.stop()
 
 
 def free_port() -> int:

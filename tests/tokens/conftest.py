@@ -16,7 +16,7 @@ from pydantic import SecretStr
 from gateway.config import TokenConfig, TokenGuard
 from gateway.keys import CLIENT_IP
 from gateway.tokens import Guard, TokenEndpoints, TokenStore, guard_from_config, open_store
-from tests.redis_server import RedisServer, RedisServerMissing
+from tests.redis_server import RedisServer, redis_or_fail
 
 SIGNING_KEY = "s" * 32
 API_KEY = "api-key-0123456789abcdef"
@@ -29,15 +29,8 @@ TEST_IP_HEADER = "X-Test-Client-IP"
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     """A fresh redis-server on a free loopback port, stopped after the test."""
-    server = RedisServer()
-    try:
-        server.start()
-    except RedisServerMissing as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
+    with redis_or_fail() as server:
         yield server
-    finally:
-        server.stop()
 
 
 def make_cfg(**overrides: Any) -> TokenConfig:
