@@ -195,7 +195,8 @@ class Gateway:
             # RFC 9112 6.1: chunked framing in HTTP/1.0 is faulty; never keep reading after it.
             return self._close_after(
                 error_response(400, "Bad Request: Transfer-Encoding in HTTP/1.0")), None
-        path, _, query = raw_target.partition("?")
+        # A fragment never belongs on the wire (RFC 9110 4.2.4); some clients send one.
+        path, _, query = raw_target.partition("#")[0].partition("?")
         try:
             path = normalize_path(path)
         except BadRequest as exc:

@@ -153,7 +153,7 @@ class FastRequestHandler(_GatewayRequestHandler):
         path, _, query = raw_path.partition("?")
         # Anything unusual in the path is normalised (or refused) by the full path.
         if (not path.startswith("/") or "%" in path or "/." in path or "//" in path
-                or "\\" in path):
+                or "\\" in path or "#" in raw_path):
             return False
         gw = self.gateway
         if path in gw.ext.endpoints:

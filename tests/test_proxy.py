@@ -881,3 +881,22 @@ async def test_slow_headers_on_a_kept_alive_connection_dropped(gateway: GatewayF
     assert loop.time() - start < 2.5
     assert not data.startswith(b"HTTP/1.1 200")
     assert [s.path for s in echo.seen] == ["/up/first"]
+
+
+async def test_fragment_in_target_is_not_forwarded(gateway: GatewayFactory, echo: Echo) -> None:
+    """``GET /a#b``: the fragment is the client's business, never the upstream's."""
+    running = await gateway(ROUTES_FOR_FRAGMENT)
+    reader, writer = await asyncio.open_connection(running.host, running.port)
+    writer.write(b"GET /app/frag?x=1#secret HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 200")
+    assert echo.seen[-1].target == "/up/frag?x=1"
+
+
+ROUTES_FOR_FRAGMENT = """
+routes:
+  - prefix: /app/
+    upstream: ${ECHO}/up/
+"""
