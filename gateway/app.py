@@ -58,7 +58,8 @@ def rewrite_key(path: str) -> str:
 
 def error_response(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
     """Short, plain error bodies: what happened, never how (no traces, no hosts)."""
-    return web.Response(status=status, text=f"{status} {text}\n", headers=headers)
+    return web.Response(status=status, text=f"{status} {text}\n",
+                        headers={"Server": "cec-gateway", **(headers or {})})
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from aiohttp.web_protocol import RequestHandler
 from gateway.config import Config
 
 log = logging.getLogger("gateway.server")
+# Our own answers do not advertise the Python and aiohttp versions.
+_SERVER = {"Server": "cec-gateway"}
 
 
 class _GatewayRequestHandler(RequestHandler):
@@ -71,17 +73,18 @@ class _GatewayRequestHandler(RequestHandler):
             # The C parser reports the start of what overflowed: a target starts with '/'.
             line = exc.args[0] if exc.args else b""
             if isinstance(line, bytes | str) and line[:1] in (b"/", "/"):
-                resp = web.Response(status=414, text="414 URI Too Long\n")
+                resp = web.Response(status=414, text="414 URI Too Long\n", headers=_SERVER)
                 resp.force_close()
                 return resp
-            resp = web.Response(status=431, text="431 Request Header Fields Too Large\n")
+            resp = web.Response(status=431, text="431 Request Header Fields Too Large\n",
+                                headers=_SERVER)
             resp.force_close()
             return resp
         if status == 400:
             # Parse errors: say so briefly; the details are for the log, not the client.
             log.info("rejected a malformed request from %s: %s", getattr(request, "remote", "?"),
                      exc)
-            resp = web.Response(status=400, text="400 Bad Request\n")
+            resp = web.Response(status=400, text="400 Bad Request\n", headers=_SERVER)
             resp.force_close()
             return resp
         return super().handle_error(request, status, exc, message)
