@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import pickle
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -311,3 +312,27 @@ def test_fast_signing_path_equals_the_general_one(name: str, user: object,
     fast = signer.sign_fields(data, timestamp=TS)
     general = signer.sign_payload(signer.payload_for(data), timestamp=TS)
     assert fast == general
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.binary(max_size=200), msg=st.binary(max_size=300))
+def test_precomputed_hmac_equals_the_standard_library(key: bytes, msg: bytes) -> None:
+    """Keys shorter than, equal to and longer than the SHA-256 block (64 bytes)."""
+    keyed = signing._Hmac(key)
+    expected = hmac.new(key, msg, hashlib.sha256).hexdigest()
+    assert keyed.hexdigest(msg) == expected
+    assert keyed.hexdigest(msg) == expected  # the pads are copied, never consumed
+
+
+@settings(max_examples=500, deadline=None)
+@given(value=st.one_of(st.text(), st.integers(), st.none(), st.booleans(),
+                       st.floats(allow_nan=False, allow_infinity=False)))
+def test_json_fragment_equals_json_dumps(value: object) -> None:
+    """The shortcut for plain strings writes what the encoder writes (quotes, escapes)."""
+    assert signing._json_fragment(value) == json.dumps(
+        value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+@pytest.mark.parametrize("text", ['a"b', "a\\b", "tab\there", "\x7f", "é", "\u2028", ""])
+def test_json_fragment_escapes_like_json(text: str) -> None:
+    assert signing._json_fragment(text) == json.dumps(text, ensure_ascii=False)
