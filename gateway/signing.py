@@ -121,7 +121,7 @@ _encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow
 
 def _json_fragment(value: object) -> str:
     if value.__class__ is str:
-        text: str = value  # type: ignore[assignment]
+        text: str = value
         if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
             return f'"{text}"'  # what the encoder would write, without building it
     return _encode_json(value)
