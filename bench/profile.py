@@ -8,6 +8,7 @@ permission to trace the gateway (root, or ptrace allowed for your user).
     .venv/bin/python bench/profile.py                      # 1 KiB GET at 64 connections
     .venv/bin/python bench/profile.py --path /100k.bin --seconds 10 --flame /tmp/gw.svg
     .venv/bin/python bench/profile.py --signing       # POST newThirdPartyClient.js, injected
+    .venv/bin/python bench/profile.py --signing --first-visit   # ... with no guest cookie
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ def main() -> int:
     parser.add_argument("--flame", type=Path, help="also write a flame graph SVG here")
     parser.add_argument("--signing", action="store_true",
                         help="configure cec: and POST the chat script JSON (the injection path)")
+    parser.add_argument("--plain", action="store_true",
+                        help="with --signing: the same POST to a path without injection")
+    parser.add_argument("--first-visit", action="store_true",
+                        help="with --signing: send no guest cookie (a new guest per request)")
     args = parser.parse_args()
     spy = py_spy()
     if spy is None:
@@ -120,12 +125,22 @@ def main() -> int:
                               'wrk.headers["Content-Type"] = "application/json;charset=UTF-8"\n')
             wrk_extra = ["-s", str(script)]
             args.path = CHAT_PATH + "?&t=1764000000000"
+            if args.plain:
+                # The same POST to a path that is proxied without injection, for comparison.
+                args.path = args.path.replace("newThirdPartyClient.js", "plain.js")
         config.write_text(gateway_config_yaml(
             port, [{"prefix": "/", "upstream": f"http://127.0.0.1:{origin_port}/"}],
             extra=extra))
         gw = procs.start("gateway", gateway_argv(config), env=env, cwd=PROJECT_DIR)
         if not wait_port(port, proc=gw):
             raise RuntimeError(procs.log_tail("gateway"))
+        if args.signing and not args.first_visit:
+            # A returning visitor: the guest cookie from a first POST goes with every request.
+            from run import post_probe
+
+            cookie = post_probe(port, args.path, CHAT_BODY)[3]
+            with script.open("a") as lua:
+                lua.write(f'wrk.headers["Cookie"] = "{cookie}"\n')
         url = f"http://127.0.0.1:{port}{args.path}"
         subprocess.run(["wrk", "-t2", f"-c{args.connections}", "-d1s", *wrk_extra, url],
                        capture_output=True, timeout=60)

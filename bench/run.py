@@ -173,17 +173,20 @@ def curl_transfer(url: str, *, upload: Path | None, expect_size: int, tmp: Path
             "mb_s": float(speed) / 1e6, "error": "" if ok else proc.stderr.strip()[:200]}
 
 
-def post_probe(port: int, path: str, body: str) -> tuple[int, str, str]:
-    """One POST; returns (status, the origin's X-Seen-Length, first bytes of the answer)."""
+def post_probe(port: int, path: str, body: str) -> tuple[int, str, str, str]:
+    """One POST; returns (status, the origin's X-Seen-Length, first bytes of the answer,
+    the ``name=value`` of a cookie the gateway set, or "")."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         conn.request("POST", path, body=body.encode(),
                      headers={"Content-Type": "application/json;charset=UTF-8"})
         resp = conn.getresponse()
         data = resp.read(300)
-        return resp.status, resp.getheader("X-Seen-Length") or "", data.decode("utf-8", "replace")
+        cookie = (resp.getheader("Set-Cookie") or "").split(";", 1)[0]
+        return (resp.status, resp.getheader("X-Seen-Length") or "",
+                data.decode("utf-8", "replace"), cookie)
     except OSError as exc:
-        return 0, "", str(exc)
+        return 0, "", str(exc), ""
     finally:
         conn.close()
 
@@ -310,6 +313,16 @@ def start_cec_gateway(bench: Bench, origin_port: int) -> None:
         return
     injected = inject[1] != sent
     bench.info["signing_injected"] = injected
+    # A browser sends back the guest cookie it got on its first visit; the steady-state legs
+    # do the same (both of them, so that the requests differ only in their path).
+    bench.info["signing_guest_cookie"] = bool(inject[3])
+    post_lua = ('wrk.method = "POST"\n'
+                f"wrk.body = [[{CHAT_BODY}]]\n"
+                'wrk.headers["Content-Type"] = "application/json;charset=UTF-8"\n')
+    (bench.tmp / "post-first.lua").write_text(post_lua)
+    if inject[3]:
+        post_lua += f'wrk.headers["Cookie"] = "{inject[3]}"\n'
+    (bench.tmp / "post.lua").write_text(post_lua)
     if not injected:
         bench.notes.append("signing: the body reached the origin unchanged (no rewriter wired "
                            "for the chat script yet); the inject leg measures the plain path")
@@ -398,11 +411,12 @@ def one_round(bench: Bench, r: int) -> None:
     cec = bench.extra.get("gateway-cec")
     if cec is not None and "signing" not in bench.na:
         log(f"round {r + 1}/{plan.rounds}: signing path (POST newThirdPartyClient.js)")
-        script = bench.tmp / "post.lua"
         query = "?&t=1764000000000"
-        legs = [("inject", CHAT_PATH + query),
-                ("plain", "/plain" + CHAT_PATH[len("/service-cloud"):] + query)]
-        for leg, path in rotated(legs, r):
+        steady, first = bench.tmp / "post.lua", bench.tmp / "post-first.lua"
+        legs = [("inject", CHAT_PATH + query, steady),
+                ("plain", "/plain" + CHAT_PATH[len("/service-cloud"):] + query, steady),
+                ("inject-first-visit", CHAT_PATH + query, first)]
+        for leg, path, script in rotated(legs, r):
             res = wrk(cec.base + path, conns=plan.connections, seconds=plan.wrk_seconds,
                       script=script)
             _record_wrk(bench, "signing_post_rps", leg, res)
@@ -541,6 +555,9 @@ def table(bench: Bench) -> str:
         rows.append(("signing POST: plain path (req/s)", "", "", fmt(pl), "", ""))
         rows.append(("signing POST: injection (req/s)", "", "", fmt(inj),
                      f"{fmt(ratio(inj, pl), 2)}x of plain", ""))
+        first = m("signing_post_rps", "inject-first-visit")
+        rows.append(("signing POST: injection, first visit (req/s)", "", "", fmt(first),
+                     f"{fmt(ratio(first, pl), 2)}x of plain", ""))
     else:
         rows.append(("signing POST (req/s)", "", "", "n/a", "", ""))
     w1, w2 = m("workers_1k_c64_rps", "gateway-1w"), m("workers_1k_c64_rps", "gateway-2w")
@@ -598,6 +615,8 @@ def to_json(bench: Bench, started: float, quick: bool) -> dict[str, Any]:
                                                    m("get_1k_c64_rps", "nginx")),
             "signing_inject_over_plain": ratio(m("signing_post_rps", "inject"),
                                                m("signing_post_rps", "plain")),
+            "signing_first_visit_over_plain": ratio(m("signing_post_rps", "inject-first-visit"),
+                                                    m("signing_post_rps", "plain")),
             "gateway_2w_over_1w": ratio(m("workers_1k_c64_rps", "gateway-2w"),
                                         m("workers_1k_c64_rps", "gateway-1w")),
         },
@@ -643,10 +662,6 @@ def main() -> int:
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="gwbench-"))
     bench = Bench(plan, tmp, Procs(tmp))
-    (tmp / "post.lua").write_text(
-        'wrk.method = "POST"\n'
-        f"wrk.body = [[{CHAT_BODY}]]\n"
-        'wrk.headers["Content-Type"] = "application/json;charset=UTF-8"\n')
     try:
         bench.info["machine"] = machine_info()
         bench.info["loadavg_at_start"] = os.getloadavg()

@@ -44,6 +44,7 @@ Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 # Rewrites a request body before it is forwarded (the chat injection); returns the new
 # body and extra response headers (e.g. the guest cookie).
 BodyRewriter = Callable[[web.BaseRequest, bytes], Awaitable[tuple[bytes, list[tuple[str, str]]]]]
+SyncBodyRewriter = Callable[[web.BaseRequest, bytes], tuple[bytes, list[tuple[str, str]]]]
 
 
 
@@ -69,6 +70,8 @@ class Rewriter:
     max_size: int
     rewrite: BodyRewriter
     content_type: str  # the rewritten body's type, replacing the page's
+    # The same rewrite as a plain call, when it needs no I/O (guest-only signing).
+    rewrite_now: SyncBodyRewriter | None = None
 
 
 @dataclass
@@ -244,7 +247,7 @@ class Gateway:
                 if rw is None and ("%" in path or ";" in path):
                     rw = self.ext.rewriters.get(rewrite_key(path))
                 if rw is not None:
-                    body, extra = await self._rewrite(request, rw.max_size, rw.rewrite)
+                    body, extra = await self._rewrite(request, rw)
                     body_type = rw.content_type
                     ex.extra_response_headers.extend(extra)
             resp = await self.proxy.forward(request, route, target, fwd, rid, ex, body=body,
@@ -290,8 +293,9 @@ class Gateway:
         resp.force_close()
         return resp
 
-    async def _rewrite(self, request: web.BaseRequest, limit: int, rewriter: BodyRewriter
+    async def _rewrite(self, request: web.BaseRequest, rw: Rewriter
                        ) -> tuple[bytes, list[tuple[str, str]]]:
+        limit = rw.max_size
         length = request.content_length
         if length is not None and length > limit:
             raise BadRequest(f"JSON body is over {limit} bytes")
@@ -301,7 +305,9 @@ class Gateway:
             body = content.read_nowait(-1)
             if len(body) > limit:
                 raise BadRequest(f"JSON body is over {limit} bytes")
-            return await rewriter(request, body)
+            if rw.rewrite_now is not None:
+                return rw.rewrite_now(request, body)
+            return await rw.rewrite(request, body)
         data = bytearray()
         async with asyncio.timeout(self.config.timeouts.client_body or None):
             while True:
@@ -311,7 +317,7 @@ class Gateway:
                 data += chunk
                 if len(data) > limit:
                     raise BadRequest(f"JSON body is over {limit} bytes")
-        return await rewriter(request, bytes(data))
+        return await rw.rewrite(request, bytes(data))
 
     async def _websocket(self, request: web.BaseRequest, route: CompiledRoute, target: str,
                          fwd: Forwarded, rid: str, ex: Exchange) -> web.StreamResponse:

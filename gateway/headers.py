@@ -31,7 +31,8 @@ _REPLACED_UP = frozenset({
     # The gateway streams bodies itself (and answers 100 Continue on its own).
     b"expect",
 })
-_CONTENT_TYPE = frozenset({b"content-type"})
+_DROP_UP = HOP_BY_HOP | _REPLACED_UP
+_DROP_UP_AND_TYPE = _DROP_UP | {b"content-type"}
 _RAW = ("utf-8", "surrogateescape")
 
 
@@ -138,9 +139,7 @@ def upstream_request_head(method: str, target: str, raw: RawHeaders, host: str,
 
     Body framing (Content-Length / chunked) is appended by the caller, who knows it.
     """
-    drop = HOP_BY_HOP | _REPLACED_UP
-    if new_content_type is not None:
-        drop = drop | _CONTENT_TYPE
+    drop = _DROP_UP if new_content_type is None else _DROP_UP_AND_TYPE
     if connection is None:  # not looked up by the caller
         tokens = connection_tokens(raw) if any(n.lower() == b"connection" for n, _ in raw) else ()
     else:

@@ -203,7 +203,12 @@ class ChatEndpoints:
                 return ChatIdentity(user_id, user_name, guest=False)
             if self.cec.auth.mode == "token" and self.cec.identity.fallback != "guest":
                 raise NotLoggedIn("log in to chat")
-        guest_id = self.guest.read(request)
+        return self.guest_identity(request.headers.get(hdrs.COOKIE), issue=issue)
+
+    def guest_identity(self, cookie_header: str | None, *, issue: bool = True
+                       ) -> ChatIdentity | None:
+        """The guest from the ``Cookie`` header; a new one (with its cookie) when ``issue``."""
+        guest_id = self.guest.read_cookie_header(cookie_header)
         if guest_id is not None:
             return ChatIdentity(guest_id, None, guest=True)
         if not issue:
@@ -242,6 +247,11 @@ class ChatEndpoints:
         token = None
         if with_token and self._token_for is not None:
             token = await self._token_for(identity.user_id, name)
+        return self._rewritten(request, data, identity, name, sign=sign, token=token), identity
+
+    def _rewritten(self, request: web.BaseRequest, data: dict[str, object],
+                   identity: ChatIdentity, name: str, *, sign: bool, token: str | None
+                   ) -> dict[str, object]:
         out, stripped = rewrite_data(
             data,
             tenant_space_id=self.cec.tenant_space_id,
@@ -257,7 +267,7 @@ class ChatEndpoints:
         )
         if stripped:
             self._warn_secret_once(request)
-        return out, identity
+        return out
 
     async def rewrite(self, request: web.BaseRequest, body: bytes
                       ) -> tuple[bytes, list[tuple[str, str]]]:
@@ -268,6 +278,29 @@ class ChatEndpoints:
         login.
         """
         out, identity = await self._rewrite_object(request, body, sign=True, with_token=True)
+        extra = [("Set-Cookie", identity.set_cookie)] if identity.set_cookie else []
+        return serialize(out), extra
+
+    @property
+    def rewrites_without_io(self) -> bool:
+        """Guests only and no token to issue: ``rewrite_now`` gives what ``rewrite`` would."""
+        return self._identify is None and self._token_for is None
+
+    def rewrite_now(self, request: web.BaseRequest, body: bytes
+                    ) -> tuple[bytes, list[tuple[str, str]]]:
+        """``rewrite`` for a gateway that signs for guests only, without a coroutine.
+
+        The injection path runs once per chat page view; with no identity lookup and no
+        token to issue there is nothing to wait for, so it is done in a plain call.
+        """
+        if not self.rewrites_without_io:
+            raise RuntimeError("rewrite_now needs a guest-only gateway (no identity, no token)")
+        data = parse_body(body, self.cec.max_json_size)
+        identity = self.guest_identity(request.headers.get(hdrs.COOKIE))
+        assert identity is not None  # issue=True always gives one
+        name = effective_user_name(data, None, self.default_user_name(identity),
+                                   self.cec.guest.max_name_length)
+        out = self._rewritten(request, data, identity, name, sign=True, token=None)
         extra = [("Set-Cookie", identity.set_cookie)] if identity.set_cookie else []
         return serialize(out), extra
 

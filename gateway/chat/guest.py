@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from http.cookies import SimpleCookie
 from typing import Any
 
 import itsdangerous
@@ -109,20 +108,32 @@ class GuestCookies:
         return guest_id if GUEST_ID_RE.match(guest_id) else None
 
     def read_cookie_header(self, header: str | None) -> str | None:
-        """The guest id from a raw ``Cookie`` header."""
+        """The guest id from a raw ``Cookie`` header: the first of our cookies that verifies.
+
+        A browser may send the name twice (a stale cookie from another path or domain next to
+        the current one); both are ours to check, and only a signed value counts. The header
+        is split by hand: the cookie jar parsers cost more than the whole rewrite around them,
+        and this one name is all the gateway reads.
+        """
         if not header:
             return None
-        jar: SimpleCookie = SimpleCookie()
-        try:
-            jar.load(header)
-        except Exception:  # a malformed Cookie header is the browser's problem, not ours
+        name = self.cookie_name
+        if name not in header:
             return None
-        morsel = jar.get(self.cookie_name)
-        return self.read_value(morsel.value if morsel is not None else None)
+        for part in header.split(";"):
+            key, eq, value = part.partition("=")
+            if eq and key.strip() == name:
+                value = value.strip()
+                if len(value) >= 2 and value[0] == value[-1] == '"':
+                    value = value[1:-1]
+                guest_id = self.read_value(value)
+                if guest_id is not None:
+                    return guest_id
+        return None
 
     def read(self, request: web.BaseRequest) -> str | None:
         """The valid guest id from the request's cookie, or None."""
-        return self.read_value(request.cookies.get(self.cookie_name))
+        return self.read_cookie_header(request.headers.get("Cookie"))
 
     def cookie_header(self, guest_id: str) -> str:
         """A full ``Set-Cookie`` value carrying ``guest_id``."""

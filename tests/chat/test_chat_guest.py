@@ -112,3 +112,19 @@ async def test_read_from_real_request(server: tuple[RawTestServer, GuestCookies]
     async with aiohttp.ClientSession() as raw:
         async with raw.get(url, headers={"Cookie": "cec_guest=guest-0123456789abcdef0123.x"}) as r:
             assert (await r.text()).startswith("new ")
+
+
+def test_read_cookie_header_edge_cases() -> None:
+    g = GuestCookies(KEY)
+    gid, other = g.new_id(), g.new_id()
+    value = g.value_for(gid)
+    # A stale or forged cookie of the same name does not hide the valid one, in either order.
+    assert g.read_cookie_header(f"cec_guest=forged; cec_guest={value}") == gid
+    assert g.read_cookie_header(f"cec_guest={value}; cec_guest={g.value_for(other)}") == gid
+    assert g.read_cookie_header(f'cec_guest="{value}"') == gid
+    assert g.read_cookie_header(f"  cec_guest = {value} ;x=y") == gid
+    # Other names that merely contain ours are not ours.
+    assert g.read_cookie_header(f"xcec_guest={value}; cec_guest_old={value}") is None
+    assert g.read_cookie_header("cec_guest") is None
+    assert g.read_cookie_header("cec_guest=") is None
+    assert g.read_cookie_header(f"cec_guest={value[:-2]}") is None
