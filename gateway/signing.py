@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -59,6 +59,8 @@ DEFAULT_URI = "/service-cloud/webclient/chat_client/js/newThirdPartyClient.js"
 _UNRESERVED = frozenset(
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
 )
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_TAILS_MAX = 4096  # cached canonical-request tails per Signer (one per distinct identity)
 _ENCODED = tuple(chr(b) if b in _UNRESERVED else f"%{b:02X}" for b in range(256))
 
 
@@ -106,7 +108,13 @@ class _Hmac:
 
 
 def _hmac_hex(key: str, msg: str) -> str:
-    return _Hmac(key.encode("utf-8")).hexdigest(msg.encode("utf-8"))
+    """HMAC-SHA256 for a key used once: two one-shot hashes, no HMAC object."""
+    raw = key.encode("utf-8")
+    if len(raw) > 64:
+        raw = hashlib.sha256(raw).digest()
+    raw = raw.ljust(64, b"\0")
+    inner = hashlib.sha256(raw.translate(hmac.trans_36) + msg.encode("utf-8")).digest()
+    return hashlib.sha256(raw.translate(hmac.trans_5C) + inner).hexdigest()
 
 
 @lru_cache(maxsize=4096)
@@ -178,16 +186,19 @@ def format_timestamp(dt: datetime, fmt: str = DEFAULT_TIMESTAMP_FORMAT) -> str:
 
     A naive ``dt`` is taken to be UTC already.
     """
-    utc = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-    # {ms} is substituted first so strftime never sees the braces; digits are inert to it.
-    return _strftime(utc.replace(microsecond=0), fmt).replace("{ms}",
-                                                             f"{utc.microsecond // 1000:03d}")
+    if dt.tzinfo is not UTC:
+        dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    # Whole seconds as an int key: datetime.replace(microsecond=0) alone cost more than
+    # the rest of this function. Rounding after taking the fraction off is exact.
+    whole = round(dt.timestamp() - dt.microsecond / 1_000_000)
+    # {ms} is substituted after strftime; digits are inert to it.
+    return _strftime(whole, fmt).replace("{ms}", f"{dt.microsecond // 1000:03d}")
 
 
 @lru_cache(maxsize=64)
-def _strftime(whole_second: datetime, fmt: str) -> str:
+def _strftime(epoch_seconds: int, fmt: str) -> str:
     # Many signatures share a second; strftime was a visible share of the signing path.
-    return whole_second.strftime(fmt)
+    return (_EPOCH + timedelta(seconds=epoch_seconds)).strftime(fmt)
 
 
 def signed_payload(
@@ -292,6 +303,7 @@ class Signer:
         "_keyed",
         "_secret",
         "_signed_line",
+        "_tails",
         "_type_line",
         "access_key",
         "content_type",
@@ -333,6 +345,7 @@ class Signer:
                            if "content-type" in names else None)
         self._field_keys = tuple((f, _json_fragment(f)) for f in self.payload_fields)
         self._keyed = _Hmac(secret_key.encode("utf-8"))
+        self._tails: dict[tuple[object, ...], str] = {}
 
     def __repr__(self) -> str:
         return (
@@ -413,26 +426,45 @@ class Signer:
     def _sign_fields_fast(self, data: Mapping[str, object], timestamp: str | None,
                           method: str, uri: str) -> str:
         """``sign_fields`` for the default header set, equal to the general path (tested)."""
+        try:
+            values = tuple([data[field] for field in self.payload_fields])
+        except KeyError as exc:
+            raise SigningError(f"payload field missing: {exc.args[0]}") from None
+        try:
+            tail = self._tails.get(values)
+        except TypeError:  # a list or an object among the values: not hashable
+            tail = None
+        if tail is None:
+            tail = self._canonical_tail(values)
+            # Only all-string keys are stored: True == 1 in a tuple, but "true" != "1" in
+            # JSON. A lookup with other types can then never match a stored key.
+            if all(v.__class__ is str for v in values):
+                if len(self._tails) >= _TAILS_MAX:
+                    self._tails.clear()
+                self._tails[values] = tail
+        ts = self.timestamp() if timestamp is None else timestamp
+        prefix = f"{AUTH_VERSION}/{self.access_key}/{ts}/{self._signed_line}"
+        signing_key = self._keyed.hexdigest(prefix.encode("utf-8"))
+        request = "\n".join((method.upper(), uri, tail))
+        return f"{prefix}/{_hmac_hex(signing_key, request)}"
+
+    def _canonical_tail(self, values: Sequence[object]) -> str:
+        """The canonical request after its method and URI lines: it depends only on the
+        payload's values, which repeat for every page view of the same visitor."""
         parts: list[str] = []
         normalized: list[str] = []
-        for field, key in self._field_keys:
-            if field not in data:
-                raise SigningError(f"payload field missing: {field}")
-            value = _json_fragment(data[field])
+        for (_, key), raw in zip(self._field_keys, values, strict=True):
+            value = _json_fragment(raw)
             parts.append(f"{key}:{value}")
             normalized.append(f"{_normalize_piece(key)}%3A{_normalize_piece(value)}")
         payload = "{" + ",".join(parts) + "}"
-        ts = self.timestamp() if timestamp is None else timestamp
-        prefix = f"{AUTH_VERSION}/{self.access_key}/{ts}/{self._signed_line}"
-        lines = []
+        lines = [self._signed_line]
         if self._has_length:
             lines.append(f"content-length:{len(payload.encode('utf-8'))}")
         if self._type_line is not None:
             lines.append(self._type_line)
-        request = "\n".join((method.upper(), uri, self._signed_line, *lines,
-                             "%7B" + "%2C".join(normalized) + "%7D"))
-        key = self._keyed.hexdigest(prefix.encode("utf-8"))
-        return f"{prefix}/{_hmac_hex(key, request)}"
+        lines.append("%7B" + "%2C".join(normalized) + "%7D")
+        return "\n".join(lines)
 
     def verify(
         self,

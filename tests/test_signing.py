@@ -322,6 +322,9 @@ def test_precomputed_hmac_equals_the_standard_library(key: bytes, msg: bytes) ->
     expected = hmac.new(key, msg, hashlib.sha256).hexdigest()
     assert keyed.hexdigest(msg) == expected
     assert keyed.hexdigest(msg) == expected  # the pads are copied, never consumed
+    text_key, text_msg = key.hex(), msg.hex()
+    assert signing._hmac_hex(text_key, text_msg) == hmac.new(
+        text_key.encode(), text_msg.encode(), hashlib.sha256).hexdigest()
 
 
 @settings(max_examples=500, deadline=None)

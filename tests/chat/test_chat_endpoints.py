@@ -466,9 +466,11 @@ async def test_sign_uri_follows_context_path(site: Factory) -> None:
         )
 
 
+_WIDE = {c: c + 0xFEE0 for c in range(0x21, 0x7F)}  # ASCII -> full-width forms
 _JSON_SCALARS = st.one_of(st.text(max_size=12), st.integers(), st.none(), st.booleans())
 _KEYS = st.sampled_from(["thirdUserName", "thirdUserId", "tenantSpaceId", "channelConfigId",
-                         "secretKey", "SecretKey", "ｔｈｉｒｄＵｓｅｒＩｄ", "timestamp", "locale",
+                         "secretKey", "SecretKey", "thirdUserId".translate(_WIDE), "timestamp",
+                         "locale",
                          "thirdPartAuthorization", "x"]) | st.text(max_size=6)
 
 

@@ -23,7 +23,9 @@ from gateway.chat.inject import (
     RewriteResult,
     clean_user_name,
     effective_user_name,
+    parse_body,
     rewrite_third_user_data,
+    serialize,
 )
 from gateway.errors import BadRequest, GatewayError
 from gateway.signing import Signer
@@ -353,3 +355,28 @@ def test_oracle_property(pairs: list[tuple[str, Any]], user_id: str) -> None:
         if k == "thirdUserName":
             last_name = v
     assert out["thirdUserName"] == (clean_user_name(last_name, 64) or "Guest-012345")
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text()
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.dictionaries(st.text(), _JSON, max_size=6),
+       pad=st.sampled_from(["", " ", "\n\t ", "\r\n"]))
+def test_parse_and_serialize_agree_with_the_json_module(data: dict[str, Any], pad: str) -> None:
+    """parse_body and serialize call json's C scanner and encoder directly: same results."""
+    text = pad + json.dumps(data, ensure_ascii=False) + pad
+    assert parse_body(text.encode(), 1 << 20) == json.loads(text)
+    assert serialize(data) == json.dumps(
+        data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+@pytest.mark.parametrize("body", [b'{"a":1} x', b'{"a":1}{"b":2}', b" ", b'{"a":NaN}',
+                                  b'{"a":Infinity}', b"[1]", b'{"a":1', b"\x0c{}"])
+def test_parse_body_refuses_what_json_loads_refuses(body: bytes) -> None:
+    with pytest.raises(InjectionError):
+        parse_body(body, 1000)
