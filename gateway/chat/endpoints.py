@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from aiohttp import hdrs, web
 
@@ -80,8 +79,7 @@ IdentifyFunc = Callable[[web.BaseRequest], Awaitable[IdentityAnswer | None]]
 TokenForFunc = Callable[[str, str], Awaitable[str]]
 
 
-@dataclass(frozen=True)
-class ChatIdentity:
+class ChatIdentity(NamedTuple):
     """Who the gateway signs for, and the guest cookie to set when one was just issued."""
 
     user_id: str

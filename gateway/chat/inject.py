@@ -248,18 +248,14 @@ def rewrite_data(
         out[key] = clean
 
     name = effective_user_name(data, user_name, default_user_name, max_name_length)
-    # dict.update keeps the position of keys the page already sent.
-    out.update(
-        {
-            USER_NAME: name,
-            USER_ID: user_id,
-            TENANT: tenant_space_id,
-            CHANNEL: channel_config_id,
-        }
-    )
+    # Assignment keeps the position of keys the page already sent.
+    out[USER_NAME] = name
+    out[USER_ID] = user_id
+    out[TENANT] = tenant_space_id
+    out[CHANNEL] = channel_config_id
     stamp = out.get(TIMESTAMP)
     if (
-        not isinstance(stamp, int | float)
+        not isinstance(stamp, (int, float))  # a tuple: no union object built per call
         or isinstance(stamp, bool)
         or not math.isfinite(stamp)
     ):
