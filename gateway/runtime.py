@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -110,11 +109,6 @@ class Runtime:
         sock = bind_socket(cfg.listen.host, cfg.listen.port, reuse_port=self.reuse_port,
                            backlog=cfg.listen.backlog)
         self.listener = Listener(self.server, sock, server_ssl_context(cfg))
-        # Everything built so far (imported modules, pydantic models, route tables) lives as
-        # long as the process: moved out of the collector's generations, a full collection
-        # walks only what requests allocate, instead of the whole start-up heap each time.
-        gc.collect()
-        gc.freeze()
         await self.listener.start()
         if cfg.admin is not None:
             app = create_admin_app(self.readiness, self.metrics.render)
