@@ -1,0 +1,189 @@
+"""CPU work per request, in instructions: a figure that does not move with machine noise.
+
+wrk's requests/s on a 2-core machine depend on how the scheduler shares the cores between
+wrk, the origin and the proxy, and move by ±10 % from run to run. This script runs each
+proxy under valgrind's callgrind, sends the same requests one at a time over one keep-alive
+connection, and counts the instructions the proxy's process executed for them (user space:
+syscalls count as one instruction each, so the kernel's share of the work is not in these
+figures). Same binary, same inputs: the same count on every run, whatever else the machine
+is doing.
+
+    .venv/bin/python bench/instructions.py                 # 2,000 requests per scenario
+    .venv/bin/python bench/instructions.py -n 500          # quicker
+
+Scenarios: 1 KiB GET through the textbook aiohttp proxy and through the gateway; the chat
+script POST through the gateway, plain and with injection (with the guest cookie a browser
+sends back after its first visit). Needs valgrind (Debian package ``valgrind``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import nginx
+from common import PROJECT_DIR, Procs, free_port, gateway_config_yaml, venv_python, wait_port
+from run import CEC_CHANNEL, CEC_TENANT, CHAT_BODY, CHAT_PATH, cec_secret, make_files, post_probe
+
+BENCH_DIR = Path(__file__).resolve().parent
+PLAIN_PATH = CHAT_PATH.replace("newThirdPartyClient.js", "plain.js")  # not injected
+
+
+def _total(dump: Path) -> int:
+    """The instruction total of one callgrind dump file."""
+    text = dump.read_text(errors="replace")
+    m = re.search(r"^(?:summary|totals):\s+(\d+)", text, re.M)
+    if m is None:
+        raise RuntimeError(f"no totals in {dump}")
+    return int(m.group(1))
+
+
+def _dumps(out: Path) -> list[Path]:
+    # callgrind numbers the dumps it was asked for: out.1, out.2, ...
+    return sorted(out.parent.glob(out.name + ".*"), key=lambda p: int(p.suffix[1:]))
+
+
+def measure(name: str, argv: list[str], port: int, env: dict[str, str], tmp: Path,
+            send: Callable[[http.client.HTTPConnection], None], n: int) -> float:
+    """Instructions per request of ``send``, between two dumps taken around ``n`` calls."""
+    out = tmp / f"callgrind.{name}"
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv],
+        env=env, cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        if not wait_port(port, timeout=300, proc=proc):  # type: ignore[arg-type]
+            raise RuntimeError(f"{name} did not start under valgrind")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        for _ in range(200):  # warm: pooled upstream connections, caches, lazy imports
+            send(conn)
+        marks = []
+        for _ in range(2):
+            before = len(_dumps(out))
+            subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True,
+                           capture_output=True, timeout=120)
+            deadline = time.monotonic() + 60
+            while len(_dumps(out)) == before and time.monotonic() < deadline:
+                time.sleep(0.2)
+            marks.append(_dumps(out)[-1])
+            if len(marks) == 1:
+                for _ in range(n):
+                    send(conn)
+        conn.close()
+        # Each dump holds the counts since the previous one.
+        return _total(marks[1]) / n
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def get(path: str) -> Callable[[http.client.HTTPConnection], None]:
+    def send(conn: http.client.HTTPConnection) -> None:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"GET {path}: {resp.status}")
+    return send
+
+
+def post(path: str, cookie: str) -> Callable[[http.client.HTTPConnection], None]:
+    headers = {"Content-Type": "application/json;charset=UTF-8", "Cookie": cookie}
+    body = CHAT_BODY.encode()
+
+    def send(conn: http.client.HTTPConnection) -> None:
+        conn.request("POST", path + "?&t=1764000000000", body=body, headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"POST {path}: {resp.status}")
+    return send
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", type=int, default=2000, help="requests measured per scenario")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        sys.stderr.write("valgrind is not installed (apt-get install valgrind)\n")
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="gwinstr-"))
+    procs = Procs(tmp)
+    py = venv_python()
+    # Same hash seed in every process: dict layouts, and so the counts, repeat exactly.
+    env = dict(os.environ, PYTHONHASHSEED="0", CEC_SECRET_KEY=cec_secret())
+    try:
+        www = make_files(tmp, 1024)
+        origin_port = free_port()
+        origin = procs.start("origin", nginx.prepare(
+            tmp / "origin", nginx.origin_conf(tmp / "origin", origin_port, www)))
+        if not wait_port(origin_port, proc=origin):
+            raise RuntimeError(procs.log_tail("origin"))
+        results: dict[str, float] = {}
+
+        port = free_port()
+        results["textbook: 1 KiB GET"] = measure(
+            "textbook", [py, str(BENCH_DIR / "textbook_proxy.py"), "--port", str(port),
+                         "--route", f"/=http://127.0.0.1:{origin_port}/"],
+            port, env, tmp, get("/1k.bin"), args.n)
+
+        cec = (f"cec:\n  tenant_space_id: \"{CEC_TENANT}\"\n"
+               f"  channel_config_id: \"{CEC_CHANNEL}\"\n"
+               "  auth:\n    mode: authorization\n    secret_key: ${CEC_SECRET_KEY}\n")
+        port = free_port()
+        config = tmp / "gateway.yaml"
+        config.write_text(gateway_config_yaml(
+            port, [{"prefix": "/", "upstream": f"http://127.0.0.1:{origin_port}/"}], extra=cec))
+        argv = [py, "-m", "gateway", "--log-level", "WARNING", "run", "-c", str(config),
+                "--workers", "1"]
+        results["gateway: 1 KiB GET"] = measure("gateway-get", argv, port, env, tmp,
+                                                get("/1k.bin"), args.n)
+
+        # The guest cookie comes from a gateway started for that purpose: same key (it is
+        # derived from the secret), so every gateway below accepts it.
+        probe = procs.start("probe", [py, "-m", "gateway", "--log-level", "WARNING", "run",
+                                      "-c", str(config), "--workers", "1"], env=env,
+                            cwd=PROJECT_DIR)
+        if not wait_port(port, proc=probe):
+            raise RuntimeError(procs.log_tail("probe"))
+        cookie = post_probe(port, CHAT_PATH, CHAT_BODY)[3]
+        procs.stop(probe)
+        for label, path in (("plain", PLAIN_PATH), ("injection", CHAT_PATH)):
+            results[f"gateway: chat POST, {label}"] = measure(
+                f"gateway-{label}", argv, port, env, tmp, post(path, cookie), args.n)
+    finally:
+        procs.stop_all()
+
+    width = max(len(k) for k in results)
+    print(f"\ninstructions per request (user space, callgrind, {args.n} requests each)")
+    for key, value in results.items():
+        print(f"  {key:<{width}}  {value:>10,.0f}")
+    tb, gw = results["textbook: 1 KiB GET"], results["gateway: 1 KiB GET"]
+    plain, inj = results["gateway: chat POST, plain"], results["gateway: chat POST, injection"]
+    print(f"  textbook / gateway, 1 KiB GET: {tb / gw:.2f}x the work")
+    print(f"  plain / injection, chat POST: {plain / inj:.2f} (the injection path does "
+          f"{inj / plain - 1:.0%} more)")
+    if args.json:
+        args.json.write_text(json.dumps({"n": args.n, "instructions_per_request": results,
+                                         "textbook_over_gateway_get": tb / gw,
+                                         "plain_over_injection": plain / inj}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
