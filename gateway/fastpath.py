@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from aiohttp.http_parser import RawRequestMessage, RawResponseMessage
@@ -155,7 +156,8 @@ class FastRequestHandler(_GatewayRequestHandler):
         if (not path.startswith("/") or "%" in path or "/." in path or "//" in path
                 or "\\" in path or "#" in raw_path):
             return False
-        gw = self.gateway
+        manager: Any = self._manager
+        gw: Gateway = manager.gateway
         if path in gw.ext.endpoints:
             return False
         headers = msg.headers
@@ -179,12 +181,13 @@ class FastRequestHandler(_GatewayRequestHandler):
             peer = self._peer_ip = name[0] if isinstance(name, tuple) else ""
         trusted = gw.trusted
         xff = headers.getall("X-Forwarded-For", ())
-        if trusted:
+        if trusted.any:
             fwd = forwarded_for(peer, xff, trusted, gw.scheme, host,
                                 headers.get("X-Forwarded-Proto"), headers.get("X-Forwarded-Host"))
+            rid = headers.get("X-Request-ID") if trusted.contains(peer) else None
         else:
             fwd = forwarded_for(peer, xff, trusted, gw.scheme, host, None, None)
-        rid = headers.get("X-Request-ID") if trusted.contains(peer) else None
+            rid = None
         if not rid or len(rid) > 128 or not rid.isascii() or not rid.isprintable():
             rid = gw.ids.next()
         ex = Exchange()
@@ -196,7 +199,7 @@ class FastRequestHandler(_GatewayRequestHandler):
         inline = _Inline(conn, route, msg, ex, rid, fwd.client_ip, start, bytes(head))
         self._inline = inline
         conn.start_cb(inline.head, method=msg.method, read_timeout=gw.proxy.settings.read_timeout,
-                      on_head=lambda m, p, e: self._on_head(inline, m, p, e))
+                      on_head=partial(self._on_head, inline))
         conn.arm_read_timeout()
         return True
 
@@ -227,8 +230,8 @@ class FastRequestHandler(_GatewayRequestHandler):
         ex.upstream_status = message.code
         ex.upstream_time = self._loop.time() - inline.start
         head, rechunk, keep_alive, no_body = response_head(
-            message, inline.route, inline.version, inline.keep_alive, inline.head_request,
-            (("X-Request-ID", inline.rid),))
+            message, inline.route, inline.version, inline.keep_alive, inline.head_request, (),
+            b"X-Request-ID: %s\r\n" % inline.rid.encode())
         inline.keep_alive = keep_alive
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -321,7 +324,8 @@ class FastRequestHandler(_GatewayRequestHandler):
         loop = self._loop
         if error:
             inline.ex.error = error
-        self.gateway.finished(inline.client_ip, inline.rid, inline.method, inline.raw_path,
+        manager: Any = self._manager
+        manager.gateway.finished(inline.client_ip, inline.rid, inline.method, inline.raw_path,
                               inline.minor, status, inline.route, inline.ex,
                               loop.time() - inline.start)
         if self._drained is not None and not self._drained.done():

@@ -34,6 +34,7 @@ _REPLACED_UP = frozenset({
 _DROP_UP = HOP_BY_HOP | _REPLACED_UP
 _DROP_UP_AND_TYPE = _DROP_UP | {b"content-type"}
 _RAW = ("utf-8", "surrogateescape")
+_NONE: frozenset[bytes] = frozenset()
 
 
 def connection_tokens(raw: RawHeaders) -> frozenset[bytes]:
@@ -52,9 +53,9 @@ def extra_hop_by_hop(raw: RawHeaders, connection: Sequence[str]) -> frozenset[by
     common case (absent, or one ``keep-alive``/``close``) costs no pass over the headers.
     """
     if not connection:
-        return frozenset()
+        return _NONE
     if len(connection) == 1 and connection[0].lower() in ("keep-alive", "close", "upgrade"):
-        return frozenset()
+        return _NONE
     return connection_tokens(raw) - HOP_BY_HOP
 
 
@@ -64,6 +65,8 @@ class TrustedProxies:
     def __init__(self, networks: Iterable[IPNetwork]) -> None:
         self._networks = tuple(networks)
         self.contains = lru_cache(maxsize=4096)(self._contains)
+        # A plain attribute: the hot path asks on every request, and __bool__ is a call.
+        self.any = bool(self._networks)
 
     def _contains(self, address: str) -> bool:
         if not self._networks:
@@ -77,7 +80,7 @@ class TrustedProxies:
         return any(ip in net for net in self._networks)
 
     def __bool__(self) -> bool:
-        return bool(self._networks)
+        return self.any
 
 
 def real_client_ip(peer: str, xff_values: Sequence[str], trusted: TrustedProxies) -> str:
@@ -118,6 +121,9 @@ class Forwarded(NamedTuple):
 
 def forwarded_for(peer: str, xff_values: Sequence[str], trusted: TrustedProxies, scheme: str,
                   host: str, fwd_proto: str | None, fwd_host: str | None) -> Forwarded:
+    if not xff_values and not trusted.any:
+        # The usual request from a browser straight to the gateway: nothing to walk.
+        return Forwarded(peer, peer, scheme, host)
     client = real_client_ip(peer, xff_values, trusted)
     # nginx's $proxy_add_x_forwarded_for: what came in, plus the peer.
     prior = ", ".join(v.strip() for v in xff_values if v.strip())
@@ -151,9 +157,12 @@ def upstream_request_head(method: str, target: str, raw: RawHeaders, host: str,
         lname = name.lower()
         # Names with '_' are dropped like nginx does: CGI-style upstreams read X_Real_IP
         # as X-Real-IP, which would let a client spoof what the gateway sets.
-        if lname in drop or lname in tokens or b"_" in lname:
+        if lname in drop or (tokens and lname in tokens) or b"_" in lname:
             continue
-        out += name + b": " + value + b"\r\n"
+        out += name
+        out += b": "
+        out += value
+        out += b"\r\n"
     out += b"X-Real-IP: " + fwd.client_ip.encode(*_RAW) + b"\r\n"
     out += b"X-Forwarded-For: " + fwd.xff.encode(*_RAW) + b"\r\n"
     out += b"X-Forwarded-Proto: " + fwd.proto.encode(*_RAW) + b"\r\n"

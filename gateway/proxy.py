@@ -33,6 +33,7 @@ log = logging.getLogger("gateway.proxy")
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _REWRITTEN = frozenset({b"set-cookie", b"location", b"refresh", b"content-location"})
+_SPECIAL = HOP_BY_HOP | _REWRITTEN  # dropped or rewritten on the way to the client
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -289,8 +290,8 @@ class Proxy:
 
 
 def response_head(message: RawResponseMessage, route: CompiledRoute, version: HttpVersion,
-                  keep_alive: bool, head_request: bool, extra: Sequence[tuple[str, str]]
-                  ) -> tuple[bytes, bool, bool, bool]:
+                  keep_alive: bool, head_request: bool, extra: Sequence[tuple[str, str]],
+                  extra_lines: bytes = b"") -> tuple[bytes, bool, bool, bool]:
     """The response head for the client: (bytes, re-chunk the body?, keep-alive?, no body?).
 
     The upstream's framing is not the client's: a chunked upstream body is re-chunked for
@@ -310,6 +311,7 @@ def response_head(message: RawResponseMessage, route: CompiledRoute, version: Ht
                                   message.headers.getall("Connection", ()))
     for name, value in extra:
         head += f"{name}: {value}\r\n".encode("latin-1")
+    head += extra_lines  # header lines already encoded, CRLF included
     if rechunk:
         head += b"Transfer-Encoding: chunked\r\n"
     if not keep_alive:
@@ -356,9 +358,10 @@ def response_header_bytes(raw: Sequence[tuple[bytes, bytes]], route: CompiledRou
     out = bytearray()
     for name, value in raw:
         lname = name.lower()
-        if lname in HOP_BY_HOP or lname in tokens:
+        special = lname in _SPECIAL  # one lookup for the usual header, which is neither
+        if (special and lname in HOP_BY_HOP) or (tokens and lname in tokens):
             continue
-        if lname in _REWRITTEN:
+        if special:
             text = value.decode("utf-8", "surrogateescape")
             if lname == b"set-cookie":
                 text = rewrite_set_cookie(text, route.urls)
@@ -367,5 +370,9 @@ def response_header_bytes(raw: Sequence[tuple[bytes, bytes]], route: CompiledRou
             else:
                 text = rewrite_location(text, route.urls)
             value = text.encode("utf-8", "surrogateescape")
-        out += name + b": " + value + b"\r\n"
+        # In-place appends: no temporary bytes objects for the concatenation.
+        out += name
+        out += b": "
+        out += value
+        out += b"\r\n"
     return bytes(out)
