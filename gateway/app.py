@@ -131,8 +131,10 @@ class Gateway:
                  status: int, route: CompiledRoute | None, ex: Exchange, duration: float
                  ) -> None:
         """Every request ends here, from either path: one access-log line, the metrics."""
-        self.access.log_exchange(client_ip, rid, method, raw_path, minor, status, route, ex,
-                                 duration)
+        access = self.access
+        if access.enabled:
+            access.log_exchange(client_ip, rid, method, raw_path, minor, status, route, ex,
+                                duration)
         upstream_error = None
         if ex.error and not ex.upstream_status:
             upstream_error = "timeout" if status == 504 else "error" if status == 502 else None

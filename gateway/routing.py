@@ -8,7 +8,7 @@ path normalisation (a no-op for ordinary paths) and one prefix scan.
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -28,10 +28,11 @@ class Upstream:
     path: str
     host_header: str
     ssl: ssl.SSLContext | None
+    # The pool key, built once: it is looked up twice per proxied request.
+    key: tuple[str, int, bool] = field(init=False, compare=False)
 
-    @property
-    def key(self) -> tuple[str, int, bool]:
-        return (self.host, self.port, self.ssl is not None)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.host, self.port, self.ssl is not None))
 
 
 @dataclass(frozen=True, slots=True)

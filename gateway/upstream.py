@@ -341,7 +341,9 @@ class UpstreamPool:
         if self._closed:
             conn.close()
             return
-        idle = self._idle.setdefault(conn.key, deque())
+        idle = self._idle.get(conn.key)
+        if idle is None:
+            idle = self._idle[conn.key] = deque()
         if len(idle) >= self.max_idle:
             conn.close()
             return
