@@ -13,7 +13,7 @@ visitor in token mode without ``identity.fallback: guest`` is refused with NotLo
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import NamedTuple, Protocol
 
@@ -86,6 +86,11 @@ class ChatIdentity(NamedTuple):
     user_name: str | None
     guest: bool
     set_cookie: str | None = None
+
+
+def _cookie_headers(identity: ChatIdentity) -> list[tuple[str, str]]:
+    """``Set-Cookie`` for a guest id issued by this request, else nothing."""
+    return [("Set-Cookie", identity.set_cookie)] if identity.set_cookie else []
 
 
 def signer_from_config(cec: CecConfig) -> Signer | None:
@@ -238,14 +243,16 @@ class ChatEndpoints:
         data = parse_body(body, self.cec.max_json_size)
         identity = await self.resolve_identity(request)
         assert identity is not None  # issue=True always gives one
-        name = effective_user_name(
-            data, identity.user_name, self.default_user_name(identity),
-            self.cec.guest.max_name_length,
-        )
+        name = self._name_for(data, identity)
         token = None
         if with_token and self._token_for is not None:
             token = await self._token_for(identity.user_id, name)
         return self._rewritten(request, data, identity, name, sign=sign, token=token), identity
+
+    def _name_for(self, data: Mapping[str, object], identity: ChatIdentity) -> str:
+        """The ``thirdUserName`` to sign: the login's name, the page's, or the default."""
+        return effective_user_name(data, identity.user_name, self.default_user_name(identity),
+                                   self.cec.guest.max_name_length)
 
     def _rewritten(self, request: web.BaseRequest, data: dict[str, object],
                    identity: ChatIdentity, name: str, *, sign: bool, token: str | None
@@ -276,8 +283,7 @@ class ChatEndpoints:
         login.
         """
         out, identity = await self._rewrite_object(request, body, sign=True, with_token=True)
-        extra = [("Set-Cookie", identity.set_cookie)] if identity.set_cookie else []
-        return serialize(out), extra
+        return serialize(out), _cookie_headers(identity)
 
     @property
     def rewrites_without_io(self) -> bool:
@@ -296,11 +302,9 @@ class ChatEndpoints:
         data = parse_body(body, self.cec.max_json_size)
         identity = self.guest_identity(request.headers.get(hdrs.COOKIE))
         assert identity is not None  # issue=True always gives one
-        name = effective_user_name(data, None, self.default_user_name(identity),
-                                   self.cec.guest.max_name_length)
-        out = self._rewritten(request, data, identity, name, sign=True, token=None)
-        extra = [("Set-Cookie", identity.set_cookie)] if identity.set_cookie else []
-        return serialize(out), extra
+        out = self._rewritten(request, data, identity, self._name_for(data, identity),
+                              sign=True, token=None)
+        return serialize(out), _cookie_headers(identity)
 
     # ---------------------------------------------------------------- handlers
 
@@ -336,10 +340,7 @@ class ChatEndpoints:
                 identity = None
         name = None
         if identity is not None:
-            name = effective_user_name(
-                {}, identity.user_name, self.default_user_name(identity),
-                self.cec.guest.max_name_length,
-            )
+            name = self._name_for({}, identity)
         settings: dict[str, object] = {
             "contextPath": self.cec.context_path,
             "mode": self.cec.auth.mode,
