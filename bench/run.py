@@ -14,6 +14,7 @@ Everything started is stopped at exit (each child runs in its own process group)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import http.client
 import json
@@ -77,6 +78,7 @@ class Plan:
     big_size: int
     ws_connections: int
     connections: int = 64
+    only_signing: bool = False  # --only signing: the chat POST legs alone, for quick iteration
 
 
 @dataclass
@@ -356,6 +358,13 @@ def warm_up(bench: Bench) -> None:
 
 def one_round(bench: Bench, r: int) -> None:
     plan = bench.plan
+    if not plan.only_signing:
+        other_scenarios(bench, r)
+    signing_round(bench, r)
+
+
+def other_scenarios(bench: Bench, r: int) -> None:
+    plan = bench.plan
     order = rotated(list(NAMES), r)
     log(f"round {r + 1}/{plan.rounds}: 1 KiB GET at {plan.connections} connections")
     for name in order:
@@ -408,6 +417,9 @@ def one_round(bench: Bench, r: int) -> None:
                 if not reset:
                     bench.info["rss_note"] = "VmHWM could not be reset: peak since start"
 
+
+def signing_round(bench: Bench, r: int) -> None:
+    plan = bench.plan
     cec = bench.extra.get("gateway-cec")
     if cec is not None and "signing" not in bench.na:
         log(f"round {r + 1}/{plan.rounds}: signing path (POST newThirdPartyClient.js)")
@@ -645,6 +657,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="JSON file (default bench/results/<date>.json,"
                                                  " or bench/results/quick.json with --quick)")
     parser.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+    parser.add_argument("--only", choices=("signing",),
+                        help="only the chat POST legs (plain, injection, first visit)")
     args = parser.parse_args()
     if not Path(WRK).exists():
         sys.stderr.write("wrk is required (/usr/bin/wrk)\n")
@@ -655,8 +669,10 @@ def main() -> int:
     else:
         plan = Plan(rounds=args.rounds or 5, wrk_seconds=5, lat_seconds=5, big_size=GIB,
                     ws_connections=10_000)
+    if args.only:
+        plan = dataclasses.replace(plan, only_signing=True)
     out = args.out or BENCH_DIR / "results" / (
-        "quick.json" if args.quick else f"{dt.date.today().isoformat()}.json")
+        "quick.json" if args.quick or args.only else f"{dt.date.today().isoformat()}.json")
     signal.signal(signal.SIGTERM, _terminate)
     raise_nofile()
     started = time.monotonic()
@@ -670,10 +686,12 @@ def main() -> int:
                                f"{os.getloadavg()[0]:.2f}): numbers are noisier than usual")
         log(f"starting origin, sink, nginx, textbook proxy and gateway in {tmp}")
         start_all(bench)
-        warm_up(bench)
+        if not plan.only_signing:
+            warm_up(bench)
         for r in range(plan.rounds):
             one_round(bench, r)
-        run_ws(bench)
+        if not plan.only_signing:
+            run_ws(bench)
     finally:
         bench.info["loadavg_at_end"] = os.getloadavg()
         bench.procs.stop_all()

@@ -33,6 +33,8 @@ __all__ = [
     "canonical_headers",
     "canonical_request",
     "default_headers",
+    "epoch_ms",
+    "format_epoch_ms",
     "format_timestamp",
     "normalize",
     "parse_authorization",
@@ -61,6 +63,8 @@ _UNRESERVED = frozenset(
 )
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TAILS_MAX = 4096  # cached canonical-request tails per Signer (one per distinct identity)
+_MILLISECOND = timedelta(milliseconds=1)
+_MILLIS = tuple(f"{n:03d}" for n in range(1000))
 _ENCODED = tuple(chr(b) if b in _UNRESERVED else f"%{b:02X}" for b in range(256))
 
 
@@ -181,18 +185,26 @@ def authorization(
     return f"{prefix}/{signature(key, canonical_request(method, uri, headers, payload))}"
 
 
+def epoch_ms(dt: datetime) -> int:
+    """``dt`` as whole milliseconds since the epoch (floor; a naive ``dt`` is taken as UTC)."""
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return (dt - _EPOCH) // _MILLISECOND
+
+
 def format_timestamp(dt: datetime, fmt: str = DEFAULT_TIMESTAMP_FORMAT) -> str:
     """Format ``dt`` in UTC with ``strftime`` plus ``{ms}`` (3-digit milliseconds).
 
     A naive ``dt`` is taken to be UTC already.
     """
-    if dt.tzinfo is not UTC:
-        dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-    # Whole seconds as an int key: datetime.replace(microsecond=0) alone cost more than
-    # the rest of this function. Rounding after taking the fraction off is exact.
-    whole = round(dt.timestamp() - dt.microsecond / 1_000_000)
+    return format_epoch_ms(epoch_ms(dt), fmt)
+
+
+def format_epoch_ms(ms: int, fmt: str = DEFAULT_TIMESTAMP_FORMAT) -> str:
+    """``format_timestamp`` of the instant ``ms`` milliseconds after the epoch."""
+    seconds, millis = divmod(ms, 1000)
     # {ms} is substituted after strftime; digits are inert to it.
-    return _strftime(whole, fmt).replace("{ms}", f"{dt.microsecond // 1000:03d}")
+    return _strftime(seconds, fmt).replace("{ms}", _MILLIS[millis])
 
 
 @lru_cache(maxsize=64)
@@ -301,6 +313,8 @@ class Signer:
         "_field_keys",
         "_has_length",
         "_keyed",
+        "_prefix_head",
+        "_prefix_tail",
         "_secret",
         "_signed_line",
         "_tails",
@@ -345,6 +359,9 @@ class Signer:
                            if "content-type" in names else None)
         self._field_keys = tuple((f, _json_fragment(f)) for f in self.payload_fields)
         self._keyed = _Hmac(secret_key.encode("utf-8"))
+        # authStringPrefix around its timestamp: "auth-v2/{ak}/" and "/{SignedHeaders}".
+        self._prefix_head = f"{AUTH_VERSION}/{access_key}/"
+        self._prefix_tail = f"/{self._signed_line}"
         self._tails: dict[tuple[object, ...], str] = {}
 
     def __repr__(self) -> str:
@@ -363,6 +380,10 @@ class Signer:
     def timestamp(self, now: datetime | None = None) -> str:
         """``now`` (default: the current time) in the configured timestamp format."""
         return format_timestamp(now or datetime.now(UTC), self.timestamp_format)
+
+    def timestamp_at(self, ms: int) -> str:
+        """The instant ``ms`` milliseconds after the epoch in the configured format."""
+        return format_epoch_ms(ms, self.timestamp_format)
 
     def headers_for(self, payload: str, headers: Mapping[str, str] | None = None) -> dict[str, str]:
         """The configured signed headers with their values for ``payload``.
@@ -427,7 +448,7 @@ class Signer:
                           method: str, uri: str) -> str:
         """``sign_fields`` for the default header set, equal to the general path (tested)."""
         try:
-            values = tuple([data[field] for field in self.payload_fields])
+            values = tuple(map(data.__getitem__, self.payload_fields))
         except KeyError as exc:
             raise SigningError(f"payload field missing: {exc.args[0]}") from None
         try:
@@ -443,9 +464,9 @@ class Signer:
                     self._tails.clear()
                 self._tails[values] = tail
         ts = self.timestamp() if timestamp is None else timestamp
-        prefix = f"{AUTH_VERSION}/{self.access_key}/{ts}/{self._signed_line}"
+        prefix = self._prefix_head + ts + self._prefix_tail
         signing_key = self._keyed.hexdigest(prefix.encode("utf-8"))
-        request = "\n".join((method.upper(), uri, tail))
+        request = f"{method.upper()}\n{uri}\n{tail}"
         return f"{prefix}/{_hmac_hex(signing_key, request)}"
 
     def _canonical_tail(self, values: Sequence[object]) -> str:

@@ -13,8 +13,9 @@ visitor in token mode without ``identity.fallback: guest`` is refused with NotLo
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import NamedTuple, Protocol
 
 from aiohttp import hdrs, web
@@ -22,16 +23,18 @@ from aiohttp import hdrs, web
 from gateway.chat.guest import GuestCookies
 from gateway.chat.inject import (
     AUTHORIZATION,
+    USER_NAME,
     InjectionError,
+    clean_user_name,
     effective_user_name,
+    force_identity,
     parse_body,
-    rewrite_data,
     serialize,
 )
 from gateway.chat.loader import render_loader, render_page
 from gateway.config import CecConfig
 from gateway.errors import Unauthorized
-from gateway.signing import Signer
+from gateway.signing import Signer, epoch_ms
 
 __all__ = [
     "CLIENT_SUFFIX",
@@ -86,6 +89,11 @@ class ChatIdentity(NamedTuple):
     user_name: str | None
     guest: bool
     set_cookie: str | None = None
+
+
+def _wall_ms() -> int:
+    """Now in epoch milliseconds: the default clock, without building a datetime."""
+    return time.time_ns() // 1_000_000
 
 
 def _cookie_headers(identity: ChatIdentity) -> list[tuple[str, str]]:
@@ -157,7 +165,9 @@ class ChatEndpoints:
         self._identify = identify
         self._token_for = token_for
         self.sign_uri = sign_uri or cec.context_path + NEW_CLIENT_SUFFIX
-        self._clock = clock or (lambda: datetime.now(UTC))
+        # Epoch milliseconds: the body's timestamp and the signature's are both made from it.
+        self._now_ms: Callable[[], int] = (
+            (lambda: epoch_ms(clock())) if clock is not None else _wall_ms)
         self._warned_secret = False
 
     def __repr__(self) -> str:
@@ -251,23 +261,27 @@ class ChatEndpoints:
 
     def _name_for(self, data: Mapping[str, object], identity: ChatIdentity) -> str:
         """The ``thirdUserName`` to sign: the login's name, the page's, or the default."""
+        limit = self.cec.guest.max_name_length
+        if identity.user_name is None:
+            # A guest: the page's name, cleaned, unless that leaves nothing.
+            name = clean_user_name(data.get(USER_NAME), limit)
+            if name:
+                return name
         return effective_user_name(data, identity.user_name, self.default_user_name(identity),
-                                   self.cec.guest.max_name_length)
+                                   limit)
 
     def _rewritten(self, request: web.BaseRequest, data: dict[str, object],
                    identity: ChatIdentity, name: str, *, sign: bool, token: str | None
                    ) -> dict[str, object]:
-        out, stripped = rewrite_data(
+        out, stripped = force_identity(
             data,
             tenant_space_id=self.cec.tenant_space_id,
             channel_config_id=self.cec.channel_config_id,
             user_id=identity.user_id,
             user_name=name,
-            default_user_name=name,
-            max_name_length=self.cec.guest.max_name_length,
             signer=self.signer if sign else None,
             token=token,
-            now=self._clock(),
+            now_ms=self._now_ms(),
             uri=self.sign_uri,
         )
         if stripped:
