@@ -108,7 +108,7 @@ async def install_features(config: Config, gateway: Gateway, stack: AsyncExitSta
         async def rewrite_and_count(request: web.BaseRequest, body: bytes
                                     ) -> tuple[bytes, list[tuple[str, str]]]:
             out = await rewrite(request, body)
-            metrics.signatures.inc()
+            metrics.signatures += 1
             return out
 
         return rewrite_and_count
@@ -120,7 +120,7 @@ async def install_features(config: Config, gateway: Gateway, stack: AsyncExitSta
         def rewrite_and_count(request: web.BaseRequest, body: bytes
                               ) -> tuple[bytes, list[tuple[str, str]]]:
             out = rewrite(request, body)
-            metrics.signatures.inc()
+            metrics.signatures += 1
             return out
 
         return rewrite_and_count
@@ -132,7 +132,7 @@ async def install_features(config: Config, gateway: Gateway, stack: AsyncExitSta
         async def authorization_and_count(request: web.BaseRequest) -> web.StreamResponse:
             resp = await sign_endpoint(request)
             if resp.status == 200:
-                metrics.signatures.inc()
+                metrics.signatures += 1
             return resp
 
         ext.endpoints[cec.authorization_path] = authorization_and_count

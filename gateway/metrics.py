@@ -27,12 +27,12 @@ class Metrics:
         self._counts: dict[tuple[str, str, int], int] = {}
         # route -> [count per bucket (non-cumulative, last one +Inf), sum of durations]
         self._hist: dict[str, tuple[list[int], list[float]]] = {}
+        self.signatures = 0  # auth-v2 signatures made: a plain integer, like the requests
         r.register(_RequestCollector(self))
         self.upstream_errors = Counter("gateway_upstream_errors", "Upstream failures",
                                        ["route", "kind"], registry=r)
         self.websockets = Gauge("gateway_websockets_open", "WebSocket connections open",
                                 registry=r)
-        self.signatures = Counter("gateway_signatures", "auth-v2 signatures made", registry=r)
         self.token_events = Counter("gateway_token_events",
                                     "Token endpoint outcomes (validations by result, issuing)",
                                     ["endpoint", "outcome"], registry=r)
@@ -80,6 +80,8 @@ class _RequestCollector(Collector):
         for (route, method, status), n in sorted(self._m._counts.items()):
             requests.add_metric([route, method, str(status)], n)
         yield requests
+        yield CounterMetricFamily("gateway_signatures", "auth-v2 signatures made",
+                                  value=self._m.signatures)
         latency = HistogramMetricFamily("gateway_request_duration_seconds",
                                         "Time from request to the end of the response",
                                         labels=["route"])

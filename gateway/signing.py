@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from operator import itemgetter
 from typing import Any
 
 from gateway.errors import GatewayError
@@ -313,12 +314,15 @@ class Signer:
         "_field_keys",
         "_has_length",
         "_keyed",
+        "_last_key",
         "_prefix_head",
         "_prefix_tail",
+        "_second",
         "_secret",
         "_signed_line",
         "_tails",
         "_type_line",
+        "_values",
         "access_key",
         "content_type",
         "payload_fields",
@@ -362,7 +366,18 @@ class Signer:
         # authStringPrefix around its timestamp: "auth-v2/{ak}/" and "/{SignedHeaders}".
         self._prefix_head = f"{AUTH_VERSION}/{access_key}/"
         self._prefix_tail = f"/{self._signed_line}"
+        # (timestamp, authStringPrefix, keyed signing key) of the last signature: the key
+        # depends on the timestamp alone, so signatures made in the same millisecond share it.
+        self._last_key: tuple[str, str, _Hmac | None] = ("", "", None)
+        self._second: tuple[int | None, str] = (None, "")  # (epoch second, its strftime)
         self._tails: dict[tuple[object, ...], str] = {}
+        # The payload's values as a tuple, in one C call (itemgetter of one field gives the
+        # bare value: wrapped).
+        getter = itemgetter(*self.payload_fields) if self.payload_fields else None
+        self._values: Callable[[Mapping[str, object]], tuple[object, ...]] = (
+            (lambda data: ()) if getter is None
+            else (lambda data: (getter(data),)) if len(self.payload_fields) == 1
+            else getter)
 
     def __repr__(self) -> str:
         return (
@@ -383,7 +398,12 @@ class Signer:
 
     def timestamp_at(self, ms: int) -> str:
         """The instant ``ms`` milliseconds after the epoch in the configured format."""
-        return format_epoch_ms(ms, self.timestamp_format)
+        seconds, millis = divmod(ms, 1000)
+        second, text = self._second
+        if seconds != second:
+            text = _strftime(seconds, self.timestamp_format)
+            self._second = (seconds, text)
+        return text.replace("{ms}", _MILLIS[millis])
 
     def headers_for(self, payload: str, headers: Mapping[str, str] | None = None) -> dict[str, str]:
         """The configured signed headers with their values for ``payload``.
@@ -448,7 +468,7 @@ class Signer:
                           method: str, uri: str) -> str:
         """``sign_fields`` for the default header set, equal to the general path (tested)."""
         try:
-            values = tuple(map(data.__getitem__, self.payload_fields))
+            values = self._values(data)
         except KeyError as exc:
             raise SigningError(f"payload field missing: {exc.args[0]}") from None
         try:
@@ -464,10 +484,14 @@ class Signer:
                     self._tails.clear()
                 self._tails[values] = tail
         ts = self.timestamp() if timestamp is None else timestamp
-        prefix = self._prefix_head + ts + self._prefix_tail
-        signing_key = self._keyed.hexdigest(prefix.encode("utf-8"))
+        last_ts, prefix, keyed = self._last_key
+        if ts != last_ts or keyed is None:
+            prefix = self._prefix_head + ts + self._prefix_tail
+            # The signing key is 64 hex characters: one SHA-256 block, used as is.
+            keyed = _Hmac(self._keyed.hexdigest(prefix.encode("utf-8")).encode("ascii"))
+            self._last_key = (ts, prefix, keyed)
         request = f"{method.upper()}\n{uri}\n{tail}"
-        return f"{prefix}/{_hmac_hex(signing_key, request)}"
+        return f"{prefix}/{keyed.hexdigest(request.encode('utf-8'))}"
 
     def _canonical_tail(self, values: Sequence[object]) -> str:
         """The canonical request after its method and URI lines: it depends only on the

@@ -339,3 +339,27 @@ def test_json_fragment_equals_json_dumps(value: object) -> None:
 @pytest.mark.parametrize("text", ['a"b', "a\\b", "tab\there", "\x7f", "é", "\u2028", ""])
 def test_json_fragment_escapes_like_json(text: str) -> None:
     assert signing._json_fragment(text) == json.dumps(text, ensure_ascii=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ms=st.integers(min_value=-(10**12), max_value=4 * 10**12))
+def test_timestamps_from_epoch_milliseconds(ms: int) -> None:
+    """The signing path formats epoch milliseconds; it equals formatting the datetime."""
+    when = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
+    assert signing.epoch_ms(when) == ms
+    assert signing.format_epoch_ms(ms) == signing.format_timestamp(when)
+    signer = Signer(AK, SECRET, timestamp_format="%Y%m%dT%H%M%S.{ms}Z")
+    assert signer.timestamp_at(ms) == signer.timestamp(when)
+
+
+def test_signing_key_shared_within_a_millisecond_only() -> None:
+    """The derived key is kept for the last timestamp; every signature still matches the
+    general path, whether it reuses that key or not."""
+    signer = Signer(AK, SECRET)
+    users = [{**DATA_1, "thirdUserId": f"user-{i}"} for i in range(3)]
+    stamps = [TS, TS, "2026-11-24T08:30:15.124Z", TS]
+    for ts in stamps:
+        for data in users:
+            expected = signer.sign_payload(signer.payload_for(data), timestamp=ts)
+            assert signer.sign_fields(data, timestamp=ts, uri=URI) == expected
+    assert signer.sign_fields(DATA_1, timestamp=TS, uri=URI) == EXPECTED_1

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
+from functools import partial
 from typing import NamedTuple, Protocol
 
 from aiohttp import hdrs, web
@@ -28,7 +29,7 @@ from gateway.chat.inject import (
     clean_user_name,
     effective_user_name,
     force_identity,
-    parse_body,
+    read_body,
     serialize,
 )
 from gateway.chat.loader import render_loader, render_page
@@ -89,6 +90,10 @@ class ChatIdentity(NamedTuple):
     user_name: str | None
     guest: bool
     set_cookie: str | None = None
+
+
+# ChatIdentity from a ready tuple: the NamedTuple constructor is a Python function.
+_returning_guest = partial(tuple.__new__, ChatIdentity)
 
 
 def _wall_ms() -> int:
@@ -169,6 +174,7 @@ class ChatEndpoints:
         self._now_ms: Callable[[], int] = (
             (lambda: epoch_ms(clock())) if clock is not None else _wall_ms)
         self._warned_secret = False
+        self._name_limit = cec.guest.max_name_length
 
     def __repr__(self) -> str:
         return (
@@ -223,7 +229,7 @@ class ChatEndpoints:
         """The guest from the ``Cookie`` header; a new one (with its cookie) when ``issue``."""
         guest_id = self.guest.read_cookie_header(cookie_header)
         if guest_id is not None:
-            return ChatIdentity(guest_id, None, guest=True)
+            return _returning_guest((guest_id, None, True, None))
         if not issue:
             return None
         guest_id = self.guest.new_id()
@@ -249,28 +255,28 @@ class ChatEndpoints:
     # ---------------------------------------------------------------- rewrite
 
     async def _rewrite_object(self, request: web.BaseRequest, body: bytes, *, sign: bool,
-                              with_token: bool) -> tuple[dict[str, object], ChatIdentity]:
-        data = parse_body(body, self.cec.max_json_size)
+                              with_token: bool) -> tuple[dict[str, object], ChatIdentity, int]:
+        data, shape = read_body(body, self.cec.max_json_size)
         identity = await self.resolve_identity(request)
         assert identity is not None  # issue=True always gives one
         name = self._name_for(data, identity)
         token = None
         if with_token and self._token_for is not None:
             token = await self._token_for(identity.user_id, name)
-        return self._rewritten(request, data, identity, name, sign=sign, token=token), identity
+        out = self._rewritten(request, data, shape, identity, name, sign=sign, token=token)
+        return out, identity, shape
 
     def _name_for(self, data: Mapping[str, object], identity: ChatIdentity) -> str:
         """The ``thirdUserName`` to sign: the login's name, the page's, or the default."""
-        limit = self.cec.guest.max_name_length
         if identity.user_name is None:
             # A guest: the page's name, cleaned, unless that leaves nothing.
-            name = clean_user_name(data.get(USER_NAME), limit)
+            name = clean_user_name(data.get(USER_NAME), self._name_limit)
             if name:
                 return name
         return effective_user_name(data, identity.user_name, self.default_user_name(identity),
-                                   limit)
+                                   self._name_limit)
 
-    def _rewritten(self, request: web.BaseRequest, data: dict[str, object],
+    def _rewritten(self, request: web.BaseRequest, data: dict[str, object], shape: int,
                    identity: ChatIdentity, name: str, *, sign: bool, token: str | None
                    ) -> dict[str, object]:
         out, stripped = force_identity(
@@ -283,6 +289,7 @@ class ChatEndpoints:
             token=token,
             now_ms=self._now_ms(),
             uri=self.sign_uri,
+            shape=shape,
         )
         if stripped:
             self._warn_secret_once(request)
@@ -296,8 +303,9 @@ class ChatEndpoints:
         Raises InjectionError (400) on bad input, NotLoggedIn (401) in token mode without a
         login.
         """
-        out, identity = await self._rewrite_object(request, body, sign=True, with_token=True)
-        return serialize(out), _cookie_headers(identity)
+        out, identity, shape = await self._rewrite_object(request, body, sign=True,
+                                                           with_token=True)
+        return serialize(out, shape), _cookie_headers(identity)
 
     @property
     def rewrites_without_io(self) -> bool:
@@ -313,12 +321,12 @@ class ChatEndpoints:
         """
         if not self.rewrites_without_io:
             raise RuntimeError("rewrite_now needs a guest-only gateway (no identity, no token)")
-        data = parse_body(body, self.cec.max_json_size)
+        data, shape = read_body(body, self.cec.max_json_size)
         identity = self.guest_identity(request.headers.get(hdrs.COOKIE))
         assert identity is not None  # issue=True always gives one
-        out = self._rewritten(request, data, identity, self._name_for(data, identity),
+        out = self._rewritten(request, data, shape, identity, self._name_for(data, identity),
                               sign=True, token=None)
-        return serialize(out), _cookie_headers(identity)
+        return serialize(out, shape), _cookie_headers(identity)
 
     # ---------------------------------------------------------------- handlers
 
@@ -330,7 +338,7 @@ class ChatEndpoints:
             return _text(404, "404 Not Found: this gateway does not sign (auth.mode token)\n")
         try:
             body = await read_limited(request, self.cec.max_json_size)
-            out, identity = await self._rewrite_object(
+            out, identity, _ = await self._rewrite_object(
                 request, body, sign=True, with_token=False
             )
         except InjectionError as exc:

@@ -45,7 +45,7 @@ class _KeyCachingSigner(itsdangerous.Signer):
 class GuestCookies:
     """Reads, mints and formats the signed guest-id cookie."""
 
-    __slots__ = ("_signer", "_verified", "cookie_name", "max_age", "secure")
+    __slots__ = ("_cookie_re", "_signer", "_verified", "cookie_name", "max_age", "secure")
 
     def __init__(
         self,
@@ -63,6 +63,9 @@ class GuestCookies:
             raise ValueError("max_age must be positive")
         self._signer = _KeyCachingSigner(key, salt=_SALT, digest_method=hashlib.sha256)
         self.cookie_name = cookie_name
+        # One "name=value" pair of a Cookie header whose name is ours (blanks around the name
+        # and the value as str.strip() sees them: \s is the same Unicode whitespace).
+        self._cookie_re = re.compile(r"(?:^|;)\s*" + re.escape(cookie_name) + r"\s*=([^;]*)")
         self._verified: dict[str, str] = {}
         self.secure = secure
         self.max_age = max_age
@@ -112,23 +115,20 @@ class GuestCookies:
 
         A browser may send the name twice (a stale cookie from another path or domain next to
         the current one); both are ours to check, and only a signed value counts. The header
-        is split by hand: the cookie jar parsers cost more than the whole rewrite around them,
-        and this one name is all the gateway reads.
+        is not parsed as a whole: the cookie jar parsers cost more than the whole rewrite
+        around them, and this one name is all the gateway reads.
         """
-        if not header:
+        if not header or self.cookie_name not in header:
             return None
-        name = self.cookie_name
-        if name not in header:
-            return None
-        for part in header.split(";"):
-            key, eq, value = part.partition("=")
-            if eq and key.strip() == name:
-                value = value.strip()
-                if len(value) >= 2 and value[0] == value[-1] == '"':
-                    value = value[1:-1]
-                guest_id = self.read_value(value)
-                if guest_id is not None:
-                    return guest_id
+        match = self._cookie_re.search(header)
+        while match is not None:
+            value = match.group(1).strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            guest_id = self.read_value(value)
+            if guest_id is not None:
+                return guest_id
+            match = self._cookie_re.search(header, match.end())
         return None
 
     def read(self, request: web.BaseRequest) -> str | None:

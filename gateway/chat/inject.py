@@ -34,6 +34,7 @@ __all__ = [
     "effective_user_name",
     "force_identity",
     "parse_body",
+    "read_body",
     "rewrite_data",
     "rewrite_third_user_data",
     "serialize",
@@ -200,6 +201,12 @@ def _exact(value: object, depth: int = 0) -> bool:
     return depth < _EXACT_DEPTH and all(_exact(item, depth + 1) for item in items)
 
 
+# What read_body knows about a document, so that the rewrite and serialize need not look
+# again: every value a plain scalar orjson handles exactly; exact with objects or arrays
+# inside; or anything else (read by the json module, written by it too).
+FLAT, NESTED, OTHER = 0, 1, 2
+
+
 def _parse_reference(body: bytes) -> dict[str, object]:
     """``parse_body`` with the json module alone: the reference for every decision."""
     if not body.strip():
@@ -220,20 +227,28 @@ def _parse_reference(body: bytes) -> dict[str, object]:
     return data
 
 
-def parse_body(body: bytes, max_size: int) -> dict[str, object]:
-    """The JSON object in ``body``; InjectionError when too big, not UTF-8 JSON or no object.
-
-    The answer is the json module's; orjson gives it faster whenever it cannot differ.
-    """
+def read_body(body: bytes, max_size: int) -> tuple[dict[str, object], int]:
+    """``parse_body``, and the document's shape (FLAT, NESTED or OTHER)."""
     if len(body) > max_size:
         raise InjectionError(f"thirdUserData is larger than {max_size} bytes")
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return _parse_reference(body)  # rejected, or something orjson does not read
-    if data.__class__ is not dict or not _exact(data):
-        return _parse_reference(body)
-    return data  # type: ignore[no-any-return]
+        return _parse_reference(body), OTHER  # rejected, or something orjson does not read
+    if data.__class__ is dict:
+        if _EXACT.issuperset(map(type, data.values())):
+            return data, FLAT
+        if _exact(data):
+            return data, NESTED
+    return _parse_reference(body), OTHER
+
+
+def parse_body(body: bytes, max_size: int) -> dict[str, object]:
+    """The JSON object in ``body``; InjectionError when too big, not UTF-8 JSON or no object.
+
+    The answer is the json module's; orjson gives it faster whenever it cannot differ.
+    """
+    return read_body(body, max_size)[0]
 
 
 def _serialize_reference(data: Mapping[str, object]) -> bytes:
@@ -243,12 +258,15 @@ def _serialize_reference(data: Mapping[str, object]) -> bytes:
         raise InjectionError("thirdUserData holds invalid Unicode") from None
 
 
-def serialize(data: Mapping[str, object]) -> bytes:
+def serialize(data: Mapping[str, object], shape: int | None = None) -> bytes:
     """Compact UTF-8 JSON; InjectionError when a string cannot be encoded (lone surrogate).
 
-    The json module's bytes; orjson writes them faster whenever they cannot differ.
+    The json module's bytes; orjson writes them faster whenever they cannot differ. ``shape``
+    is read_body's for a document that has only gained strings and integers since.
     """
-    if _exact(data):
+    if shape is None:
+        shape = NESTED if _exact(data) else OTHER
+    if shape != OTHER:
         try:
             return orjson.dumps(data)
         except orjson.JSONEncodeError:
@@ -279,9 +297,15 @@ def _strip_secrets(value: object) -> tuple[object, bool]:
     return value, False
 
 
-def _unmanaged(data: Mapping[str, object]) -> tuple[dict[str, object], bool]:
+@lru_cache(maxsize=256)
+def _all_kept(keys: tuple[str, ...]) -> bool:
+    # The same widget sends the same keys on every page view: one lookup for all of them.
+    return all(_verdict(key) is _KEEP for key in keys)
+
+
+def _unmanaged(data: Mapping[str, object], shape: int) -> tuple[dict[str, object], bool]:
     """The page's keys that are neither a secret nor a look-alike, secrets removed inside."""
-    if _KEEP_ALL.issuperset(map(_verdict, data)):
+    if _all_kept(tuple(data)):
         out = dict(data)  # the usual body: nothing to drop
         stripped = False
     else:
@@ -294,7 +318,7 @@ def _unmanaged(data: Mapping[str, object]) -> tuple[dict[str, object], bool]:
             elif verdict is _SECRET:
                 stripped = True
             # a look-alike of an identity field: never forwarded
-    if not _SCALARS.issuperset(map(type, out.values())):
+    if shape != FLAT and not _SCALARS.issuperset(map(type, out.values())):
         try:
             for key, value in out.items():
                 if value.__class__ not in _SCALARS:
@@ -316,9 +340,13 @@ def force_identity(
     token: str | None,
     now_ms: int,
     uri: str = DEFAULT_URI,
+    shape: int = OTHER,
 ) -> tuple[dict[str, object], bool]:
-    """``rewrite_data`` with the final ``thirdUserName`` already chosen, time in epoch ms."""
-    out, stripped = _unmanaged(data)
+    """``rewrite_data`` with the final ``thirdUserName`` already chosen, time in epoch ms.
+
+    ``shape`` is read_body's for ``data`` (OTHER when unknown).
+    """
+    out, stripped = _unmanaged(data, shape)
     # Assignment keeps the position of keys the page already sent.
     out[USER_NAME] = user_name
     out[USER_ID] = user_id

@@ -9,6 +9,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import RawTestServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.chat.guest import GUEST_ID_RE, GuestCookies
 
@@ -128,3 +130,35 @@ def test_read_cookie_header_edge_cases() -> None:
     assert g.read_cookie_header("cec_guest") is None
     assert g.read_cookie_header("cec_guest=") is None
     assert g.read_cookie_header(f"cec_guest={value[:-2]}") is None
+
+
+def _reference_read(g: GuestCookies, header: str | None) -> str | None:
+    """The reader as first written: split on ';', the first pair of ours that verifies."""
+    if not header:
+        return None
+    for part in header.split(";"):
+        key, eq, value = part.partition("=")
+        if eq and key.strip() == g.cookie_name:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            guest_id = g.read_value(value)
+            if guest_id is not None:
+                return guest_id
+    return None
+
+
+_G = GuestCookies(KEY)
+_VALID = [_G.value_for(_G.new_id()) for _ in range(2)]
+_blank = st.sampled_from(["", " ", "  ", "\t", "\u00a0", "\u3000", "\n"])
+_value = st.one_of(st.sampled_from(_VALID), st.sampled_from(_VALID).map(lambda v: f'"{v}"'),
+                   st.sampled_from(_VALID).map(lambda v: v[:-1]), st.text(max_size=8))
+_pair = st.tuples(_blank, st.sampled_from(["cec_guest", "xcec_guest", "cec_guest_x", "a", ""]),
+                  _blank, st.sampled_from(["=", "", "=="]), _blank, _value, _blank).map("".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_pair, max_size=5), st.sampled_from(["; ", ";", " ; "]))
+def test_read_cookie_header_equals_the_split_reader(pairs: list[str], sep: str) -> None:
+    header = sep.join(pairs)
+    assert _G.read_cookie_header(header) == _reference_read(_G, header)
