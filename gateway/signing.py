@@ -317,7 +317,6 @@ class Signer:
         "_last_key",
         "_prefix_head",
         "_prefix_tail",
-        "_second",
         "_secret",
         "_signed_line",
         "_tails",
@@ -369,7 +368,6 @@ class Signer:
         # (timestamp, authStringPrefix, keyed signing key) of the last signature: the key
         # depends on the timestamp alone, so signatures made in the same millisecond share it.
         self._last_key: tuple[str, str, _Hmac | None] = ("", "", None)
-        self._second: tuple[int | None, str] = (None, "")  # (epoch second, its strftime)
         self._tails: dict[tuple[object, ...], str] = {}
         # The payload's values as a tuple, in one C call (itemgetter of one field gives the
         # bare value: wrapped).
@@ -398,12 +396,7 @@ class Signer:
 
     def timestamp_at(self, ms: int) -> str:
         """The instant ``ms`` milliseconds after the epoch in the configured format."""
-        seconds, millis = divmod(ms, 1000)
-        second, text = self._second
-        if seconds != second:
-            text = _strftime(seconds, self.timestamp_format)
-            self._second = (seconds, text)
-        return text.replace("{ms}", _MILLIS[millis])
+        return format_epoch_ms(ms, self.timestamp_format)
 
     def headers_for(self, payload: str, headers: Mapping[str, str] | None = None) -> dict[str, str]:
         """The configured signed headers with their values for ``payload``.
