@@ -72,6 +72,7 @@ class Rewriter:
     content_type: str  # the rewritten body's type, replacing the page's
     # The same rewrite as a plain call, when it needs no I/O (guest-only signing).
     rewrite_now: SyncBodyRewriter | None = None
+    signs: bool = False  # each rewrite makes an auth-v2 signature (counted in the metrics)
 
 
 @dataclass
@@ -250,6 +251,8 @@ class Gateway:
                     rw = self.ext.rewriters.get(rewrite_key(path))
                 if rw is not None:
                     body, extra = await self._rewrite(request, rw)
+                    if rw.signs:
+                        self.metrics.signatures += 1
                     body_type = rw.content_type
                     ex.extra_response_headers.extend(extra)
             resp = await self.proxy.forward(request, route, target, fwd, rid, ex, body=body,

@@ -20,7 +20,7 @@ from aiohttp import web
 from gateway.config import Config
 
 if TYPE_CHECKING:
-    from gateway.app import BodyRewriter, Extensions, Gateway, SyncBodyRewriter
+    from gateway.app import Extensions, Gateway
 
 log = logging.getLogger("gateway.features")
 
@@ -101,30 +101,6 @@ async def install_features(config: Config, gateway: Gateway, stack: AsyncExitSta
     chat = ChatEndpoints(cec, signer, guest, identify=identify, token_for=token_for)
     metrics = gateway.metrics
 
-    def counted(rewrite: BodyRewriter) -> BodyRewriter:
-        if signer is None:
-            return rewrite
-
-        async def rewrite_and_count(request: web.BaseRequest, body: bytes
-                                    ) -> tuple[bytes, list[tuple[str, str]]]:
-            out = await rewrite(request, body)
-            metrics.signatures += 1
-            return out
-
-        return rewrite_and_count
-
-    def counted_now(rewrite: SyncBodyRewriter) -> SyncBodyRewriter:
-        if signer is None:
-            return rewrite
-
-        def rewrite_and_count(request: web.BaseRequest, body: bytes
-                              ) -> tuple[bytes, list[tuple[str, str]]]:
-            out = rewrite(request, body)
-            metrics.signatures += 1
-            return out
-
-        return rewrite_and_count
-
     ext.endpoints.update(chat.endpoints())
     if signer is not None and cec.authorization_path in ext.endpoints:
         sign_endpoint = ext.endpoints[cec.authorization_path]
@@ -138,6 +114,6 @@ async def install_features(config: Config, gateway: Gateway, stack: AsyncExitSta
         ext.endpoints[cec.authorization_path] = authorization_and_count
     for path in chat.rewrite_paths():
         ext.rewriters[path] = Rewriter(
-            cec.max_json_size, counted(chat.rewrite), cec.signing.content_type,
-            counted_now(chat.rewrite_now) if chat.rewrites_without_io else None)
+            cec.max_json_size, chat.rewrite, cec.signing.content_type,
+            chat.rewrite_now if chat.rewrites_without_io else None, signs=signer is not None)
     return ext

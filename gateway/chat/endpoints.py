@@ -25,10 +25,10 @@ from gateway.chat.guest import GuestCookies
 from gateway.chat.inject import (
     AUTHORIZATION,
     USER_NAME,
+    IdentityForcer,
     InjectionError,
     clean_user_name,
     effective_user_name,
-    force_identity,
     read_body,
     serialize,
 )
@@ -175,6 +175,9 @@ class ChatEndpoints:
             (lambda: epoch_ms(clock())) if clock is not None else _wall_ms)
         self._warned_secret = False
         self._name_limit = cec.guest.max_name_length
+        self._max_json = cec.max_json_size
+        self._forcer = IdentityForcer(cec.tenant_space_id, cec.channel_config_id, signer,
+                                      self.sign_uri)
 
     def __repr__(self) -> str:
         return (
@@ -254,16 +257,16 @@ class ChatEndpoints:
 
     # ---------------------------------------------------------------- rewrite
 
-    async def _rewrite_object(self, request: web.BaseRequest, body: bytes, *, sign: bool,
-                              with_token: bool) -> tuple[dict[str, object], ChatIdentity, int]:
-        data, shape = read_body(body, self.cec.max_json_size)
+    async def _rewrite_object(self, request: web.BaseRequest, body: bytes, *, with_token: bool
+                              ) -> tuple[dict[str, object], ChatIdentity, int]:
+        data, shape = read_body(body, self._max_json)
         identity = await self.resolve_identity(request)
         assert identity is not None  # issue=True always gives one
         name = self._name_for(data, identity)
         token = None
         if with_token and self._token_for is not None:
             token = await self._token_for(identity.user_id, name)
-        out = self._rewritten(request, data, shape, identity, name, sign=sign, token=token)
+        out = self._rewritten(request, data, shape, identity, name, token)
         return out, identity, shape
 
     def _name_for(self, data: Mapping[str, object], identity: ChatIdentity) -> str:
@@ -277,20 +280,9 @@ class ChatEndpoints:
                                    self._name_limit)
 
     def _rewritten(self, request: web.BaseRequest, data: dict[str, object], shape: int,
-                   identity: ChatIdentity, name: str, *, sign: bool, token: str | None
-                   ) -> dict[str, object]:
-        out, stripped = force_identity(
-            data,
-            tenant_space_id=self.cec.tenant_space_id,
-            channel_config_id=self.cec.channel_config_id,
-            user_id=identity.user_id,
-            user_name=name,
-            signer=self.signer if sign else None,
-            token=token,
-            now_ms=self._now_ms(),
-            uri=self.sign_uri,
-            shape=shape,
-        )
+                   identity: ChatIdentity, name: str, token: str | None) -> dict[str, object]:
+        out, stripped = self._forcer.force(data, shape, identity.user_id, name, token,
+                                           self._now_ms())
         if stripped:
             self._warn_secret_once(request)
         return out
@@ -303,8 +295,7 @@ class ChatEndpoints:
         Raises InjectionError (400) on bad input, NotLoggedIn (401) in token mode without a
         login.
         """
-        out, identity, shape = await self._rewrite_object(request, body, sign=True,
-                                                           with_token=True)
+        out, identity, shape = await self._rewrite_object(request, body, with_token=True)
         return serialize(out, shape), _cookie_headers(identity)
 
     @property
@@ -319,13 +310,13 @@ class ChatEndpoints:
         The injection path runs once per chat page view; with no identity lookup and no
         token to issue there is nothing to wait for, so it is done in a plain call.
         """
-        if not self.rewrites_without_io:
+        if self._identify is not None or self._token_for is not None:
             raise RuntimeError("rewrite_now needs a guest-only gateway (no identity, no token)")
-        data, shape = read_body(body, self.cec.max_json_size)
+        data, shape = read_body(body, self._max_json)
         identity = self.guest_identity(request.headers.get(hdrs.COOKIE))
         assert identity is not None  # issue=True always gives one
         out = self._rewritten(request, data, shape, identity, self._name_for(data, identity),
-                              sign=True, token=None)
+                              None)
         return serialize(out, shape), _cookie_headers(identity)
 
     # ---------------------------------------------------------------- handlers
@@ -338,9 +329,7 @@ class ChatEndpoints:
             return _text(404, "404 Not Found: this gateway does not sign (auth.mode token)\n")
         try:
             body = await read_limited(request, self.cec.max_json_size)
-            out, identity, _ = await self._rewrite_object(
-                request, body, sign=True, with_token=False
-            )
+            out, identity, _ = await self._rewrite_object(request, body, with_token=False)
         except InjectionError as exc:
             return _text(400, f"400 Bad Request: {exc}\n")
         except NotLoggedIn as exc:

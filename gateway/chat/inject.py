@@ -28,6 +28,7 @@ from gateway.signing import DEFAULT_URI, Signer, SigningError, epoch_ms
 
 __all__ = [
     "MANAGED_FIELDS",
+    "IdentityForcer",
     "InjectionError",
     "RewriteResult",
     "clean_user_name",
@@ -329,6 +330,51 @@ def _unmanaged(data: Mapping[str, object], shape: int) -> tuple[dict[str, object
     return out, stripped
 
 
+class IdentityForcer:
+    """``force_identity`` bound to one channel: what the injection path calls per request."""
+
+    __slots__ = ("channel_config_id", "signer", "tenant_space_id", "uri")
+
+    def __init__(self, tenant_space_id: str, channel_config_id: str, signer: Signer | None,
+                 uri: str = DEFAULT_URI) -> None:
+        self.tenant_space_id = tenant_space_id
+        self.channel_config_id = channel_config_id
+        self.signer = signer
+        self.uri = uri
+
+    def __repr__(self) -> str:
+        return (f"IdentityForcer(tenant={self.tenant_space_id!r},"
+                f" channel={self.channel_config_id!r}, signing={self.signer is not None})")
+
+    def force(self, data: Mapping[str, object], shape: int, user_id: str, user_name: str,
+              token: str | None, now_ms: int) -> tuple[dict[str, object], bool]:
+        """``force_identity``, positional (see there)."""
+        out, stripped = _unmanaged(data, shape)
+        # Assignment keeps the position of keys the page already sent.
+        out[USER_NAME] = user_name
+        out[USER_ID] = user_id
+        out[TENANT] = self.tenant_space_id
+        out[CHANNEL] = self.channel_config_id
+        stamp = out.get(TIMESTAMP)
+        if stamp.__class__ is not int and (
+            not isinstance(stamp, (int, float))  # a tuple: no union object built per call
+            or isinstance(stamp, bool)
+            or not math.isfinite(stamp)
+        ):
+            out[TIMESTAMP] = now_ms
+        if token is not None:
+            out[TOKEN] = token
+        signer = self.signer
+        if signer is not None:
+            try:
+                out[AUTHORIZATION] = signer.sign_at(out, now_ms, self.uri)
+            except SigningError as exc:
+                raise InjectionError(str(exc)) from None
+            except UnicodeEncodeError:
+                raise InjectionError("thirdUserData holds invalid Unicode") from None
+        return out, stripped
+
+
 def force_identity(
     data: Mapping[str, object],
     *,
@@ -346,30 +392,8 @@ def force_identity(
 
     ``shape`` is read_body's for ``data`` (OTHER when unknown).
     """
-    out, stripped = _unmanaged(data, shape)
-    # Assignment keeps the position of keys the page already sent.
-    out[USER_NAME] = user_name
-    out[USER_ID] = user_id
-    out[TENANT] = tenant_space_id
-    out[CHANNEL] = channel_config_id
-    stamp = out.get(TIMESTAMP)
-    if (
-        not isinstance(stamp, (int, float))  # a tuple: no union object built per call
-        or isinstance(stamp, bool)
-        or not math.isfinite(stamp)
-    ):
-        out[TIMESTAMP] = now_ms
-    if token is not None:
-        out[TOKEN] = token
-    if signer is not None:
-        try:
-            out[AUTHORIZATION] = signer.sign_fields(out, timestamp=signer.timestamp_at(now_ms),
-                                                    uri=uri)
-        except SigningError as exc:
-            raise InjectionError(str(exc)) from None
-        except UnicodeEncodeError:
-            raise InjectionError("thirdUserData holds invalid Unicode") from None
-    return out, stripped
+    forcer = IdentityForcer(tenant_space_id, channel_config_id, signer, uri)
+    return forcer.force(data, shape, user_id, user_name, token, now_ms)
 
 
 def rewrite_data(
