@@ -15,9 +15,12 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.errors import GatewayError
+
+if TYPE_CHECKING:
+    from gateway.chat._native import FlatRewriter
 
 __all__ = [
     "AUTH_VERSION",
@@ -503,6 +506,27 @@ class Signer:
             key = self._key_for(ms, self.timestamp_at(ms))
         request = f"POST\n{uri}\n{tail}"
         return f"{key[2]}/{key[3].hexdigest(request.encode('utf-8'))}"
+
+    def flat_rewriter(self, tenant_space_id: str, channel_config_id: str, uri: str,
+                      max_name_length: int) -> FlatRewriter | None:
+        """The native injection rewrite for guests (``gateway/chat/_native.c``) signing as
+        this signer, or None when it is not built or this configuration is beyond it (a
+        signed header other than Content-Length/Content-Type, a payload field that is not an
+        identity field, identity values that need JSON escaping)."""
+        if not self._fast:
+            return None
+        try:
+            from gateway.chat._native import FlatRewriter
+        except ImportError:
+            return None
+        try:
+            return FlatRewriter(
+                tenant_space_id, channel_config_id, uri, max_name_length,
+                self._secret.encode("utf-8"), self._prefix_head, self._prefix_tail,
+                self._signed_line, self._has_length, self._type_line, self.payload_fields,
+                self.timestamp_at)
+        except ValueError:
+            return None
 
     def _key_for(self, ms: int | None, ts: str) -> tuple[int | None, str, str, _Hmac]:
         prefix = self._prefix_head + ts + self._prefix_tail
