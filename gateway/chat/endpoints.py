@@ -306,6 +306,11 @@ class ChatEndpoints:
         return serialize(out, shape), _cookie_headers(identity)
 
     @property
+    def native_rewrite(self) -> bool:
+        """The usual guest body is rewritten in native code (else all of it in Python)."""
+        return self._native is not None
+
+    @property
     def rewrites_without_io(self) -> bool:
         """Guests only and no token to issue: ``rewrite_now`` gives what ``rewrite`` would."""
         return self._identify is None and self._token_for is None
