@@ -386,8 +386,8 @@ static int parse_flat(const unsigned char *p, const unsigned char *end, Member *
                 return 0;
             if (p < end && (*p == '.' || *p == 'e' || *p == 'E' || (*p >= '0' && *p <= '9')))
                 return 0; /* a float (or a leading zero): the json module decides */
-            if (p - s > 18)
-                return 0;
+            if (p - s - (s[0] == '-') > 18)
+                return 0; /* beyond 64 bits soon: the json module decides */
             m[n].kind = V_INT;
             m[n].val = (const char *)s;
             m[n].vlen = p - s;
@@ -627,8 +627,12 @@ static PyObject *FlatRewriter_rewrite(FlatRewriter *self, PyObject *const *args,
     if (now_ms == -1 && PyErr_Occurred())
         return NULL;
     uid = PyUnicode_AsUTF8AndSize(args[1], &uidn);
-    if (uid == NULL)
-        return NULL;
+    if (uid == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError))
+            return NULL;
+        PyErr_Clear(); /* a lone surrogate: the Python path refuses it (400) */
+        Py_RETURN_NONE;
+    }
     if (!plain_ascii(uid, (size_t)uidn))
         Py_RETURN_NONE;
     PyBytes_AsStringAndSize(args[0], &body, &blen);
