@@ -7,10 +7,12 @@ reads the gateway's RSS (all its processes) before and after. Both ends are raw 
 protocols, so the script itself stays small and quick even at 10,000 connections.
 
 Each proxied connection holds two sockets in the gateway (client side and upstream side),
-so the gateway needs 2*N file descriptors; N is capped to what RLIMIT_NOFILE allows and the
-cap is reported.
+so one gateway process needs 2*N file descriptors; N is capped to what RLIMIT_NOFILE allows
+for the gateway's workers and the cap is reported. With ``--workers 2`` the connections are
+shared by two processes (SO_REUSEPORT), so 10,000 fit under a hard limit of 20,000.
 
-    python bench/ws_idle.py -n 10000          # prints one JSON object
+    python bench/ws_idle.py -n 10000              # prints one JSON object
+    python bench/ws_idle.py -n 10000 --workers 2
 """
 
 from __future__ import annotations
@@ -234,10 +236,12 @@ async def measure(gw_pid: int, port: int, count: int) -> dict[str, object]:
     }
 
 
-def run(count: int, workdir: Path) -> dict[str, object]:
+def run(count: int, workdir: Path, workers: int = 1) -> dict[str, object]:
     hard = raise_nofile()
-    cap = max(1, (hard - _FD_MARGIN) // 2)
-    result: dict[str, object] = {"requested": count, "nofile_limit": hard}
+    # SO_REUSEPORT spreads connections by a hash, not exactly evenly: leave each worker 10 %.
+    per_worker = max(1, (hard - _FD_MARGIN) // 2)
+    cap = per_worker if workers == 1 else int(per_worker * workers * 0.9)
+    result: dict[str, object] = {"requested": count, "nofile_limit": hard, "workers": workers}
     if count > cap:
         result["capped_by_nofile"] = True
         count = cap
@@ -251,10 +255,15 @@ def run(count: int, workdir: Path) -> dict[str, object]:
                                + procs.log_tail("ws-upstream"))
         config = workdir / "ws-gateway.yaml"
         config.write_text(gateway_config_yaml(
-            gw_port, [{"prefix": "/", "upstream": f"http://127.0.0.1:{up_port}/"}]))
-        gw = procs.start("ws-gateway", gateway_argv(config), cwd=PROJECT_DIR)
+            gw_port, [{"prefix": "/", "upstream": f"http://127.0.0.1:{up_port}/"}],
+            workers=workers))
+        gw = procs.start("ws-gateway", gateway_argv(config, workers=workers), cwd=PROJECT_DIR)
         if not wait_port(gw_port, proc=gw):
             raise RuntimeError("the gateway did not start:\n" + procs.log_tail("ws-gateway"))
+        deadline = time.monotonic() + 30
+        while len(process_tree(gw.pid)) < workers + (workers > 1) and time.monotonic() < deadline:
+            time.sleep(0.1)  # every worker up before the first connection (supervisor + N)
+        time.sleep(1.0 if workers > 1 else 0)  # and listening
         with contextlib.suppress(ImportError):
             import uvloop
 
@@ -268,6 +277,7 @@ def run(count: int, workdir: Path) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--connections", type=int, default=10_000)
+    parser.add_argument("--workers", type=int, default=1, help="gateway worker processes")
     parser.add_argument("--upstream", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -281,7 +291,7 @@ def main() -> None:
             asyncio.run(serve_upstream(args.port))
         return
     with tempfile.TemporaryDirectory(prefix="gwbench-ws-") as tmp:
-        result = run(args.connections, Path(tmp))
+        result = run(args.connections, Path(tmp), args.workers)
     sys.stdout.write(json.dumps(result) + "\n")
 
 
