@@ -17,7 +17,7 @@ How a request flows (one module per step):
 
 Credentials never leave the process: ``signing`` makes auth-v2 signatures, ``chat``
 rewrites the widget's ``thirdUserData`` with the gateway-owned identity (``chat.inject``,
-the reference; ``chat._native``, the same rewrite in C for the usual guest body), ``tokens``
+the reference; ``chat._native``, the same rewrite in C for the usual body), ``tokens``
 issues and validates logged-in tokens. ``sandbox`` is a stand-in for the CEC.
 """
 

@@ -173,7 +173,7 @@ class CecSigning(_Model):
     content_type: str = "application/json;charset=UTF-8"
     payload_fields: list[str] = ["thirdUserName", "thirdUserId", "tenantSpaceId", "channelConfigId"]
     timestamp_format: str = "%Y-%m-%dT%H:%M:%S.{ms}Z"
-    # The guest body rewritten in native code when it is built (gateway/chat/_native.c);
+    # The usual body rewritten in native code when it is built (gateway/chat/_native.c);
     # false keeps every rewrite on the Python reference path.
     native: bool = True
 

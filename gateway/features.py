@@ -100,7 +100,7 @@ async def install_features(config: Config, gateway: Gateway, stack: AsyncExitSta
 
     chat = ChatEndpoints(cec, signer, guest, identify=identify, token_for=token_for,
                          native=cec.signing.native)
-    if signer is not None and chat.rewrites_without_io:
+    if signer is not None and token_for is None:
         log.info("chat body rewrite: %s", "native (gateway/chat/_native.c)" if chat.native_rewrite
                  else "Python" + (" (the native module is not built, or cec.signing is beyond it)"
                                   if cec.signing.native else " (cec.signing.native: false)"))

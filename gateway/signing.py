@@ -509,7 +509,7 @@ class Signer:
 
     def flat_rewriter(self, tenant_space_id: str, channel_config_id: str, uri: str,
                       max_name_length: int) -> FlatRewriter | None:
-        """The native injection rewrite for guests (``gateway/chat/_native.c``) signing as
+        """The native injection rewrite (``gateway/chat/_native.c``) signing as
         this signer, or None when it is not built or this configuration is beyond it (a
         signed header other than Content-Length/Content-Type, a payload field that is not an
         identity field, identity values that need JSON escaping)."""

@@ -548,13 +548,22 @@ static void FlatRewriter_dealloc(FlatRewriter *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* The thirdUserName to sign (inject.clean_user_name for printable ASCII), or -1 when the
- * page's name needs the Python path's Unicode cleaning. */
+/* The thirdUserName to sign, or -1 when it needs the Python path's Unicode cleaning:
+ * `forced` when given (a logged-in name, already cleaned by the caller), else the page's
+ * name cleaned as inject.clean_user_name cleans printable ASCII, else the default cleaned
+ * the same way: `deflt_given` (a logged-in user's id) or "Guest-" and six characters of the
+ * guest id. */
 static int chosen_name(FlatRewriter *self, const Member *page, const char *uid, size_t uidn,
-                       const char **name, size_t *namen, char *deflt)
+                       const char *forced, size_t forcedn, const char *deflt_given,
+                       size_t deflt_givenn, const char **name, size_t *namen, char *deflt)
 {
     const char *s = NULL;
     size_t n = 0;
+    if (forced != NULL) {
+        *name = forced;
+        *namen = forcedn;
+        return 0;
+    }
     if (page != NULL && page->kind == V_STR) {
         if (!page->ascii)
             return -1;
@@ -576,7 +585,11 @@ static int chosen_name(FlatRewriter *self, const Member *page, const char *uid, 
             n--;
         if (n > 0 || pass == 1)
             break;
-        /* Nothing usable from the page: "Guest-" and six characters of the guest id. */
+        if (deflt_given != NULL) {
+            s = deflt_given;
+            n = deflt_givenn;
+            continue;
+        }
         const char *id = uid;
         size_t idn = uidn;
         if (idn >= 6 && memcmp(id, "guest-", 6) == 0) {
@@ -595,10 +608,35 @@ static int chosen_name(FlatRewriter *self, const Member *page, const char *uid, 
     return 0;
 }
 
+/* An optional str argument that must be JSON-plain ASCII: 1 with (*s, *n) set, 0 for None,
+ * -1 when it is not plain (the caller declines) or not a str (an error is set). */
+static int plain_arg(PyObject *obj, const char **s, Py_ssize_t *n)
+{
+    if (obj == Py_None) {
+        *s = NULL;
+        *n = 0;
+        return 0;
+    }
+    if (!PyUnicode_Check(obj)) {
+        PyErr_SetString(PyExc_TypeError, "name and default_name must be str or None");
+        return -2;
+    }
+    *s = PyUnicode_AsUTF8AndSize(obj, n);
+    if (*s == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError))
+            return -2;
+        PyErr_Clear(); /* a lone surrogate: the Python path decides */
+        return -1;
+    }
+    return plain_ascii(*s, (size_t)*n) ? 1 : -1;
+}
+
 PyDoc_STRVAR(rewrite_doc,
-"rewrite(body, user_id, now_ms) -> bytes | None\n\n"
-"The forwarded thirdUserData for a guest's body, or None when the body is outside the\n"
-"subset this module handles (inject.py then rewrites it, or refuses it).");
+"rewrite(body, user_id, now_ms, name=None, default_name=None) -> bytes | None\n\n"
+"The forwarded thirdUserData for the body, signed for user_id, or None when the body is\n"
+"outside the subset this module handles (inject.py then rewrites it, or refuses it).\n"
+"name: the thirdUserName to sign when the caller already chose it (a logged-in name);\n"
+"default_name: the name when the page gives none (default: Guest- and the guest id).");
 
 static PyObject *FlatRewriter_rewrite(FlatRewriter *self, PyObject *const *args,
                                       Py_ssize_t nargs)
@@ -618,10 +656,21 @@ static PyObject *FlatRewriter_rewrite(FlatRewriter *self, PyObject *const *args,
         PyErr_SetString(PyExc_RuntimeError, "FlatRewriter is not initialised");
         return NULL;
     }
-    if (nargs != 3 || !PyBytes_Check(args[0]) || !PyUnicode_Check(args[1]) ||
+    if (nargs < 3 || nargs > 5 || !PyBytes_Check(args[0]) || !PyUnicode_Check(args[1]) ||
         !PyLong_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "rewrite(body: bytes, user_id: str, now_ms: int)");
+        PyErr_SetString(PyExc_TypeError, "rewrite(body: bytes, user_id: str, now_ms: int, "
+                                         "name: str | None, default_name: str | None)");
         return NULL;
+    }
+    const char *forced = NULL, *deflt_given = NULL;
+    Py_ssize_t forcedn = 0, deflt_givenn = 0;
+    for (Py_ssize_t i = 3; i < nargs; i++) {
+        int got = plain_arg(args[i], i == 3 ? &forced : &deflt_given,
+                            i == 3 ? &forcedn : &deflt_givenn);
+        if (got == -2)
+            return NULL;
+        if (got == -1)
+            Py_RETURN_NONE;
     }
     now_ms = PyLong_AsLongLong(args[2]);
     if (now_ms == -1 && PyErr_Occurred())
@@ -643,8 +692,9 @@ static PyObject *FlatRewriter_rewrite(FlatRewriter *self, PyObject *const *args,
     for (int i = 0; i < n; i++)
         if (m[i].field != F_OTHER)
             at[m[i].field] = i;
-    if (chosen_name(self, at[F_NAME] >= 0 ? &m[at[F_NAME]] : NULL, uid, (size_t)uidn, &name,
-                    &namen, deflt) < 0)
+    if (chosen_name(self, at[F_NAME] >= 0 ? &m[at[F_NAME]] : NULL, uid, (size_t)uidn, forced,
+                    (size_t)forcedn, deflt_given, (size_t)deflt_givenn, &name, &namen,
+                    deflt) < 0)
         Py_RETURN_NONE;
 
     const char *value[4] = {name, uid, self->tenant.p, self->channel.p};
@@ -782,7 +832,7 @@ static PyTypeObject FlatRewriterType = {
     .tp_name = "gateway.chat._native.FlatRewriter",
     .tp_basicsize = sizeof(FlatRewriter),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "The injection rewrite for the usual guest body (see the module's source).",
+    .tp_doc = "The injection rewrite for the usual body (see the module's source).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)FlatRewriter_init,
     .tp_dealloc = (destructor)FlatRewriter_dealloc,
@@ -793,7 +843,7 @@ static PyTypeObject FlatRewriterType = {
 static struct PyModuleDef native_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "gateway.chat._native",
-    .m_doc = "The injection rewrite for the usual guest body, in native code.",
+    .m_doc = "The injection rewrite for the usual body, in native code.",
     .m_size = -1,
 };
 

@@ -16,4 +16,12 @@ class FlatRewriter:
         payload_fields: tuple[str, ...],
         timestamp_at: Callable[[int], str],
     ) -> None: ...
-    def rewrite(self, body: bytes, user_id: str, now_ms: int, /) -> bytes | None: ...
+    def rewrite(
+        self,
+        body: bytes,
+        user_id: str,
+        now_ms: int,
+        name: str | None = None,
+        default_name: str | None = None,
+        /,
+    ) -> bytes | None: ...

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from functools import partial
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from aiohttp import hdrs, web
 
@@ -36,6 +36,9 @@ from gateway.chat.loader import render_loader, render_page
 from gateway.config import CecConfig
 from gateway.errors import Unauthorized
 from gateway.signing import Signer, epoch_ms
+
+if TYPE_CHECKING:
+    from gateway.chat._native import FlatRewriter
 
 __all__ = [
     "CLIENT_SUFFIX",
@@ -179,12 +182,13 @@ class ChatEndpoints:
         self._max_json = cec.max_json_size
         self._forcer = IdentityForcer(cec.tenant_space_id, cec.channel_config_id, signer,
                                       self.sign_uri)
-        # The usual guest body is rewritten in native code; inject.py stays the reference
-        # and takes every body the native rewrite declines (``native=False``: always).
+        # The usual body is rewritten and signed in native code when there is no token to
+        # issue; inject.py stays the reference and takes every body the native rewrite
+        # declines (``native=False``: all of them).
         self._native = (
             signer.flat_rewriter(cec.tenant_space_id, cec.channel_config_id, self.sign_uri,
                                  self._name_limit)
-            if native and signer is not None and self.rewrites_without_io else None)
+            if native and signer is not None and token_for is None else None)
 
     def __repr__(self) -> str:
         return (
@@ -264,10 +268,12 @@ class ChatEndpoints:
 
     # ---------------------------------------------------------------- rewrite
 
-    async def _rewrite_object(self, request: web.BaseRequest, body: bytes, *, with_token: bool
+    async def _rewrite_object(self, request: web.BaseRequest, body: bytes, *, with_token: bool,
+                              identity: ChatIdentity | None = None
                               ) -> tuple[dict[str, object], ChatIdentity, int]:
         data, shape = read_body(body, self._max_json)
-        identity = await self.resolve_identity(request)
+        if identity is None:
+            identity = await self.resolve_identity(request)
         assert identity is not None  # issue=True always gives one
         name = self._name_for(data, identity)
         token = None
@@ -302,12 +308,37 @@ class ChatEndpoints:
         Raises InjectionError (400) on bad input, NotLoggedIn (401) in token mode without a
         login.
         """
-        out, identity, shape = await self._rewrite_object(request, body, with_token=True)
+        native = self._native
+        if native is not None and len(body) <= self._max_json:
+            identity = await self.resolve_identity(request)
+            assert identity is not None  # issue=True always gives one
+            done = self._native_rewrite(native, body, identity)
+            if done is not None:
+                return done, _cookie_headers(identity)
+            out, _, shape = await self._rewrite_object(request, body, with_token=True,
+                                                       identity=identity)
+        else:
+            out, identity, shape = await self._rewrite_object(request, body, with_token=True)
         return serialize(out, shape), _cookie_headers(identity)
+
+    def _native_rewrite(self, native: FlatRewriter, body: bytes, identity: ChatIdentity
+                        ) -> bytes | None:
+        """The native rewrite for ``identity``, or None to leave the body to inject.py.
+
+        The name as ``_name_for`` chooses it: a login's name when anything is left of it
+        after cleaning, else the page's, else the default (the native side makes a guest's).
+        """
+        if identity.guest and identity.user_name is None:
+            return native.rewrite(body, identity.user_id, self._now_ms())
+        name = None
+        if identity.user_name is not None:
+            name = clean_user_name(identity.user_name, self._name_limit) or None
+        return native.rewrite(body, identity.user_id, self._now_ms(), name,
+                              None if identity.guest else identity.user_id)
 
     @property
     def native_rewrite(self) -> bool:
-        """The usual guest body is rewritten in native code (else all of it in Python)."""
+        """The usual body is rewritten in native code (else all of it in Python)."""
         return self._native is not None
 
     @property
@@ -328,7 +359,7 @@ class ChatEndpoints:
         assert identity is not None  # issue=True always gives one
         native = self._native
         if native is not None and len(body) <= self._max_json:
-            done = native.rewrite(body, identity.user_id, self._now_ms())
+            done = native.rewrite(body, identity.user_id, self._now_ms())  # a guest
             if done is not None:
                 return done, _cookie_headers(identity)
         data, shape = read_body(body, self._max_json)

@@ -7,7 +7,7 @@ like an identity field (other case, full-width letters, zero-width characters, s
 are dropped so that no lenient parser downstream can pick them up instead of ours: the gateway
 must never become a signing oracle for another tenant, channel or user.
 
-This module is the reference. For guests, ``_native.c`` rewrites the usual body (flat,
+This module is the reference. ``_native.c`` rewrites the usual body (flat,
 plain keys, no secret) in one native call and hands everything else back to it.
 """
 

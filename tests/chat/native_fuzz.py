@@ -27,6 +27,7 @@ SEEDS = [
 ]
 ALPHABET = b'{}[]":,-.eE0123456789truefalsn \t\r\n\\\x7f\xe5\xbc\xa0\xff\xc0\xed\xf0\x90\xf4'
 USER_IDS = ["guest-0123456789abcdef0123", "u", "", "x" * 300, "guest-\u00e9", 'a"b']
+NAMES = [None, "Alice", "", " ", "N" * 5000, "\u5f20", "\ud800", "a\\b"]
 
 
 def main() -> int:
@@ -54,7 +55,10 @@ def main() -> int:
                 body[i:i] = bytes([rnd.choice(ALPHABET)])
             else:
                 del body[i:]
-        out = rewriter.rewrite(bytes(body), rnd.choice(USER_IDS), 1795853783991 + rnd.randrange(3))
+        args: list[object] = [bytes(body), rnd.choice(USER_IDS), 1795853783991 + rnd.randrange(3)]
+        if rnd.random() < 0.3:  # a logged-in user: the name chosen, the user id as default
+            args += [rnd.choice(NAMES), rnd.choice(NAMES)]
+        out = rewriter.rewrite(*args)
         runs += 1
         rewritten += out is not None
     sys.stdout.write(json.dumps({"runs": runs, "rewritten": rewritten}) + "\n")

@@ -15,6 +15,7 @@ The module is skipped when the extension is not built, unless ``GATEWAY_REQUIRE_
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import logging
@@ -871,3 +872,101 @@ def test_rewrite_now_wiring(answer: bytes | None) -> None:
     with pytest.raises(InjectionError):
         native.rewrite_now(request(returning(guest)), b"{" + b" " * native.cec.max_json_size)
     assert len(spy.calls) == 1  # an oversized body never reaches the native call
+
+
+# ------------------------------------------------------------- 8. logged-in identities
+
+def login_endpoints(found: tuple[str, str | None] | None
+                    ) -> tuple[ChatEndpoints, ChatEndpoints, GuestCookies]:
+    """(native, reference) endpoints whose site says the visitor is ``found`` (None: a
+    guest), as ``cec.identity.source: url`` does, on an authorization-mode channel."""
+    cec = CecConfig(tenant_space_id=TENANT, channel_config_id=CHANNEL,
+                    auth=CecAuth(secret_key=SECRET))
+    signer = signer_from_config(cec)
+    guest = GuestCookies(COOKIE_KEY, cec.guest.cookie_name)
+
+    async def identify(request: web.BaseRequest) -> tuple[str, str | None] | None:
+        return found
+
+    native = ChatEndpoints(cec, signer, guest, clock=lambda: NOW, identify=identify)
+    reference = ChatEndpoints(cec, signer, guest, clock=lambda: NOW, identify=identify,
+                              native=False)
+    assert native.native_rewrite and not reference.native_rewrite
+    return native, reference, guest
+
+
+async def rewrite_async_or_error(chat: ChatEndpoints, req: web.Request, body: bytes
+                                 ) -> tuple[bytes, list[tuple[str, str]]] | str:
+    try:
+        return await chat.rewrite(req, body)
+    except InjectionError as exc:
+        return f"InjectionError: {exc}"
+
+
+LOGINS: list[tuple[str, str | None] | None] = [
+    None,  # not logged in: a guest
+    ("u-1001", "Alice"),
+    ("u-1001", "  Al  ice  "),
+    ("u-1001", "   "),  # nothing left of the login's name: the page's, then the user id
+    ("u-1001", None),
+    ("u-1001", "张三"),  # cleaned in Python, then declined by the native side (not ASCII)
+    ("u-1001", "A" * 300),  # over max_name_length
+    ("u 1001 ", ""),
+    ("用户-1", "Bob"),  # a user id that needs the Python path
+    ('u"1', "Bob"),
+]
+
+
+@pytest.mark.parametrize("found", LOGINS, ids=[repr(f) for f in LOGINS])
+@pytest.mark.parametrize("body", [b'{"thirdUserName":"Page Name","a":1}', b"{}",
+                                  b'{"thirdUserName":"  "}', b'{"thirdUserName":7}',
+                                  b'{"thirdUserName":"\xe5\xbc\xa0"}', b'{"a":1.5}', b"[]"],
+                         ids=["page name", "empty", "blank page name", "number name",
+                              "non-ASCII page name", "float", "not an object"])
+async def test_logged_in_rewrite_native_equals_python(found: tuple[str, str | None] | None,
+                                                      body: bytes) -> None:
+    native, reference, guest = login_endpoints(found)
+    cookie = returning(guest)
+    a = await rewrite_async_or_error(native, request(cookie), body)
+    b = await rewrite_async_or_error(reference, request(cookie), body)
+    assert a == b
+    if found is not None and not isinstance(a, str):
+        assert decode(a[0])["thirdUserId"] == found[0]
+
+
+async def test_logged_in_usual_body_is_rewritten_natively() -> None:
+    """The login's name and id reach the native call: the answer is the native one."""
+    native, reference, guest = login_endpoints(("u-1001", " Alice "))
+    real = native._native
+    assert real is not None
+    answers: list[bytes | None] = []
+
+    class Recording:
+        def rewrite(self, *args: Any) -> bytes | None:
+            answers.append(real.rewrite(*args))
+            return answers[-1]
+
+    native._native = Recording()  # type: ignore[assignment]
+    body = b'{"thirdUserName":"Mallory","thirdUserId":"u-9999"}'
+    out, headers = await native.rewrite(request(returning(guest)), body)
+    assert headers == []
+    assert (decode(out)["thirdUserName"], decode(out)["thirdUserId"]) == ("Alice", "u-1001")
+    assert answers == [out]  # the native call answered, nothing fell back
+    assert await reference.rewrite(request(returning(guest)), body) == (out, [])
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                 HealthCheck.function_scoped_fixture])
+@given(body=any_bodies() | subset_bodies(),
+       user_id=st.text(st.characters(codec="utf-8"), min_size=1, max_size=12),
+       user_name=st.none() | st.text(st.characters(codec="utf-8"), max_size=12))
+def test_logged_in_rewrite_property(body: bytes, user_id: str, user_name: str | None) -> None:
+    native, reference, _ = login_endpoints((user_id, user_name))
+
+    async def both() -> None:
+        a = await rewrite_async_or_error(native, request(), body)
+        b = await rewrite_async_or_error(reference, request(), body)
+        assert a == b
+
+    asyncio.run(both())
