@@ -359,7 +359,7 @@ class ChatEndpoints:
         assert identity is not None  # issue=True always gives one
         native = self._native
         if native is not None and len(body) <= self._max_json:
-            done = native.rewrite(body, identity.user_id, self._now_ms())  # a guest
+            done = self._native_rewrite(native, body, identity)
             if done is not None:
                 return done, _cookie_headers(identity)
         data, shape = read_body(body, self._max_json)
