@@ -19,8 +19,11 @@ from gateway.errors import ConfigError, Problem
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)\s*$")
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_DURATION_BARE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*$")
+# One part of a compound duration: ``1h`` of ``1h30m``; ms before m so "500ms" is not "500m s".
+_DURATION_PART_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
+# Largest first: a compound duration names each unit once, in this order (as nginx does).
+_DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SECRET_KEYS = frozenset({"secret_key", "signing_key", "api_key", "cookie_key", "password"})
 CEC_SECRET_RE = re.compile(r"^[A-Za-z0-9]{43}$")
@@ -51,17 +54,31 @@ def parse_size(value: object) -> int:
 
 
 def parse_duration(value: object) -> float:
-    """nginx time syntax: ``500ms``, ``10s``, ``5m``, ``1h``; a bare number is seconds."""
+    """nginx time syntax: ``500ms``, ``10s``, ``5m``, ``1h``, ``1h30m``, ``1m 30s``; a bare
+    number is seconds. A compound names each unit once, largest first."""
     if isinstance(value, bool):
         raise ValueError("expected a duration")
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return float(value)
-    m = _DURATION_RE.match(str(value))
-    if not m:
-        raise ValueError("not a duration; write e.g. 500ms, 10s, 5m or 1h")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    text = str(value)
+    bare = _DURATION_BARE_RE.match(text)
+    if bare:
+        return float(bare.group(1))
+    units = list(_DURATION_UNITS)
+    total, pos, last = 0.0, 0, -1
+    while pos < len(text) and not text[pos:].isspace():
+        part = _DURATION_PART_RE.match(text, pos)
+        if part is None or units.index(part.group(2)) <= last:
+            raise ValueError("not a duration; write e.g. 500ms, 10s, 5m, 1h or 1h30m "
+                             "(each unit once, largest first)")
+        last = units.index(part.group(2))
+        total += float(part.group(1)) * _DURATION_UNITS[part.group(2)]
+        pos = part.end()
+    if last < 0:
+        raise ValueError("not a duration; write e.g. 500ms, 10s, 5m, 1h or 1h30m")
+    return total
 
 
 Size = Annotated[int, BeforeValidator(parse_size)]
