@@ -1,4 +1,9 @@
-"""Command line: a thin layer over the typed Config (``gateway run|check|sign|...``)."""
+"""Command line: a thin layer over the typed Config (``gateway run|check|sign|...``).
+
+One parser; each command is a subparser with a ``func``. Global options are added to every
+subparser at the end of :func:`build_parser`, so a command registered by another module gets
+them too.
+"""
 
 from __future__ import annotations
 
@@ -147,28 +152,118 @@ def _use_uvloop() -> None:
     uvloop.install()
 
 
+_DESCRIPTION = """\
+The CEC chat gateway: one reverse proxy in front of a website that serves the cloud
+customer-service chat (paths under /service-cloud/) from the site's own origin, signs
+the chat's requests server-side and issues its tokens.
+
+Start with `gateway init` (writes a commented gateway.yaml), then `gateway check`, then
+`gateway run`. `gateway demo` runs everything on one machine, without a cloud account."""
+
+_EPILOG = """\
+global options (--log-format, --log-level, -c) may come before or after the command:
+  gateway --log-format json run -c /etc/gateway/gateway.yaml
+  gateway run -c /etc/gateway/gateway.yaml --log-format json
+
+exit status:
+  0  success (run: stopped by SIGTERM/SIGINT after draining)
+  1  a runtime failure: a port cannot be opened, no gateway process to signal
+  2  the configuration or the command line is wrong (every problem is listed on stderr;
+     nothing was started)
+
+environment:
+  GATEWAY_LOG_LEVEL   default for --log-level
+  CEC_SECRET_KEY, GATEWAY_TOKEN_KEY, GATEWAY_API_KEY and any ${NAME} the configuration
+  file names are read when the configuration is loaded.
+
+Run `gateway COMMAND --help` for a command's own options."""
+
+_NO_CONFIG = frozenset({"sign"})  # commands that read no configuration file
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, top: bool,
+                        config: bool) -> None:
+    """``--log-format``, ``--log-level`` and (for commands reading one) ``-c``.
+
+    Every command understands them before or after its name. In a subcommand their default
+    is SUPPRESS, so that a value given before the command is not overwritten by the
+    subcommand's default (argparse copies every attribute of the sub-namespace back).
+    """
+    have = parser._option_string_actions  # argparse has no public lookup
+
+    def default(value: str) -> str:
+        return value if top else argparse.SUPPRESS
+
+    if "--log-format" not in have:
+        parser.add_argument("--log-format", choices=("text", "json"), default=default("text"),
+                            help="text (default) or json: one JSON object per line on stderr")
+    if "--log-level" not in have:
+        parser.add_argument("--log-level", default=default(
+            os.environ.get("GATEWAY_LOG_LEVEL", "INFO")), metavar="LEVEL",
+            help="DEBUG, INFO (default, or $GATEWAY_LOG_LEVEL), WARNING or ERROR")
+    if not config:
+        return
+    if "-c" in have:
+        # Declared by the command itself: keep its help, let a value given before the
+        # command stand.
+        have["-c"].default = argparse.SUPPRESS
+        return
+    # None at the top: main() fills in DEFAULT_CONFIG unless the command looks for its own
+    # default (``gateway demo`` falls back to the packaged sample).
+    parser.add_argument("-c", "--config", default=None if top else argparse.SUPPRESS,
+                        metavar="FILE",
+                        help=f"the configuration file (default: ./{DEFAULT_CONFIG}; "
+                             "`gateway init` writes one)")
+
+
+def _command(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, *,
+             summary: str, description: str, func: object) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=summary, description=description,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=func)
+    return p
+
+
+def _version() -> str:
+    from gateway import __version__
+
+    return f"gateway (cec-gateway) {__version__}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
-    parser.add_argument("--log-format", choices=("text", "json"), default="text")
-    parser.add_argument("--log-level", default=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="gateway", description=_DESCRIPTION, epilog=_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=_version(),
+                        help="print the version and exit")
+    _add_global_options(parser, top=True, config=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands")
 
-    p = sub.add_parser("run", help="serve")
-    p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
-    p.add_argument("--workers", type=int, default=None,
+    p = _command(sub, "run", summary="serve: check the configuration, then listen until SIGTERM",
+                 description="Load and check the configuration (exit 2 with every problem if "
+                 "it is wrong, before opening any port), then serve until SIGTERM or SIGINT, "
+                 "draining in-flight requests first. SIGHUP reloads the configuration.",
+                 func=cmd_run)
+    p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="worker processes sharing the port (default: listen.workers, "
-                        "else one per core)")
-    p.set_defaults(func=cmd_run)
+                        "else one per core; one when token state is process-local)")
 
-    p = sub.add_parser("reload", help="check the config, then make the running gateway load it")
-    p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
-    p.add_argument("--pid", type=int, default=None, help="default: read pid_file from config")
-    p.set_defaults(func=cmd_reload)
+    p = _command(sub, "reload", summary="check the configuration, then make the running gateway "
+                 "load it", description="Check the configuration; if it is valid, send SIGHUP "
+                 "to the running gateway (the pid from --pid or the configuration's "
+                 "pid_file). A wrong configuration is reported and not sent (exit 2): the "
+                 "running gateway keeps its configuration.", func=cmd_reload)
+    p.add_argument("--pid", type=int, default=None,
+                   help="the gateway's process id (default: read the config's pid_file)")
 
-    p = sub.add_parser("check", help="validate the config and print a summary of routes")
-    p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
-    p.set_defaults(func=cmd_check)
+    _command(sub, "check", summary="validate the configuration and print a summary",
+             description="Load the configuration exactly as `gateway run` does and print "
+             "where it listens and where each route goes. Exit 0 if it is valid, 2 with "
+             "every problem (its key, and the fix) if not. Opens no port.", func=cmd_check)
 
+    from gateway.demo.cli import add_init_parser
+
+    add_init_parser(sub)
     try:
         from gateway.signcli import add_sign_parser
     except ImportError:  # pragma: no cover - during development only
@@ -178,12 +273,18 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.demo.cli import add_demo_parsers
 
     add_demo_parsers(sub)
+    # Every command accepts the global options after its name too (also commands other
+    # modules register above); -c only where the command reads a configuration file.
+    for name, command in sub.choices.items():
+        _add_global_options(command, top=False, config=name not in _NO_CONFIG)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.config is None and not getattr(args, "config_optional", False):
+        args.config = DEFAULT_CONFIG
     setup_logging(args.log_format, args.log_level.upper())
     func = getattr(args, "func", None) or args.handler
     code: int = func(args)

@@ -104,6 +104,18 @@ class Runtime:
     async def start(self) -> None:
         cfg = self.config
         self.gateway, self._stack = await self._build(cfg)
+        try:
+            await self._listen(cfg)
+        except BaseException:
+            # A port that cannot be opened: close what _build opened (pools, HTTP sessions).
+            if self.listener is not None:
+                await self.listener.stop(0.0, before_drain=self.gateway.going_away)
+            await self._stack.aclose()
+            if self._admin is not None:
+                await self._admin.cleanup()
+            raise
+
+    async def _listen(self, cfg: Config) -> None:
         self.server = make_server(cfg, self.handle, protocol=FastRequestHandler,
                                   gateway=self.gateway)
         sock = bind_socket(cfg.listen.host, cfg.listen.port, reuse_port=self.reuse_port,

@@ -528,7 +528,7 @@ def test_dockerfile_copies_exist_and_make_a_working_wheel(tmp_path: Path) -> Non
         entry = next(n for n in names if n.endswith("entry_points.txt"))
         assert re.search(r"^gateway\s*=\s*gateway\.cli:main", zf.read(entry).decode(), re.M)
     data = [p.relative_to(ROOT).as_posix() for p in (ROOT / "gateway").rglob("*")
-            if p.suffix in (".js", ".html", ".css")]
+            if p.suffix in (".js", ".html", ".css", ".yaml")]
     assert data and set(data) <= names, "package data (sandbox static files) in the image"
     if os.environ.get("GATEWAY_REQUIRE_NATIVE") == "1":
         # The build stage has gcc and libssl-dev, as ./dev test has: the image gets the
