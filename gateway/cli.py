@@ -12,7 +12,10 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -144,6 +147,47 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local(host: str) -> str:
+    """Where to reach a listener bound to ``host`` from this machine."""
+    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 if the gateway of this configuration answers (a container HEALTHCHECK)."""
+    try:
+        cfg = _load(args.config)
+    except ConfigError as exc:
+        return _report(exc, args.config)
+    if cfg.admin is not None:
+        # The admin listener is the health endpoint when there is one (worker 0's).
+        host = _local(cfg.admin.host)
+        url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.admin.port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=args.timeout) as resp:
+                status = resp.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        except OSError as exc:
+            sys.stderr.write(f"unhealthy: {url}: {exc}\n")
+            return 1
+        if status != 200:
+            sys.stderr.write(f"unhealthy: {url} answered {status}\n")
+            return 1
+        sys.stdout.write(f"healthy: {url} answered 200\n")
+        return 0
+    # Without one, the listener itself: accepting connections is what can be checked without
+    # sending a request through to the site.
+    host = _local(cfg.listen.host)
+    try:
+        socket.create_connection((host, cfg.listen.port), timeout=args.timeout).close()
+    except OSError as exc:
+        sys.stderr.write(f"unhealthy: nothing accepts on {host}:{cfg.listen.port}: {exc}\n")
+        return 1
+    sys.stdout.write(f"healthy: {host}:{cfg.listen.port} accepts connections "
+                     "(no admin: section, so no /healthz to ask)\n")
+    return 0
+
+
 def _use_uvloop() -> None:
     try:
         import uvloop
@@ -260,6 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
              description="Load the configuration exactly as `gateway run` does and print "
              "where it listens and where each route goes. Exit 0 if it is valid, 2 with "
              "every problem (its key, and the fix) if not. Opens no port.", func=cmd_check)
+
+    p = _command(sub, "health", summary="exit 0 if the gateway of this configuration answers",
+                 description="For container health checks: load the configuration, then ask "
+                 "the admin listener's /healthz (when there is an admin: section) or else "
+                 "connect to the listen port. Exit 0 if it answers, 1 if not, 2 if the "
+                 "configuration is wrong.", func=cmd_health)
+    p.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS",
+                   help="how long to wait for the answer (default: 2)")
 
     from gateway.demo.cli import add_init_parser
 
