@@ -38,7 +38,13 @@ def cmd_init(args: argparse.Namespace) -> int:
         sys.stderr.write(f"{path} exists; not overwriting it (pass --force to replace it)\n")
         return 1
     try:
-        path.write_text(sample_config(), encoding="utf-8")
+        text = sample_config()
+    except OSError:
+        sys.stderr.write("the sample configuration is missing from the installed package "
+                         "(gateway/demo/gateway.yaml): reinstall cec-gateway\n")
+        return 1
+    try:
+        path.write_text(text, encoding="utf-8")
     except OSError as exc:
         sys.stderr.write(f"cannot write {path}: {exc.strerror}\n")
         return 1
