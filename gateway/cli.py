@@ -243,7 +243,8 @@ def _add_global_options(parser: argparse.ArgumentParser, *, top: bool,
                             help="text (default) or json: one JSON object per line on stderr")
     if "--log-level" not in have:
         parser.add_argument("--log-level", default=default(
-            os.environ.get("GATEWAY_LOG_LEVEL", "INFO")), metavar="LEVEL",
+            os.environ.get("GATEWAY_LOG_LEVEL", "INFO")), metavar="LEVEL", type=str.upper,
+            choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
             help="DEBUG, INFO (default, or $GATEWAY_LOG_LEVEL), WARNING or ERROR")
     if not config:
         return
@@ -262,8 +263,7 @@ def _add_global_options(parser: argparse.ArgumentParser, *, top: bool,
 
 def _command(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, *,
              summary: str, description: str, func: object) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=summary, description=description,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(name, help=summary, description=description)
     p.set_defaults(func=func)
     return p
 

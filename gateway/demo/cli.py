@@ -122,11 +122,10 @@ def add_demo_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     p = subparsers.add_parser(
         "demo",
         help="run the CEC sandbox, a sample site and the gateway together",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Start the CEC sandbox (a stand-in for the cloud chat, with an agent "
                     "console), a small sample website and the gateway in front of both; print "
                     "where each one listens and the two URLs to open (the site, then the agent "
-                    "console), and run until Ctrl-C.\n\n"
+                    "console), and run until Ctrl-C. "
                     f"The configuration is -c FILE, else ./{DEFAULT_CONFIG} if it exists, else "
                     "the sample shipped with the package (`gateway init` writes it). Secrets "
                     "the configuration reads from CEC_SECRET_KEY, GATEWAY_TOKEN_KEY and "
