@@ -124,7 +124,10 @@ class Gateway:
         self.ws_idle = config.timeouts.websocket_idle
         self.metrics = metrics or Metrics()
         self.metrics_hook: Callable[[str, str], None] = self.metrics.token_event
-        self.ready_checks: list[Callable[[], Awaitable[None]]] = []
+        # Token store/guard pings for the health monitor, and the guard's unlock (set by
+        # features): diagnostics and operations only, never part of readiness.
+        self.store_checks: list[Callable[[], Awaitable[None]]] = []
+        self.unlock: Callable[[str, str], Awaitable[bool]] | None = None
         self.splices: set[Splice] = set()
         self.ids = RequestIds()
 

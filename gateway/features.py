@@ -89,7 +89,8 @@ async def install_features(config: Config, gateway: Gateway, stack: AsyncExitSta
         tokens = TokenEndpoints(tcfg, cec.tenant_space_id, store, guard,
                                 metrics_hook=gateway.metrics_hook)
         ext.endpoints.update(tokens.routes())
-        gateway.ready_checks.extend((store.ping, guard.ping))
+        gateway.store_checks.extend((store.ping, guard.ping))
+        gateway.unlock = guard.unlock
         if cec.auth.mode == "token":
             tenant = cec.tenant_space_id
 
