@@ -275,6 +275,8 @@ class TokenConfig(_Model):
     max_concurrency: int = Field(16, ge=1)
     max_body: Size = 4096
     body_timeout: Duration = 5.0
+    # Live tokens the store may hold; past it no token is minted (503, counted).
+    max_tokens: int = Field(100_000, ge=1)
 
     @field_validator("signing_key", "api_key")
     @classmethod

@@ -24,6 +24,7 @@ from aiohttp import hdrs, web
 from gateway.chat.guest import GuestCookies
 from gateway.chat.inject import (
     AUTHORIZATION,
+    TOKEN,
     USER_NAME,
     IdentityForcer,
     InjectionError,
@@ -278,7 +279,12 @@ class ChatEndpoints:
         name = self._name_for(data, identity)
         token = None
         if with_token and self._token_for is not None:
-            token = await self._token_for(identity.user_id, name)
+            if identity.set_cookie is None:
+                token = await self._token_for(identity.user_id, name)
+            else:
+                # A guest id minted by this very request (no valid guest cookie): no token,
+                # so cookie-less floods store nothing; the page retries with the cookie.
+                data = {k: v for k, v in data.items() if k != TOKEN}
         out = self._rewritten(request, data, shape, identity, name, token)
         return out, identity, shape
 

@@ -34,7 +34,7 @@ from aiohttp import web
 from gateway.config import TokenConfig
 from gateway.keys import CLIENT_IP
 from gateway.tokens.guard import Guard
-from gateway.tokens.store import TokenBackendUnavailable, TokenStore
+from gateway.tokens.store import TokenBackendUnavailable, TokenStore, TokenStoreFull
 
 log = logging.getLogger("gateway.tokens")
 
@@ -343,6 +343,11 @@ class TokenEndpoints:
             return web.Response(status=404, text="404: Not Found")
         try:
             return await self._issue(request, ip, self._api_key)
+        except TokenStoreFull:
+            # Counted by the store (on_full); a 503 like any store trouble, said plainly.
+            resp = web.json_response({"error": "token store full"}, status=503,
+                                     headers={"Cache-Control": "no-store", "Retry-After": "60"})
+            return resp
         except TokenBackendUnavailable as exc:
             return self._refuse(
                 "issue",

@@ -395,12 +395,22 @@ async def test_token_mode_guest_fallback(site: Factory) -> None:
 
     cec = make_cec(auth=CecAuth(mode="token"), identity=CecIdentity(fallback="guest"))
     s = await site(cec=cec, signer=None, identify=identify, token_for=token_for)
-    async with browser() as b, b.post(s.url(CLIENT), json={"thirdUserName": " Zed "}) as r:
-        assert r.status == 200
-        assert "Set-Cookie" in r.headers
+    async with browser() as b:
+        body = {"thirdUserName": " Zed ", "thirdUserToken": "the-page-s-own"}
+        async with b.post(s.url(CLIENT), json=body) as r:
+            assert r.status == 200
+            assert "Set-Cookie" in r.headers
+        first = json.loads(s.upstream_hits[-1]["body"])
+        assert GUEST_ID_RE.match(first["thirdUserId"])
+        # No valid guest cookie yet: nothing is minted (cookie-less floods store nothing)
+        # and the page's own token is not forwarded either.
+        assert issued == [] and "thirdUserToken" not in first
+        async with b.post(s.url(CLIENT), json={"thirdUserName": " Zed "}) as r:
+            assert r.status == 200
+            assert "Set-Cookie" not in r.headers
     sent = json.loads(s.upstream_hits[-1]["body"])
-    assert GUEST_ID_RE.match(sent["thirdUserId"])
-    # The token is bound to exactly the name that is forwarded.
+    assert sent["thirdUserId"] == first["thirdUserId"]
+    # With the cookie: the token is bound to exactly the name that is forwarded.
     assert issued == [(sent["thirdUserId"], "Zed")]
     assert sent["thirdUserName"] == "Zed" and sent["thirdUserToken"] == "tok"
 

@@ -146,16 +146,27 @@ async def test_anonymous_visitor_falls_back_to_guest(
         browser: BrowserFactory) -> None:
     gw = await start_gateway(token_config(cec, site, fallback=True))
     b = browser()
-    status, text = await inject(b, gw.url, thirdUserId="u-1001", thirdUserName=" Visitor ")
-    assert status == 200, text
+    # The page loads the loader first, which hands out the guest cookie.
+    async with b.get(gw.url + "/gateway/chat.js") as resp:
+        assert resp.status == 200
     guest_id = guest_id_of(b)
     assert guest_id is not None and guest_id.startswith("guest-")
+    status, text = await inject(b, gw.url, thirdUserId="u-1001", thirdUserName=" Visitor ")
+    assert status == 200, text
+    assert guest_id_of(b) == guest_id
     body = cec.posts_to(CLIENT)[0].json()
     assert body["thirdUserId"] == guest_id
     assert body["thirdUserName"] == "Visitor"
     status, answer, _ = await validate(browser(), gw.url, body["thirdUserToken"], guest_id,
                                        "Visitor")
     assert answer == SUCCESS
+    # Without a valid guest cookie (a script posting straight away, a flood): a guest id and
+    # its cookie, but no token minted for it.
+    cookieless = browser()
+    status, _ = await inject(cookieless, gw.url)
+    assert status == 200
+    assert guest_id_of(cookieless) not in (None, guest_id)
+    assert "thirdUserToken" not in cec.posts_to(CLIENT)[-1].json()
 
 
 async def test_each_wrong_field_is_refused_alike(
