@@ -17,6 +17,7 @@ from gateway.cors import CorsPolicy
 from gateway.errors import (
     BadRequest,
     PayloadTooLarge,
+    RetryWithCookie,
     ServiceUnavailable,
     Unauthorized,
     UpstreamError,
@@ -281,6 +282,11 @@ class Gateway:
         except Unauthorized as exc:
             ex.error = str(exc)
             return error_response(401, "Unauthorized: log in to chat"), route
+        except RetryWithCookie as exc:
+            ex.error = str(exc)
+            return error_response(307, "Temporary Redirect", {
+                "Location": raw_target, "Set-Cookie": exc.set_cookie,
+                "Cache-Control": "no-store"}), route
         except UpstreamTimeout as exc:
             ex.error = str(exc)
             log.warning("%s %s: %s", route.name, rid, exc)

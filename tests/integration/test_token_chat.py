@@ -160,13 +160,18 @@ async def test_anonymous_visitor_falls_back_to_guest(
     status, answer, _ = await validate(browser(), gw.url, body["thirdUserToken"], guest_id,
                                        "Visitor")
     assert answer == SUCCESS
-    # Without a valid guest cookie (a script posting straight away, a flood): a guest id and
-    # its cookie, but no token minted for it.
-    cookieless = browser()
-    status, _ = await inject(cookieless, gw.url)
-    assert status == 200
-    assert guest_id_of(cookieless) not in (None, guest_id)
-    assert "thirdUserToken" not in cec.posts_to(CLIENT)[-1].json()
+    # Without a valid guest cookie (a page posting before the loader ran, a flood): a 307
+    # to the same target with a new guest cookie; no token minted, nothing forwarded.
+    before = len(cec.seen)
+    async with browser().post(f"{gw.url}{CLIENT}?&t=1", json=third_user_data(),
+                              allow_redirects=False) as resp:
+        assert resp.status == 307 and resp.headers["Location"] == f"{CLIENT}?&t=1"
+        assert "cec_guest=" in resp.headers["Set-Cookie"]
+    assert len(cec.seen) == before
+    # A browser follows it with the cookie, and chats as that guest.
+    follower = browser()
+    assert (await inject(follower, gw.url))[0] == 200
+    assert cec.posts_to(CLIENT)[-1].json()["thirdUserId"] == guest_id_of(follower)
 
 
 async def test_each_wrong_field_is_refused_alike(
