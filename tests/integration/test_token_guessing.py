@@ -38,6 +38,7 @@ from tests.integration.conftest import (
     token_config,
 )
 from tests.integration.test_token_chat import gateway_process, issue, login, validate
+from tests.lifecycle_helpers import metric
 from tests.redis_server import RedisServer
 
 SUCCESS = {"retCode": 0, "message": "validate success"}
@@ -106,7 +107,17 @@ async def test_bogus_validations_through_the_cec_leave_real_users_chat_working(
         # The guessing was counted and is visible (no token in the logs).
         text = caplog.text
         assert "made-up-token" not in text
+        metrics = gw.runtime.metrics.render().decode()
+        guesses = {result: metric(metrics, "gateway_token_guesses_total", result=result)
+                   for result in ("counted", "limited")}
+        busy = metric(metrics, "gateway_token_events_total", endpoint="validate",
+                      outcome="busy")  # over max_concurrency: refused before the body is read
+        assert sum(guesses.values()) + busy == bogus
         if bogus > 10:
+            # Past the victim's allowance: answered 429 (or 503 past the rate), counted as
+            # limited, and the start of the block is logged (an alarm can follow either).
+            assert guesses["limited"] > 0
+            assert metric(metrics, "gateway_lockouts_total") >= 1
             assert "token guessing against userId 'u-1001'" in text
 
 
