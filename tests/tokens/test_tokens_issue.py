@@ -176,3 +176,14 @@ async def test_other_methods_405(make_gateway: GatewayFactory, http: aiohttp.Cli
     async with http.get(gw.issue_url, headers=AUTH) as r:
         assert r.status == 405
         assert r.headers["Allow"] == "POST, DELETE"
+
+
+async def test_full_store_refuses_with_503(
+    make_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    gw = await make_gateway(max_tokens=2)
+    await issue_token(http, gw, "u1")
+    await issue_token(http, gw, "u2")
+    async with http.post(gw.issue_url, json={"userId": "u3", "userName": "n"}, headers=AUTH) as r:
+        assert r.status == 503 and int(r.headers["Retry-After"]) >= 1
+        assert await r.json() == {"error": "token store full"}
