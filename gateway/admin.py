@@ -18,6 +18,7 @@ nothing here is reachable from the internet unless an operator binds it there.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -76,8 +77,6 @@ async def status(request: web.Request) -> web.Response:
 
 
 def _pretty(data: Any) -> str:
-    import json
-
     return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
 
