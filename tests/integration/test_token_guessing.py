@@ -234,3 +234,19 @@ async def test_unlock_endpoint_is_off_without_an_admin_key(
             headers={"Authorization": "Bearer anything-at-all-000000"}) as resp:
         assert resp.status == 404
 
+
+
+def test_admin_key_comes_from_a_file_and_is_never_shown(tmp_path: Path) -> None:
+    from gateway.config import load_config_text
+    from gateway.errors import ConfigError
+
+    key = tmp_path / "admin_key"
+    key.write_text("admin-key-from-a-file-0123456789\n", encoding="utf-8")
+    routes = "routes: [{prefix: /, upstream: 'http://127.0.0.1:1/'}]\n"
+    cfg = load_config_text(routes + f"admin: {{port: 0, api_key_file: {key}}}\n")
+    assert cfg.admin is not None and cfg.admin.api_key is not None
+    assert cfg.admin.api_key.get_secret_value() == "admin-key-from-a-file-0123456789"
+    assert "admin-key" not in repr(cfg)
+    with pytest.raises(ConfigError) as info:
+        load_config_text(routes + "admin: {port: 0, api_key: short-secret}\n")
+    assert "admin.api_key" in str(info.value) and "short-secret" not in str(info.value)
