@@ -17,6 +17,7 @@ from gateway.cors import CorsPolicy
 from gateway.errors import (
     BadRequest,
     PayloadTooLarge,
+    RetryWithCookie,
     ServiceUnavailable,
     Unauthorized,
     UpstreamError,
@@ -124,7 +125,10 @@ class Gateway:
         self.ws_idle = config.timeouts.websocket_idle
         self.metrics = metrics or Metrics()
         self.metrics_hook: Callable[[str, str], None] = self.metrics.token_event
-        self.ready_checks: list[Callable[[], Awaitable[None]]] = []
+        # Token store/guard pings for the health monitor, and the guard's unlock (set by
+        # features): diagnostics and operations only, never part of readiness.
+        self.store_checks: list[Callable[[], Awaitable[None]]] = []
+        self.unlock: Callable[[str, str], Awaitable[bool]] | None = None
         self.splices: set[Splice] = set()
         self.ids = RequestIds()
 
@@ -278,6 +282,11 @@ class Gateway:
         except Unauthorized as exc:
             ex.error = str(exc)
             return error_response(401, "Unauthorized: log in to chat"), route
+        except RetryWithCookie as exc:
+            ex.error = str(exc)
+            return error_response(307, "Temporary Redirect", {
+                "Location": raw_target, "Set-Cookie": exc.set_cookie,
+                "Cache-Control": "no-store"}), route
         except UpstreamTimeout as exc:
             ex.error = str(exc)
             log.warning("%s %s: %s", route.name, rid, exc)

@@ -323,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_sign_parser(sub)
     from gateway.demo.cli import add_demo_parsers
+    from gateway.unlockcli import add_unlock_parser
+
+    add_unlock_parser(sub)
 
     add_demo_parsers(sub)
     # Every command accepts the global options after its name too (also commands other

@@ -275,6 +275,8 @@ class TokenConfig(_Model):
     max_concurrency: int = Field(16, ge=1)
     max_body: Size = 4096
     body_timeout: Duration = 5.0
+    # Live tokens the store may hold; past it no token is minted (503, counted).
+    max_tokens: int = Field(100_000, ge=1)
 
     @field_validator("signing_key", "api_key")
     @classmethod
@@ -295,6 +297,16 @@ class TokenConfig(_Model):
 class Admin(_Model):
     host: str = "127.0.0.1"
     port: int = Field(9090, ge=0, le=65535)
+    # Bearer key for POST /unlock (lifting token-guard locks); unset: /unlock is off.
+    api_key: SecretStr | None = None
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_long_enough(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 16:
+            raise ValueError(
+                "must be at least 16 characters; fix: generate one with `openssl rand -hex 32`")
+        return v
 
 
 class Config(_Model):

@@ -59,5 +59,14 @@ class Unauthorized(GatewayError):
     """The visitor must be logged in for this (answered 401)."""
 
 
+class RetryWithCookie(GatewayError):
+    """Answered ``307`` to the same target with ``Set-Cookie: set_cookie``: the request needs
+    a cookie the client did not have yet (a browser follows, and resends the body, with it)."""
+
+    def __init__(self, set_cookie: str) -> None:
+        super().__init__("retry with the cookie just set")
+        self.set_cookie = set_cookie
+
+
 class ServiceUnavailable(GatewayError):
     """A backend the gateway itself needs (e.g. the token store) is down (answered 503)."""

@@ -82,14 +82,17 @@ async def install_features(config: Config, gateway: Gateway, stack: AsyncExitSta
         from gateway.tokens.store import open_store
 
         tcfg = config.token
-        store = open_store(tcfg.store, tcfg.signing_key.get_secret_value().encode(), tcfg.ttl)
+        store = open_store(tcfg.store, tcfg.signing_key.get_secret_value().encode(), tcfg.ttl,
+                           max_tokens=tcfg.max_tokens,
+                           on_full=lambda: gateway.metrics_hook("store", "store_full"))
         stack.push_async_callback(store.close)
         guard = guard_from_config(tcfg)
         stack.push_async_callback(guard.close)
         tokens = TokenEndpoints(tcfg, cec.tenant_space_id, store, guard,
                                 metrics_hook=gateway.metrics_hook)
         ext.endpoints.update(tokens.routes())
-        gateway.ready_checks.extend((store.ping, guard.ping))
+        gateway.store_checks.extend((store.ping, guard.ping))
+        gateway.unlock = guard.unlock
         if cec.auth.mode == "token":
             tenant = cec.tenant_space_id
 

@@ -40,6 +40,21 @@ class Metrics:
                                 registry=r)
         self.reloads = Counter("gateway_config_reloads", "Config reloads", ["result"],
                                registry=r)
+        # Health of what this process depends on (gateway.health); not part of readiness.
+        self.upstream_up = Gauge("gateway_upstream_up",
+                                 "1 when the route's upstream accepted a connection at the last "
+                                 "check, else 0", ["route"], registry=r)
+        self.store_up = Gauge("gateway_store_up",
+                              "1 when the token store answered at the last check, else 0",
+                              registry=r)
+        self.token_guesses = Counter("gateway_token_guesses",
+                                     "Wrong tokens sent to the validation callback, by whether "
+                                     "they were within the per-user allowance", ["result"],
+                                     registry=r)
+        self.token_store_refused = Counter("gateway_token_store_refused",
+                                           "Tokens not minted because the store is full",
+                                           registry=r)
+
     def observe(self, route: str, method: str, status: int, duration: float,
                 upstream_error: str | None) -> None:
         counts = self._counts
@@ -63,6 +78,11 @@ class Metrics:
         self.token_events.labels(endpoint, outcome).inc()
         if outcome == "lockout_started":
             self.lockouts.inc()
+        elif endpoint == "validate" and outcome in ("failed", "limited", "rate_limited"):
+            # "counted": within the userId's allowance; "limited": answered 429/503 instead.
+            self.token_guesses.labels("counted" if outcome == "failed" else "limited").inc()
+        elif outcome == "store_full":
+            self.token_store_refused.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,17 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
-from gateway.admin import Readiness, create_admin_app
+from gateway import __version__
+from gateway.admin import AdminHooks, Readiness, create_admin_app
 from gateway.app import Gateway
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError
 from gateway.fastpath import FastRequestHandler
 from gateway.features import install_features
+from gateway.health import HealthMonitor
 from gateway.metrics import Metrics
 from gateway.server import GatewayServer, Listener, bind_socket, make_server, server_ssl_context
 
@@ -70,7 +74,11 @@ class Runtime:
         self.reuse_port = reuse_port
         self.worker_index = worker_index
         self.metrics = Metrics()
-        self.readiness = Readiness(upstreams=self._upstream_addresses, checks=self._checks)
+        self.readiness = Readiness()
+        self.health = HealthMonitor(
+            self._upstream_targets, self._checks,
+            on_upstream=lambda route, up: self.metrics.upstream_up.labels(route).set(up),
+            on_store=self.metrics.store_up.set)
         self.gateway: Gateway
         self._stack: contextlib.AsyncExitStack
         self.server: GatewayServer | None = None
@@ -90,12 +98,45 @@ class Runtime:
             raise
         return gateway, stack
 
-    def _upstream_addresses(self) -> list[tuple[str, int]]:
-        seen = {(r.upstream.host, r.upstream.port) for r in self.gateway.routes.routes}
-        return sorted(seen)
+    def _upstream_targets(self) -> list[tuple[str, str, int]]:
+        return [(r.name, r.upstream.host, r.upstream.port) for r in self.gateway.routes.routes]
 
     def _checks(self) -> list[Callable[[], Awaitable[None]]]:
-        return list(self.gateway.ready_checks)
+        return list(self.gateway.store_checks)
+
+    async def _unlock(self, kind: str, value: str) -> bool:
+        unlock = self.gateway.unlock
+        if unlock is None:
+            return False
+        return await unlock(kind, value)
+
+    async def status(self) -> dict[str, Any]:
+        """``/status``: this process, its routes' upstreams and its store, checked just now."""
+        await self.health.check_now()
+        code, ready = self.readiness.evaluate()
+        cfg = self.config
+        routes = []
+        for route in self.gateway.routes.routes:
+            up = route.upstream
+            host = f"[{up.host}]" if ":" in up.host else up.host
+            state = self.health.upstreams.get(route.name)
+            routes.append({"route": route.name, "upstream": f"{up.scheme}://{host}:{up.port}",
+                           **(state.as_json() if state else {"up": None})})
+        store: dict[str, Any] | None = None
+        if cfg.token is not None:
+            backend = "memory" if cfg.token.store == "memory" else "redis"
+            store = {"backend": backend, **self.health.store.as_json()}
+        return {
+            "status": ready["status"],
+            "ready": code == 200,
+            "draining": self.readiness.draining,
+            "version": __version__,
+            "pid": os.getpid(),
+            "worker": self.worker_index,
+            "workers": cfg.listen.workers,
+            "routes": routes,
+            "store": store,
+        }
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         # A trampoline, so that a reload reaches connections that are already open.
@@ -122,8 +163,12 @@ class Runtime:
                            backlog=cfg.listen.backlog)
         self.listener = Listener(self.server, sock, server_ssl_context(cfg))
         await self.listener.start()
+        self.readiness.listening = True
         if cfg.admin is not None:
-            app = create_admin_app(self.readiness, self.metrics.render)
+            key = cfg.admin.api_key
+            app = create_admin_app(AdminHooks(
+                self.readiness, self.metrics.render, self.status, self._unlock,
+                key.get_secret_value().encode("utf-8") if key is not None else None))
             self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
             await self._admin.setup()
             port = cfg.admin.port + self.worker_index if cfg.admin.port else 0
@@ -134,6 +179,8 @@ class Runtime:
             if addr:
                 host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
                 self.admin_url = f"http://{host}:{addr[1]}"
+            # Only read by /metrics and /status: not worth a connection per interval otherwise.
+            self.health.start()
 
     async def reload(self) -> bool:
         """Re-read the config file (and secret files); swap it in if valid."""
@@ -159,7 +206,6 @@ class Runtime:
         self.gateway, self._stack, self.config = gateway, stack, new
         if self.server is not None:
             self.server.gateway = gateway
-        self.readiness._cached = None
         self.metrics.reloads.labels("ok").inc()
         log.info("config reloaded from %s", self.config_path)
         # Requests in flight hold the old gateway; close it once they had their time.
@@ -185,6 +231,8 @@ class Runtime:
                 await self.listener.stop(cfg.timeouts.shutdown_grace,
                                          before_drain=self.gateway.going_away)
         finally:
+            self.readiness.listening = False
+            await self.health.stop()
             for task in list(self._retiring):
                 task.cancel()
             await self._stack.aclose()

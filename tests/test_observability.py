@@ -29,6 +29,7 @@ from tests.lifecycle_helpers import (
     wait_for,
     wait_healthy,
 )
+from tests.redis_server import redis_or_fail
 
 TENANT = "202007159031"
 CHANNEL = "202011230001"
@@ -499,62 +500,76 @@ async def test_healthz_and_readyz_when_all_is_well(gateway: GatewayFactory, echo
     async with http.get(gw.admin_url + "/healthz") as resp:
         assert resp.status == 200
     status, report = await readyz(http, gw.admin_url)
-    assert status == 200, report
-    assert report["status"] == "ready"
-    assert report[f"upstream 127.0.0.1:{echo.port}"] == "ok"
+    assert (status, report) == (200, {"status": "ready"})
+    state = await status_of(http, gw.admin_url)
+    assert state["ready"] is True and state["draining"] is False and state["store"] is None
+    echo_url = f"http://127.0.0.1:{echo.port}"
+    assert [(r["route"], r["upstream"], r["up"]) for r in state["routes"]] == [
+        ("/app/", echo_url, True), ("/", echo_url, True)]
     # The admin endpoints are not served on the public listener.
-    async with http.get(gw.url + "/metrics") as resp:
-        assert "gateway_requests" not in await resp.text()
+    for path in ("/metrics", "/status"):
+        async with http.get(gw.url + path) as resp:
+            text = await resp.text()
+            assert "gateway_requests" not in text and '"routes"' not in text
 
 
-async def test_readyz_503_while_an_upstream_is_down_then_recovers(
+async def status_of(http: aiohttp.ClientSession, admin_url: str) -> dict[str, Any]:
+    async with http.get(admin_url + "/status") as resp:
+        assert resp.status == 200
+        data: dict[str, Any] = await resp.json()
+        return data
+
+
+async def test_cec_and_redis_down_the_site_and_readyz_stay_up(
         gateway: GatewayFactory, http: aiohttp.ClientSession) -> None:
-    port = free_port()
-    gw = await gateway(APP_ROUTES + f"""
-  - prefix: /other/
-    upstream: http://127.0.0.1:{port}/
-admin: {{host: 127.0.0.1, port: 0}}
-""")
-    assert gw.admin_url is not None
-    status, report = await readyz(http, gw.admin_url)
-    assert status == 503
-    assert report["status"] == "not ready"
-    assert report[f"upstream 127.0.0.1:{port}"].startswith("unreachable")
-    async with http.get(gw.admin_url + "/healthz") as resp:
-        assert resp.status == 200  # alive, just not ready
+    """Issue 14: a CEC or Redis outage is not a website outage (nor a readiness failure)."""
+    cec = web.ServerRunner(web.Server(_ok))
+    await cec.setup()
+    cec_site = web.TCPSite(cec, "127.0.0.1", 0)
+    await cec_site.start()
+    cec_port = cec.addresses[0][1]
+    with redis_or_fail() as redis:
+        gw = await gateway(chat_config().replace(
+            "upstream: ${ECHO}/service-cloud/", f"upstream: http://127.0.0.1:{cec_port}/sc/"
+        ).replace("  rate_limit: 1000/second", f"  rate_limit: 1000/second\n"
+                                              f"  store: {redis.url}"))
+        admin = gw.admin_url
+        assert admin is not None
+        state = await status_of(http, admin)
+        assert {r["route"]: r["up"] for r in state["routes"]} == {"/service-cloud/": True,
+                                                                 "/": True}
+        assert state["store"]["backend"] == "redis" and state["store"]["up"] is True
+        text = await scrape(http, admin)
+        assert metric(text, "gateway_upstream_up", route="/service-cloud/") == 1
+        assert metric(text, "gateway_store_up") == 1
 
-    # The upstream comes up: readiness follows once the short cache expires.
-    runner = web.ServerRunner(web.Server(lambda r: _ok(r)))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    try:
-        async def ready() -> bool:
-            return (await readyz(http, gw.admin_url or ""))[0] == 200
-
-        await wait_for(ready, within=5, interval=0.25, what="/readyz to turn 200")
-    finally:
-        await runner.cleanup()
-
-
-async def _ok(request: web.BaseRequest) -> web.Response:
-    return web.Response(text="ok")
-
-
-async def test_readyz_503_when_the_token_store_is_unreachable(
-        gateway: GatewayFactory, http: aiohttp.ClientSession) -> None:
-    redis_port = free_port()  # nothing listens there
-    gw = await gateway(chat_config().replace(
-        "  rate_limit: 1000/second", f"  rate_limit: 1000/second\n"
-                                     f"  store: redis://127.0.0.1:{redis_port}/0"))
-    assert gw.admin_url is not None
-    status, report = await readyz(http, gw.admin_url)
-    assert status == 503, report
-    failed = [k for k, v in report.items() if v.startswith("failed")]
-    assert failed and any("ping" in k for k in failed), report
-    assert all(v == "ok" for k, v in report.items() if k.startswith("upstream")), report
+        await cec.cleanup()
+        redis.stop()
+        # Readiness is about this process: still ready, so no replica leaves the Service.
+        status, report = await readyz(http, admin)
+        assert (status, report) == (200, {"status": "ready"})
+        async with http.get(gw.url + "/some/page") as resp:
+            assert resp.status == 200  # the site route keeps serving
+        async with http.get(gw.url + "/service-cloud/x.js") as resp:
+            assert resp.status == 502  # the CEC route answers for itself
+        # /status and the metrics say what is down (and why, without the Redis URL).
+        state = await status_of(http, admin)
+        routes = {r["route"]: r for r in state["routes"]}
+        assert routes["/"]["up"] is True and routes["/service-cloud/"]["up"] is False
+        assert routes["/service-cloud/"]["error"] and routes["/service-cloud/"]["since"]
+        assert state["store"]["up"] is False and state["store"]["error"]
+        assert state["ready"] is True and state["status"] == "ready"
+        assert redis.url.split("//")[1] not in json.dumps(state)
+        text = await scrape(http, admin)
+        assert metric(text, "gateway_upstream_up", route="/service-cloud/") == 0
+        assert metric(text, "gateway_upstream_up", route="/") == 1
+        assert metric(text, "gateway_store_up") == 0
 
 
 async def test_admin_listener_defaults_to_loopback(gateway: GatewayFactory) -> None:
     gw = await gateway(APP_ROUTES + "admin: {port: 0}\n")
     assert gw.admin_url is not None and gw.admin_url.startswith("http://127.0.0.1:")
+
+
+async def _ok(request: web.BaseRequest) -> web.Response:
+    return web.Response(text="ok")

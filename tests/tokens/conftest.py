@@ -99,7 +99,8 @@ async def make_gateway() -> AsyncIterator[GatewayFactory]:
     async def factory(**overrides: Any) -> Gateway:
         cfg = make_cfg(**overrides)
         gw = Gateway(
-            cfg, open_store(cfg.store, SIGNING_KEY.encode(), cfg.ttl), guard_from_config(cfg)
+            cfg, open_store(cfg.store, SIGNING_KEY.encode(), cfg.ttl, max_tokens=cfg.max_tokens),
+            guard_from_config(cfg)
         )
         await gw.server.start_server()
         made.append(gw)
