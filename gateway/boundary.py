@@ -190,12 +190,18 @@ class Redirects:
         self._hosts = frozenset(hosts)
 
     def location(self, value: str, https: bool) -> str:
-        ref = browser_split(value, self._scheme)
+        # Split as the visitor's browser will (its page's scheme decides whether "http:x"
+        # is relative); same-origin is then judged from the upstream's side.
+        ref = browser_split(value, "https" if https else "http")
         if ref is None:
             return value
         if ref.scheme is None:
             if not ref.path.startswith("/"):
-                return ref.path + ref.tail  # relative to the document: stays on this origin
+                # Relative to the document: stays on this origin ("./" so that "a:b" is
+                # not read as a URL of scheme "a", nor a leading space trimmed away).
+                dot = "./" if ref.path and (ref.path[0] <= " " or _SCHEME_RE.match(ref.path)
+                                            ) else ""
+                return dot + ref.path + ref.tail
             return self._mapped(remove_dot_segments(ref.path), ref.tail)
         scheme = ref.scheme or self._scheme
         found = _host_port(ref.authority, scheme)
