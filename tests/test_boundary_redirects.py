@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from typing import NamedTuple
+from urllib.parse import unquote
 
 import pytest
 from hypothesis import example, given, settings
@@ -102,7 +103,7 @@ def resolve(value: str, base: Resolved) -> Resolved | None:
         port_text = after[1:] if after.startswith(":") else ""
     else:
         host, _, port_text = hostport.partition(":")
-    host = host.lower()
+    host = unquote(host).lower()  # browsers percent-decode a host (IDNA is not generated)
     if not host:
         return None
     port = DEFAULT_PORT[scheme]
