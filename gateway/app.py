@@ -98,11 +98,13 @@ class Gateway:
         self.scheme = "https" if config.listen.tls else "http"
         # Visitors use https also when TLS ends at a load balancer (public_url says so).
         self.public_https = (config.public_url or "").startswith("https://")
+        self.metrics = metrics or Metrics()
+        refused = self.metrics.cookies_refused
         self.routes = RouteTable(compile_policies(config, [
             compile_route(r.prefix, r.upstream, preserve_host=r.preserve_host,
                           ca_file=r.ca_file, websocket=r.websocket)
             for r in config.routes
-        ]))
+        ], lambda route: refused.labels(route).inc()))
         self.own_pages = OwnPages.build(config.trust.frame_ancestors, config.trust.page_csp)
         self.trusted = TrustedProxies(config.trusted_proxies)
         self.cors = CorsPolicy(config.cors)
@@ -118,7 +120,6 @@ class Gateway:
         self.ext = extensions or Extensions()
         self.access = AccessLog(enabled=config.access_log)
         self.ws_idle = config.timeouts.websocket_idle
-        self.metrics = metrics or Metrics()
         self.metrics_hook: Callable[[str, str], None] = self.metrics.token_event
         self.ready_checks: list[Callable[[], Awaitable[None]]] = []
         self.splices: set[Splice] = set()

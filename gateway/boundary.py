@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
@@ -279,14 +279,17 @@ def _skip_ws(value: str, pos: int) -> int:
 class CookieStats:
     """Refused third-party cookies, for the metrics; each name is logged once per route."""
 
-    __slots__ = ("_logged", "refused")
+    __slots__ = ("_logged", "counted", "refused")
 
-    def __init__(self) -> None:
+    def __init__(self, counted: Callable[[str], None] | None = None) -> None:
         self.refused = 0
+        self.counted = counted
         self._logged: set[str] = set()
 
     def refuse(self, route: str, name: str, why: str) -> None:
         self.refused += 1
+        if self.counted is not None:
+            self.counted(route)
         if name not in self._logged and len(self._logged) < 100:
             self._logged.add(name)
             log.warning("route %s: refused a Set-Cookie for %r (%s); the browser never gets it",
@@ -412,13 +415,14 @@ def site_policy(name: str, prefix: str, urls: UrlMap | None = None, *,
 def third_party_policy(name: str, prefix: str, urls: UrlMap, *,
                        forward_cookies: Sequence[str] = (), namespace: str = DEFAULT_NAMESPACE,
                        forward_credentials: bool = False,
-                       refused_cookies: Iterable[str] = ()) -> RoutePolicy:
+                       refused_cookies: Iterable[str] = (),
+                       counted: Callable[[str], None] | None = None) -> RoutePolicy:
     names = frozenset(n.encode() for n in (CEC_SESSION_COOKIE, *forward_cookies))
     drop = frozenset() if forward_credentials else frozenset({b"authorization",
                                                               b"proxy-authorization"})
     return RoutePolicy(name, True, prefix, True, Redirects(urls), names, namespace.encode(),
                        forward_credentials, frozenset(n.lower() for n in refused_cookies),
-                       drop_up=drop | {b"cookie"})
+                       CookieStats(counted), drop_up=drop | {b"cookie"})
 
 
 # ------------------------------------------------------------------ client scripts
@@ -499,8 +503,10 @@ class OwnPages:
 # ------------------------------------------------------------------ compiling a config
 
 
-def compile_policies(config: Config, routes: list[CompiledRoute]) -> list[CompiledRoute]:
-    """Each route with its trust policy, from ``routes[]`` and the ``trust:`` section."""
+def compile_policies(config: Config, routes: list[CompiledRoute],
+                     counted: Callable[[str], None] | None = None) -> list[CompiledRoute]:
+    """Each route with its trust policy, from ``routes[]`` and the ``trust:`` section;
+    ``counted(route)`` is told of every refused cookie (the metrics)."""
     by_prefix = {r.prefix: r for r in config.routes}
     cec = config.cec
     trust = config.trust
@@ -522,7 +528,7 @@ def compile_policies(config: Config, routes: list[CompiledRoute]) -> list[Compil
                 namespace=trust.cookie_namespace,
                 forward_credentials=declared.forward_credentials if declared is not None
                 else False,
-                refused_cookies=refused)
+                refused_cookies=refused, counted=counted)
         else:
             policy = site_policy(route.name, route.prefix, route.urls, strip_cors=strip_cors)
         out.append(replace(route, policy=policy))

@@ -40,6 +40,10 @@ class Metrics:
                                 registry=r)
         self.reloads = Counter("gateway_config_reloads", "Config reloads", ["result"],
                                registry=r)
+        # gateway/boundary.py: a third party's Set-Cookie for a name the site or gateway owns.
+        self.cookies_refused = Counter("gateway_cookies_refused",
+                                       "Set-Cookie from a third-party route refused",
+                                       ["route"], registry=r)
     def observe(self, route: str, method: str, status: int, duration: float,
                 upstream_error: str | None) -> None:
         counts = self._counts

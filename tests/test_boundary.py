@@ -267,6 +267,9 @@ async def test_cec_set_cookie_is_confined_namespaced_and_never_overwrites_ours(
     route = gw.running.gateway.routes.match("/service-cloud/x")
     responses = 2 if path_mode[0] == ("fast", True) else 1  # the warm-up request counts too
     assert route is not None and route.policy.stats.refused == 2 * responses
+    scraped = gw.running.gateway.metrics.render().decode()
+    assert f'gateway_cookies_refused_total{{route="/service-cloud/"}} {2.0 * responses}' \
+        in scraped
 
 
 @pytest.mark.parametrize("how", ["trusted X-Forwarded-Proto", "public_url"])
@@ -436,7 +439,9 @@ async def test_the_canonical_post_is_still_rewritten(gw: Stack) -> None:
 
 
 @pytest.mark.parametrize("host", ["gw.test evil", "user@gw.test", "gw.test/x", "gw.test\\x",
-                                  "gw.t\u00e9st", "gw.test:99999", "[::1", "gw..test", ""])
+                                  "gw.t\u00e9st", "gw.test\udcff", "gw\x01test", "gw\x7ftest",
+                                  "gw.test:99999", "[::1", "gw..test", "",
+                                  "gw.test\r\nHost: evil.example"])
 async def test_an_invalid_host_is_400_and_forwarded_nowhere(
         gw: Stack, path_mode: list[tuple[str, bool]], host: str) -> None:
     if path_mode[0] == ("fast", True):
