@@ -43,6 +43,13 @@ log = logging.getLogger("gateway.boundary")
 SERVER = "cec-gateway"
 CEC_SESSION_COOKIE = "ccmessaging-token"  # the CEC visitor session
 DEFAULT_NAMESPACE = "__cec_"
+# Response headers that act on the whole origin, not on the response: from a third party
+# they would let it wipe the site's cookies, claim the site's scope for a service worker, or
+# set the host's transport policy. Dropped on third-party routes.
+ORIGIN_WIDE = frozenset({b"clear-site-data", b"service-worker-allowed",
+                         b"strict-transport-security", b"alt-svc", b"set-cookie2"})
+# Every response header name the policy looks at (plus any Access-Control-*).
+RESPONSE_HEADERS = ORIGIN_WIDE | {b"set-cookie", b"location", b"refresh", b"content-location"}
 # Enough for the gateway's own page: its scripts and the CEC's come from this origin.
 DEFAULT_PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
                     "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; "
@@ -382,11 +389,12 @@ class RoutePolicy:
                        ) -> bytes | None:
         """One upstream response header's value for the browser; None drops the header.
 
-        Called for ``Set-Cookie``, ``Location``, ``Content-Location``, ``Refresh`` and
-        ``Access-Control-*`` only.
+        Called for the names in ``RESPONSE_HEADERS`` and ``Access-Control-*`` only.
         """
         if lname.startswith(b"access-control-"):
             return None if self.strip_cors else value
+        if lname in ORIGIN_WIDE:
+            return None if self.third_party else value
         text = value.decode("utf-8", "surrogateescape")
         if lname == b"set-cookie":
             if self.third_party:

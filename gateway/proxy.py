@@ -16,6 +16,7 @@ from aiohttp.http_parser import RawResponseMessage
 from aiohttp.http_writer import HttpVersion, HttpVersion11
 from aiohttp.streams import StreamReader
 
+from gateway.boundary import RESPONSE_HEADERS
 from gateway.errors import PayloadTooLarge, UpstreamError, UpstreamTimeout
 from gateway.headers import (
     HOP_BY_HOP,
@@ -29,8 +30,7 @@ from gateway.upstream import UpstreamConnection, UpstreamPool
 log = logging.getLogger("gateway.proxy")
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-_REWRITTEN = frozenset({b"set-cookie", b"location", b"refresh", b"content-location"})
-_SPECIAL = HOP_BY_HOP | _REWRITTEN  # dropped or rewritten on the way to the client
+_SPECIAL = HOP_BY_HOP | RESPONSE_HEADERS  # dropped or rewritten on the way to the client
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 

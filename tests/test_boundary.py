@@ -33,6 +33,12 @@ def _answer(status: str, headers: list[tuple[str, str]], body: bytes = b"ok") ->
     return (head + f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1") + body
 
 
+ORIGIN_WIDE_HEADERS = [("Clear-Site-Data", '"cookies", "storage"'),
+                       ("Service-Worker-Allowed", "/"),
+                       ("Strict-Transport-Security", "max-age=63072000; includeSubDomains"),
+                       ("Alt-Svc", 'h2="evil.example:443"')]
+
+
 def hostile_cec(port_of: Callable[[], int]) -> Callable[[UpRequest, UpConn, Any],
                                                          Awaitable[bool]]:
     """The CEC, as hostile as a third party on the site's origin could be."""
@@ -56,6 +62,8 @@ def hostile_cec(port_of: Callable[[], int]) -> Callable[[UpRequest, UpConn, Any]
                         ("Access-Control-Allow-Credentials", "true"),
                         ("Access-Control-Allow-Headers", "*"),
                         ("access-control-expose-headers", "X-Secret")]
+        elif path.endswith("/origin-wide"):
+            headers += ORIGIN_WIDE_HEADERS
         elif path.endswith("/redirect"):
             to = unquote(query.partition("to=")[2]).replace("{own}", own)
             status = "302 Found"
@@ -73,6 +81,8 @@ def site_answer(port_of: Callable[[], int]) -> Callable[[UpRequest, UpConn, Any]
         path, _, query = req.target.partition("?")
         headers = [("Content-Type", "text/plain")]
         status = "200 OK"
+        if path.endswith("/origin-wide"):
+            headers += ORIGIN_WIDE_HEADERS
         if path.endswith("/redirect"):
             to = unquote(query.partition("to=")[2]).replace("{own}",
                                                             f"http://127.0.0.1:{port_of()}")
@@ -309,6 +319,17 @@ async def test_the_cecs_own_cookie_round_trips(gw: Stack) -> None:
     await raw_exchange("127.0.0.1", gw.port, request(
         "/service-cloud/chat", "Cookie: " + "; ".join([*jar, "SESSION=site-session"])))
     assert gw.cec.requests[-1].header("Cookie") == "ccmessaging-token=t1; JSESSIONID=j1; pref=1"
+
+
+async def test_headers_acting_on_the_whole_origin_never_come_from_the_cec(
+        gw: Stack, path_mode: list[tuple[str, bool]]) -> None:
+    # Clear-Site-Data would wipe the site's session and the guest cookie, a
+    # Service-Worker-Allowed: / would let a CEC worker control every page of the site.
+    resp = await get(gw, path_mode, "/service-cloud/origin-wide")
+    names = {k.lower() for k, _ in resp.headers}
+    assert not names & {k.lower() for k, _ in ORIGIN_WIDE_HEADERS}, resp.headers
+    site = await get(gw, path_mode, "/origin-wide")  # the site decides for its origin
+    assert {k.lower() for k, _ in ORIGIN_WIDE_HEADERS} <= {k.lower() for k, _ in site.headers}
 
 
 # ------------------------------------------------------------------ CORS
