@@ -180,8 +180,7 @@ class Gateway:
             if resp is not None and not resp.prepared:
                 # The gateway's own answer (page, script, endpoint or error).
                 resp.headers["X-Request-ID"] = rid
-                for name, value in self.own_pages.headers(resp.headers.get("Content-Type")):
-                    resp.headers[name] = value
+                self.own_pages.apply(resp)
             status = resp.status if resp is not None else status_override
             route = route or ex.route
             if not ex.upstream_status:

@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
+
+from aiohttp import web
 
 from gateway.headers import UrlMap, rewrite_set_cookie, valid_host
 
@@ -50,11 +53,14 @@ ORIGIN_WIDE = frozenset({b"clear-site-data", b"service-worker-allowed",
                          b"strict-transport-security", b"alt-svc", b"set-cookie2"})
 # Every response header name the policy looks at (plus any Access-Control-*).
 RESPONSE_HEADERS = ORIGIN_WIDE | {b"set-cookie", b"location", b"refresh", b"content-location"}
-# Enough for the gateway's own page: its scripts and the CEC's come from this origin.
-DEFAULT_PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-                    "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; "
-                    "frame-src 'self'; media-src 'self'; object-src 'none'; base-uri 'none'; "
-                    "form-action 'self'")
+# Enough for the gateway's own page: everything from this origin. Scripts need the
+# response's nonce ('strict-dynamic' lets the loader run what it loads, among which the
+# CEC's answer, which the vendor's protocol runs as script text); 'self' is for browsers
+# without CSP3.
+DEFAULT_PAGE_CSP = ("default-src 'self'; script-src 'nonce-{nonce}' 'strict-dynamic' 'self'; "
+                    "style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+                    "font-src 'self' data:; connect-src 'self'; frame-src 'self'; "
+                    "media-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'")
 
 
 # ------------------------------------------------------------------ Host (gateway/headers.py)
@@ -487,25 +493,37 @@ class ClientScripts:
 class OwnPages:
     """Headers on every response the gateway writes itself (pages, scripts, errors)."""
 
-    csp: str
+    csp: str  # may hold "{nonce}", filled per response
     frame_ancestors: tuple[str, ...]
 
     @classmethod
     def build(cls, frame_ancestors: Sequence[str] = ("'self'",),
               csp: str | None = None) -> OwnPages:
         ancestors = tuple(frame_ancestors) or ("'none'",)
-        policy = (csp or DEFAULT_PAGE_CSP).rstrip("; ")
-        return cls(f"{policy}; frame-ancestors {' '.join(ancestors)}", ancestors)
+        policy = DEFAULT_PAGE_CSP if csp is None else csp.replace("{", "{{").replace("}", "}}")
+        return cls(f"{policy.rstrip('; ')}; frame-ancestors {' '.join(ancestors)}", ancestors)
 
-    def headers(self, content_type: str | None) -> list[tuple[str, str]]:
-        out = [("Server", SERVER), ("X-Content-Type-Options", "nosniff")]
-        if content_type is not None and content_type.startswith("text/html"):
-            out.append(("Content-Security-Policy", self.csp))
-            if self.frame_ancestors == ("'self'",):
-                out.append(("X-Frame-Options", "SAMEORIGIN"))
-            elif self.frame_ancestors == ("'none'",):
-                out.append(("X-Frame-Options", "DENY"))
-        return out
+    def apply(self, resp: web.StreamResponse) -> None:
+        """Set the headers on ``resp`` (not yet prepared); an HTML page also gets a fresh
+        nonce on its own ``<script>`` tags, named in its CSP."""
+        headers = resp.headers
+        headers["Server"] = SERVER
+        headers["X-Content-Type-Options"] = "nosniff"
+        if not headers.get("Content-Type", "").startswith("text/html"):
+            return
+        nonce = secrets.token_urlsafe(18)
+        body = resp.body if isinstance(resp, web.Response) else None
+        if isinstance(body, bytes) and b"<script" in body:
+            # The page is the gateway's own template: every "<script" in it is a tag (the
+            # values it shows are escaped, so none can spell one).
+            assert isinstance(resp, web.Response)
+            resp.body = re.sub(rb"<script(?=[\s>])", b'<script nonce="%s"' % nonce.encode(),
+                               body)
+        headers["Content-Security-Policy"] = self.csp.format(nonce=nonce)
+        if self.frame_ancestors == ("'self'",):
+            headers["X-Frame-Options"] = "SAMEORIGIN"
+        elif self.frame_ancestors == ("'none'",):
+            headers["X-Frame-Options"] = "DENY"
 
 
 # ------------------------------------------------------------------ compiling a config

@@ -506,6 +506,11 @@ async def test_own_pages_name_no_versions_and_forbid_sniffing(gw: Stack, path: s
         assert "default-src 'self'" in csp and "frame-ancestors 'self'" in csp
         assert "object-src 'none'" in csp
         assert resp.header("X-Frame-Options") == "SAMEORIGIN"
+        # Scripts run only with this response's nonce, which the page's own tags carry.
+        nonce = csp.split("'nonce-")[1].split("'")[0]
+        assert f'<script nonce="{nonce}" src="/gateway/chat.js"'.encode() in resp.body
+        again = await raw_exchange("127.0.0.1", gw.port, request(path))
+        assert nonce not in (again.header("Content-Security-Policy") or "")
 
 
 async def test_own_error_pages_too(gw: Stack) -> None:

@@ -134,3 +134,31 @@ async def test_chromium_goes_where_the_rewrite_says(open_page: Any, https: bool)
                         b[0], b[1], port, b[3]), value
     finally:
         await context.close()
+
+
+async def test_the_own_page_works_under_its_csp(open_page: Any) -> None:
+    """/chat/ with its restrictive CSP: the loader runs the CEC's answer and the widget
+    connects (its WebSocket too), and Chromium reports no CSP violation."""
+    from playwright.async_api import expect
+
+    from tests.e2e.conftest import run_stack
+
+    async with run_stack("authorization") as s:
+        context, page, watch = await open_page()
+        try:
+            violations: list[str] = []
+            page.on("console", lambda m: violations.append(m.text)
+                    if "Content Security Policy" in m.text else None)
+            response = await page.goto(s.gateway + "/chat/")
+            assert response is not None
+            csp = await response.header_value("content-security-policy") or ""
+            assert "frame-ancestors 'self'" in csp and "'strict-dynamic'" in csp
+            await expect(page.locator("#cec-widget #cec-chat-button")).to_be_visible()
+            await page.click("#cec-chat-button")
+            window = page.locator("#cec-chat-window")
+            await expect(window).to_be_visible()
+            await expect(window).to_have_attribute("data-connected", "true")
+            assert violations == []
+            assert watch.page_errors == []
+        finally:
+            await context.close()
