@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -308,7 +309,7 @@ async def test_loader_and_page_served(gw: Any, browser: BrowserFactory) -> None:
         assert resp.content_type == "text/html"
         assert resp.headers["Cache-Control"] == "no-store"
         page = await resp.text()
-    assert '<script src="/gateway/chat.js"' in page
+    assert re.search(r"<script nonce=\"[A-Za-z0-9_-]+\" src=\"/gateway/chat.js\"", page)
     # The loader and page share the visitor's guest id, from the cookie set by the loader.
     guest_id = guest_id_of(b)
     assert guest_id is not None and guest_id in js and guest_id in page
