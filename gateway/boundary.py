@@ -442,12 +442,20 @@ def third_party_policy(name: str, prefix: str, urls: UrlMap, *,
 # ------------------------------------------------------------------ client scripts
 
 
+_SLASHES = re.compile(r"/{2,}")
+_DOTTED_I = {0x130: "i"}
+
+
 def _script_key(path: str) -> str:
     """``path`` as a lenient upstream might read it: decoded, ``;params`` dropped, trailing
     dots and slashes ignored, case folded (Java's and JavaScript's folds included)."""
     if "%" in path or ";" in path:
         path = "/".join(unquote(seg.partition(";")[0], errors="replace").partition(";")[0]
                         for seg in path.split("/"))
+    # upper() then casefold() matches what Java's equalsIgnoreCase and JavaScript's
+    # toUpperCase accept (dotless i U+0131 -> I, long s U+017F -> s, Kelvin U+212A -> k);
+    # U+0130 is Java's "i" too.
+    path = _SLASHES.sub("/", path).translate(_DOTTED_I)
     return path.rstrip("/. \t").upper().casefold()
 
 

@@ -17,9 +17,12 @@ from urllib.parse import quote, unquote
 
 import pytest
 import yaml
+from yarl import URL
 
+from gateway.boundary import ClientScripts, third_party_policy
 from gateway.config import load_config_text
 from gateway.fastpath import FastRequestHandler
+from gateway.headers import UrlMap, valid_host
 from gateway.runtime import Running, serving
 from tests.gwhelpers import RawResponse, raw_exchange
 from tests.hardening.rawhttp import RawRecorder, UpConn, UpRequest, run_recorder
@@ -527,3 +530,63 @@ async def test_frame_ancestors_is_configurable() -> None:
         resp.header("Content-Security-Policy") or "")
     assert resp.header("X-Frame-Options") is None  # it cannot say "these two"
 
+
+
+# ------------------------------------------------------------------ pure logic
+
+CEC_URLS = UrlMap.for_route("/service-cloud/", URL("https://cec.example.com/service-cloud/"))
+POLICY = third_party_policy("/service-cloud/", "/service-cloud/", CEC_URLS,
+                            forward_cookies=["locale"], refused_cookies=["SESSION", "cec_guest"])
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("a=1", None),
+    ("ccmessaging-token=t; __cec_a=1; a=site", "ccmessaging-token=t; a=1"),
+    ("__cec_=x; __cec_locale=evil; locale=en", "locale=en"),  # no empty or shadowing name
+    ("ccmessaging-token", None),  # no '=': not a cookie
+])
+def test_upstream_cookie(value: str, expected: str | None) -> None:
+    out = POLICY.upstream_cookie([value.encode()])
+    assert out == (expected.encode() if expected is not None else None)
+
+
+@pytest.mark.parametrize(("value", "https", "expected"), [
+    ("a=1; Path=/; Domain=cec.example.com", False, "__cec_a=1; Path=/service-cloud"),
+    ("a=1; Path=/service-cloud/x; Path=/", False,
+     "__cec_a=1; Path=/service-cloud/x; Path=/service-cloud"),
+    ("a=1; Path=/service-cloud/../../", False, "__cec_a=1; Path=/service-cloud"),
+    ("locale=en; Max-Age=60", True, "locale=en; Max-Age=60; Secure"),
+    ("a=1; secure", True, "__cec_a=1; secure"),
+    ("SESSION=x; Path=/", False, None),
+    ("session=x", False, None),  # refused whatever the case
+    ("=x", False, None),
+    ("novalue", False, None),
+])
+def test_set_cookie(value: str, https: bool, expected: str | None) -> None:
+    assert POLICY.set_cookie(value, CEC_URLS, https) == expected
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("POST", SCRIPT, None),
+    ("POST", OLD_SCRIPT, None),
+    ("POST", SCRIPT.replace("js/new", "js//new"), 404),
+    ("POST", SCRIPT + "%20", 404),
+    ("POST", SCRIPT.replace("Client", "Cl%C4%B0ent"), 404),  # Java lower-cases İ to i
+    ("GET", "/service-cloud/webclient/other.js", None),
+    ("GET", "/party/time", None),
+    ("HEAD", SCRIPT, 405),
+])
+def test_client_scripts(method: str, path: str, status: int | None) -> None:
+    scripts = ClientScripts([SCRIPT, OLD_SCRIPT])
+    assert scripts.refusal(method, path) == status
+
+
+@pytest.mark.parametrize(("host", "ok"), [
+    ("example.com", True), ("example.com.", True), ("EXAMPLE.com:443", True),
+    ("1.2.3.4:80", True), ("[2001:db8::1]:8443", True), ("_dmarc.example", True),
+    ("[zz::1]", False), ("a b", False), ("a@b", False), ("a/b", False), ("a\\b", False),
+    ("a:b", False), ("a:", False), (":80", False), ("-a.example", False),
+    ("a" * 300, False), ("é.example", False), ("a\x00b", False),
+])
+def test_valid_host(host: str, ok: bool) -> None:
+    assert valid_host(host) is ok
