@@ -7,11 +7,11 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from urllib.parse import unquote
 
 from aiohttp import web
 
 from gateway.accesslog import AccessLog
+from gateway.boundary import ClientScripts, OwnPages, compile_policies
 from gateway.config import Config
 from gateway.cors import CorsPolicy
 from gateway.errors import (
@@ -24,7 +24,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamTLSError,
 )
-from gateway.headers import Forwarded, TrustedProxies, forwarded_for
+from gateway.headers import Forwarded, TrustedProxies, forwarded_for, valid_host
 from gateway.keys import CLIENT_IP, REQUEST_ID
 from gateway.metrics import Metrics
 from gateway.proxy import (
@@ -47,15 +47,6 @@ Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 BodyRewriter = Callable[[web.BaseRequest, bytes], Awaitable[tuple[bytes, list[tuple[str, str]]]]]
 SyncBodyRewriter = Callable[[web.BaseRequest, bytes], tuple[bytes, list[tuple[str, str]]]]
 
-
-
-def rewrite_key(path: str) -> str:
-    """``path`` as an upstream may serve it: %XX decoded, ``;params`` dropped per segment.
-
-    The CEC may decode ``newThirdPartyClient%2Ejs`` or ignore ``;x=1`` (servlet path
-    parameters); such spellings must not slip past the body rewrite.
-    """
-    return "/".join(unquote(seg.partition(";")[0], errors="replace") for seg in path.split("/"))
 
 
 def error_response(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -83,6 +74,8 @@ class Extensions:
     endpoints: dict[str, Handler] = field(default_factory=dict)
     # (path, max body) -> rewriter, applied to POSTs on the proxy path
     rewriters: dict[str, Rewriter] = field(default_factory=dict)
+    # The CEC's client-script paths: only an exact POST (rewritten) reaches them.
+    scripts: ClientScripts = field(default_factory=lambda: ClientScripts(()))
 
 
 class RequestIds:
@@ -104,11 +97,16 @@ class Gateway:
                  extensions: Extensions | None = None, metrics: Metrics | None = None) -> None:
         self.config = config
         self.scheme = "https" if config.listen.tls else "http"
-        self.routes = RouteTable([
+        # Visitors use https also when TLS ends at a load balancer (public_url says so).
+        self.public_https = (config.public_url or "").startswith("https://")
+        self.metrics = metrics or Metrics()
+        refused = self.metrics.cookies_refused
+        self.routes = RouteTable(compile_policies(config, [
             compile_route(r.prefix, r.upstream, preserve_host=r.preserve_host,
                           ca_file=r.ca_file, websocket=r.websocket)
             for r in config.routes
-        ])
+        ], lambda route: refused.labels(route).inc()))
+        self.own_pages = OwnPages.build(config.trust.frame_ancestors, config.trust.page_csp)
         self.trusted = TrustedProxies(config.trusted_proxies)
         self.cors = CorsPolicy(config.cors)
         read = config.timeouts.read
@@ -123,7 +121,6 @@ class Gateway:
         self.ext = extensions or Extensions()
         self.access = AccessLog(enabled=config.access_log)
         self.ws_idle = config.timeouts.websocket_idle
-        self.metrics = metrics or Metrics()
         self.metrics_hook: Callable[[str, str], None] = self.metrics.token_event
         # Token store/guard pings for the health monitor, and the guard's unlock (set by
         # features): diagnostics and operations only, never part of readiness.
@@ -172,6 +169,7 @@ class Gateway:
             rid = self.ids.next()
         request[REQUEST_ID] = rid
         ex.extra_response_headers.append(("X-Request-ID", rid))
+        ex.https = self.public_https or fwd.proto.lower() == "https"
         try:
             resp, route = await self._dispatch(request, fwd, rid, ex)
             return resp
@@ -184,7 +182,9 @@ class Gateway:
             raise
         finally:
             if resp is not None and not resp.prepared:
+                # The gateway's own answer (page, script, endpoint or error).
                 resp.headers["X-Request-ID"] = rid
+                self.own_pages.apply(resp)
             status = resp.status if resp is not None else status_override
             route = route or ex.route
             if not ex.upstream_status:
@@ -206,6 +206,9 @@ class Gateway:
             # RFC 9112 6.1: chunked framing in HTTP/1.0 is faulty; never keep reading after it.
             return self._close_after(
                 error_response(400, "Bad Request: Transfer-Encoding in HTTP/1.0")), None
+        hosts = request.headers.getall("Host", ())
+        if len(hosts) > 1 or (hosts and not valid_host(hosts[0])):
+            return error_response(400, "Bad Request: invalid Host header"), None
         # A fragment never belongs on the wire (RFC 9110 4.2.4); some clients send one.
         path, _, query = raw_target.partition("#")[0].partition("?")
         try:
@@ -233,6 +236,13 @@ class Gateway:
                 resp.headers.extend(cors_headers)
             return resp, None
 
+        if self.ext.scripts:
+            refused = self.ext.scripts.refusal(method, path)
+            if refused == 404:
+                return error_response(404, "Not Found"), None
+            if refused == 405:
+                return error_response(405, "Method Not Allowed", {"Allow": "POST"}), None
+
         route = self.routes.match(path)
         if route is None:
             redirect = self.routes.redirect_for(path)
@@ -250,9 +260,8 @@ class Gateway:
             body: bytes | None = None
             body_type: str | None = None
             if method == "POST":
+                # Other spellings of a rewritten path were refused above (ext.scripts).
                 rw = self.ext.rewriters.get(path)
-                if rw is None and ("%" in path or ";" in path):
-                    rw = self.ext.rewriters.get(rewrite_key(path))
                 if rw is not None:
                     body, extra = await self._rewrite(request, rw)
                     if rw.signs:
@@ -340,7 +349,7 @@ class Gateway:
         up = route.upstream
         host = request.host if route.preserve_host else up.host_header
         request_head = upstream_request_head("GET", target, request.raw_headers, host, fwd, rid,
-                                             upgrade=True) + b"\r\n"
+                                             upgrade=True, policy=route.policy) + b"\r\n"
         conn = await self.pool.acquire(up, fresh=True)
         fut = conn.start(bytes(request_head), method="GET",
                          read_timeout=self.config.timeouts.read)
@@ -357,7 +366,7 @@ class Gateway:
         conn.finish_for_tunnel()
         head = (b"HTTP/1.1 101 Switching Protocols\r\n"
                 + response_header_bytes(message.raw_headers, route,
-                                        message.headers.getall("Connection", ()))
+                                        message.headers.getall("Connection", ()), ex.https)
                 + b"Upgrade: " + message.headers.get("Upgrade", "websocket").encode("latin-1")
                 + b"\r\nConnection: Upgrade\r\nX-Request-ID: " + rid.encode() + b"\r\n\r\n")
         self.metrics.websockets.inc()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +40,8 @@ from gateway.yamlconf import (
 )
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CSP_SOURCE = re.compile(r"[^\s;,]+")
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -89,6 +92,19 @@ class Route(_Model):
     preserve_host: bool = False
     ca_file: Path | None = None
     websocket: bool = True
+    # The trust boundary (gateway/boundary.py): None = a third party when the route serves
+    # cec.context_path.
+    third_party: bool | None = None
+    forward_cookies: list[str] = []  # to a third party, besides ccmessaging-token
+    forward_credentials: bool = False  # Authorization / Proxy-Authorization to a third party
+
+    @field_validator("forward_cookies")
+    @classmethod
+    def _cookie_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not _COOKIE_NAME.fullmatch(name):
+                raise ValueError("cookie names are tokens: letters, digits and !#$%&'*+-.^_`|~")
+        return v
 
     @field_validator("prefix")
     @classmethod
@@ -294,6 +310,45 @@ class TokenConfig(_Model):
         return v
 
 
+class Trust(_Model):
+    """Site-wide rules of the trust boundary (README "Trust boundary")."""
+
+    cookie_namespace: str = "__cec_"  # a third party's cookies are renamed into it
+    protected_cookies: list[str] = []  # the site's cookie names no third party may set
+    frame_ancestors: list[str] = ["'self'"]  # who may frame the gateway's own page
+    page_csp: str | None = None  # replaces the own page's default CSP (frame-ancestors added)
+
+    @field_validator("cookie_namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        if not _COOKIE_NAME.fullmatch(v):
+            raise ValueError("the namespace is a cookie-name prefix such as __cec_")
+        return v
+
+    @field_validator("protected_cookies")
+    @classmethod
+    def _protected(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not _COOKIE_NAME.fullmatch(name):
+                raise ValueError("cookie names are tokens: letters, digits and !#$%&'*+-.^_`|~")
+        return v
+
+    @field_validator("frame_ancestors")
+    @classmethod
+    def _ancestors(cls, v: list[str]) -> list[str]:
+        for source in v:
+            if not _CSP_SOURCE.fullmatch(source):
+                raise ValueError("one CSP source per entry, e.g. 'self' or https://portal.example")
+        return v
+
+    @field_validator("page_csp")
+    @classmethod
+    def _csp(cls, v: str | None) -> str | None:
+        if v is not None and ("\r" in v or "\n" in v or "frame-ancestors" in v):
+            raise ValueError("one line, without frame-ancestors (set trust.frame_ancestors)")
+        return v
+
+
 class Admin(_Model):
     host: str = "127.0.0.1"
     port: int = Field(9090, ge=0, le=65535)
@@ -316,6 +371,7 @@ class Config(_Model):
     timeouts: Timeouts = Timeouts()
     routes: list[Route] = Field(min_length=1)
     cors: Cors = Cors()
+    trust: Trust = Trust()
     cec: CecConfig | None = None
     token: TokenConfig | None = None
     admin: Admin | None = None

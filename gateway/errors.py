@@ -19,6 +19,8 @@ class Problem:
     fix: str = ""
 
     def __str__(self) -> str:
+        # ``value`` is already what may be shown (gateway/yamlconf.py ``shown_value``): a
+        # scalar at a known, non-secret key, or a placeholder.
         text = f"{self.path or '<root>'}: {self.message}"
         if self.value:
             text += f" (got {self.value})"

@@ -23,7 +23,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.errors import UpstreamError, UpstreamTimeout
-from gateway.headers import forwarded_for, upstream_request_head
+from gateway.headers import forwarded_for, upstream_request_head, valid_host
 from gateway.proxy import Exchange, cut_off, drain_client, framed_last, response_head
 from gateway.routing import CompiledRoute
 from gateway.server import _GatewayRequestHandler
@@ -158,14 +158,14 @@ class FastRequestHandler(_GatewayRequestHandler):
             return False
         manager: Any = self._manager
         gw: Gateway = manager.gateway
-        if path in gw.ext.endpoints:
+        if path in gw.ext.endpoints or gw.ext.scripts.looks_like(path):
             return False
         headers = msg.headers
         if "Origin" in headers or "Expect" in headers:
             return False
         host = headers.get("Host")
-        if not host:
-            return False
+        if not host or not valid_host(host):
+            return False  # the full path answers 400
         route = gw.routes.match(path)
         if route is None:
             return False
@@ -191,10 +191,12 @@ class FastRequestHandler(_GatewayRequestHandler):
         if not rid or len(rid) > 128 or not rid.isascii() or not rid.isprintable():
             rid = gw.ids.next()
         ex = Exchange()
+        ex.https = gw.public_https or fwd.proto.lower() == "https"
         target = route.target(path, query)
         head = upstream_request_head(msg.method, target, msg.raw_headers,
                                      host if route.preserve_host else up.host_header, fwd, rid,
-                                     connection=headers.getall("Connection", ()))
+                                     connection=headers.getall("Connection", ()),
+                                     policy=route.policy)
         head += b"\r\n"
         inline = _Inline(conn, route, msg, ex, rid, fwd.client_ip, start, bytes(head))
         self._inline = inline
@@ -231,7 +233,7 @@ class FastRequestHandler(_GatewayRequestHandler):
         ex.upstream_time = self._loop.time() - inline.start
         head, rechunk, keep_alive, no_body = response_head(
             message, inline.route, inline.version, inline.keep_alive, inline.head_request, (),
-            b"X-Request-ID: %s\r\n" % inline.rid.encode())
+            b"X-Request-ID: %s\r\n" % inline.rid.encode(), https=ex.https)
         inline.keep_alive = keep_alive
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -309,7 +311,8 @@ class FastRequestHandler(_GatewayRequestHandler):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(
-                b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                b"HTTP/1.1 %d %s\r\nServer: cec-gateway\r\nX-Content-Type-Options: nosniff\r\n"
+                b"Content-Type: text/plain; charset=utf-8\r\n"
                 b"Content-Length: %d\r\nX-Request-ID: %s\r\n%s\r\n%s"
                 % (status, b"Bad Gateway" if status == 502 else b"Gateway Timeout", len(body),
                    inline.rid.encode(), b"" if inline.keep_alive else b"Connection: close\r\n",

@@ -54,10 +54,18 @@ async def install_features(config: Config, gateway: Gateway, stack: AsyncExitSta
     ext = Extensions()
     if config.cec is None:
         return ext
-    from gateway.chat.endpoints import ChatEndpoints, signer_from_config
+    from gateway.boundary import ClientScripts
+    from gateway.chat.endpoints import (
+        CLIENT_SUFFIX,
+        NEW_CLIENT_SUFFIX,
+        ChatEndpoints,
+        signer_from_config,
+    )
     from gateway.chat.guest import GuestCookies
 
     cec = config.cec
+    ext.scripts = ClientScripts((cec.context_path + NEW_CLIENT_SUFFIX,
+                                 cec.context_path + CLIENT_SUFFIX))
     signer = signer_from_config(cec) if cec.auth.mode == "authorization" else None
     # Secure when visitors use https, also when TLS ends at a load balancer before us.
     public_https = (config.public_url or "").startswith("https://")

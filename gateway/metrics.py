@@ -54,6 +54,10 @@ class Metrics:
         self.token_store_refused = Counter("gateway_token_store_refused",
                                            "Tokens not minted because the store is full",
                                            registry=r)
+        # gateway/boundary.py: a third party's Set-Cookie for a name the site or gateway owns.
+        self.cookies_refused = Counter("gateway_cookies_refused",
+                                       "Set-Cookie from a third-party route refused",
+                                       ["route"], registry=r)
 
     def observe(self, route: str, method: str, status: int, duration: float,
                 upstream_error: str | None) -> None:

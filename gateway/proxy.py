@@ -16,14 +16,12 @@ from aiohttp.http_parser import RawResponseMessage
 from aiohttp.http_writer import HttpVersion, HttpVersion11
 from aiohttp.streams import StreamReader
 
+from gateway.boundary import RESPONSE_HEADERS
 from gateway.errors import PayloadTooLarge, UpstreamError, UpstreamTimeout
 from gateway.headers import (
     HOP_BY_HOP,
     Forwarded,
     extra_hop_by_hop,
-    rewrite_location,
-    rewrite_refresh,
-    rewrite_set_cookie,
     upstream_request_head,
 )
 from gateway.routing import CompiledRoute
@@ -32,8 +30,7 @@ from gateway.upstream import UpstreamConnection, UpstreamPool
 log = logging.getLogger("gateway.proxy")
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-_REWRITTEN = frozenset({b"set-cookie", b"location", b"refresh", b"content-location"})
-_SPECIAL = HOP_BY_HOP | _REWRITTEN  # dropped or rewritten on the way to the client
+_SPECIAL = HOP_BY_HOP | RESPONSE_HEADERS  # dropped or rewritten on the way to the client
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -52,6 +49,7 @@ class Exchange:
     retried: bool = False
     error: str = ""
     route: CompiledRoute | None = None  # known before the answer, for a cancelled exchange
+    https: bool = False  # the visitor's scheme (listen.tls, or a trusted X-Forwarded-Proto)
     extra_response_headers: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -139,7 +137,8 @@ class Proxy:
             framing.append((b"Content-Length", b"0"))
         head = upstream_request_head(method, target, raw, host, fwd, request_id, framing,
                                      new_content_type=body_type.encode() if body_type else None,
-                                     connection=request.headers.getall("Connection", ()))
+                                     connection=request.headers.getall("Connection", ()),
+                                     policy=route.policy)
         head += b"\r\n"
         if body:
             head += body
@@ -229,7 +228,7 @@ class Proxy:
         ex.upstream_status = code
         head, rechunk, keep_alive, no_body = response_head(
             message, route, request.version, request.keep_alive, request.method == "HEAD",
-            (*ex.extra_response_headers, *(cors or ())))
+            (*ex.extra_response_headers, *(cors or ())), https=ex.https)
         transport = request.transport
         protocol = request.protocol
         sent_all = False
@@ -291,7 +290,8 @@ class Proxy:
 
 def response_head(message: RawResponseMessage, route: CompiledRoute, version: HttpVersion,
                   keep_alive: bool, head_request: bool, extra: Sequence[tuple[str, str]],
-                  extra_lines: bytes = b"") -> tuple[bytes, bool, bool, bool]:
+                  extra_lines: bytes = b"", *, https: bool = False
+                  ) -> tuple[bytes, bool, bool, bool]:
     """The response head for the client: (bytes, re-chunk the body?, keep-alive?, no body?).
 
     The upstream's framing is not the client's: a chunked upstream body is re-chunked for
@@ -308,7 +308,7 @@ def response_head(message: RawResponseMessage, route: CompiledRoute, version: Ht
     head = bytearray(b"HTTP/%d.%d %d %s\r\n" % (version.major, version.minor, code,
                                                  message.reason.encode("latin-1", "replace")))
     head += response_header_bytes(message.raw_headers, route,
-                                  message.headers.getall("Connection", ()))
+                                  message.headers.getall("Connection", ()), https)
     for name, value in extra:
         head += f"{name}: {value}\r\n".encode("latin-1")
     head += extra_lines  # header lines already encoded, CRLF included
@@ -350,26 +350,23 @@ def framed_last(data: bytes) -> bytes:
 
 
 def response_header_bytes(raw: Sequence[tuple[bytes, bytes]], route: CompiledRoute,
-                          connection: Sequence[str]) -> bytes:
+                          connection: Sequence[str], https: bool = False) -> bytes:
     """Upstream response header lines as the client should see them (no framing headers):
-    hop-by-hop ones dropped, ``Set-Cookie``, ``Location`` and ``Refresh`` mapped onto the
-    gateway's URL space."""
+    hop-by-hop ones dropped; ``Set-Cookie``, ``Location``, ``Content-Location``, ``Refresh``
+    and ``Access-Control-*`` as the route's trust boundary (gateway/boundary.py) says."""
     tokens = extra_hop_by_hop(raw, connection)
+    policy = route.policy
     out = bytearray()
     for name, value in raw:
         lname = name.lower()
         special = lname in _SPECIAL  # one lookup for the usual header, which is neither
         if (special and lname in HOP_BY_HOP) or (tokens and lname in tokens):
             continue
-        if special:
-            text = value.decode("utf-8", "surrogateescape")
-            if lname == b"set-cookie":
-                text = rewrite_set_cookie(text, route.urls)
-            elif lname == b"refresh":
-                text = rewrite_refresh(text, route.urls)
-            else:
-                text = rewrite_location(text, route.urls)
-            value = text.encode("utf-8", "surrogateescape")
+        if special or lname.startswith(b"access-control-"):
+            checked = policy.response_value(lname, value, route.urls, https)
+            if checked is None:
+                continue
+            value = checked
         # In-place appends: no temporary bytes objects for the concatenation.
         out += name
         out += b": "

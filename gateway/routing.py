@@ -14,6 +14,7 @@ from urllib.parse import unquote
 
 from yarl import URL
 
+from gateway.boundary import RoutePolicy, site_policy
 from gateway.errors import BadRequest
 from gateway.headers import UrlMap
 
@@ -43,6 +44,8 @@ class CompiledRoute:
     websocket: bool
     urls: UrlMap
     name: str
+    # What crosses this route's trust boundary (gateway/boundary.py), compiled with the route.
+    policy: RoutePolicy = field(default_factory=lambda: site_policy("", "/"))
 
     def target(self, path: str, query: str) -> str:
         """The upstream request target: the prefix replaced by the upstream path."""
@@ -65,8 +68,9 @@ def compile_route(prefix: str, upstream_url: str, *, preserve_host: bool = False
     host_header = shown if url.is_default_port() else f"{shown}:{url.port}"
     up = Upstream(url.scheme, host, url.port, url.raw_path or "/", host_header,
                   make_client_ssl(ca_file) if url.scheme == "https" else None)
-    return CompiledRoute(prefix, up, preserve_host, websocket, UrlMap.for_route(prefix, url),
-                         name=prefix)
+    urls = UrlMap.for_route(prefix, url)
+    return CompiledRoute(prefix, up, preserve_host, websocket, urls, name=prefix,
+                         policy=site_policy(prefix, prefix, urls))
 
 
 class RouteTable:
