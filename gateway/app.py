@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from aiohttp import web
+from yarl import URL
 
 from gateway.accesslog import AccessLog
 from gateway.config import Config
@@ -55,6 +57,31 @@ def rewrite_key(path: str) -> str:
     parameters); such spellings must not slip past the body rewrite.
     """
     return "/".join(unquote(seg.partition(";")[0], errors="replace") for seg in path.split("/"))
+
+
+# RFC 9112 3.2.2's absolute-form: "http" or "https", an authority of a host name, IPv4 or
+# bracketed IPv6 literal and an optional port (no userinfo: RFC 9110 4.2.4), then the path.
+_ABSOLUTE = re.compile(
+    r"^[Hh][Tt][Tt][Pp][Ss]?://"
+    r"((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
+    r"[A-Za-z0-9])?\.?|\[[0-9A-Fa-f:.]{2,45}\])(:[0-9]{1,5})?([/?].*)?$", re.DOTALL)
+
+
+def origin_form(target: str) -> tuple[str, str] | None:
+    """An absolute-form target as (authority, origin-form target), or None if it is not one.
+
+    A server MUST accept the absolute form (RFC 9112 3.2.2); as nginx does, its authority
+    replaces Host and the path is routed like any other: this is not a forward proxy.
+    """
+    m = _ABSOLUTE.match(target)
+    if m is None:
+        return None
+    host, port, rest = m.group(1), m.group(2) or "", m.group(3) or ""
+    if port and not 0 < int(port[1:]) < 65536:
+        return None
+    if rest.startswith("?"):
+        rest = "/" + rest
+    return host + port, rest or "/"
 
 
 def error_response(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -142,6 +169,15 @@ class Gateway:
         self.metrics.observe(route.name if route else "gateway", method, status, duration,
                              upstream_error)
 
+    def rejected(self, client_ip: str, rid: str, method: str, raw_path: str, status: int,
+                 reason: str, bytes_out: int, duration: float) -> None:
+        """A request the parser layer refused: its access-log line and metrics."""
+        ex = Exchange()
+        ex.error = reason
+        ex.bytes_out = bytes_out
+        self.metrics.rejected.labels(str(status), reason).inc()
+        self.finished(client_ip, rid, method, raw_path, 1, status, None, ex, duration)
+
     def going_away(self) -> None:
         """Shutdown: tell every spliced WebSocket the server is going away (1001)."""
         for link in list(self.splices):
@@ -153,6 +189,11 @@ class Gateway:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         start = loop.time()
+        if not request.raw_path.startswith("/") and request.method != "CONNECT":
+            absolute = origin_form(request.raw_path)
+            if absolute is not None:
+                request = request.clone(rel_url=URL(absolute[1], encoded=True),
+                                        host=absolute[0])
         ex = Exchange()
         route: CompiledRoute | None = None
         resp: web.StreamResponse | None = None
@@ -229,12 +270,14 @@ class Gateway:
                 resp.headers.extend(cors_headers)
             return resp, None
 
+        # `location /prefix/` answers `/prefix` with a redirect even when a shorter route
+        # (the site's `/`) matches it, as nginx does.
+        redirect = self.routes.redirect_for(path)
+        if redirect is not None:
+            location = redirect + ("?" + query if query else "")
+            return error_response(301, "Moved Permanently", {"Location": location}), None
         route = self.routes.match(path)
         if route is None:
-            redirect = self.routes.redirect_for(path)
-            if redirect is not None:
-                location = redirect + ("?" + query if query else "")
-                return web.Response(status=301, headers={"Location": location}), None
             return error_response(404, "Not Found"), None
         target = route.target(path, query)
         ex.route = route

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp.http_parser import RawRequestMessage, RawResponseMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
-from aiohttp.web_protocol import RequestHandler
 
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.headers import forwarded_for, upstream_request_head
@@ -89,7 +88,7 @@ class FastRequestHandler(_GatewayRequestHandler):
         if parked:
             self._waiter = None
         try:
-            RequestHandler.data_received(self, data)
+            self._parse(data)
         finally:
             if parked:
                 self._waiter = waiter
@@ -158,7 +157,7 @@ class FastRequestHandler(_GatewayRequestHandler):
             return False
         manager: Any = self._manager
         gw: Gateway = manager.gateway
-        if path in gw.ext.endpoints:
+        if path in gw.ext.endpoints or gw.routes.redirect_for(path) is not None:
             return False
         headers = msg.headers
         if "Origin" in headers or "Expect" in headers:
