@@ -237,18 +237,20 @@ class Gateway:
         method = request.method
         raw_target = request.raw_path
         if method == "CONNECT" or not raw_target.startswith("/"):
-            # Absolute- and authority-form targets: this is not a forward proxy.
-            return error_response(400, "Bad Request: only origin-form targets are served"), None
+            # Authority- and asterisk-form, and absolute forms that are not http(s) to a
+            # plain host (``handle`` turned the others into origin form): not a forward proxy.
+            return self._refuse(ex, "bad_target",
+                                "Bad Request: only origin-form targets are served"), None
         if request.version < (1, 1) and "Transfer-Encoding" in request.headers:
             # RFC 9112 6.1: chunked framing in HTTP/1.0 is faulty; never keep reading after it.
-            return self._close_after(
-                error_response(400, "Bad Request: Transfer-Encoding in HTTP/1.0")), None
+            return self._close_after(self._refuse(
+                ex, "bad_framing", "Bad Request: Transfer-Encoding in HTTP/1.0")), None
         # A fragment never belongs on the wire (RFC 9110 4.2.4); some clients send one.
         path, _, query = raw_target.partition("#")[0].partition("?")
         try:
             path = normalize_path(path)
         except BadRequest as exc:
-            return error_response(400, f"Bad Request: {exc}"), None
+            return self._refuse(ex, "bad_path", f"Bad Request: {exc}"), None
 
         origin = request.headers.get("Origin")
         cors_headers = None
@@ -334,6 +336,12 @@ class Gateway:
             ex.error = str(exc)
             log.warning("%s %s: %s", route.name, rid, exc)
             return error_response(502, "Bad Gateway: the upstream could not be reached"), route
+
+    def _refuse(self, ex: Exchange, reason: str, text: str) -> web.Response:
+        """A 400 for the request line, counted with the parser layer's refusals."""
+        ex.error = reason
+        self.metrics.rejected.labels("400", reason).inc()
+        return error_response(400, text)
 
     @staticmethod
     def _close_after(resp: web.StreamResponse) -> web.StreamResponse:

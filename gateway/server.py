@@ -244,7 +244,7 @@ class _GatewayRequestHandler(RequestHandler):
         gateway = getattr(self._manager, "gateway", None)
         if gateway is None:
             return
-        gateway.rejected(self._client_ip(), rid or "-",
+        gateway.rejected(self._client_ip(), rid or gateway.ids.next(),
                          refused.method if refused else "-", refused.path if refused else "-",
                          status, reason, bytes_out, duration)
 

@@ -205,3 +205,25 @@ async def test_no_refusal_logs_a_client_byte(gw: tuple[Running, RawRecorder],
             await exchange(running.port, data, responses=2, limit_s=2.0)
     assert any(r.name == "gateway.server" for r in caplog.records)  # refusals are logged
     assert_no_secret_logged(caplog)
+
+
+@pytest.mark.parametrize(("data", "reason", "method", "path"), [
+    (b"GET /%2e%2e/x?q=" + Q + b" HTTP/1.1\r\n" + HOST + b"\r\n", "bad_path", "GET",
+     "/%2e%2e/x"),
+    (b"OPTIONS * HTTP/1.1\r\n" + HOST + b"\r\n", "bad_target", "OPTIONS", "*"),
+    (b"POST /p HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "bad_framing", "POST",
+     "/p"),
+], ids=["path_above_root", "asterisk_form", "te_in_http10"])
+async def test_request_line_refusals_are_counted_too(
+        gw: tuple[Running, RawRecorder], caplog: pytest.LogCaptureFixture, data: bytes,
+        reason: str, method: str, path: str) -> None:
+    running, up = gw
+    caplog.set_level(logging.DEBUG)
+    answers, _ = await exchange(running.port, data)
+    assert [a.status for a in answers] == [400]
+    lines = access_lines(caplog)
+    assert [(x["status"], x["method"], x["path"], x["error"], x["request_id"])
+            for x in lines] == [(400, method, path, reason, answers[0].header("X-Request-ID"))]
+    assert rejected_count(running, 400, reason) == 1
+    assert_no_secret_logged(caplog)
+    assert up.requests == []
