@@ -21,14 +21,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
+from yarl import URL
 
 from gateway.fastpath import FastRequestHandler
 from gateway.runtime import Running, serving
+from tests.gwhelpers import free_port
 from tests.hardening.conftest import hardening_config
 from tests.hardening.rawhttp import ClientResponse, RawRecorder, exchange, run_recorder
 
@@ -265,3 +271,104 @@ async def test_a_route_for_the_slashless_form_wins_over_the_redirect() -> None:
         answers, _ = await exchange(gw.port, b"GET /docs HTTP/1.1\r\n" + HOST + b"\r\n")
         assert [a.status for a in answers] == [200]
         assert up.requests[-1].target == "/exact"
+
+
+# ------------------------------------------------------------------ nginx as the reference
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+NGINX_CONF = """
+worker_processes 1;
+{user}
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    large_client_header_buffers 4 8k;
+    server {{
+        listen 127.0.0.1:{port};
+        location /service-cloud/ {{ proxy_pass http://127.0.0.1:{up}/cec/; }}
+        location / {{ proxy_set_header Host $host; proxy_pass http://127.0.0.1:{up}/; }}
+    }}
+}}
+"""
+
+
+@contextlib.asynccontextmanager
+async def run_nginx(up_port: int, tmp: Path) -> AsyncIterator[int]:
+    """The same two routes as ``ROUTES`` in the real nginx (8 KiB header buffers)."""
+    port = free_port()
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi", "logs"):
+        (tmp / sub).mkdir()
+    conf = tmp / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(user="user root;" if os.geteuid() == 0 else "",
+                                      tmp=tmp, port=port, up=up_port))
+    with (tmp / "nginx.stderr").open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            NGINX, "-e", "stderr", "-p", str(tmp), "-c", str(conf),
+            "-g", f"daemon off; pid {tmp}/nginx.pid; error_log stderr;",
+            stdout=log, stderr=subprocess.STDOUT)
+        try:
+            async with asyncio.timeout(5):
+                while True:
+                    try:
+                        _, w = await asyncio.open_connection("127.0.0.1", port)
+                    except OSError:
+                        if proc.returncode is not None:
+                            raise AssertionError("nginx exited: "
+                                                 + (tmp / "nginx.stderr").read_text()) from None
+                        await asyncio.sleep(0.05)
+                        continue
+                    w.close()
+                    break
+            yield port
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+                await proc.wait()
+
+
+# name -> (raw request, statuses both answer, upstream target both forward or None)
+SAME_AS_NGINX: dict[str, tuple[bytes, list[int], str | None]] = {
+    "http_2_0": (b"GET /g HTTP/2.0\r\n" + HOST + b"\r\n", [505], None),
+    "http_3_0": (b"GET /g HTTP/3.0\r\n" + HOST + b"\r\n", [505], None),
+    "gzip_chunked": (b"POST /p HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: gzip, chunked\r\n"
+                     b"\r\n5\r\nhello\r\n0\r\n\r\n", [501], None),
+    "long_target": (b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\n" + HOST + b"\r\n", [414], None),
+    "absolute_form": (b"GET http://site.example/x?q=1 HTTP/1.1\r\nHost: other\r\n\r\n", [200],
+                      "/x?q=1"),
+    "absolute_form_userinfo": (b"GET http://u:p@site.example/x HTTP/1.1\r\nHost: other\r\n"
+                               b"\r\n", [400], None),
+    "valid_then_garbage": (b"GET /g HTTP/1.1\r\n" + HOST + b"\r\n\x01\x02GARBAGE\r\n\r\n",
+                           [200, 400], "/g"),
+    "bad_method_http10": (b"G@T /g HTTP/1.0\r\n\r\n", [400], None),
+    "prefix_redirect": (b"GET /service-cloud?a=1 HTTP/1.1\r\n" + HOST + b"\r\n", [301], None),
+}
+
+
+@pytest.mark.skipif(not os.path.exists(NGINX), reason="nginx is not installed")
+@pytest.mark.parametrize("case", SAME_AS_NGINX.values(), ids=SAME_AS_NGINX.keys())
+async def test_same_answer_as_nginx(setup: Setup, tmp_path: Path,
+                                    case: tuple[bytes, list[int], str | None]) -> None:
+    data, statuses, target = case
+    async with run_nginx(setup.up.port, tmp_path) as nginx_port:
+        for port in (nginx_port, setup.gw.port):
+            before = len(setup.up.requests)
+            answers, _ = await exchange(port, data, responses=len(statuses))
+            who = "nginx" if port == nginx_port else "gateway"
+            assert [a.status for a in answers] == statuses, (who, answers)
+            assert all(a.version == "HTTP/1.1" for a in answers), (who, answers)
+            if statuses[-1] in (414, 501, 505) or len(statuses) > 1:
+                assert (answers[-1].header("Connection") or "").lower() == "close", who
+            if statuses == [301]:
+                assert URL(answers[0].header("Location") or "").path_qs == "/service-cloud/?a=1"
+            got = [(r.target, r.header("Host")) for r in setup.up.requests[before:]]
+            if target is None:
+                assert got == [], (who, got)
+            elif data.startswith(b"GET http://"):
+                assert got == [(target, "site.example")], (who, got)
+            else:
+                assert [t for t, _ in got] == [target], (who, got)
