@@ -234,6 +234,18 @@ async def test_pipelined_requests_then_garbage(setup: Setup) -> None:
     assert [r.target for r in setup.up.requests] == ["/warm", "/a", "/b"]
 
 
+async def test_pipelined_requests_up_to_connection_close_are_answered(setup: Setup) -> None:
+    """aiohttp refuses the whole read when data follows ``Connection: close``; the requests
+    before it are still answered, the one that asked for the close last, and then the close
+    (nginx ignores what follows too)."""
+    data = (b"GET /a HTTP/1.1\r\n" + HOST + b"\r\n" + b"GET /b HTTP/1.1\r\n" + HOST
+            + b"Connection: close\r\n\r\n" + b"GET /c HTTP/1.1\r\n" + HOST + b"\r\n")
+    answers, closed = await exchange(setup.gw.port, data, responses=3)
+    assert [a.status for a in answers] == [200, 200]
+    assert closed
+    assert [r.target for r in setup.up.requests] == ["/warm", "/a", "/b"]
+
+
 # ------------------------------------------------------------------ the prefix redirect
 
 
