@@ -46,21 +46,30 @@ _ERROR_11 = ERROR._replace(version=HttpVersion11, should_close=True)
 # llhttp's own reasons are fixed phrases ending in ':'; whatever follows quotes the client.
 _FIXED_REASON = re.compile(r"^\s*([A-Za-z][A-Za-z ]{0,80}):$")
 _VERSION = re.compile(r" HTTP/(\d)\.(\d)'\n")
-_TARGET_START = re.compile(rb"^(/|[A-Za-z][A-Za-z0-9+.-]*://)")
+_REQUEST_LINE_START = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
+# A connection's first line with a method and a target but no version: HTTP/0.9. llhttp
+# would wait for a header section that a 0.9 client never sends.
+_HTTP09_LINE = re.compile(rb"(?:\r?\n)*([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([^ \r\n]+)\r?\n")
 
 
 class Refused(Exception):
     """A request the parser layer read whole but will not serve (HTTP version, coding)."""
 
-    def __init__(self, status: int, reason: str, text: str, msg: RawRequestMessage, *,
+    def __init__(self, status: int, reason: str, text: str, method: str, path: str, *,
                  body_only: bool = False) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.text = text
-        self.method = msg.method
-        self.path = msg.path
+        self.method = method
+        self.path = path
         self.body_only = body_only
+
+
+def http09(method: str, path: str) -> Refused:
+    # HTTP/0.9 has no status line: nginx answers such a request with a bare body.
+    return Refused(400, "http_0_9", "Bad Request: HTTP/0.9 is not served", method, path,
+                   body_only=True)
 
 
 def vet(msg: RawRequestMessage) -> Refused | None:
@@ -68,27 +77,28 @@ def vet(msg: RawRequestMessage) -> Refused | None:
     version = msg.version
     if version is not HttpVersion11 and version.major != 1:
         if version.major == 0:
-            # HTTP/0.9 has no status line: nginx answers such a request with a bare body.
-            return Refused(400, "http_0_9", "Bad Request: HTTP/0.9 is not served", msg,
-                           body_only=True)
-        return Refused(505, "version_not_supported", "HTTP Version Not Supported", msg)
+            return http09(msg.method, msg.path)
+        return Refused(505, "version_not_supported", "HTTP Version Not Supported", msg.method,
+                       msg.path)
     if msg.chunked:
         te = msg.headers.get("Transfer-Encoding", "")
         if te.strip(" \t").lower() != "chunked":
             # Framed by a final chunked, but with codings before it that nobody here decodes
             # (RFC 9112 6.1: 501); forwarding it as plain chunked would drop the coding.
-            return Refused(501, "transfer_coding", "Not Implemented: transfer coding", msg)
+            return Refused(501, "transfer_coding", "Not Implemented: transfer coding",
+                           msg.method, msg.path)
     return None
 
 
 def _is_target(line: object) -> bool:
     # The C parser reports an overlong request target from its URL buffer (a bytearray);
-    # header names and values come as bytes. The pure-Python parser quotes the start.
+    # header names and values come as bytes. The pure-Python parser (AIOHTTP_NO_EXTENSIONS)
+    # quotes the start of the request line instead: a method, then a space.
     if isinstance(line, bytearray):
         return True
     if isinstance(line, str):
         line = line.encode("latin-1", "replace")
-    return isinstance(line, bytes) and _TARGET_START.match(line) is not None
+    return isinstance(line, bytes) and _REQUEST_LINE_START.match(line) is not None
 
 
 def classify(exc: BaseException) -> tuple[int, str, str]:
@@ -146,6 +156,7 @@ class _GatewayRequestHandler(RequestHandler):
     _header_timer: asyncio.TimerHandle | None = None
     _head_started = False  # bytes of a request head have arrived and it is not complete
     _parse_failed = False  # the rest of the stream is not HTTP: stop parsing it
+    _first_data = True  # nothing received yet on this connection
 
     def __init__(self, manager: Any, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -188,14 +199,32 @@ class _GatewayRequestHandler(RequestHandler):
             return
         messages = self._messages
         count = self._request_count
+        if self._first_data:
+            self._first_data = False
+            m = _HTTP09_LINE.match(data)
+            if m is not None:
+                refused = http09(m.group(1).decode("latin-1"), m.group(2).decode("latin-1"))
+                messages.append((_ErrInfo(status=400, exc=refused, message=""), EMPTY_PAYLOAD))
+                self._request_count += 1
+                self._parse_failed = True
+                waiter = self._waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+                return
         RequestHandler.data_received(self, data)
         while self._request_count != count:
             new = self._request_count - count
             for i in range(len(messages) - new, len(messages)):
                 if self._vet_at(i):
                     return
-            if self._buffer_paused or self._upgraded or self._force_close or self._close:
+            parser = self._parser
+            if (parser is None or self._buffer_paused or self._upgraded or self._force_close
+                    or self._close):
                 return
+            # The protocol's own queue bounds what is buffered (it pauses the transport);
+            # the parser's queue of one is only there to stop between messages.
+            for _ in range(new):
+                parser.message_consumed()
             count = self._request_count
             RequestHandler.data_received(self, b"")
 
