@@ -46,7 +46,7 @@ _ERROR_11 = ERROR._replace(version=HttpVersion11, should_close=True)
 # llhttp's own reasons are fixed phrases ending in ':'; whatever follows quotes the client.
 _FIXED_REASON = re.compile(r"^\s*([A-Za-z][A-Za-z ]{0,80}):$")
 _VERSION = re.compile(r" HTTP/(\d)\.(\d)'\n")
-_REQUEST_LINE_START = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
+_REQUEST_LINE_START = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+ (/|[A-Za-z][A-Za-z0-9+.-]*://)")
 # A connection's first line with a method and a target but no version: HTTP/0.9. llhttp
 # would wait for a header section that a 0.9 client never sends.
 _HTTP09_LINE = re.compile(rb"(?:\r?\n)*([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([^ \r\n]+)\r?\n")
@@ -93,7 +93,7 @@ def vet(msg: RawRequestMessage) -> Refused | None:
 def _is_target(line: object) -> bool:
     # The C parser reports an overlong request target from its URL buffer (a bytearray);
     # header names and values come as bytes. The pure-Python parser (AIOHTTP_NO_EXTENSIONS)
-    # quotes the start of the request line instead: a method, then a space.
+    # quotes the start of the request line instead: a method, then a path or absolute URL.
     if isinstance(line, bytearray):
         return True
     if isinstance(line, str):

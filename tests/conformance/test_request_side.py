@@ -124,11 +124,12 @@ async def test_http_1_10_is_a_bad_request_not_505(setup: Setup) -> None:
     await refused(setup, b"GET /g HTTP/1.10\r\n" + HOST + b"\r\n", 400)
 
 
-async def test_http09_gets_a_bare_body_and_a_close(setup: Setup) -> None:
+@pytest.mark.parametrize("data", [b"GET /g\r\n", b"GET /g?q=1\r\n\r\n", b"\r\nPOST /p\n"])
+async def test_http09_gets_a_bare_body_and_a_close(setup: Setup, data: bytes) -> None:
     """No status line, no headers: an HTTP/0.9 client reads the body, as from nginx."""
     reader, writer = await asyncio.open_connection("127.0.0.1", setup.gw.port)
     try:
-        writer.write(b"GET /g\r\n\r\n")
+        writer.write(data)
         async with asyncio.timeout(3):
             got = await reader.read()  # until the gateway closes
     finally:
