@@ -226,6 +226,22 @@ async def test_valid_request_then_garbage_in_one_packet(setup: Setup, garbage: b
         assert setup.paths.took("/g"), setup.paths.offered
 
 
+@pytest.mark.parametrize(("second", "status"), [
+    (b"GET /h HTTP/2.0\r\n" + HOST + b"\r\n", 505),
+    (b"POST /p HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+     501),
+    (b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\n" + HOST + b"\r\n", 414),
+])
+async def test_valid_request_then_a_refused_one(setup: Setup, second: bytes,
+                                                status: int) -> None:
+    data = b"GET /g HTTP/1.1\r\n" + HOST + b"\r\n" + second
+    answers, closed = await exchange(setup.gw.port, data, responses=3)
+    assert [a.status for a in answers] == [200, status]
+    assert closed
+    assert_refusal(answers[1], status)
+    assert [r.target for r in setup.up.assert_clean(at_most=2)] == ["/warm", "/g"]
+
+
 async def test_pipelined_requests_then_garbage(setup: Setup) -> None:
     data = (b"GET /a HTTP/1.1\r\n" + HOST + b"\r\n" + b"GET /b HTTP/1.1\r\n" + HOST
             + b"\r\n" + b"\x7fjunk\r\n\r\n")
