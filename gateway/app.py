@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from yarl import URL
 
 from gateway.accesslog import AccessLog
 from gateway.boundary import ClientScripts, OwnPages, compile_policies
@@ -47,6 +49,31 @@ Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 BodyRewriter = Callable[[web.BaseRequest, bytes], Awaitable[tuple[bytes, list[tuple[str, str]]]]]
 SyncBodyRewriter = Callable[[web.BaseRequest, bytes], tuple[bytes, list[tuple[str, str]]]]
 
+
+
+# RFC 9112 3.2.2's absolute-form: "http" or "https", an authority of a host name, IPv4 or
+# bracketed IPv6 literal and an optional port (no userinfo: RFC 9110 4.2.4), then the path.
+_ABSOLUTE = re.compile(
+    r"^[Hh][Tt][Tt][Pp][Ss]?://"
+    r"((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
+    r"[A-Za-z0-9])?\.?|\[[0-9A-Fa-f:.]{2,45}\])(:[0-9]{1,5})?([/?].*)?$", re.DOTALL)
+
+
+def origin_form(target: str) -> tuple[str, str] | None:
+    """An absolute-form target as (authority, origin-form target), or None if it is not one.
+
+    A server MUST accept the absolute form (RFC 9112 3.2.2); as nginx does, its authority
+    replaces Host and the path is routed like any other: this is not a forward proxy.
+    """
+    m = _ABSOLUTE.match(target)
+    if m is None:
+        return None
+    host, port, rest = m.group(1), m.group(2) or "", m.group(3) or ""
+    if port and not 0 < int(port[1:]) < 65536:
+        return None
+    if rest.startswith("?"):
+        rest = "/" + rest
+    return host + port, rest or "/"
 
 
 def error_response(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -143,6 +170,15 @@ class Gateway:
         self.metrics.observe(route.name if route else "gateway", method, status, duration,
                              upstream_error)
 
+    def rejected(self, client_ip: str, rid: str, method: str, raw_path: str, status: int,
+                 reason: str, bytes_out: int, duration: float) -> None:
+        """A request the parser layer refused: its access-log line and metrics."""
+        ex = Exchange()
+        ex.error = reason
+        ex.bytes_out = bytes_out
+        self.metrics.rejected.labels(str(status), reason).inc()
+        self.finished(client_ip, rid, method, raw_path, 1, status, None, ex, duration)
+
     def going_away(self) -> None:
         """Shutdown: tell every spliced WebSocket the server is going away (1001)."""
         for link in list(self.splices):
@@ -154,6 +190,11 @@ class Gateway:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         start = loop.time()
+        if not request.raw_path.startswith("/") and request.method != "CONNECT":
+            absolute = origin_form(request.raw_path)
+            if absolute is not None:
+                request = request.clone(rel_url=URL(absolute[1], encoded=True),
+                                        host=absolute[0])
         ex = Exchange()
         route: CompiledRoute | None = None
         resp: web.StreamResponse | None = None
@@ -200,21 +241,23 @@ class Gateway:
         method = request.method
         raw_target = request.raw_path
         if method == "CONNECT" or not raw_target.startswith("/"):
-            # Absolute- and authority-form targets: this is not a forward proxy.
-            return error_response(400, "Bad Request: only origin-form targets are served"), None
+            # Authority- and asterisk-form, and absolute forms that are not http(s) to a
+            # plain host (``handle`` turned the others into origin form): not a forward proxy.
+            return self._refuse(ex, "bad_target",
+                                "Bad Request: only origin-form targets are served"), None
         if request.version < (1, 1) and "Transfer-Encoding" in request.headers:
             # RFC 9112 6.1: chunked framing in HTTP/1.0 is faulty; never keep reading after it.
-            return self._close_after(
-                error_response(400, "Bad Request: Transfer-Encoding in HTTP/1.0")), None
+            return self._close_after(self._refuse(
+                ex, "bad_framing", "Bad Request: Transfer-Encoding in HTTP/1.0")), None
         hosts = request.headers.getall("Host", ())
         if len(hosts) > 1 or (hosts and not valid_host(hosts[0])):
-            return error_response(400, "Bad Request: invalid Host header"), None
+            return self._refuse(ex, "bad_host", "Bad Request: invalid Host header"), None
         # A fragment never belongs on the wire (RFC 9110 4.2.4); some clients send one.
         path, _, query = raw_target.partition("#")[0].partition("?")
         try:
             path = normalize_path(path)
         except BadRequest as exc:
-            return error_response(400, f"Bad Request: {exc}"), None
+            return self._refuse(ex, "bad_path", f"Bad Request: {exc}"), None
 
         origin = request.headers.get("Origin")
         cors_headers = None
@@ -243,12 +286,14 @@ class Gateway:
             if refused == 405:
                 return error_response(405, "Method Not Allowed", {"Allow": "POST"}), None
 
+        # `location /prefix/` answers `/prefix` with a redirect even when a shorter route
+        # (the site's `/`) matches it, as nginx does.
+        redirect = self.routes.redirect_for(path)
+        if redirect is not None:
+            location = redirect + ("?" + query if query else "")
+            return error_response(301, "Moved Permanently", {"Location": location}), None
         route = self.routes.match(path)
         if route is None:
-            redirect = self.routes.redirect_for(path)
-            if redirect is not None:
-                location = redirect + ("?" + query if query else "")
-                return web.Response(status=301, headers={"Location": location}), None
             return error_response(404, "Not Found"), None
         target = route.target(path, query)
         ex.route = route
@@ -309,6 +354,12 @@ class Gateway:
             ex.error = str(exc)
             log.warning("%s %s: %s", route.name, rid, exc)
             return error_response(502, "Bad Gateway: the upstream could not be reached"), route
+
+    def _refuse(self, ex: Exchange, reason: str, text: str) -> web.Response:
+        """A 400 for the request line, counted with the parser layer's refusals."""
+        ex.error = reason
+        self.metrics.rejected.labels("400", reason).inc()
+        return error_response(400, text)
 
     @staticmethod
     def _close_after(resp: web.StreamResponse) -> web.StreamResponse:

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp.http_parser import RawRequestMessage, RawResponseMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
-from aiohttp.web_protocol import RequestHandler
 
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.headers import forwarded_for, upstream_request_head, valid_host
@@ -89,7 +88,7 @@ class FastRequestHandler(_GatewayRequestHandler):
         if parked:
             self._waiter = None
         try:
-            RequestHandler.data_received(self, data)
+            self._parse(data)
         finally:
             if parked:
                 self._waiter = waiter
@@ -110,8 +109,9 @@ class FastRequestHandler(_GatewayRequestHandler):
             msg, payload = messages[0]
             try:
                 inlined = self._try_inline(msg, payload)
-            except Exception:  # odd input the fast path did not foresee: the full path decides
-                log.debug("fast path declined a request", exc_info=True)
+            except Exception as exc:  # odd input the fast path did not foresee: full path
+                # The class only: an exception's text may quote the client's headers.
+                log.debug("fast path declined a request (%s)", type(exc).__name__)
                 self._inline = None
                 inlined = False
             if not inlined:
@@ -158,7 +158,8 @@ class FastRequestHandler(_GatewayRequestHandler):
             return False
         manager: Any = self._manager
         gw: Gateway = manager.gateway
-        if path in gw.ext.endpoints or gw.ext.scripts.looks_like(path):
+        if (path in gw.ext.endpoints or gw.ext.scripts.looks_like(path)
+                or gw.routes.redirect_for(path) is not None):
             return False
         headers = msg.headers
         if "Origin" in headers or "Expect" in headers:

@@ -58,6 +58,11 @@ class Metrics:
         self.cookies_refused = Counter("gateway_cookies_refused",
                                        "Set-Cookie from a third-party route refused",
                                        ["route"], registry=r)
+        # Requests refused before routing (parse errors, limits, header timeout); the
+        # reasons are a fixed set chosen by gateway.server, never client text.
+        self.rejected = Counter("gateway_rejected_requests",
+                                "Requests refused by the parser layer", ["status", "reason"],
+                                registry=r)
 
     def observe(self, route: str, method: str, status: int, duration: float,
                 upstream_error: str | None) -> None:

@@ -76,9 +76,12 @@ def compile_route(prefix: str, upstream_url: str, *, preserve_host: bool = False
 class RouteTable:
     def __init__(self, routes: list[CompiledRoute]) -> None:
         self._routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
-        # `location /service-cloud/` also answers `/service-cloud` with a redirect (nginx does).
+        # `location /service-cloud/` also answers `/service-cloud` with a redirect (nginx does),
+        # ahead of any shorter prefix; a route of its own for the slash-less form wins.
+        prefixes = {r.prefix for r in self._routes}
         self._slash_redirects = {r.prefix[:-1]: r.prefix for r in self._routes
-                                 if r.prefix.endswith("/") and len(r.prefix) > 1}
+                                 if r.prefix.endswith("/") and len(r.prefix) > 1
+                                 and r.prefix[:-1] not in prefixes}
 
     @property
     def routes(self) -> list[CompiledRoute]:
@@ -91,6 +94,7 @@ class RouteTable:
         return None
 
     def redirect_for(self, path: str) -> str | None:
+        """Where `/prefix` is sent when `/prefix/` is a route: checked before ``match``."""
         return self._slash_redirects.get(path)
 
 
