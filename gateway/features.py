@@ -77,12 +77,14 @@ async def install_features(config: Config, gateway: Gateway, stack: AsyncExitSta
 
     token_for: Callable[[str, str], Awaitable[str]] | None = None
     if config.token is not None:
+        from gateway.redisconn import RedisAuth
         from gateway.tokens.guard import guard_from_config
         from gateway.tokens.handlers import TokenEndpoints
         from gateway.tokens.store import open_store
 
         tcfg = config.token
-        store = open_store(tcfg.store, tcfg.signing_key.get_secret_value().encode(), tcfg.ttl)
+        store = open_store(tcfg.store, tcfg.signing_key.get_secret_value().encode(), tcfg.ttl,
+                           auth=RedisAuth.from_config(tcfg.redis))
         stack.push_async_callback(store.close)
         guard = guard_from_config(tcfg)
         stack.push_async_callback(guard.close)

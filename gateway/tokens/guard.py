@@ -23,13 +23,14 @@ import time
 from collections.abc import Iterator
 
 from limits import RateLimitItem, RateLimitItemPerSecond, parse
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.storage import MemoryStorage, RedisClusterStorage, RedisStorage, Storage
 from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 from limits.errors import StorageError
 from redis.exceptions import RedisError
 
 from gateway.config import TokenConfig
-from gateway.tokens.store import TokenBackendUnavailable, redis_pool
+from gateway.redisconn import RedisAuth
+from gateway.tokens.store import TokenBackendUnavailable, redis_connection
 
 _BACKEND_ERRORS = (StorageError, RedisError, OSError)
 _KEY_PREFIX = "gateway-limits"
@@ -216,25 +217,35 @@ def open_guard(
     lockout: float,
     rate_limit: str,
     max_concurrency: int,
+    auth: RedisAuth | None = None,
 ) -> Guard:
-    """A Guard on ``"memory"`` or a ``redis://`` URL (same values as ``token.store``)."""
+    """A Guard on ``"memory"`` or a Redis URL (same values as ``token.store``)."""
     storage: Storage
     pool = None
     if url == "memory":
         storage = MemoryStorage()
-    elif url.startswith(("redis://", "rediss://", "unix://")):
-        pool = redis_pool(url)
-        # The URI only selects the storage class; connections come from our pool (timeouts,
-        # TLS and database number as given in the configured URL).
-        storage = RedisStorage(
-            "async+redis://",
-            implementation="redispy",
-            wrap_exceptions=True,
-            key_prefix=_KEY_PREFIX,
-            connection_pool=pool,  # type: ignore[arg-type]
-        )
     else:
-        raise ValueError("guard storage is 'memory' or a redis:// URL")
+        conn = redis_connection(url, auth)
+        if conn.pool is not None:
+            pool = conn.pool
+            # The URI only selects the storage class; connections come from our pool (timeouts,
+            # TLS, credentials, sentinel discovery and database number as configured).
+            storage = RedisStorage(
+                "async+redis://",
+                implementation="redispy",
+                wrap_exceptions=True,
+                key_prefix=_KEY_PREFIX,
+                connection_pool=pool,  # type: ignore[arg-type]
+            )
+        else:  # a cluster: limits builds its own cluster client from the same options
+            hosts = ",".join(f"{h}:{p}" for h, p in conn.target.nodes)
+            storage = RedisClusterStorage(
+                f"async+redis+cluster://{hosts}",
+                implementation="redispy",
+                wrap_exceptions=True,
+                key_prefix=_KEY_PREFIX,
+                **conn.cluster_options,
+            )
     return Guard(
         storage,
         max_failures=max_failures,
@@ -255,4 +266,5 @@ def guard_from_config(cfg: TokenConfig) -> Guard:
         lockout=cfg.guard.lockout,
         rate_limit=cfg.rate_limit,
         max_concurrency=cfg.max_concurrency,
+        auth=RedisAuth.from_config(cfg.redis),
     )
