@@ -231,8 +231,11 @@ async def serve_forever(config: Config, *, config_path: str | None = None,
         extra = f", admin on {running.admin_url}" if running.admin_url else ""
         if announce:
             log.info("listening on %s%s", running.url, extra)
-        else:  # a worker: the master said where the gateway listens
+        else:  # a worker: the master says where the gateway listens, once all are ready
+            from gateway.workers import tell_master_ready
+
             log.debug("worker %d ready on %s%s", worker_index, running.url, extra)
+            tell_master_ready()
         await stop.wait()
         log.info("shutting down: draining for up to %gs", runtime.config.timeouts.shutdown_grace)
     log.info("stopped")
