@@ -1,5 +1,6 @@
 """Redis as companies run it, with real servers: TLS with a private CA and an ACL user,
-a replica after a failover (READONLY), and redis-sentinel failing the primary over mid-run.
+a replica after a failover (READONLY), redis-sentinel failing the primary over mid-run, and a
+three-node Redis Cluster (and MOVED when one of its nodes is given as a plain URL).
 
 Every failure reaches the log with its cause (certificate, authentication, READONLY) and
 never a password; with sentinel, tokens issued before the failover stay valid after it and
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -35,6 +37,7 @@ from tests.tokens.conftest import (
 
 PASSWORD = "acl-pass-7d1e0c"  # the ACL user's; must never show in a log line
 SENTINEL = "/usr/bin/redis-sentinel"
+REDIS_CLI = "/usr/bin/redis-cli"
 # What the README asks the gateway's ACL user to be allowed.
 ACL = ["--user", "default", "off", "--user", "gw", "on", f">{PASSWORD}", "~gateway*",
        "+@read", "+@write", "+@scripting", "+@connection"]
@@ -258,3 +261,76 @@ async def test_sentinel_failover_mid_run_keeps_tokens_and_service(
     assert {s for _, s in outcomes} <= {200, 503}, outcomes
     assert [s for _, s in outcomes[-5:]] == [200] * 5, outcomes
     assert any(t < switched for t, _ in outcomes), "traffic ran through the failover"
+
+
+# ------------------------------------------------------------------ cluster
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[list[RedisServer]]:
+    """Three redis-server cluster nodes (no replicas), slots spread by redis-cli."""
+    with contextlib.ExitStack() as stack:
+        nodes = [stack.enter_context(redis(
+            ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+             "--cluster-node-timeout", "5000"])) for _ in range(3)]
+        created = subprocess.run(
+            [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert created.returncode == 0, created.stdout + created.stderr
+        deadline = time.monotonic() + 30
+        while True:
+            states = [subprocess.run([REDIS_CLI, "-p", str(n.port), "cluster", "info"],
+                                     capture_output=True, text=True, check=False).stdout
+                      for n in nodes]
+            if all("cluster_state:ok" in s for s in states):
+                break
+            assert time.monotonic() < deadline, states
+            time.sleep(0.2)
+        yield nodes
+
+
+async def test_cluster_form_issues_and_validates(
+        cluster: list[RedisServer], make_gateway: GatewayFactory,
+        http: aiohttp.ClientSession) -> None:
+    hosts = ",".join(f"127.0.0.1:{n.port}" for n in cluster[:2])  # a subset is enough
+    gw = await make_gateway(store=f"redis+cluster://{hosts}")
+    tokens = [(f"c{i}", (await issue_token(http, gw, f"c{i}"))["token"]) for i in range(12)]
+    for user, token in tokens:
+        status, body, _ = await post_validate(http, gw, validate_body(token, user))
+        assert status == 200 and body["retCode"] == 0, (user, body)
+    await gw.store.ping()
+    await gw.guard.ping()
+    # The tokens are spread over the nodes (keys hash to slots all over the cluster).
+    counts = []
+    for node in cluster:
+        client = aioredis.Redis(port=node.port)
+        try:
+            counts.append(len(await client.keys("gateway:token:*")))
+        finally:
+            await client.aclose()
+    assert sum(1 for c in counts if c) >= 2, counts
+
+
+async def test_a_cluster_node_as_a_plain_url_is_named_moved(
+        cluster: list[RedisServer], make_gateway: GatewayFactory) -> None:
+    # The node that does not hold the probe key's slot: every probe gets MOVED.
+    client = aioredis.Redis(port=cluster[0].port)
+    try:
+        slot = await client.execute_command("CLUSTER", "KEYSLOT", "gateway:token:probe")
+        owner = await client.execute_command("CLUSTER", "NODES")
+    finally:
+        await client.aclose()
+    text = owner.decode() if isinstance(owner, bytes) else str(owner)
+    owning_port = None
+    for line in text.splitlines():
+        fields = line.split()
+        for span in fields[8:]:
+            lo, _, hi = span.partition("-")
+            if lo.isdigit() and int(lo) <= int(slot) <= int(hi or lo):
+                owning_port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+    other = next(n for n in cluster if n.port != owning_port)
+    gw = await make_gateway(store=other.url)
+    with pytest.raises(TokenBackendUnavailable) as raised:
+        await gw.store.ping()
+    assert "MOVED" in str(raised.value) and "redis+cluster://" in str(raised.value)
