@@ -145,6 +145,9 @@ def parse_store_url(url: str) -> RedisTarget:
     netloc, _, path = hostpart.partition("/")
     if "?" in path or "#" in path or "?" in netloc or "#" in netloc:
         raise ValueError(f"a {scheme} URL takes no query or fragment; fix: {_ENCODE_FIX}")
+    if any(c in userinfo for c in "/?#@"):
+        raise ValueError(f"the user or password part has a character URLs reserve; "
+                         f"fix: {_ENCODE_FIX}")
     username = password = None
     if userinfo:
         user, colon, pw = userinfo.partition(":")
