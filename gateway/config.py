@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -57,12 +58,24 @@ class TLSFiles(_Model):
         return self
 
 
+def _resolvable(host: str) -> str:
+    # `run` binds with getaddrinfo; an unknown name must not pass `check` (nginx -t agrees).
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError):
+        raise ValueError("cannot resolve this host name; fix: use an address such as "
+                         "0.0.0.0, 127.0.0.1 or ::, or a name this machine resolves") from None
+    return host
+
+
 class Listen(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     tls: TLSFiles | None = None
     workers: int | None = Field(None, ge=1, le=256)
     backlog: int = Field(1024, ge=1)
+
+    _host = field_validator("host")(_resolvable)
 
 
 class Limits(_Model):
@@ -214,6 +227,31 @@ class CecGuest(_Model):
     cookie_key: SecretStr | None = None
     max_name_length: int = Field(64, ge=1, le=256)
 
+    @field_validator("cookie_name")
+    @classmethod
+    def _cookie_name(cls, v: str) -> str:
+        from gateway.chat.guest import GuestCookies
+
+        try:
+            GuestCookies(b"k" * 16, v)  # the check `run` makes when it builds the cookies
+        except ValueError:
+            raise ValueError("not a valid cookie name; fix: use letters, digits and "
+                             "!#$%&'*+-.^_`|~ only, e.g. cec_guest") from None
+        return v
+
+    @field_validator("cookie_key")
+    @classmethod
+    def _cookie_key(cls, v: SecretStr | None) -> SecretStr | None:
+        from gateway.chat.guest import GuestCookies
+
+        if v is not None:
+            try:
+                GuestCookies(v.get_secret_value().encode("utf-8"))
+            except ValueError:
+                raise ValueError("too short; fix: at least 16 bytes, e.g. "
+                                 "`openssl rand -hex 32`") from None
+        return v
+
 
 class CecConfig(_Model):
     tenant_space_id: str
@@ -345,6 +383,8 @@ class TokenConfig(_Model):
 class Admin(_Model):
     host: str = "127.0.0.1"
     port: int = Field(9090, ge=0, le=65535)
+
+    _host = field_validator("host")(_resolvable)
 
 
 class Config(_Model):

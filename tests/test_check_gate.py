@@ -24,14 +24,14 @@ PYTHON = sys.executable
 SECRET = "pa/ss-SECRET"  # a password with a '/', pasted unencoded into the URL
 
 BASE = """
-listen: {{host: 127.0.0.1, port: 0{tls}}}
+listen: {{host: {host}, port: 0{tls}}}
 routes:
   - {{prefix: /, upstream: "http://127.0.0.1:9/"{ca}}}
 cec:
   tenant_space_id: "202007159031"
   channel_config_id: "202011230001"
   auth: {{mode: token}}
-token:
+{guest}token:
   signing_key: "{key}"
   store: "{store}"
   rate_limit: "{rate}"
@@ -63,8 +63,10 @@ class Files:
 
 
 def config(f: Files, *, tls: tuple[Path, Path] | None = None, ca: Path | None = None,
-           store: str = "memory", rate: str = "50/second", redis: str = "") -> str:
+           store: str = "memory", rate: str = "50/second", redis: str = "",
+           host: str = "127.0.0.1", guest: str = "") -> str:
     return BASE.format(
+        host=host, guest=f"  guest: {guest}\n" if guest else "",
         tls=f", tls: {{cert_file: '{tls[0]}', key_file: '{tls[1]}'}}" if tls else "",
         ca=f", ca_file: '{ca}'" if ca else "",
         key="k" * 32, store=store, rate=rate,
@@ -86,6 +88,10 @@ BROKEN: dict[str, tuple[Callable[[Files], str], list[str]]] = {
         lambda f: config(f, store="redis+cluster://127.0.0.1:7000,127.0.0.1:x",
                          tls=(f.cert, f.encrypted_key), redis=f"{{ca_file: '{f.garbage}'}}"),
         ["token.store", "listen.tls", "token.redis.ca_file"]),
+    "cookie name, short cookie key, unknown listen host": (
+        lambda f: config(f, host="gateway-host.invalid",
+                         guest="{cookie_name: 'cec guest;', cookie_key: short}"),
+        ["cec.guest.cookie_name", "cec.guest.cookie_key", "listen.host"]),
     "not a store": (lambda f: config(f, store="mysql://127.0.0.1/"), ["token.store"]),
     "redis options on memory": (lambda f: config(f, redis="{username: gw}"), ["token"]),
     "ca_file without TLS": (
