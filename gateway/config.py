@@ -420,6 +420,16 @@ class Config(_Model):
             seen.add(route.prefix)
         return v
 
+    @field_validator("pid_file")
+    @classmethod
+    def _pid_dir(cls, v: Path | None) -> Path | None:
+        # `run` writes it before it listens; a missing directory must not pass `check`.
+        if v is not None and not (v.parent.is_dir() and os.access(v.parent, os.W_OK)):
+            raise ValueError(f"the directory {str(v.parent)!r} does not exist or is not "
+                             "writable; fix: create it for the gateway's user (systemd: "
+                             "RuntimeDirectory=) or point pid_file elsewhere")
+        return v
+
     @model_validator(mode="after")
     def _token_for_mode(self) -> Config:
         if self.cec is not None and self.cec.auth.mode == "token" and self.token is None:

@@ -37,7 +37,7 @@ cec:
   rate_limit: "{rate}"
 {redis}
 timeouts: {{shutdown_grace: 0s}}
-"""
+{pid}"""
 
 
 class Files:
@@ -64,8 +64,9 @@ class Files:
 
 def config(f: Files, *, tls: tuple[Path, Path] | None = None, ca: Path | None = None,
            store: str = "memory", rate: str = "50/second", redis: str = "",
-           host: str = "127.0.0.1", guest: str = "") -> str:
+           host: str = "127.0.0.1", guest: str = "", pid: str = "") -> str:
     return BASE.format(
+        pid=f"pid_file: {pid}\n" if pid else "",
         host=host, guest=f"  guest: {guest}\n" if guest else "",
         tls=f", tls: {{cert_file: '{tls[0]}', key_file: '{tls[1]}'}}" if tls else "",
         ca=f", ca_file: '{ca}'" if ca else "",
@@ -88,10 +89,11 @@ BROKEN: dict[str, tuple[Callable[[Files], str], list[str]]] = {
         lambda f: config(f, store="redis+cluster://127.0.0.1:7000,127.0.0.1:x",
                          tls=(f.cert, f.encrypted_key), redis=f"{{ca_file: '{f.garbage}'}}"),
         ["token.store", "listen.tls", "token.redis.ca_file"]),
-    "cookie name, short cookie key, unknown listen host": (
+    "cookie name, short cookie key, unknown listen host, pid_file directory": (
         lambda f: config(f, host="gateway-host.invalid",
-                         guest="{cookie_name: 'cec guest;', cookie_key: short}"),
-        ["cec.guest.cookie_name", "cec.guest.cookie_key", "listen.host"]),
+                         guest="{cookie_name: 'cec guest;', cookie_key: short}",
+                         pid="/nonexistent-run-dir/gateway.pid"),
+        ["cec.guest.cookie_name", "cec.guest.cookie_key", "listen.host", "pid_file"]),
     "not a store": (lambda f: config(f, store="mysql://127.0.0.1/"), ["token.store"]),
     "redis options on memory": (lambda f: config(f, redis="{username: gw}"), ["token"]),
     "ca_file without TLS": (
