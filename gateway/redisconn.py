@@ -229,23 +229,34 @@ def _tail(text: str) -> str:
     return text.split("] ", 1)[-1].split(" (_ssl.c")[0].strip(". ")
 
 
+def client_options(target: RedisTarget, auth: RedisAuth | None = None) -> dict[str, Any]:
+    """Keyword arguments for redis-py's clients: timeouts, credentials, TLS trust."""
+    auth = auth or RedisAuth()
+    kwargs: dict[str, Any] = {
+        "socket_connect_timeout": auth.timeout,
+        "socket_timeout": auth.timeout,
+    }
+    if auth.username or target.username:
+        kwargs["username"] = auth.username or target.username
+    password = auth.password or target.password
+    if password is not None:
+        kwargs["password"] = password
+    if target.tls and auth.ca_file is not None:
+        kwargs["ssl_ca_certs"] = str(auth.ca_file)
+    if target.tls and target.kind == "cluster":
+        kwargs["ssl"] = True  # (a rediss:// URL says so itself)
+    return kwargs
+
+
 class RedisConnection:
-    """A client for one ``token.store`` target, shared by the token store and its guard."""
+    """A client for one ``token.store`` target (the guard takes its pool, or for a cluster
+    the same ``client_options``)."""
 
     def __init__(self, target: RedisTarget, auth: RedisAuth | None = None) -> None:
         auth = auth or RedisAuth()
         self.target = target
         self.password = auth.password or target.password
-        kwargs: dict[str, Any] = {
-            "socket_connect_timeout": auth.timeout,
-            "socket_timeout": auth.timeout,
-        }
-        if auth.username or target.username:
-            kwargs["username"] = auth.username or target.username
-        if self.password is not None:
-            kwargs["password"] = self.password
-        if target.tls and auth.ca_file is not None:
-            kwargs["ssl_ca_certs"] = str(auth.ca_file)
+        kwargs = client_options(target, auth)
         self.client: aioredis.Redis | RedisCluster
         self.pool: aioredis.ConnectionPool | None = None
         if target.kind == "single":
@@ -266,11 +277,8 @@ class RedisConnection:
                 health_check_interval=30)
             self.client, self.pool = primary, primary.connection_pool
         else:
-            if target.tls:
-                kwargs["ssl"] = True
             self.client = RedisCluster(
                 startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], **kwargs)
-        self.cluster_options: dict[str, Any] = kwargs
 
     def __repr__(self) -> str:
         return f"RedisConnection({self.target.where})"

@@ -29,7 +29,7 @@ from limits.errors import StorageError
 from redis.exceptions import RedisError
 
 from gateway.config import TokenConfig
-from gateway.redisconn import RedisAuth
+from gateway.redisconn import RedisAuth, client_options, parse_store_url
 from gateway.tokens.store import TokenBackendUnavailable, redis_connection
 
 _BACKEND_ERRORS = (StorageError, RedisError, OSError)
@@ -209,6 +209,18 @@ class Guard:
             await disconnect()
 
 
+class _ClusterCloser:
+    """``disconnect()`` for the cluster client limits made (Guard.close calls it)."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+
+    async def disconnect(self) -> None:
+        client = getattr(getattr(self._storage, "bridge", None), "storage", None)
+        if client is not None:
+            await client.aclose()
+
+
 def open_guard(
     url: str,
     *,
@@ -221,13 +233,13 @@ def open_guard(
 ) -> Guard:
     """A Guard on ``"memory"`` or a Redis URL (same values as ``token.store``)."""
     storage: Storage
-    pool = None
+    pool: object | None = None
     if url == "memory":
         storage = MemoryStorage()
     else:
-        conn = redis_connection(url, auth)
-        if conn.pool is not None:
-            pool = conn.pool
+        target = parse_store_url(url)
+        if target.kind != "cluster":
+            pool = redis_connection(url, auth).pool
             # The URI only selects the storage class; connections come from our pool (timeouts,
             # TLS, credentials, sentinel discovery and database number as configured).
             storage = RedisStorage(
@@ -237,15 +249,16 @@ def open_guard(
                 key_prefix=_KEY_PREFIX,
                 connection_pool=pool,  # type: ignore[arg-type]
             )
-        else:  # a cluster: limits builds its own cluster client from the same options
-            hosts = ",".join(f"{h}:{p}" for h, p in conn.target.nodes)
+        else:  # limits builds its own cluster client, from the same options
+            hosts = ",".join(f"{h}:{p}" for h, p in target.nodes)
             storage = RedisClusterStorage(
                 f"async+redis+cluster://{hosts}",
                 implementation="redispy",
                 wrap_exceptions=True,
                 key_prefix=_KEY_PREFIX,
-                **conn.cluster_options,
+                **client_options(target, auth),
             )
+            pool = _ClusterCloser(storage)
     return Guard(
         storage,
         max_failures=max_failures,
