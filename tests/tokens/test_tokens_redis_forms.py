@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 import trustme
 from pydantic import SecretStr
 
-from gateway.config import TokenRedis
+from gateway.config import TokenRedis, load_config_text
 from gateway.tokens import TokenBackendUnavailable
 from tests.gwhelpers import free_port
 from tests.redis_server import RedisServer
@@ -76,12 +76,21 @@ def tls_redis(certs: dict[str, Path]) -> Iterator[tuple[RedisServer, int]]:
 
 
 async def test_rediss_with_a_private_ca_and_an_acl_user(
-        tls_redis: tuple[RedisServer, int], certs: dict[str, Path],
+        tls_redis: tuple[RedisServer, int], certs: dict[str, Path], tmp_path: Path,
         make_gateway: GatewayFactory, http: aiohttp.ClientSession) -> None:
     _, tls_port = tls_redis
-    gw = await make_gateway(
-        store=f"rediss://127.0.0.1:{tls_port}/0",
-        redis=TokenRedis(username="gw", password=SecretStr(PASSWORD), ca_file=certs["ca"]))
+    # As an operator writes it: the password in a file next to the config.
+    (tmp_path / "redis-password").write_text(PASSWORD + "\n")
+    cfg = load_config_text(f"""
+routes: [{{prefix: /, upstream: "http://127.0.0.1:9/"}}]
+token:
+  signing_key: "{"k" * 32}"
+  store: rediss://127.0.0.1:{tls_port}/0
+  redis: {{username: gw, password_file: redis-password, ca_file: "{certs['ca']}"}}
+""", env={}, base_dir=tmp_path)
+    assert cfg.token is not None and cfg.token.redis is not None
+    assert PASSWORD not in repr(cfg.token)
+    gw = await make_gateway(store=cfg.token.store, redis=cfg.token.redis)
     issued = await issue_token(http, gw)
     status, body, _ = await post_validate(http, gw, validate_body(issued["token"]))
     assert status == 200 and body["retCode"] == 0, body  # store and guard both on TLS + ACL
