@@ -9,8 +9,8 @@ handshake got is visible as which client can connect.
 from __future__ import annotations
 
 import asyncio
-import signal
 import ssl
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,7 +102,17 @@ timeouts: {{shutdown_grace: 1s}}
             w.close()
 
 
-async def test_sighup_to_a_gateway_process_reloads_the_certificate(
+async def reload_command(workdir: Path, pid: int) -> tuple[int, str]:
+    """`gateway reload -c FILE --pid PID`: its exit status and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "reload", "-c", str(workdir / "gateway.yaml"),
+        "--pid", str(pid), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+async def test_gateway_reload_command_reloads_the_certificate(
         echo: Echo, tmp_path: Path, pair_paths: tuple[Path, Path]) -> None:
     old_ca, new_ca = trustme.CA(), trustme.CA()
     cert, key = pair_paths
@@ -116,8 +126,14 @@ timeouts: {{shutdown_grace: 1s}}
     try:
         r1, w1 = await handshake(gw.port, old_ca)
         assert await fetch_on(r1, w1) == 200
+        # A broken pair: `gateway reload` refuses it before signalling anything.
+        write_pair(new_ca, cert, tmp_path / "unused.pem")
+        code, err = await reload_command(tmp_path, gw.pid)
+        assert code == 2 and "listen.tls" in err and "not reloading" in err, err
+
         write_pair(new_ca, cert, key)
-        gw.proc.send_signal(signal.SIGHUP)
+        code, err = await reload_command(tmp_path, gw.pid)
+        assert code == 0, err
         deadline = asyncio.get_running_loop().time() + 10
         while "TLS certificate reloaded" not in gw.log_text():
             assert asyncio.get_running_loop().time() < deadline, gw.log_text()
