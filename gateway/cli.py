@@ -71,7 +71,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         out.write(f"cec      tenant {cfg.cec.tenant_space_id}, channel {cfg.cec.channel_config_id},"
                   f" auth {cfg.cec.auth.mode}, identity {cfg.cec.identity.source}\n")
     if cfg.token is not None:
-        out.write(f"token    store {cfg.token.store.split('@')[-1]}, ttl {cfg.token.ttl:g}s,"
+        from gateway.redisconn import parse_store_url
+
+        store = cfg.token.store
+        shown = store if store == "memory" else parse_store_url(store).where  # no password
+        out.write(f"token    store {shown}, ttl {cfg.token.ttl:g}s,"
                   f" callback {cfg.token.validate_path}\n")
     if cfg.sandbox is not None:
         out.write("sandbox  configured\n")

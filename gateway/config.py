@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +29,9 @@ from pydantic import (
 from yarl import URL
 
 from gateway.errors import ConfigError, Problem
+from gateway.redisconn import parse_store_url
 from gateway.sandbox.settings import SandboxSettings
+from gateway.tls import check_ca_file, server_context
 from gateway.yamlconf import (
     Duration,
     Size,
@@ -52,12 +55,20 @@ class TLSFiles(_Model):
     key_file: Path
 
     @model_validator(mode="after")
-    def _files_exist(self) -> TLSFiles:
-        for name in ("cert_file", "key_file"):
-            path: Path = getattr(self, name)
-            if not path.is_file():
-                raise ValueError(f"{name} {str(path)!r} is not a readable file")
+    def _pair_loads(self) -> TLSFiles:
+        # Loaded exactly as `run` (and a reload) will load them, so `check` agrees.
+        server_context(self.cert_file, self.key_file)
         return self
+
+
+def _resolvable(host: str) -> str:
+    # `run` binds with getaddrinfo; an unknown name must not pass `check` (nginx -t agrees).
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError):
+        raise ValueError("cannot resolve this host name; fix: use an address such as "
+                         "0.0.0.0, 127.0.0.1 or ::, or a name this machine resolves") from None
+    return host
 
 
 class Listen(_Model):
@@ -66,6 +77,8 @@ class Listen(_Model):
     tls: TLSFiles | None = None
     workers: int | None = Field(None, ge=1, le=256)
     backlog: int = Field(1024, ge=1)
+
+    _host = field_validator("host")(_resolvable)
 
 
 class Limits(_Model):
@@ -125,9 +138,9 @@ class Route(_Model):
 
     @field_validator("ca_file")
     @classmethod
-    def _ca_exists(cls, v: Path | None) -> Path | None:
-        if v is not None and not v.is_file():
-            raise ValueError(f"ca_file {str(v)!r} is not a readable file")
+    def _ca_loads(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            check_ca_file(v)
         return v
 
     @field_validator("upstream")
@@ -230,6 +243,31 @@ class CecGuest(_Model):
     cookie_key: SecretStr | None = None
     max_name_length: int = Field(64, ge=1, le=256)
 
+    @field_validator("cookie_name")
+    @classmethod
+    def _cookie_name(cls, v: str) -> str:
+        from gateway.chat.guest import GuestCookies
+
+        try:
+            GuestCookies(b"k" * 16, v)  # the check `run` makes when it builds the cookies
+        except ValueError:
+            raise ValueError("not a valid cookie name; fix: use letters, digits and "
+                             "!#$%&'*+-.^_`|~ only, e.g. cec_guest") from None
+        return v
+
+    @field_validator("cookie_key")
+    @classmethod
+    def _cookie_key(cls, v: SecretStr | None) -> SecretStr | None:
+        from gateway.chat.guest import GuestCookies
+
+        if v is not None:
+            try:
+                GuestCookies(v.get_secret_value().encode("utf-8"))
+            except ValueError:
+                raise ValueError("too short; fix: at least 16 bytes, e.g. "
+                                 "`openssl rand -hex 32`") from None
+        return v
+
 
 class CecConfig(_Model):
     tenant_space_id: str
@@ -275,11 +313,28 @@ class TokenGuard(_Model):
     lockout: Duration = 900.0
 
 
+class TokenRedis(_Model):
+    """Connection details for a Redis ``token.store`` that do not belong in its URL."""
+
+    username: str | None = None
+    password: SecretStr | None = None  # usually password_file: /run/secrets/redis
+    ca_file: Path | None = None  # a private CA for rediss:// (else the system's CAs)
+    timeout: Duration = 2.0
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_loads(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            check_ca_file(v)
+        return v
+
+
 class TokenConfig(_Model):
     signing_key: SecretStr
     api_key: SecretStr | None = None
     ttl: Duration = 600.0
     store: str = "memory"
+    redis: TokenRedis | None = None
     validate_path: str = "/rest/cc-messaging/v1/thirdparty/chatThirdPartyValidate"
     validate_allow_from: list[IPNetwork] = [
         ipaddress.ip_network("127.0.0.1/32"),
@@ -305,9 +360,42 @@ class TokenConfig(_Model):
     @field_validator("store")
     @classmethod
     def _store(cls, v: str) -> str:
-        if v != "memory" and not v.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("store is 'memory' or a redis://host:port/db URL")
+        if v != "memory":
+            parse_store_url(v)  # the parser `run` connects with
         return v
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate(cls, v: str) -> str:
+        from limits import parse_many
+
+        try:
+            items = parse_many(v)  # the guard's parser (limits.parse takes the first of these)
+        except ValueError:
+            items = []
+        if len(items) != 1 or items[0].amount < 1:
+            raise ValueError("not a rate; fix: write one COUNT/UNIT with COUNT at least 1, "
+                             "e.g. 50/second, 600/minute or 10 per second")
+        return v
+
+    @model_validator(mode="after")
+    def _redis_fits_store(self) -> TokenConfig:
+        if self.redis is None:
+            return self
+        if self.store == "memory":
+            raise ValueError("token.redis applies to a Redis store only; fix: set token.store "
+                             "to a redis:// URL, or remove token.redis")
+        target = parse_store_url(self.store)
+        if self.redis.password is not None and target.password is not None:
+            raise ValueError("the store URL carries a password and token.redis sets one too; "
+                             "fix: keep only token.redis.password_file")
+        if self.redis.username is not None and target.username is not None:
+            raise ValueError("the store URL names a user and token.redis.username does too; "
+                             "fix: keep only one")
+        if self.redis.ca_file is not None and not target.tls:
+            raise ValueError("token.redis.ca_file needs TLS; fix: use rediss:// (or "
+                             "rediss+cluster://), or remove ca_file")
+        return self
 
 
 class Trust(_Model):
@@ -363,6 +451,8 @@ class Admin(_Model):
                 "must be at least 16 characters; fix: generate one with `openssl rand -hex 32`")
         return v
 
+    _host = field_validator("host")(_resolvable)
+
 
 class Config(_Model):
     listen: Listen = Listen()
@@ -398,6 +488,16 @@ class Config(_Model):
             seen.add(route.prefix)
         return v
 
+    @field_validator("pid_file")
+    @classmethod
+    def _pid_dir(cls, v: Path | None) -> Path | None:
+        # `run` writes it before it listens; a missing directory must not pass `check`.
+        if v is not None and not (v.parent.is_dir() and os.access(v.parent, os.W_OK)):
+            raise ValueError(f"the directory {str(v.parent)!r} does not exist or is not "
+                             "writable; fix: create it for the gateway's user (systemd: "
+                             "RuntimeDirectory=) or point pid_file elsewhere")
+        return v
+
     @model_validator(mode="after")
     def _token_for_mode(self) -> Config:
         if self.cec is not None and self.cec.auth.mode == "token" and self.token is None:
@@ -420,7 +520,15 @@ def load_config_text(text: str, *, env: Mapping[str, str] | None = None,
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(problems_from(exc, tree)) from None
+        raise ConfigError([_redact_store(p) for p in problems_from(exc, tree)]) from None
+
+
+def _redact_store(problem: Problem) -> Problem:
+    # A Redis URL may carry a password (also a mistyped one): never echo it back.
+    if problem.value and (problem.path == "token" or problem.path.startswith(
+            ("token.store", "token.redis"))):
+        return Problem(problem.path, "<redacted>", problem.message, problem.fix)
+    return problem
 
 
 def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:

@@ -85,13 +85,14 @@ async def install_features(config: Config, gateway: Gateway, stack: AsyncExitSta
 
     token_for: Callable[[str, str], Awaitable[str]] | None = None
     if config.token is not None:
+        from gateway.redisconn import RedisAuth
         from gateway.tokens.guard import guard_from_config
         from gateway.tokens.handlers import TokenEndpoints
         from gateway.tokens.store import open_store
 
         tcfg = config.token
         store = open_store(tcfg.store, tcfg.signing_key.get_secret_value().encode(), tcfg.ttl,
-                           max_tokens=tcfg.max_tokens,
+                           auth=RedisAuth.from_config(tcfg.redis), max_tokens=tcfg.max_tokens,
                            on_full=lambda: gateway.metrics_hook("store", "store_full"))
         stack.push_async_callback(store.close)
         guard = guard_from_config(tcfg)

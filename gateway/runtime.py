@@ -27,7 +27,8 @@ from gateway.fastpath import FastRequestHandler
 from gateway.features import install_features
 from gateway.health import HealthMonitor
 from gateway.metrics import Metrics
-from gateway.server import GatewayServer, Listener, bind_socket, make_server, server_ssl_context
+from gateway.server import GatewayServer, Listener, ServerTLS, bind_socket, make_server, server_tls
+from gateway.tls import TLSFilesError
 
 log = logging.getLogger("gateway.runtime")
 
@@ -83,6 +84,7 @@ class Runtime:
         self._stack: contextlib.AsyncExitStack
         self.server: GatewayServer | None = None
         self.listener: Listener | None = None
+        self.tls: ServerTLS | None = None
         self._admin: web.AppRunner | None = None
         self.admin_url: str | None = None
         self._retiring: set[asyncio.Task[None]] = set()
@@ -161,7 +163,8 @@ class Runtime:
                                   gateway=self.gateway)
         sock = bind_socket(cfg.listen.host, cfg.listen.port, reuse_port=self.reuse_port,
                            backlog=cfg.listen.backlog)
-        self.listener = Listener(self.server, sock, server_ssl_context(cfg))
+        self.tls = server_tls(cfg)
+        self.listener = Listener(self.server, sock, self.tls.context if self.tls else None)
         await self.listener.start()
         self.readiness.listening = True
         if cfg.admin is not None:
@@ -194,14 +197,29 @@ class Runtime:
             log.error("reload refused, the running config stays: %d problem(s)\n%s",
                       len(exc.problems), exc)
             return False
-        if new.listen != self.config.listen or new.admin != self.config.admin:
-            log.warning("listen/admin changes need a restart; the other changes apply now")
+        old_listen = self.config.listen.model_copy(update={"tls": None})
+        if (new.listen.model_copy(update={"tls": None}) != old_listen
+                or (new.listen.tls is None) != (self.tls is None)
+                or new.admin != self.config.admin):
+            log.warning("listen/admin changes need a restart (except listen.tls's files); "
+                        "the other changes apply now")
         try:
             gateway, stack = await self._build(new)
         except Exception as exc:
             self.metrics.reloads.labels("refused").inc()
             log.error("reload refused, the running config stays: %s", exc)
             return False
+        if self.tls is not None and new.listen.tls is not None:
+            # Re-read even when the paths are the same: renewals overwrite the files.
+            try:
+                self.tls.reload(new.listen.tls.cert_file, new.listen.tls.key_file)
+            except TLSFilesError as exc:
+                await stack.aclose()
+                self.metrics.reloads.labels("refused").inc()
+                log.error("reload refused, the running config and certificate stay: "
+                          "listen.tls: %s", exc)
+                return False
+            log.info("TLS certificate reloaded from %s", new.listen.tls.cert_file)
         old_stack = self._stack
         self.gateway, self._stack, self.config = gateway, stack, new
         if self.server is not None:
@@ -273,8 +291,11 @@ async def serve_forever(config: Config, *, config_path: str | None = None,
         extra = f", admin on {running.admin_url}" if running.admin_url else ""
         if announce:
             log.info("listening on %s%s", running.url, extra)
-        else:  # a worker: the master said where the gateway listens
+        else:  # a worker: the master says where the gateway listens, once all are ready
+            from gateway.workers import tell_master_ready
+
             log.debug("worker %d ready on %s%s", worker_index, running.url, extra)
+            tell_master_ready()
         await stop.wait()
         log.info("shutting down: draining for up to %gs", runtime.config.timeouts.shutdown_grace)
     log.info("stopped")

@@ -20,6 +20,7 @@ import signal
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -37,6 +38,7 @@ from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError, _Er
 
 from gateway.app import error_response
 from gateway.config import Config
+from gateway.tls import server_context
 
 log = logging.getLogger("gateway.server")
 
@@ -322,15 +324,31 @@ class GatewayServer(web.Server):
                                      **kwargs)
 
 
-def server_ssl_context(cfg: Config) -> ssl.SSLContext | None:
+class ServerTLS:
+    """The listener's TLS: one context for the socket, certificates swappable on reload.
+
+    Every handshake's SNI callback (OpenSSL calls it with or without SNI) hands the
+    connection the most recently loaded context, so new handshakes use the new pair while
+    open connections keep the one they were made with. A pair that does not load raises
+    TLSFilesError and the current one stays.
+    """
+
+    def __init__(self, cert_file: Path, key_file: Path) -> None:
+        self.current = server_context(cert_file, key_file)
+        self.context = server_context(cert_file, key_file)
+        self.context.sni_callback = self._pick
+
+    def _pick(self, conn: ssl.SSLObject | ssl.SSLSocket, _name: str | None,
+              _ctx: ssl.SSLContext) -> None:
+        conn.context = self.current
+
+    def reload(self, cert_file: Path, key_file: Path) -> None:
+        self.current = server_context(cert_file, key_file)
+
+
+def server_tls(cfg: Config) -> ServerTLS | None:
     tls = cfg.listen.tls
-    if tls is None:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
+    return None if tls is None else ServerTLS(tls.cert_file, tls.key_file)
 
 
 def make_server(cfg: Config, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],

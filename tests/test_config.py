@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import trustme
 
 from gateway.config import Config, load_config, load_config_text
 from gateway.errors import ConfigError, GatewayError, Problem
@@ -44,7 +45,7 @@ def test_minimal_config_defaults() -> None:
 
 def test_full_issue_example_loads(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
-    ca.write_text("not checked at load time\n")
+    trustme.CA().cert_pem.write_to_path(str(ca))  # loaded as `run` loads it
     text = f"""
 listen: {{host: 127.0.0.1, port: 8080}}
 trusted_proxies: [10.0.0.0/8, "2001:db8::/32"]

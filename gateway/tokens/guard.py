@@ -36,12 +36,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import NamedTuple, Protocol
 
-import redis.asyncio as aioredis
 from limits import parse
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.config import TokenConfig
-from gateway.tokens.store import TokenBackendUnavailable, redis_pool
+from gateway.redisconn import RedisAuth, RedisConnection
+from gateway.tokens.store import TokenBackendUnavailable, redis_connection
+
+_REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
 
 _KEY_PREFIX = "gateway-guard:"
 MAX_MEMORY_KEYS = 100_000
@@ -137,9 +139,11 @@ class MemoryCounters:
 class RedisCounters:
     """Counters in Redis: every process using the same Redis counts together."""
 
-    def __init__(self, pool: aioredis.ConnectionPool) -> None:
-        self._pool = pool
-        self._redis = aioredis.Redis(connection_pool=pool)
+    def __init__(self, conn: RedisConnection) -> None:
+        # Any token.store form (single, TLS, sentinel, cluster): one key per script call,
+        # so the counter works on a cluster too.
+        self._conn = conn
+        self._redis = conn.client
         self._hit = self._redis.register_script(_HIT_SCRIPT)
 
     def __repr__(self) -> str:
@@ -149,7 +153,7 @@ class RedisCounters:
         try:
             count, ttl_ms = await self._hit(
                 keys=[key], args=[limit, _ms(window), _ms(block)])
-        except (RedisError, OSError) as exc:
+        except _REDIS_ERRORS as exc:
             raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
         return int(count), max(0, int(ttl_ms)) / 1000
 
@@ -159,7 +163,7 @@ class RedisCounters:
                 pipe.get(key)
                 pipe.pttl(key)
                 raw, ttl_ms = await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except _REDIS_ERRORS as exc:
             raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
         if raw is None or int(ttl_ms) <= 0:
             return 0, 0.0
@@ -168,18 +172,17 @@ class RedisCounters:
     async def clear(self, key: str) -> None:
         try:
             await self._redis.delete(key)
-        except (RedisError, OSError) as exc:
+        except _REDIS_ERRORS as exc:
             raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
 
     async def ping(self) -> None:
         try:
             await self._redis.ping()
-        except (RedisError, OSError) as exc:
+        except _REDIS_ERRORS as exc:
             raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
 
     async def close(self) -> None:
-        await self._redis.aclose()
-        await self._pool.disconnect()
+        await self._conn.close()
 
 
 def _ms(seconds: float) -> int:
@@ -311,13 +314,11 @@ def _address_key_or_raw(client_ip: str) -> str:
         return _KEY_PREFIX + "addr:unknown"
 
 
-def open_counters(url: str) -> Counters:
-    """Counters on ``"memory"`` or a ``redis://`` URL (same values as ``token.store``)."""
+def open_counters(url: str, auth: RedisAuth | None = None) -> Counters:
+    """Counters on ``"memory"`` or any Redis form of ``token.store`` (gateway.redisconn)."""
     if url == "memory":
         return MemoryCounters()
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisCounters(redis_pool(url))
-    raise ValueError("guard storage is 'memory' or a redis:// URL")
+    return RedisCounters(redis_connection(url, auth))
 
 
 def open_guard(
@@ -328,10 +329,11 @@ def open_guard(
     lockout: float,
     rate_limit: str,
     max_concurrency: int,
+    auth: RedisAuth | None = None,
 ) -> Guard:
-    """A Guard on ``"memory"`` or a ``redis://`` URL (same values as ``token.store``)."""
+    """A Guard on ``"memory"`` or a Redis URL (same values as ``token.store``)."""
     return Guard(
-        open_counters(url),
+        open_counters(url, auth),
         max_failures=max_failures,
         window=window,
         lockout=lockout,
@@ -349,4 +351,5 @@ def guard_from_config(cfg: TokenConfig) -> Guard:
         lockout=cfg.guard.lockout,
         rate_limit=cfg.rate_limit,
         max_concurrency=cfg.max_concurrency,
+        auth=RedisAuth.from_config(cfg.redis),
     )

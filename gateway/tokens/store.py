@@ -28,12 +28,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.errors import ServiceUnavailable
+from gateway.redisconn import RedisAuth, RedisConnection, explain, parse_store_url
 
 log = logging.getLogger("gateway.tokens")
 
@@ -54,8 +52,24 @@ _RENEW_MAX = 60.0
 _FULL_LOG_EVERY = 60.0
 
 
+_REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
+
+
 class TokenBackendUnavailable(ServiceUnavailable):
-    """The token store or guard backend (Redis) cannot be reached; callers must fail closed."""
+    """The token store or guard backend (Redis) cannot be reached; callers must fail closed.
+
+    Its text ends with the cause (certificate, authentication, MOVED, READONLY, ...), taken
+    from the Redis error it was raised from, so every log line that shows it says why.
+    """
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        cause = self.__cause__
+        # limits wraps the client's error in a StorageError(.storage_error).
+        cause = getattr(cause, "storage_error", None) or cause
+        if cause is None:
+            return text
+        return f"{text}: {explain(cause)}"
 
 
 class TokenStoreFull(TokenBackendUnavailable):
@@ -298,27 +312,21 @@ class MemoryTokenStore(_BaseStore):
         self._recent_by_hash.clear()
 
 
-def redis_pool(url: str, *, timeout: float = 2.0) -> aioredis.ConnectionPool:
-    """A connection pool with short timeouts and one quick retry (a stale pooled connection
-    after a Redis restart), so an unreachable Redis fails fast instead of hanging the callback."""
-    return aioredis.ConnectionPool.from_url(
-        url,
-        socket_connect_timeout=timeout,
-        socket_timeout=timeout,
-        retry=Retry(NoBackoff(), 1),
-        health_check_interval=30,
-    )
+def redis_connection(url: str, auth: RedisAuth | None = None) -> RedisConnection:
+    """A client for a Redis ``token.store`` URL (single, TLS, sentinel or cluster form),
+    with short timeouts so an unreachable Redis fails fast instead of hanging the callback."""
+    return RedisConnection(parse_store_url(url), auth)
 
 
 class RedisTokenStore(_BaseStore):
     """Tokens in Redis (``store: redis://...``), shared by every gateway process using it."""
 
-    def __init__(self, url: str, signing_key: bytes, ttl: float, *, timeout: float = 2.0,
-                 max_tokens: int = DEFAULT_MAX_TOKENS,
+    def __init__(self, url: str, signing_key: bytes, ttl: float, *,
+                 auth: RedisAuth | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
                  on_full: Callable[[], None] | None = None) -> None:
         super().__init__(signing_key, ttl, max_tokens=max_tokens, on_full=on_full)
-        self._pool = redis_pool(url, timeout=timeout)
-        self._redis = aioredis.Redis(connection_pool=self._pool)
+        self._conn = redis_connection(url, auth)
+        self._redis = self._conn.client
 
     def __repr__(self) -> str:
         # The URL may carry a password: keep it out.
@@ -330,8 +338,8 @@ class RedisTokenStore(_BaseStore):
                 pipe.zremrangebyscore(_REDIS_INDEX, "-inf", int(time.time() * 1000))
                 pipe.zcard(_REDIS_INDEX)
                 _, count = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise TokenBackendUnavailable(f"token store: {type(exc).__name__}") from exc
+        except _REDIS_ERRORS as exc:
+            raise TokenBackendUnavailable("token store") from exc
         return int(count)
 
     async def _put(self, digest: str, value: bytes, ttl: float) -> None:
@@ -343,14 +351,14 @@ class RedisTokenStore(_BaseStore):
                 # The index goes with the last token when nothing is minted for a while.
                 pipe.pexpire(_REDIS_INDEX, ttl_ms)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise TokenBackendUnavailable(f"token store: {type(exc).__name__}") from exc
+        except _REDIS_ERRORS as exc:
+            raise TokenBackendUnavailable("token store") from exc
 
     async def _get(self, digest: str) -> bytes | None:
         try:
             raw = await self._redis.get(_REDIS_PREFIX + digest)
-        except (RedisError, OSError) as exc:
-            raise TokenBackendUnavailable(f"token store: {type(exc).__name__}") from exc
+        except _REDIS_ERRORS as exc:
+            raise TokenBackendUnavailable("token store") from exc
         return raw if isinstance(raw, bytes) else None
 
     async def _delete(self, digest: str) -> bool:
@@ -359,30 +367,31 @@ class RedisTokenStore(_BaseStore):
                 pipe.delete(_REDIS_PREFIX + digest)
                 pipe.zrem(_REDIS_INDEX, digest)
                 removed, _ = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise TokenBackendUnavailable(f"token store: {type(exc).__name__}") from exc
+        except _REDIS_ERRORS as exc:
+            raise TokenBackendUnavailable("token store") from exc
         return bool(removed)
 
     async def ping(self) -> None:
+        """Reachable *and writable*: a replica (READONLY) or a cluster node holding another
+        slot (MOVED) answers PING but fails every token, so a short-lived key is written."""
         try:
-            await self._redis.ping()
-        except (RedisError, OSError) as exc:
-            raise TokenBackendUnavailable(f"token store: {type(exc).__name__}") from exc
+            await self._redis.set(_REDIS_PREFIX + "probe", b"1", px=5000)
+        except _REDIS_ERRORS as exc:
+            raise TokenBackendUnavailable("token store") from exc
 
     async def close(self) -> None:
-        await self._redis.aclose()
-        await self._pool.disconnect()
+        await self._conn.close()
 
 
 def open_store(url: str, signing_key: bytes, ttl: float, *,
-               max_tokens: int = DEFAULT_MAX_TOKENS,
+               auth: RedisAuth | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
                on_full: Callable[[], None] | None = None) -> TokenStore:
-    """``"memory"`` → MemoryTokenStore; ``redis://``, ``rediss://``, ``unix://`` → RedisTokenStore.
+    """``"memory"`` → MemoryTokenStore; any Redis form (gateway.redisconn) → RedisTokenStore.
 
     Nothing is connected yet (Redis connects on first use); call ``ping()`` to check early.
+    A URL that is not a store raises ValueError (config validation uses the same parser).
     """
     if url == "memory":
         return MemoryTokenStore(signing_key, ttl, max_tokens=max_tokens, on_full=on_full)
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisTokenStore(url, signing_key, ttl, max_tokens=max_tokens, on_full=on_full)
-    raise ValueError("token store is 'memory' or a redis:// URL")
+    return RedisTokenStore(url, signing_key, ttl, auth=auth, max_tokens=max_tokens,
+                           on_full=on_full)
