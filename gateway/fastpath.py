@@ -27,7 +27,7 @@ from gateway.headers import forwarded_for, upstream_request_head
 from gateway.proxy import Exchange, cut_off, drain_client, framed_last, response_head
 from gateway.routing import CompiledRoute
 from gateway.server import _GatewayRequestHandler
-from gateway.upstream import Body, InvalidResponse, Response, UpstreamConnection
+from gateway.upstream import Body, Response, UpstreamConnection
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -209,12 +209,11 @@ class FastRequestHandler(_GatewayRequestHandler):
             return  # the client went away meanwhile
         if exc is not None or message is None or payload is None:
             inline.conn.abort()
-            if (isinstance(exc, UpstreamError)
-                    and not isinstance(exc, UpstreamTimeout | InvalidResponse)
+            if (isinstance(exc, UpstreamError) and not isinstance(exc, UpstreamTimeout)
                     and not inline.ex.retried):
                 # Nothing reached the client yet and GET/HEAD are idempotent: retry once on
-                # a fresh connection (typically a pooled one the upstream had closed; not
-                # one that answered wrongly: it had the request).
+                # a fresh connection (the fast path only ever uses pooled ones: typically
+                # one the upstream had closed, or one with stray bytes from before).
                 inline.ex.retried = True
                 task = self._loop.create_task(self._retry(inline))
                 task.add_done_callback(_log_task_error)
@@ -310,10 +309,11 @@ class FastRequestHandler(_GatewayRequestHandler):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(
-                b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                b"HTTP/1.1 %d %s\r\n%bContent-Type: text/plain; charset=utf-8\r\n"
                 b"Content-Length: %d\r\nX-Request-ID: %s\r\n%s\r\n%s"
-                % (status, b"Bad Gateway" if status == 502 else b"Gateway Timeout", len(body),
-                   inline.rid.encode(), b"" if inline.keep_alive else b"Connection: close\r\n",
+                % (status, b"Bad Gateway" if status == 502 else b"Gateway Timeout",
+                   self.gateway.proxy.date.line(), len(body), inline.rid.encode(),
+                   b"" if inline.keep_alive else b"Connection: close\r\n",
                    b"" if inline.head_request else body))
         inline.ex.bytes_out = 0 if inline.head_request else len(body)
         self._done(inline, status)

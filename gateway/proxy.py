@@ -189,10 +189,11 @@ class Proxy:
                 if sender is not None:
                     sender.cancel()
                 conn.abort()
-                # A pooled connection the upstream closed while idle: retry once, fresh.
-                # (Not after a timeout or an invalid answer: the upstream had the request.)
-                if attempt + 1 < attempts and not isinstance(
-                        exc, UpstreamTimeout | InvalidResponse):
+                # A pooled connection the upstream closed while idle, or one whose stray
+                # bytes from before arrived as the "answer": retry once, fresh. (Not after a
+                # timeout, nor an invalid answer on a fresh connection: that is the answer.)
+                if attempt + 1 < attempts and not isinstance(exc, UpstreamTimeout) and (
+                        conn.reused or not isinstance(exc, InvalidResponse)):
                     ex.retried = True
                     log.debug("retrying %s %s on a fresh connection: %s", method, target, exc)
                     continue

@@ -317,6 +317,12 @@ class ResponseReader:
             self.tail = rest
             self._state = _DONE
         elif self._head_request or code in (204, 304):
+            if self._head_request and response.length is None:
+                # The answer to a GET would have been streamed: the upstream may still be
+                # running the handler whose body it does not send, and a next request on
+                # this connection would wait for it (Node, uvicorn serve a connection's
+                # requests in turn). A new connection costs less than that wait.
+                response.should_close = True
             self._end(rest)
         elif response.chunked:
             self._state = _CHUNK_SIZE
