@@ -73,6 +73,11 @@ CASES = [
                                  ok()], 200, BODY, absent=("Set-Cookie",)),
     Case("1xx-twenty", [b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n" * 20 + ok()],
          200, BODY, absent=("Link",)),
+    Case("post-upstream-100", [b"HTTP/1.1 100 Continue\r\n\r\n", ok()], 200, BODY,
+         request=request("POST", "/c/RUN?", body=b"abc"), upstream_has=(b"Content-Length: 3",)),
+    Case("post-expect-100-continue", [b"HTTP/1.1 100 Continue\r\n\r\n" + ok()], 200, BODY,
+         request=request("POST", "/c/RUN?", "Expect: 100-continue", body=b"abc"),
+         upstream_lacks=(b"Expect:",)),
     Case("101-unasked", [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n"], 502),
     # ---- body-less answers followed by bytes (issue item 3)
     Case("204-junk-coalesced", [b"HTTP/1.1 204 No Content\r\n\r\nJUNK RUN?"], 204,
