@@ -12,8 +12,8 @@ exchange (bytes after a complete response, a body on a 204/304/HEAD answer) mark
 connection broken: the exchange that was correct is still answered, and the connection is
 closed instead of being pooled again. The reader is strict (RFC 9112): it frames what the
 client will see, so a lenient reading here is a response-splitting hole. Interim (1xx)
-answers are dropped, as nginx does (the gateway answers ``Expect: 100-continue`` itself);
-trailers are dropped, never turned into headers.
+answers are dropped, as current nginx does unless told to pass 103 on (the gateway answers
+``Expect: 100-continue`` itself); trailers are dropped, never turned into headers.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def parse_head(head: bytes) -> Response:
         if lengths:
             raise InvalidResponse("upstream sent both Content-Length and Transfer-Encoding")
         if [c.strip(b" \t").lower() for c in codings] != [b"chunked"]:
-            # Another transfer coding would be lost in re-chunking (nginx: 502 as well).
+            # Another transfer coding would be silently lost in re-chunking.
             raise InvalidResponse("upstream sent a Transfer-Encoding other than chunked")
         chunked = True
     if minor == 1:
