@@ -44,7 +44,9 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: |\r)")
 # Control characters other than HTAB: never in a status line or a field (CR and LF are
 # counted separately, as they may only appear as CRLF line ends).
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# A field line that does not start with a token right before its colon (RFC 9112 §5.1):
+# this also finds obs-fold (a line starting with whitespace) and whitespace before the colon.
+_BAD_FIELD_START = re.compile(rb"\r\n(?![!#$%&'*+\-.^_`|~0-9A-Za-z]+:)")
 _CHUNK_LINE = re.compile(rb"([0-9a-fA-F]{1,15})(?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?")
 _DIGITS = re.compile(rb"[0-9]{1,15}")
 # len() of content-length, transfer-encoding, connection, date: the names parse_head reads.
@@ -102,6 +104,8 @@ def parse_head(head: bytes) -> Response:
     if (head.count(b"\r") != head.count(b"\n") or head.count(b"\r\n") != head.count(b"\n")
             or _CONTROL.search(head) is not None):
         raise InvalidResponse("upstream sent a bare CR or LF or a control character")
+    if _BAD_FIELD_START.search(head, 0, len(head) - 2) is not None:
+        raise InvalidResponse("upstream sent an invalid header line")
     minor = 1 if m[1] == b"1" else 0
     raw: list[tuple[bytes, bytes]] = []
     lengths: list[bytes] = []
@@ -109,11 +113,7 @@ def parse_head(head: bytes) -> Response:
     connection: list[str] = []
     has_date = False
     for line in head[line_end + 2:-2].split(b"\r\n") if len(head) > line_end + 2 else ():
-        name, colon, value = line.partition(b":")
-        # A token right before the colon (RFC 9112 §5.1): this also refuses obs-fold (a
-        # line starting with whitespace) and whitespace before the colon.
-        if not colon or not name or name.translate(None, _TOKEN_CHARS):
-            raise InvalidResponse("upstream sent an invalid header line")
+        name, _, value = line.partition(b":")
         value = value.strip(b" \t")
         if len(name) in _SPECIAL_LENGTHS:  # most names are none of these: no lower()
             lname = name.lower()
@@ -402,10 +402,10 @@ class ResponseReader:
             self._trailer_size += eol + 2
             if self._trailer_size > self._limit:
                 raise InvalidResponse("upstream trailers are too big")
-            line = bytes(buf[:eol])
-            name, colon, _ = line.partition(b":")
-            if (not colon or not name or name.translate(None, _TOKEN_CHARS)
-                    or b"\r" in line or _CONTROL.search(line) is not None):
+            # The rules of header lines (CRLF before, so a bare LF or CR is seen too).
+            line = b"\r\n" + bytes(buf[:eol])
+            if (_BAD_FIELD_START.match(line) or line.count(b"\r") != 1
+                    or line.count(b"\n") != 1 or _CONTROL.search(line) is not None):
                 raise InvalidResponse("upstream sent an invalid trailer line")
             del buf[:eol + 2]
 

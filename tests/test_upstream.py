@@ -165,6 +165,10 @@ def test_invalid_heads_are_refused(head: bytes) -> None:
     b"10000000000000000\r\n",
     b"5\r\nhello\r\n0\r\nX-A: 1\r\n folded\r\n\r\n",
     b"5\r\nhello\r\n0\r\nX-A 1\r\n\r\n",
+    b"5\r\nhello\r\n0\r\nX-A: 1\rSet-Cookie: x\r\n\r\n",
+    b"5\r\nhello\r\n0\r\nX-A: 1\nSet-Cookie: x\r\n\r\n",
+    b"5\r\nhello\r\n0\r\nX-A: \x00\r\n\r\n",
+    b"5\r\nhello\r\n0\r\nX-A : 1\r\n\r\n",
     b"-5\r\nhello\r\n0\r\n\r\n",
 ])
 def test_invalid_chunked_framing_is_refused(body: bytes) -> None:
