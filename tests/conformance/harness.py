@@ -292,6 +292,7 @@ async def run_case(case: Case, port: int, up: ScriptedUpstream, path: PathSwitch
     """Play ``case`` twice, each time from a new client; see the module docstring."""
     up.case = case
     up.since = up.received
+    path.taken.clear()
     await warm(port)
     answers = []
     for run in (1, 2):
