@@ -327,12 +327,17 @@ class ResponseReader:
                 self._buf += rest
                 self._read_chunked()
         elif response.length is not None:
-            self._remaining = response.length
-            self._state = _LENGTH
-            if response.length == 0:
-                self._end(rest)
-            elif rest:
-                self.feed(rest)
+            length = response.length
+            if len(rest) >= length:
+                # The whole body came with the head (the common small response).
+                if length:
+                    self.body.feed(rest[:length] if len(rest) > length else rest)
+                self._end(rest[length:])
+            else:
+                self._remaining = length - len(rest)
+                self._state = _LENGTH
+                if rest:
+                    self.body.feed(rest)
         else:
             self._state = _UNTIL_CLOSE
             if rest:
