@@ -138,7 +138,8 @@ class Gateway:
         self.cors = CorsPolicy(config.cors)
         read = config.timeouts.read
         self.pool = pool or UpstreamPool(connect_timeout=config.timeouts.connect,
-                                         tick=min(1.0, max(0.05, read / 5)) if read else 1.0)
+                                         tick=min(1.0, max(0.05, read / 5)) if read else 1.0,
+                                         max_header_size=config.limits.max_upstream_header_size)
         self.proxy = Proxy(self.pool, ProxySettings(
             read_timeout=config.timeouts.read,
             client_body_timeout=config.timeouts.client_body,
@@ -403,7 +404,7 @@ class Gateway:
                                              upgrade=True, policy=route.policy) + b"\r\n"
         conn = await self.pool.acquire(up, fresh=True)
         fut = conn.start(bytes(request_head), method="GET",
-                         read_timeout=self.config.timeouts.read)
+                         read_timeout=self.config.timeouts.read, upgrade=True)
         conn.arm_read_timeout()
         try:
             message, payload = await fut

@@ -85,6 +85,8 @@ class Limits(_Model):
     client_max_body_size: Size = 1024**2
     max_header_size: Size = 8 * 1024
     max_headers: int = Field(100, ge=1)
+    # An upstream response head (status line and fields) over this is answered 502.
+    max_upstream_header_size: Size = Field(16 * 1024, ge=1024)
 
 
 class Timeouts(_Model):

@@ -18,7 +18,7 @@ import logging
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from aiohttp.http_parser import RawRequestMessage, RawResponseMessage
+from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
 from gateway.errors import UpstreamError, UpstreamTimeout
@@ -26,7 +26,7 @@ from gateway.headers import forwarded_for, upstream_request_head, valid_host
 from gateway.proxy import Exchange, cut_off, drain_client, framed_last, response_head
 from gateway.routing import CompiledRoute
 from gateway.server import _GatewayRequestHandler
-from gateway.upstream import UpstreamConnection
+from gateway.upstream import Body, Response, UpstreamConnection
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -206,8 +206,8 @@ class FastRequestHandler(_GatewayRequestHandler):
         conn.arm_read_timeout()
         return True
 
-    def _on_head(self, inline: _Inline, message: RawResponseMessage | None,
-                 payload: StreamReader | None, exc: UpstreamError | None) -> None:
+    def _on_head(self, inline: _Inline, message: Response | None,
+                 payload: Body | None, exc: UpstreamError | None) -> None:
         if self._inline is not inline:
             return  # the client went away meanwhile
         if exc is not None or message is None or payload is None:
@@ -215,7 +215,8 @@ class FastRequestHandler(_GatewayRequestHandler):
             if (isinstance(exc, UpstreamError) and not isinstance(exc, UpstreamTimeout)
                     and not inline.ex.retried):
                 # Nothing reached the client yet and GET/HEAD are idempotent: retry once on
-                # a fresh connection (typically a pooled one the upstream had closed).
+                # a fresh connection (the fast path only ever uses pooled ones: typically
+                # one the upstream had closed, or one with stray bytes from before).
                 inline.ex.retried = True
                 task = self._loop.create_task(self._retry(inline))
                 task.add_done_callback(_log_task_error)
@@ -227,22 +228,22 @@ class FastRequestHandler(_GatewayRequestHandler):
             return
         self._respond(inline, message, payload)
 
-    def _respond(self, inline: _Inline, message: RawResponseMessage, payload: StreamReader
-                 ) -> None:
+    def _respond(self, inline: _Inline, message: Response, payload: Body) -> None:
         ex = inline.ex
         ex.upstream_status = message.code
         ex.upstream_time = self._loop.time() - inline.start
         head, rechunk, keep_alive, no_body = response_head(
             message, inline.route, inline.version, inline.keep_alive, inline.head_request, (),
-            b"X-Request-ID: %s\r\n" % inline.rid.encode(), https=ex.https)
+            b"X-Request-ID: %s\r\n" % inline.rid.encode(), https=ex.https,
+            date=self.gateway.proxy.date)
         inline.keep_alive = keep_alive
         transport = self.transport
         if transport is None or transport.is_closing():
             inline.conn.abort()
             self._done(inline, 499, error="client went away")
             return
-        if no_body or payload.is_eof():
-            data = b"" if no_body or payload.at_eof() else payload.read_nowait(-1)
+        if no_body or payload.done:
+            data = b"" if no_body else payload.take()
             ex.bytes_out = len(data)
             transport.write(head + (framed_last(data) if rechunk else data))
             inline.conn.finish(reusable=not message.should_close)
@@ -252,7 +253,7 @@ class FastRequestHandler(_GatewayRequestHandler):
         task = self._loop.create_task(self._stream(inline, message, payload, rechunk))
         task.add_done_callback(_log_task_error)
 
-    async def _stream(self, inline: _Inline, message: RawResponseMessage, payload: StreamReader,
+    async def _stream(self, inline: _Inline, message: Response, payload: Body,
                       rechunk: bool) -> None:
         """A body still on its way: stream it with flow control, as the full path does."""
         transport = self.transport
@@ -283,7 +284,7 @@ class FastRequestHandler(_GatewayRequestHandler):
             if not ok:
                 if transport is not None:
                     cut_off(transport, close_delimited=not inline.keep_alive and not rechunk
-                            and "Content-Length" not in message.headers)
+                            and message.length is None)
                 inline.keep_alive = False
             self._done(inline, message.code)
 
@@ -312,11 +313,12 @@ class FastRequestHandler(_GatewayRequestHandler):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(
-                b"HTTP/1.1 %d %s\r\nServer: cec-gateway\r\nX-Content-Type-Options: nosniff\r\n"
+                b"HTTP/1.1 %d %s\r\n%bServer: cec-gateway\r\nX-Content-Type-Options: nosniff\r\n"
                 b"Content-Type: text/plain; charset=utf-8\r\n"
                 b"Content-Length: %d\r\nX-Request-ID: %s\r\n%s\r\n%s"
-                % (status, b"Bad Gateway" if status == 502 else b"Gateway Timeout", len(body),
-                   inline.rid.encode(), b"" if inline.keep_alive else b"Connection: close\r\n",
+                % (status, b"Bad Gateway" if status == 502 else b"Gateway Timeout",
+                   self.gateway.proxy.date.line(), len(body), inline.rid.encode(),
+                   b"" if inline.keep_alive else b"Connection: close\r\n",
                    b"" if inline.head_request else body))
         inline.ex.bytes_out = 0 if inline.head_request else len(body)
         self._done(inline, status)
