@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import logging
 import os
 import signal
@@ -13,23 +15,21 @@ from pathlib import Path
 
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError
+from gateway.logs import json_logging, setup_logging
 
 log = logging.getLogger("gateway.cli")
 
 DEFAULT_CONFIG = "gateway.yaml"
 
 
-def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
-    from gateway.accesslog import JsonFormatter
-
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+def _early_log_format(argv: Sequence[str]) -> str:
+    """``--log-format`` looked up before parsing, so that even a usage error is JSON."""
+    for i, arg in enumerate(argv):
+        if arg == "--log-format" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--log-format="):
+            return arg.partition("=")[2]
+    return "text"
 
 
 def _load(path: str) -> Config:
@@ -37,6 +37,11 @@ def _load(path: str) -> Config:
 
 
 def _report(exc: ConfigError, path: str) -> int:
+    if json_logging():
+        log.error("%s: %d problem(s) in the configuration: %s", path, len(exc.problems),
+                  "; ".join(str(p) for p in exc.problems),
+                  extra={"gateway.config.problems": [str(p) for p in exc.problems]})
+        return 2
     sys.stderr.write(f"{path}: {len(exc.problems)} problem(s) in the configuration:\n")
     for problem in exc.problems:
         sys.stderr.write(f"  - {problem}\n")
@@ -183,7 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    early = _early_log_format(sys.argv[1:] if argv is None else argv)
+    if early == "json":
+        setup_logging("json")
+        usage = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(usage):
+                args = parser.parse_args(argv)
+        except SystemExit:
+            if usage.getvalue():
+                log.error("%s", usage.getvalue().strip())
+            raise
+    else:
+        args = parser.parse_args(argv)
     setup_logging(args.log_format, args.log_level.upper())
     func = getattr(args, "func", None) or args.handler
     code: int = func(args)

@@ -12,9 +12,12 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from yarl import URL
+
+if TYPE_CHECKING:
+    from gateway.tracing import RequestTrace
 
 RawHeaders = Sequence[tuple[bytes, bytes]]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -33,6 +36,8 @@ _REPLACED_UP = frozenset({
 })
 _DROP_UP = HOP_BY_HOP | _REPLACED_UP
 _DROP_UP_AND_TYPE = _DROP_UP | {b"content-type"}
+# With tracing on, the gateway's own span is the upstream's parent (gateway/tracing.py).
+_TRACE_CONTEXT = frozenset({b"traceparent", b"tracestate"})
 _RAW = ("utf-8", "surrogateescape")
 _NONE: frozenset[bytes] = frozenset()
 
@@ -140,12 +145,15 @@ def upstream_request_head(method: str, target: str, raw: RawHeaders, host: str,
                           fwd: Forwarded, request_id: str | None,
                           extra: Sequence[tuple[bytes, bytes]] = (),
                           upgrade: bool = False, new_content_type: bytes | None = None,
-                          connection: Sequence[str] | None = None) -> bytearray:
+                          connection: Sequence[str] | None = None,
+                          trace: RequestTrace | None = None) -> bytearray:
     """The request line and headers for the upstream, as bytes ready to write.
 
     Body framing (Content-Length / chunked) is appended by the caller, who knows it.
     """
     drop = _DROP_UP if new_content_type is None else _DROP_UP_AND_TYPE
+    if trace is not None:
+        drop = drop | _TRACE_CONTEXT
     if connection is None:  # not looked up by the caller
         tokens = connection_tokens(raw) if any(n.lower() == b"connection" for n, _ in raw) else ()
     else:
@@ -169,6 +177,8 @@ def upstream_request_head(method: str, target: str, raw: RawHeaders, host: str,
     out += b"X-Forwarded-Host: " + fwd.host.encode(*_RAW) + b"\r\n"
     if request_id:
         out += b"X-Request-ID: " + request_id.encode(*_RAW) + b"\r\n"
+    if trace is not None:
+        out += trace.upstream_lines()
     for name, value in extra:
         out += name + b": " + value + b"\r\n"
     if new_content_type is not None:

@@ -7,8 +7,9 @@ import contextlib
 import logging
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
@@ -28,6 +29,9 @@ from gateway.headers import (
 )
 from gateway.routing import CompiledRoute
 from gateway.upstream import UpstreamConnection, UpstreamPool
+
+if TYPE_CHECKING:
+    from gateway.tracing import RequestTrace
 
 log = logging.getLogger("gateway.proxy")
 
@@ -53,6 +57,10 @@ class Exchange:
     error: str = ""
     route: CompiledRoute | None = None  # known before the answer, for a cancelled exchange
     extra_response_headers: list[tuple[str, str]] = field(default_factory=list)
+    # Read at the end, for the access line and the spans (gateway/accesslog.py, tracing.py).
+    headers: Mapping[str, str] | None = None  # the client's request headers
+    transport: asyncio.BaseTransport | None = None  # the client connection (TLS facts)
+    trace: RequestTrace | None = None  # set when tracing is on
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +147,8 @@ class Proxy:
             framing.append((b"Content-Length", b"0"))
         head = upstream_request_head(method, target, raw, host, fwd, request_id, framing,
                                      new_content_type=body_type.encode() if body_type else None,
-                                     connection=request.headers.getall("Connection", ()))
+                                     connection=request.headers.getall("Connection", ()),
+                                     trace=ex.trace)
         head += b"\r\n"
         if body:
             head += body

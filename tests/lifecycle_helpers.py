@@ -97,6 +97,18 @@ def alive(pid: int) -> bool:
 # ------------------------------------------------------------------ gateway subprocess
 
 
+def flat(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """An ECS document with nested objects as dotted keys: ``{"a": {"b": 1}}`` -> ``a.b``."""
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
 @dataclass
 class GatewayProc(GatewayProcess):
     """A gateway process as in ``tests.gwhelpers``, plus its admin URL and config file."""
@@ -116,7 +128,8 @@ class GatewayProc(GatewayProcess):
         return out
 
     def access(self) -> list[dict[str, Any]]:
-        return [r for r in self.records() if r.get("logger") == "gateway.access"]
+        """The access lines, flattened to ECS's dotted names (``http.response.status_code``)."""
+        return [flat(r) for r in self.records() if flat(r).get("log.logger") == "gateway.access"]
 
     async def wait_log(self, needle: str, within: float = 5.0, count: int = 1) -> None:
         await wait_for(lambda: self.log_text().count(needle) >= count, within,

@@ -950,7 +950,7 @@ def test_configmap_config_serves_the_probe_paths(tmp_path: Path) -> None:
         args = [a if a != "/etc/gateway/gateway.yaml" else str(path) for a in container["args"]]
         with started([*gateway_program(), *args], base_env(**deployment_env())) as gw:
             line = gw.wait_for(listening)
-            assert json.loads(line)["level"] == "info", "--log-format json"
+            assert json.loads(line)["log.level"] == "info", "--log-format json"
             assert URL(admin_url_of(line)).port == admin
             for name in ("livenessProbe", "readinessProbe", "startupProbe"):
                 path_ = container[name]["httpGet"]["path"]

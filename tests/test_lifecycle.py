@@ -284,7 +284,8 @@ async def test_sigterm_lets_every_request_in_flight_finish(tmp_path: Path, echo:
             code = await gw.proc.wait()
         assert code == 0
         assert loop.time() - start < 5  # it did not wait out the whole grace period
-    statuses = [line["status"] for line in gw.access() if "/do/slow" in line["path"]]
+    statuses = [line["http.response.status_code"] for line in gw.access()
+                if "/do/slow" in line["url.path"]]
     assert statuses == [200] * 5
     assert "Traceback" not in gw.log_text()
 
