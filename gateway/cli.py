@@ -80,6 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = _load(args.config)
     except ConfigError as exc:
         return _report(exc, args.config)
+    from gateway.hostmetrics import ADMIN_SOCKET_ENV
     from gateway.runtime import serve_forever
     from gateway.workers import INDEX_ENV, PORT_ENV, Supervisor, default_workers
 
@@ -107,7 +108,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve_forever(cfg, config_path=args.config,
                                   reuse_port=worker_port is not None, worker_index=worker_index,
-                                  announce=worker_port is None))
+                                  announce=worker_port is None,
+                                  admin_socket=os.environ.get(ADMIN_SOCKET_ENV)))
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", cfg.listen.host, cfg.listen.port, exc.strerror)
         return 1

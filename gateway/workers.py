@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 from gateway.config import Config
+from gateway.hostmetrics import ADMIN_SOCKET_ENV, HostAdmin
+from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.workers")
 
@@ -55,9 +57,12 @@ class Supervisor:
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self._stopping = False
         self._restarts: list[float] = []
+        self.admin: HostAdmin | None = None  # admin.port for the whole host, when configured
 
     def _spawn(self, index: int, port: int) -> None:
         env = dict(os.environ, **{PORT_ENV: str(port), INDEX_ENV: str(index)})
+        if self.admin is not None:
+            env[ADMIN_SOCKET_ENV] = self.admin.socket_for(index)
         cmd = [sys.executable, "-m", "gateway", *self.extra, "run", "-c",
                str(Path(self.config_path)), "--workers", "1"]
         self.procs[index] = subprocess.Popen(cmd, env=env)  # noqa: S603 - our own interpreter
@@ -82,6 +87,15 @@ class Supervisor:
     def run(self) -> int:
         reserved = _reserve(self.cfg.listen.host, self.cfg.listen.port)
         port = reserved.getsockname()[1]
+        if self.cfg.admin is not None:
+            try:
+                self.admin = HostAdmin(self.cfg.admin.host, self.cfg.admin.port,
+                                       Metrics().render)
+            except OSError:
+                reserved.close()
+                raise
+            self.admin.start()
+            log.info("admin on %s (metrics of all workers added up)", self.admin.url)
 
         def stop(signum: int, _frame: object) -> None:
             self._stopping = True
@@ -124,6 +138,8 @@ class Supervisor:
         finally:
             self._shutdown()
             reserved.close()
+            if self.admin is not None:
+                self.admin.stop()
             if self.cfg.pid_file is not None:
                 Path(self.cfg.pid_file).unlink(missing_ok=True)
         return 0

@@ -48,23 +48,6 @@ async def wait_for(predicate: Callable[[], bool | Awaitable[bool]], within: floa
         await asyncio.sleep(interval)
 
 
-def free_port_pair() -> int:
-    """A port p such that p and p+1 are both free (admin ports of two workers)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port: int = a.getsockname()[1]
-            if port >= 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return port
-    raise AssertionError("no two consecutive free ports")
-
-
 def port_accepts(port: int, host: str = "127.0.0.1") -> bool:
     """Does a TCP connect to host:port succeed right now?"""
     try:

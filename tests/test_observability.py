@@ -6,9 +6,12 @@ same loop (``serving``) or as a ``python -m gateway`` subprocess whose stderr is
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -22,8 +25,9 @@ from tests.gwhelpers import Echo, GatewayFactory, free_port
 from tests.lifecycle_helpers import (
     KeepAlive,
     flat,
-    free_port_pair,
+    has_metric,
     metric,
+    port_accepts,
     readyz,
     scrape,
     start_gateway_proc,
@@ -470,8 +474,43 @@ async def test_metrics_count_token_events_and_lockouts(gateway: GatewayFactory,
     assert metric(text, "gateway_requests_total", method="POST") == 5
 
 
-async def test_metrics_per_worker_admin_ports_add_up(tmp_path: Path, echo: Echo) -> None:
-    admin_port = free_port_pair()
+def promtool_check(text: str) -> None:
+    """``promtool check metrics``: the exposition is valid and lint-clean."""
+    assert shutil.which("promtool"), "promtool is missing: ./dev installs Debian's prometheus"
+    done = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
+                          capture_output=True, timeout=30, check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr).decode()
+
+
+async def test_one_process_metrics_collectors_build_info_in_flight(
+        gateway: GatewayFactory, echo: Echo, http: aiohttp.ClientSession) -> None:
+    gw = await gateway(APP_ROUTES + "admin: {host: 127.0.0.1, port: 0}\n")
+    assert gw.admin_url is not None
+    admin = gw.admin_url
+    assert metric(await scrape(http, admin), "gateway_requests_in_flight") == 0
+    slow = asyncio.ensure_future(http.get(gw.url + "/app/do/slow?delay=0.8"))
+    try:
+        async def one_in_flight() -> bool:
+            return metric(await scrape(http, admin), "gateway_requests_in_flight") == 1
+
+        await wait_for(one_in_flight, within=5, what="the slow request in flight")
+    finally:
+        async with await slow as resp:
+            assert resp.status == 200
+    text = await scrape(http, admin)
+    assert metric(text, "gateway_requests_in_flight") == 0
+    from gateway import __version__
+
+    assert metric(text, "gateway_build_info", version=__version__) == 1
+    assert metric(text, "process_resident_memory_bytes") > 0
+    assert metric(text, "process_open_fds") > 0
+    assert has_metric(text, "python_gc_collections_total", generation="0")
+    assert has_metric(text, "python_info")
+    promtool_check(text)
+
+
+async def test_workers_one_scrape_gives_the_host_totals(tmp_path: Path, echo: Echo) -> None:
+    admin_port = free_port()
     text = f"""
 listen: {{host: 127.0.0.1, port: 0}}
 admin: {{host: 127.0.0.1, port: {admin_port}}}
@@ -481,29 +520,44 @@ routes:
     upstream: {echo.url}/up/
 """
     gw = await start_gateway_proc(text, tmp_path, "--workers", "2")
+    admin = f"http://127.0.0.1:{admin_port}"
     try:
-        for port in (admin_port, admin_port + 1):
-            await wait_healthy(f"http://127.0.0.1:{port}")
-        sent = 24
-        # A new connection per request so that SO_REUSEPORT spreads them over the workers.
+        assert gw.admin_url == admin  # the supervisor says where the host's admin is
+        await wait_healthy(admin)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)
                                          ) as http:
+            async def both_up() -> bool:
+                body = await scrape(http, admin)
+                return [metric(body, "gateway_worker_up", worker=str(i)) for i in (0, 1)
+                        ] == [1, 1]
+
+            await wait_for(both_up, within=10, what="both workers in the scrape")
+            sent = 24
+            # A new connection per request so that SO_REUSEPORT spreads them over the workers.
             for i in range(sent):
                 async with http.get(f"{gw.url}/app/w{i}") as resp:
                     assert resp.status == 200
-            counts = []
-            for port in (admin_port, admin_port + 1):
-                url = f"http://127.0.0.1:{port}"
-                async with http.get(url + "/healthz") as resp:
-                    assert resp.status == 200
-                body = await scrape(http, url)
-                counts.append(metric(body, "gateway_requests_total", route="/app/",
-                                     status="200"))
+            body = await scrape(http, admin)
+            status, report = await readyz(http, admin)
     finally:
         code = await gw.stop()
     assert code == 0
-    assert sum(counts) == sent, counts
-    assert all(c > 0 for c in counts), f"one worker got no traffic: {counts}"
+    assert metric(body, "gateway_requests_total", route="/app/", status="200") == sent
+    assert metric(body, "gateway_request_duration_seconds_count", route="/app/") == sent
+    # Each process's own series keep a worker label, the supervisor's too.
+    pids = {metric(body, "process_start_time_seconds", worker=w) > 0
+            for w in ("0", "1", "supervisor")}
+    assert pids == {True}, body
+    assert has_metric(body, "python_gc_collections_total", worker="1", generation="0")
+    assert metric(body, "gateway_requests_in_flight") == 0
+    from gateway import __version__
+
+    assert metric(body, "gateway_build_info", version=__version__) == 1
+    promtool_check(body)
+    assert status == 200 and report["status"] == "ready", report
+    assert set(report) == {"worker 0", "worker 1", "status"}
+    # No worker listens on a TCP admin port of its own any more.
+    assert not port_accepts(admin_port + 1)
 
 
 # ------------------------------------------------------------------ /healthz and /readyz
