@@ -16,6 +16,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,7 +31,7 @@ from gateway.fastpath import FastRequestHandler
 from gateway.logs import EcsFormatter
 from gateway.runtime import Running
 from tests.gwhelpers import Echo, GatewayFactory, free_port
-from tests.lifecycle_helpers import KeepAlive
+from tests.lifecycle_helpers import KeepAlive, start_gateway_proc, wait_for
 
 SERVER, CLIENT = 2, 3  # opentelemetry.proto.trace.v1.Span.SpanKind
 STATUS_ERROR = 2
@@ -62,6 +63,7 @@ class Collector:
     url: str = ""
     spans: list[Span] = field(default_factory=list)
     content_types: set[str] = field(default_factory=set)
+    tokens: set[str | None] = field(default_factory=set)  # X-Collector-Token of each export
 
     def by_kind(self, kind: int) -> list[Span]:
         return [s for s in self.spans if s.kind == kind]
@@ -76,6 +78,7 @@ async def _receive(request: web.Request) -> web.Response:
     if request.headers.get("Content-Encoding") == "gzip":
         body = gzip.decompress(body)
     collector.content_types.add(request.content_type)
+    collector.tokens.add(request.headers.get("X-Collector-Token"))
     export = ExportTraceServiceRequest.FromString(body)
     for rs in export.resource_spans:
         resource = {a.key: _value(a.value) for a in rs.resource.attributes}
@@ -307,3 +310,60 @@ async def test_off_by_default_passes_trace_context_through(gateway: GatewayFacto
     finally:
         await conn.close()
     assert [s.all("traceparent") for s in echo.seen] == [[sent], [sent]]
+
+
+async def test_a_gateway_process_honours_the_otel_variables(
+        tmp_path: Path, echo: Echo, collector: Collector,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # What an operator sets next to the config: the collector's credentials, the resource,
+    # the batch delay; service_name is left out of the config, so OTEL_SERVICE_NAME counts.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-collector-token=tok-123")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "edge-gateway")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment.name=staging")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    config = f"""
+listen: {{host: 127.0.0.1, port: 0}}
+timeouts: {{shutdown_grace: 2s}}
+routes:
+  - prefix: /app/
+    upstream: {echo.url}/up/
+tracing: {{endpoint: "{collector.url}"}}
+"""
+    gw = await start_gateway_proc(config, tmp_path)
+    try:
+        port = int(gw.url.rsplit(":", 1)[1])
+        conn = await KeepAlive.open(port)
+        try:
+            for i in range(2):
+                assert (await conn.request("GET", f"/app/{i}")).status == 200
+        finally:
+            await conn.close()
+        await wait_for(lambda: len(collector.spans) == 4, within=10, what="4 spans exported")
+    finally:
+        assert await gw.stop() == 0
+    assert collector.tokens == {"tok-123"}
+    servers = collector.by_kind(SERVER)
+    assert {s.resource["service.name"] for s in collector.spans} == {"edge-gateway"}
+    assert {s.resource["deployment.environment.name"] for s in collector.spans} == {"staging"}
+    # The JSON access lines name the same traces and spans; nothing else in the log is odd.
+    access = gw.access()
+    assert [(a["trace.id"], a["span.id"]) for a in access] == [
+        (s.trace_id, s.span_id) for s in servers]
+    assert "tok-123" not in gw.log_text()
+
+
+@pytest.mark.parametrize(("tracing", "key"), [
+    ("{endpoint: 'ftp://collector:4318'}", "tracing.endpoint"),
+    ("{endpoint: 'http://collector:4318/?token=x'}", "tracing.endpoint"),
+    ("{endpoint: 'http://collector:4318', sampler_ratio: 1.5}", "tracing.sampler_ratio"),
+    ("{sampler_ratio: 0.5}", "tracing.endpoint"),
+    ("{endpoint: 'http://collector:4318', exporter: grpc}", "tracing.exporter"),
+])
+def test_tracing_config_mistakes_name_the_key(tracing: str, key: str) -> None:
+    from gateway.config import load_config_text
+    from gateway.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        load_config_text(f"routes: [{{prefix: /, upstream: 'http://127.0.0.1:1/'}}]\n"
+                         f"tracing: {tracing}\n", env={})
+    assert any(key in str(p) for p in caught.value.problems), caught.value.problems
