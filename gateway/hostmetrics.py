@@ -28,11 +28,17 @@ import shutil
 import socket
 import tempfile
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
@@ -119,9 +125,13 @@ class _Server6(ThreadingHTTPServer):
 class HostAdmin:
     """The supervisor's admin listener and the workers' socket directory."""
 
-    def __init__(self, host: str, port: int, own_metrics: Callable[[], bytes]) -> None:
+    def __init__(self, host: str, port: int) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="gateway-admin-"))
-        self._own = own_metrics
+        # The supervisor's own process series (it serves no requests).
+        self._own = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self._own)
+        GCCollector(registry=self._own)
+        PlatformCollector(registry=self._own)
         self._workers: dict[int, str] = {}
         self._lock = threading.Lock()
         admin = self
@@ -174,7 +184,7 @@ class HostAdmin:
 
     def metrics(self) -> bytes:
         answers = self._ask_all("/metrics")
-        texts = {"supervisor": self._own().decode()}
+        texts = {"supervisor": generate_latest(self._own).decode()}
         up = ["# HELP gateway_worker_up Whether the worker answered this scrape (1) or not (0)",
               "# TYPE gateway_worker_up gauge"]
         for index, answer in answers.items():

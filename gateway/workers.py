@@ -19,7 +19,6 @@ from pathlib import Path
 
 from gateway.config import Config
 from gateway.hostmetrics import ADMIN_SOCKET_ENV, HostAdmin
-from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.workers")
 
@@ -89,8 +88,7 @@ class Supervisor:
         port = reserved.getsockname()[1]
         if self.cfg.admin is not None:
             try:
-                self.admin = HostAdmin(self.cfg.admin.host, self.cfg.admin.port,
-                                       Metrics().render)
+                self.admin = HostAdmin(self.cfg.admin.host, self.cfg.admin.port)
             except OSError:
                 reserved.close()
                 raise
