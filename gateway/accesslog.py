@@ -81,7 +81,7 @@ class AccessLog:
         }
         url: dict[str, Any] = {"path": path}
         fields: dict[str, Any] = {
-            "event": {"dataset": "gateway.access", "duration": int(duration * 1e9)},
+            "event": {"dataset": "gateway.access", "duration": round(duration * 1e9)},
             "client": {"ip": client_ip},
             "http": http,
             "url": url,
@@ -102,7 +102,7 @@ class AccessLog:
             fields["gateway"] = gateway
             if ex.upstream_status:
                 gateway["upstream"] = {"status_code": ex.upstream_status,
-                                       "duration": int(ex.upstream_time * 1e9)}
+                                       "duration": round(ex.upstream_time * 1e9)}
         trace = ex.trace
         ids = trace.ids() if trace is not None else None
         if ids is not None:
