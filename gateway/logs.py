@@ -16,6 +16,7 @@ import logging
 import sys
 import threading
 import time
+from contextvars import ContextVar
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,10 @@ import ecs_logging
 
 if TYPE_CHECKING:
     from gateway.proxy import Exchange
+    from gateway.tracing import RequestTrace
+
+# The request whose task is running (tracing.RequestTrace.within), for its log lines' ids.
+CURRENT_TRACE: ContextVar[RequestTrace | None] = ContextVar("gateway_trace", default=None)
 
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -59,14 +64,15 @@ def _timestamp(created: float) -> str:
 
 
 def _current_trace_ids() -> tuple[str, str] | None:
-    """The ids of the span in the current context (the full path attaches its request's)."""
-    otel = sys.modules.get("opentelemetry.trace")
-    if otel is None:  # tracing never started in this process
+    """The ids of the request being handled in this context (the full path sets it).
+
+    A pooled upstream connection opened during a request keeps that context in its
+    callbacks; once the request has ended its ids are not used again.
+    """
+    trace = CURRENT_TRACE.get()
+    if trace is None or trace.ended:
         return None
-    ctx = otel.get_current_span().get_span_context()
-    if not ctx.is_valid:
-        return None
-    return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
+    return trace.ids()
 
 
 def log_fields(ex: Exchange) -> dict[str, str]:

@@ -28,7 +28,6 @@ import time
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace as otel
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -41,6 +40,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from gateway import __version__
 from gateway.accesslog import split_host
+from gateway.logs import CURRENT_TRACE
 
 if TYPE_CHECKING:
     from gateway.config import Tracing as TracingConfig
@@ -60,13 +60,14 @@ _KNOWN_METHODS = frozenset({"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATC
 class RequestTrace:
     """The spans of one request, from its start to ``Gateway.finished``."""
 
-    __slots__ = ("_tracing", "client", "lines", "server")
+    __slots__ = ("_tracing", "client", "ended", "lines", "server")
 
     def __init__(self, tracing: Tracing, server: otel.Span) -> None:
         self._tracing = tracing
         self.server = server
         self.client: otel.Span | None = None
         self.lines = b""
+        self.ended = False
 
     def ids(self) -> tuple[str, str] | None:
         """(trace id, server span id) in hex, for log lines; None if nothing is traced."""
@@ -76,12 +77,12 @@ class RequestTrace:
         return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
 
     async def within(self, coro: Awaitable[T]) -> T:
-        """Await ``coro`` with the server span current, so log lines about it carry its ids."""
-        token = otel_context.attach(otel.set_span_in_context(self.server))
+        """Await ``coro`` with this request current, so log lines about it carry its ids."""
+        token = CURRENT_TRACE.set(self)
         try:
             return await coro
         finally:
-            otel_context.detach(token)
+            CURRENT_TRACE.reset(token)
 
     def upstream_lines(self) -> bytes:
         """Header lines carrying the client span's context upstream (starts that span).
@@ -103,6 +104,7 @@ class RequestTrace:
             route: CompiledRoute | None, ex: Exchange, client_ip: str, host: str | None,
             user_agent: str | None) -> None:
         now = time.time_ns()
+        self.ended = True
         known = method in _KNOWN_METHODS
         attr_method = method if known else "_OTHER"
         server = self.server

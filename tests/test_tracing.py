@@ -367,3 +367,34 @@ def test_tracing_config_mistakes_name_the_key(tracing: str, key: str) -> None:
         load_config_text(f"routes: [{{prefix: /, upstream: 'http://127.0.0.1:1/'}}]\n"
                          f"tracing: {tracing}\n", env={})
     assert any(key in str(p) for p in caught.value.problems), caught.value.problems
+
+
+async def test_fast_path_timeout_warning_carries_the_span_ids(
+        gateway: GatewayFactory, collector: Collector,
+        fast_path_spy: list[tuple[str, bool]]) -> None:
+    gw = await gateway(tracing_config(collector, "timeouts: {read: 300ms}\n"))
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(EcsFormatter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    conn = await KeepAlive.open(gw.port)
+    try:
+        assert (await conn.request("GET", "/app/first")).status == 200
+        # Now a pooled upstream connection is idle: the fast path takes this one, and times out.
+        assert (await conn.request("GET", "/app/do/slow?delay=1")).status == 504
+    finally:
+        await conn.close()
+        root.removeHandler(handler)
+    assert ("/app/do/slow?delay=1", True) in fast_path_spy, fast_path_spy
+    await flush(gw)
+    slow = [s for s in collector.by_kind(SERVER) if s.attrs["url.path"] == "/app/do/slow"]
+    assert len(slow) == 1 and slow[0].attrs["http.response.status_code"] == 504
+    assert slow[0].status == STATUS_ERROR
+    client = [s for s in collector.by_kind(CLIENT) if s.parent_id == slow[0].span_id]
+    assert [c.attrs.get("error.type") for c in client] == ["timeout"]
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    warned = [r for r in lines if r["log"]["logger"] == "gateway.fastpath"]
+    assert len(warned) == 1, lines
+    assert (warned[0]["trace"]["id"], warned[0]["span"]["id"]) == (slow[0].trace_id,
+                                                                  slow[0].span_id)
