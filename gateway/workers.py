@@ -89,9 +89,11 @@ class Supervisor:
         if self.cfg.admin is not None:
             try:
                 self.admin = HostAdmin(self.cfg.admin.host, self.cfg.admin.port)
-            except OSError:
+            except OSError as exc:
                 reserved.close()
-                raise
+                log.error("cannot listen on %s:%s for admin: %s; fix: free the port or change "
+                          "admin.port", self.cfg.admin.host, self.cfg.admin.port, exc.strerror)
+                return 1
             self.admin.start()
             log.info("admin on %s (metrics of all workers added up)", self.admin.url)
 

@@ -122,3 +122,20 @@ def test_logged_exception_keeps_every_frame() -> None:
     assert line["message"] == "it failed" and line["error.type"] == "KeyError"
     assert line["error.stack_trace"].count("in deep") == 4
     assert "log.original" not in line
+
+
+def test_busy_admin_port_with_workers_says_which_port(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        admin = busy.getsockname()[1]
+        conf = tmp_path / "gateway.yaml"
+        conf.write_text(f"listen: {{host: 127.0.0.1, port: 0}}\n"
+                        f"admin: {{host: 127.0.0.1, port: {admin}}}\n"
+                        "routes:\n  - {prefix: /, upstream: 'http://127.0.0.1:1/'}\n")
+        out = run_gateway("--log-format", "json", "run", "-c", str(conf), "--workers", "2")
+    assert out.returncode == 1
+    lines = json_lines(out.stderr)
+    assert [line["log.level"] for line in lines] == ["error"], lines
+    assert f"127.0.0.1:{admin} for admin" in lines[0]["message"]
+    assert "admin.port" in lines[0]["message"]
