@@ -191,7 +191,9 @@ class FastRequestHandler(_GatewayRequestHandler):
             rid = None
         if not rid or len(rid) > 128 or not rid.isascii() or not rid.isprintable():
             rid = gw.ids.next()
-        ex = Exchange(headers=headers, transport=self.transport)
+        ex = Exchange()
+        ex.headers = headers  # (attribute stores: cheaper than keyword arguments here)
+        ex.transport = self.transport
         if gw.tracing is not None:
             ex.trace = gw.tracing.begin(headers, peer)
         target = route.target(path, query)
