@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -398,3 +399,25 @@ async def test_fast_path_timeout_warning_carries_the_span_ids(
     assert len(warned) == 1, lines
     assert (warned[0]["trace"]["id"], warned[0]["span"]["id"]) == (slow[0].trace_id,
                                                                   slow[0].span_id)
+
+
+async def test_websocket_session_is_one_server_and_one_client_span(
+        gateway: GatewayFactory, echo: Echo, collector: Collector) -> None:
+    gw = await gateway(tracing_config(collector))
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(gw.url.replace("http", "ws") + "/app/do/ws") as ws:
+            await ws.send_str("hi")
+            assert (await ws.receive()).data == "echo:hi"
+    await wait_for(lambda: len(echo.ws_closed) == 1, what="the upstream side to close")
+
+    async def both_ended() -> bool:
+        await flush(gw)
+        return len(collector.spans) == 2
+
+    await wait_for(both_ended, within=5, what="the session's two spans")
+    (server,), (client,) = collector.by_kind(SERVER), collector.by_kind(CLIENT)
+    assert server.attrs["http.response.status_code"] == 101
+    assert client.attrs["http.response.status_code"] == 101
+    assert client.parent_id == server.span_id
+    assert traceparent(echo.seen[0].header("traceparent"))[:2] == (server.trace_id,
+                                                                   client.span_id)
