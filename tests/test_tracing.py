@@ -421,3 +421,40 @@ async def test_websocket_session_is_one_server_and_one_client_span(
     assert client.parent_id == server.span_id
     assert traceparent(echo.seen[0].header("traceparent"))[:2] == (server.trace_id,
                                                                    client.span_id)
+
+
+async def test_reload_switches_tracing_and_retires_the_old_provider(
+        tmp_path: Path, echo: Echo, collector: Collector) -> None:
+    from gateway.config import load_config
+    from gateway.runtime import serving
+
+    def config(name: str) -> str:
+        return f"""
+listen: {{host: 127.0.0.1, port: 0}}
+timeouts: {{shutdown_grace: 0s}}
+routes:
+  - prefix: /app/
+    upstream: {echo.url}/up/
+tracing: {{endpoint: "{collector.url}", service_name: {name}}}
+"""
+
+    path = tmp_path / "gateway.yaml"
+    path.write_text(config("before"))
+    async with serving(load_config(path), config_path=str(path)) as gw:
+        old = gw.gateway.tracing
+        conn = await KeepAlive.open(gw.port)
+        try:
+            assert (await conn.request("GET", "/app/1")).status == 200
+            path.write_text(config("after"))
+            assert await gw.runtime.reload()
+            assert gw.gateway.tracing is not old
+            # The same kept-alive connection: the new gateway traces it.
+            assert (await conn.request("GET", "/app/2")).status == 200
+        finally:
+            await conn.close()
+        await flush(gw)
+        # The old provider is shut down once its grace is over (its last spans flushed).
+        await wait_for(lambda: len(collector.spans) == 4, within=5, what="4 spans")
+    names = {(s.attrs.get("url.path", s.name), s.resource["service.name"])
+             for s in collector.by_kind(SERVER)}
+    assert names == {("/app/1", "before"), ("/app/2", "after")}
