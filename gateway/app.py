@@ -8,11 +8,12 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from yarl import URL
 
-from gateway.accesslog import AccessLog
+from gateway.accesslog import AccessLog, clean_host, clean_user_agent
 from gateway.boundary import ClientScripts, OwnPages, compile_policies
 from gateway.config import Config
 from gateway.cors import CorsPolicy
@@ -40,6 +41,9 @@ from gateway.proxy import (
 from gateway.routing import CompiledRoute, RouteTable, compile_route, normalize_path
 from gateway.upstream import UpstreamPool
 from gateway.websocket import Splice, splice
+
+if TYPE_CHECKING:
+    from gateway.tracing import Tracing
 
 log = logging.getLogger("gateway.app")
 
@@ -156,11 +160,18 @@ class Gateway:
         self.unlock: Callable[[str, str], Awaitable[bool]] | None = None
         self.splices: set[Splice] = set()
         self.ids = RequestIds()
+        self.tracing: Tracing | None = None
+        if config.tracing is not None:  # the SDK is imported only when it is used
+            from gateway.tracing import Tracing
+
+            self.tracing = Tracing(config.tracing, self.trusted)
 
     def finished(self, client_ip: str, rid: str, method: str, raw_path: str, minor: int,
                  status: int, route: CompiledRoute | None, ex: Exchange, duration: float
                  ) -> None:
         """Every request ends here, from either path: one access-log line, the metrics."""
+        if ex.trace is not None:
+            self._end_trace(method, raw_path, minor, status, route, ex, client_ip)
         access = self.access
         if access.enabled:
             access.log_exchange(client_ip, rid, method, raw_path, minor, status, route, ex,
@@ -180,6 +191,15 @@ class Gateway:
         self.metrics.rejected.labels(str(status), reason).inc()
         self.finished(client_ip, rid, method, raw_path, 1, status, None, ex, duration)
 
+    def _end_trace(self, method: str, raw_path: str, minor: int, status: int,
+                   route: CompiledRoute | None, ex: Exchange, client_ip: str) -> None:
+        assert ex.trace is not None
+        headers = ex.headers or {}
+        ex.trace.end(method=method, path=raw_path.partition("?")[0], scheme=self.scheme,
+                     minor=minor, status=status, route=route, ex=ex, client_ip=client_ip,
+                     host=clean_host(headers.get("Host")),
+                     user_agent=clean_user_agent(headers.get("User-Agent")))
+
     def going_away(self) -> None:
         """Shutdown: tell every spliced WebSocket the server is going away (1001)."""
         for link in list(self.splices):
@@ -187,6 +207,8 @@ class Gateway:
 
     async def close(self) -> None:
         await self.pool.close()
+        if self.tracing is not None:
+            await self.tracing.close()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
@@ -196,12 +218,14 @@ class Gateway:
             if absolute is not None:
                 request = request.clone(rel_url=URL(absolute[1], encoded=True),
                                         host=absolute[0])
-        ex = Exchange()
+        ex = Exchange(headers=request.headers, transport=request.transport)
         route: CompiledRoute | None = None
         resp: web.StreamResponse | None = None
         status_override = 499  # nginx's "client closed request" when nothing was answered
         headers = request.headers
         peer = request.remote or ""
+        if self.tracing is not None:
+            ex.trace = self.tracing.begin(headers, peer)
         fwd = forwarded_for(peer, headers.getall("X-Forwarded-For", ()), self.trusted,
                             self.scheme, request.host, headers.get("X-Forwarded-Proto"),
                             headers.get("X-Forwarded-Host"))
@@ -213,8 +237,13 @@ class Gateway:
         ex.extra_response_headers.append(("X-Request-ID", rid))
         ex.https = self.public_https or fwd.proto.lower() == "https"
         try:
-            resp, route = await self._dispatch(request, fwd, rid, ex)
-            return resp
+            if ex.trace is None:
+                resp, route = await self._dispatch(request, fwd, rid, ex)
+                return resp
+            # The request's span is current for every log line it causes.
+            answer = await ex.trace.within(self._dispatch(request, fwd, rid, ex))
+            resp, route = answer
+            return answer[0]
         except asyncio.CancelledError:
             if ex.upstream_status == 101:
                 # A spliced WebSocket ends by closing the client side, which cancels us.
@@ -401,7 +430,8 @@ class Gateway:
         up = route.upstream
         host = request.host if route.preserve_host else up.host_header
         request_head = upstream_request_head("GET", target, request.raw_headers, host, fwd, rid,
-                                             upgrade=True, policy=route.policy) + b"\r\n"
+                                             upgrade=True, policy=route.policy,
+                                             trace=ex.trace) + b"\r\n"
         conn = await self.pool.acquire(up, fresh=True)
         fut = conn.start(bytes(request_head), method="GET",
                          read_timeout=self.config.timeouts.read, upgrade=True)

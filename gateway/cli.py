@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import logging
 import os
 import signal
@@ -21,23 +23,21 @@ from pathlib import Path
 
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError
+from gateway.logs import json_logging, setup_logging
 
 log = logging.getLogger("gateway.cli")
 
 DEFAULT_CONFIG = "gateway.yaml"
 
 
-def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
-    from gateway.accesslog import JsonFormatter
-
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+def _early_log_format(argv: Sequence[str]) -> str:
+    """``--log-format`` looked up before parsing, so that even a usage error is JSON."""
+    for i, arg in enumerate(argv):
+        if arg == "--log-format" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--log-format="):
+            return arg.partition("=")[2]
+    return "text"
 
 
 def _load(path: str) -> Config:
@@ -45,6 +45,11 @@ def _load(path: str) -> Config:
 
 
 def _report(exc: ConfigError, path: str) -> int:
+    if json_logging():
+        log.error("%s: %d problem(s) in the configuration: %s", path, len(exc.problems),
+                  "; ".join(str(p) for p in exc.problems),
+                  extra={"gateway.config.problems": [str(p) for p in exc.problems]})
+        return 2
     sys.stderr.write(f"{path}: {len(exc.problems)} problem(s) in the configuration:\n")
     for problem in exc.problems:
         sys.stderr.write(f"  - {problem}\n")
@@ -87,6 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = _load(args.config)
     except ConfigError as exc:
         return _report(exc, args.config)
+    from gateway.hostmetrics import ADMIN_SOCKET_ENV
     from gateway.runtime import serve_forever
     from gateway.workers import INDEX_ENV, PORT_ENV, Supervisor, default_workers
 
@@ -114,7 +120,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve_forever(cfg, config_path=args.config,
                                   reuse_port=worker_port is not None, worker_index=worker_index,
-                                  announce=worker_port is None))
+                                  announce=worker_port is None,
+                                  admin_socket=os.environ.get(ADMIN_SOCKET_ENV)))
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", cfg.listen.host, cfg.listen.port, exc.strerror)
         return 1
@@ -341,7 +348,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    early = _early_log_format(sys.argv[1:] if argv is None else argv)
+    if early == "json":
+        setup_logging("json")
+        usage = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(usage):
+                args = parser.parse_args(argv)
+        except SystemExit:
+            if usage.getvalue():
+                log.error("%s", usage.getvalue().strip())
+            raise
+    else:
+        args = parser.parse_args(argv)
     if args.config is None and not getattr(args, "config_optional", False):
         args.config = DEFAULT_CONFIG
     setup_logging(args.log_format, args.log_level.upper())

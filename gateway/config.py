@@ -456,6 +456,23 @@ class Admin(_Model):
     _host = field_validator("host")(_resolvable)
 
 
+class Tracing(_Model):
+    """OpenTelemetry traces, exported over OTLP/HTTP (gateway/tracing.py); off without it."""
+
+    endpoint: str  # the collector's OTLP/HTTP base URL; spans go to <endpoint>/v1/traces
+    sampler_ratio: float | None = Field(None, ge=0.0, le=1.0)  # None: OTEL_TRACES_SAMPLER
+    service_name: str | None = None  # None: OTEL_SERVICE_NAME, else "cec-gateway"
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        url = URL(v)
+        if url.scheme not in ("http", "https") or not url.host or url.query_string:
+            raise ValueError("is the collector's OTLP/HTTP base URL; "
+                             "fix: e.g. http://otel-collector:4318")
+        return v
+
+
 class Config(_Model):
     listen: Listen = Listen()
     trusted_proxies: list[IPNetwork] = []
@@ -468,6 +485,7 @@ class Config(_Model):
     token: TokenConfig | None = None
     admin: Admin | None = None
     sandbox: SandboxSettings | None = None
+    tracing: Tracing | None = None
     access_log: bool = True
     pid_file: Path | None = None  # written by `gateway run`, read by `gateway reload`
     public_url: str | None = None  # scheme://host the visitors use, when TLS ends before us

@@ -23,6 +23,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.headers import forwarded_for, upstream_request_head, valid_host
+from gateway.logs import log_fields
 from gateway.proxy import Exchange, cut_off, drain_client, framed_last, response_head
 from gateway.routing import CompiledRoute
 from gateway.server import _GatewayRequestHandler
@@ -193,11 +194,15 @@ class FastRequestHandler(_GatewayRequestHandler):
             rid = gw.ids.next()
         ex = Exchange()
         ex.https = gw.public_https or fwd.proto.lower() == "https"
+        ex.headers = headers  # (attribute stores: cheaper than keyword arguments here)
+        ex.transport = self.transport
+        if gw.tracing is not None:
+            ex.trace = gw.tracing.begin(headers, peer)
         target = route.target(path, query)
         head = upstream_request_head(msg.method, target, msg.raw_headers,
                                      host if route.preserve_host else up.host_header, fwd, rid,
                                      connection=headers.getall("Connection", ()),
-                                     policy=route.policy)
+                                     policy=route.policy, trace=ex.trace)
         head += b"\r\n"
         inline = _Inline(conn, route, msg, ex, rid, fwd.client_ip, start, bytes(head))
         self._inline = inline
@@ -223,7 +228,8 @@ class FastRequestHandler(_GatewayRequestHandler):
                 return
             status = 504 if isinstance(exc, UpstreamTimeout) else 502
             inline.ex.error = str(exc)
-            log.warning("%s %s: %s", inline.route.name, inline.rid, exc)
+            log.warning("%s %s: %s", inline.route.name, inline.rid, exc,
+                        extra=log_fields(inline.ex))
             self._write_error(inline, status)
             return
         self._respond(inline, message, payload)
@@ -275,7 +281,8 @@ class FastRequestHandler(_GatewayRequestHandler):
             ok = True
         except UpstreamError as exc:
             inline.ex.error = str(exc)
-            log.warning("upstream broke off mid-response on %s: %s", inline.route.name, exc)
+            log.warning("upstream broke off mid-response on %s: %s", inline.route.name, exc,
+                        extra=log_fields(inline.ex))
         except ConnectionError as exc:
             inline.ex.error = str(exc) or "client went away"
         finally:
@@ -300,7 +307,8 @@ class FastRequestHandler(_GatewayRequestHandler):
         except UpstreamError as exc:
             inline.conn.abort()
             inline.ex.error = str(exc)
-            log.warning("%s %s: %s", inline.route.name, inline.rid, exc)
+            log.warning("%s %s: %s", inline.route.name, inline.rid, exc,
+                        extra=log_fields(inline.ex))
             self._write_error(inline, 504 if isinstance(exc, UpstreamTimeout) else 502)
             return
         if self._inline is inline:

@@ -19,6 +19,7 @@ from yarl import URL
 
 if TYPE_CHECKING:
     from gateway.boundary import RoutePolicy
+    from gateway.tracing import RequestTrace
 
 RawHeaders = Sequence[tuple[bytes, bytes]]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -37,6 +38,8 @@ _REPLACED_UP = frozenset({
 })
 _DROP_UP = HOP_BY_HOP | _REPLACED_UP
 _DROP_UP_AND_TYPE = _DROP_UP | {b"content-type"}
+# With tracing on, the gateway's own span is the upstream's parent (gateway/tracing.py).
+_TRACE_CONTEXT = frozenset({b"traceparent", b"tracestate"})
 _RAW = ("utf-8", "surrogateescape")
 _NONE: frozenset[bytes] = frozenset()
 
@@ -174,7 +177,8 @@ def upstream_request_head(method: str, target: str, raw: RawHeaders, host: str,
                           extra: Sequence[tuple[bytes, bytes]] = (),
                           upgrade: bool = False, new_content_type: bytes | None = None,
                           connection: Sequence[str] | None = None,
-                          policy: RoutePolicy | None = None) -> bytearray:
+                          policy: RoutePolicy | None = None,
+                          trace: RequestTrace | None = None) -> bytearray:
     """The request line and headers for the upstream, as bytes ready to write.
 
     Body framing (Content-Length / chunked) is appended by the caller, who knows it.
@@ -182,6 +186,8 @@ def upstream_request_head(method: str, target: str, raw: RawHeaders, host: str,
     credentials and keeps only the route's own cookies.
     """
     drop = _DROP_UP if new_content_type is None else _DROP_UP_AND_TYPE
+    if trace is not None:
+        drop = drop | _TRACE_CONTEXT
     if connection is None:  # not looked up by the caller
         tokens = connection_tokens(raw) if any(n.lower() == b"connection" for n, _ in raw) else ()
     else:
@@ -215,6 +221,8 @@ def upstream_request_head(method: str, target: str, raw: RawHeaders, host: str,
         own = policy.upstream_cookie(cookies)
         if own is not None:
             out += b"Cookie: " + own + b"\r\n"
+    if trace is not None:
+        out += trace.upstream_lines()
     for name, value in extra:
         out += name + b": " + value + b"\r\n"
     if new_content_type is not None:

@@ -1,18 +1,33 @@
 """Prometheus metrics, one registry per process (served by ``admin`` on its own listener).
 
-With several workers each worker serves its own registry on ``admin.port + worker index``
-(documented in the README): no shared directory, no multiprocess-mode caveats, and every
-series stays exact. The per-request series (requests, latency) are plain integers and lists
-updated with a dict lookup, and turned into metric families only when scraped: the client
-library's locks and label resolution cost more than the rest of a request's bookkeeping.
+With several workers the supervisor serves the host's view on ``admin.port``: it scrapes
+every worker's registry (each on a private Unix socket) and adds them up
+(``gateway/hostmetrics.py``). That keeps each worker's series exact and its bookkeeping
+plain, where prometheus-client's multiprocess mode would need a shared directory of
+memory-mapped files, a write per increment, and would lose the process and GC collectors.
+Besides the gateway's own series, each registry has the client library's process, GC and
+platform collectors, ``gateway_build_info`` and an in-flight gauge.
+
+The per-request series (requests, latency) are plain integers and lists updated with a dict
+lookup, and turned into metric families only when scraped: the client library's locks and
+label resolution cost more than the rest of a request's bookkeeping.
 """
 
 from __future__ import annotations
 
+import platform
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -22,8 +37,22 @@ _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 class Metrics:
     def __init__(self) -> None:
+        from gateway import __version__
+
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
+        PlatformCollector(registry=r)
+        Gauge("gateway_build_info", "The gateway's version (the value is always 1)",
+              ["version", "python"], registry=r).labels(
+            __version__, platform.python_version()).set(1)
+        # Read at scrape time from the server's connections (Runtime sets the source), so
+        # that requests pay nothing for it.
+        self.in_flight: Callable[[], int] = lambda: 0
+        Gauge("gateway_requests_in_flight",
+              "Requests being answered now (open WebSocket sessions included)",
+              registry=r).set_function(lambda: self.in_flight())
         self._counts: dict[tuple[str, str, int], int] = {}
         # route -> [count per bucket (non-cumulative, last one +Inf), sum of durations]
         self._hist: dict[str, tuple[list[int], list[float]]] = {}

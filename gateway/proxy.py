@@ -8,8 +8,9 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
@@ -25,6 +26,9 @@ from gateway.headers import (
 )
 from gateway.routing import CompiledRoute
 from gateway.upstream import Body, InvalidResponse, Response, UpstreamConnection, UpstreamPool
+
+if TYPE_CHECKING:
+    from gateway.tracing import RequestTrace
 
 log = logging.getLogger("gateway.proxy")
 
@@ -50,6 +54,10 @@ class Exchange:
     route: CompiledRoute | None = None  # known before the answer, for a cancelled exchange
     https: bool = False  # the visitor's scheme (listen.tls, or a trusted X-Forwarded-Proto)
     extra_response_headers: list[tuple[str, str]] = field(default_factory=list)
+    # Read at the end, for the access line and the spans (gateway/accesslog.py, tracing.py).
+    headers: Mapping[str, str] | None = None  # the client's request headers
+    transport: asyncio.BaseTransport | None = None  # the client connection (TLS facts)
+    trace: RequestTrace | None = None  # set when tracing is on
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +165,7 @@ class Proxy:
         head = upstream_request_head(method, target, raw, host, fwd, request_id, framing,
                                      new_content_type=body_type.encode() if body_type else None,
                                      connection=request.headers.getall("Connection", ()),
-                                     policy=route.policy)
+                                     policy=route.policy, trace=ex.trace)
         head += b"\r\n"
         if body:
             head += body

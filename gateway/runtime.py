@@ -69,12 +69,17 @@ class Running:
 
 class Runtime:
     def __init__(self, config: Config, *, config_path: str | None = None,
-                 reuse_port: bool = False, worker_index: int = 0) -> None:
+                 reuse_port: bool = False, worker_index: int = 0,
+                 admin_socket: str | None = None) -> None:
         self.config = config
+        # A worker under the supervisor: admin endpoints on this private Unix socket; the
+        # supervisor serves admin.port for the whole host (gateway/hostmetrics.py).
+        self.admin_socket = admin_socket
         self.config_path = config_path
         self.reuse_port = reuse_port
         self.worker_index = worker_index
         self.metrics = Metrics()
+        self.metrics.in_flight = self._in_flight
         self.readiness = Readiness()
         self.health = HealthMonitor(
             self._upstream_targets, self._checks,
@@ -102,6 +107,13 @@ class Runtime:
 
     def _upstream_targets(self) -> list[tuple[str, str, int]]:
         return [(r.name, r.upstream.host, r.upstream.port) for r in self.gateway.routes.routes]
+
+    def _in_flight(self) -> int:
+        server = self.server
+        if server is None:
+            return 0
+        return sum(1 for h in server.connections
+                   if h._current_request is not None or getattr(h, "_inline", None) is not None)
 
     def _checks(self) -> list[Callable[[], Awaitable[None]]]:
         return list(self.gateway.store_checks)
@@ -174,14 +186,17 @@ class Runtime:
                 key.get_secret_value().encode("utf-8") if key is not None else None))
             self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
             await self._admin.setup()
-            port = cfg.admin.port + self.worker_index if cfg.admin.port else 0
-            site = web.TCPSite(self._admin, cfg.admin.host, port, reuse_address=True)
-            await site.start()
-            sockets = getattr(site._server, "sockets", None)
-            addr = sockets[0].getsockname() if sockets else None
-            if addr:
-                host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
-                self.admin_url = f"http://{host}:{addr[1]}"
+            if self.admin_socket is not None:
+                await web.UnixSite(self._admin, self.admin_socket).start()
+            else:
+                site = web.TCPSite(self._admin, cfg.admin.host, cfg.admin.port,
+                                   reuse_address=True)
+                await site.start()
+                sockets = getattr(site._server, "sockets", None)
+                addr = sockets[0].getsockname() if sockets else None
+                if addr:
+                    host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+                    self.admin_url = f"http://{host}:{addr[1]}"
             # Only read by /metrics and /status: not worth a connection per interval otherwise.
             self.health.start()
 
@@ -260,10 +275,11 @@ class Runtime:
 
 @contextlib.asynccontextmanager
 async def serving(config: Config, *, reuse_port: bool = False, config_path: str | None = None,
-                  worker_index: int = 0) -> AsyncIterator[Running]:
+                  worker_index: int = 0, admin_socket: str | None = None
+                  ) -> AsyncIterator[Running]:
     """Serve ``config`` in the running loop; on exit, shut down gracefully."""
     runtime = Runtime(config, config_path=config_path, reuse_port=reuse_port,
-                      worker_index=worker_index)
+                      worker_index=worker_index, admin_socket=admin_socket)
     await runtime.start()
     try:
         yield Running(runtime)
@@ -273,12 +289,12 @@ async def serving(config: Config, *, reuse_port: bool = False, config_path: str 
 
 async def serve_forever(config: Config, *, config_path: str | None = None,
                         reuse_port: bool = False, worker_index: int = 0,
-                        announce: bool = True) -> None:
+                        announce: bool = True, admin_socket: str | None = None) -> None:
     from gateway.server import install_signal_handlers
 
     stop = asyncio.Event()
     async with serving(config, reuse_port=reuse_port, config_path=config_path,
-                       worker_index=worker_index) as running:
+                       worker_index=worker_index, admin_socket=admin_socket) as running:
         runtime = running.runtime
         reloads: set[asyncio.Task[bool]] = set()
 

@@ -2,8 +2,8 @@
 
 Where the counters live decides how: with ``token.store: redis://…`` the counter is deleted in
 Redis (every process sharing it sees that at once, no running gateway needed); with ``memory``
-the counters are inside the running gateway, so each worker's admin listener is asked
-(``POST /unlock`` with ``admin.api_key``).
+the counters are inside the running gateway, so its admin listener is asked (``POST /unlock``
+with ``admin.api_key``; with workers the supervisor passes it to every worker).
 """
 
 from __future__ import annotations
@@ -78,8 +78,6 @@ def _unlock_in_store(cfg: Config, kind: str, value: str) -> int:
 
 
 def _unlock_via_admin(cfg: Config, kind: str, value: str) -> int:
-    from gateway.workers import default_workers
-
     admin = cfg.admin
     if admin is None or admin.api_key is None:
         sys.stderr.write(
@@ -89,24 +87,22 @@ def _unlock_via_admin(cfg: Config, kind: str, value: str) -> int:
         return 2
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(admin.host, admin.host)
     host = f"[{host}]" if ":" in host else host
-    workers, _ = default_workers(cfg)
     body = json.dumps({kind: value}).encode()
     headers = {"Authorization": f"Bearer {admin.api_key.get_secret_value()}",
                "Content-Type": "application/json"}
-    failed = 0
-    for index in range(workers):
-        url = f"http://{host}:{admin.port + index}/unlock"
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310
-                resp.read()
-        except urllib.error.HTTPError as exc:
-            failed += 1
-            sys.stderr.write(f"worker {index} ({url}): answered {exc.code}\n")
-        except (urllib.error.URLError, OSError) as exc:
-            failed += 1
-            reason = getattr(exc, "reason", exc)
-            sys.stderr.write(f"worker {index} ({url}): not reachable ({reason})\n")
-        else:
-            sys.stdout.write(f"unlocked {kind} {value} on worker {index}\n")
-    return 1 if failed else 0
+    # One listener: a single process's own, or the supervisor's, which passes the request to
+    # every worker (gateway/hostmetrics.py).
+    url = f"http://{host}:{admin.port}/unlock"
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310
+            resp.read()
+    except urllib.error.HTTPError as exc:
+        sys.stderr.write(f"{url}: answered {exc.code}\n")
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        sys.stderr.write(f"{url}: not reachable ({reason})\n")
+        return 1
+    sys.stdout.write(f"unlocked {kind} {value}\n")
+    return 0

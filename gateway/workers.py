@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from gateway.config import Config
+from gateway.hostmetrics import ADMIN_SOCKET_ENV, HostAdmin
 
 log = logging.getLogger("gateway.workers")
 
@@ -92,6 +93,7 @@ class Supervisor:
         self._ready_pipes: dict[int, int] = {}  # index -> read end, until the worker is ready
         self._stopping = False
         self._restarts: list[float] = []
+        self.admin: HostAdmin | None = None  # admin.port for the whole host, when configured
 
     def _spawn(self, index: int, port: int) -> None:
         old = self._ready_pipes.pop(index, None)
@@ -100,6 +102,8 @@ class Supervisor:
         read_end, write_end = os.pipe()
         env = dict(os.environ, **{PORT_ENV: str(port), INDEX_ENV: str(index),
                                   READY_ENV: str(write_end)})
+        if self.admin is not None:
+            env[ADMIN_SOCKET_ENV] = self.admin.socket_for(index)
         cmd = worker_command([*self.extra, "run", "-c", str(Path(self.config_path)),
                               "--workers", "1"])
         try:
@@ -153,6 +157,16 @@ class Supervisor:
     def run(self) -> int:
         reserved = _reserve(self.cfg.listen.host, self.cfg.listen.port)
         port = reserved.getsockname()[1]
+        if self.cfg.admin is not None:
+            try:
+                self.admin = HostAdmin(self.cfg.admin.host, self.cfg.admin.port)
+            except OSError as exc:
+                reserved.close()
+                log.error("cannot listen on %s:%s for admin: %s; fix: free the port or change "
+                          "admin.port", self.cfg.admin.host, self.cfg.admin.port, exc.strerror)
+                return 1
+            self.admin.start()
+            log.info("admin on %s (metrics of all workers added up)", self.admin.url)
 
         def stop(signum: int, _frame: object) -> None:
             self._stopping = True
@@ -203,6 +217,8 @@ class Supervisor:
                 os.close(fd)
             self._ready_pipes.clear()
             reserved.close()
+            if self.admin is not None:
+                self.admin.stop()
             if self.cfg.pid_file is not None:
                 Path(self.cfg.pid_file).unlink(missing_ok=True)
         return code

@@ -6,9 +6,12 @@ same loop (``serving``) or as a ``python -m gateway`` subprocess whose stderr is
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -21,8 +24,10 @@ from gateway.fastpath import FastRequestHandler
 from tests.gwhelpers import Echo, GatewayFactory, free_port
 from tests.lifecycle_helpers import (
     KeepAlive,
-    free_port_pair,
+    flat,
+    has_metric,
     metric,
+    port_accepts,
     readyz,
     scrape,
     start_gateway_proc,
@@ -38,8 +43,12 @@ TOKEN_KEY = "obs-signing-key-0123456789abcdef"
 API_KEY = "obs-api-key-0123456789abcdef-SECRET"
 VALIDATE = "/rest/cc-messaging/v1/thirdparty/chatThirdPartyValidate"
 NEW_CLIENT = "/service-cloud/webclient/chat_client/js/newThirdPartyClient.js"
-ACCESS_FIELDS = {"time", "request_id", "client_ip", "method", "path", "status", "bytes_in",
-                 "bytes_out", "duration_ms", "route", "upstream_status", "upstream_ms"}
+# ECS names (gateway/accesslog.py), flattened by ``flat``.
+ACCESS_FIELDS = {"@timestamp", "log.level", "message", "ecs.version", "event.dataset",
+                 "http.request.id", "client.ip", "http.request.method", "url.path",
+                 "http.response.status_code", "http.request.body.bytes",
+                 "http.response.body.bytes", "event.duration", "http.version", "url.domain",
+                 "user_agent.original"}
 TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 APP_ROUTES = """
@@ -72,7 +81,7 @@ def access_records(caplog: pytest.LogCaptureFixture) -> Callable[[], list[dict[s
     caplog.set_level(logging.INFO, logger="gateway.access")
 
     def get() -> list[dict[str, Any]]:
-        return [dict(r.fields) for r in caplog.records  # type: ignore[attr-defined]
+        return [flat(r.access) for r in caplog.records  # type: ignore[attr-defined]
                 if r.name == "gateway.access"]
 
     return get
@@ -163,27 +172,35 @@ async def test_json_access_log_one_line_per_request_and_no_secrets(tmp_path: Pat
 
     lines = gw.access()
     assert len(lines) == len(sent), lines
-    assert "?" not in "".join(str(line["path"]) for line in lines)
+    assert "?" not in "".join(str(line["url.path"]) for line in lines)
     for line, (method, path, status, size, rid) in zip(lines, sent, strict=True):
         assert ACCESS_FIELDS <= set(line), line
-        assert TIME_RE.match(line["time"]), line
-        assert line["request_id"] == rid
-        assert line["client_ip"] == "127.0.0.1"
-        assert (line["method"], line["path"], line["status"]) == (method, path, status)
-        assert line["bytes_out"] == size
-        assert isinstance(line["duration_ms"], int | float) and line["duration_ms"] >= 0
+        assert TIME_RE.match(line["@timestamp"]), line
+        assert line["http.request.id"] == rid
+        assert line["client.ip"] == "127.0.0.1"
+        assert (line["http.request.method"], line["url.path"],
+                line["http.response.status_code"]) == (method, path, status)
+        assert line["http.response.body.bytes"] == size
+        assert isinstance(line["event.duration"], int) and line["event.duration"] >= 0
+        assert line["http.version"] == "1.1" and "tls.version" not in line
+        assert line["url.domain"] == "127.0.0.1" and line["url.port"] == gw.port
+        assert line["user_agent.original"].startswith("Python/")
+        assert "trace.id" not in line  # tracing is off
     proxied, own = lines[:4], lines[4:]
     for line in proxied:
-        assert line["route"] == "/app/"
-        assert line["upstream_status"] == 200
-        assert isinstance(line["upstream_ms"], int | float)
-        assert 0 <= line["upstream_ms"] <= line["duration_ms"]
-    assert [line["bytes_in"] for line in proxied] == [0, 0, 0, 100]
+        assert line["gateway.route"] == "/app/"
+        assert line["destination.address"] == "127.0.0.1"
+        assert line["destination.port"] == echo.port
+        assert line["gateway.upstream.status_code"] == 200
+        assert isinstance(line["gateway.upstream.duration"], int)
+        assert 0 <= line["gateway.upstream.duration"] <= line["event.duration"]
+    assert [line["http.request.body.bytes"] for line in proxied] == [0, 0, 0, 100]
     for line in own:  # the gateway's own endpoints: no route, no upstream
-        assert line["route"] is None and line["upstream_status"] is None
-        assert line["upstream_ms"] is None
+        assert not {"gateway.route", "gateway.upstream.status_code", "destination.address"
+                    } & set(line), line
     # Bytes in count for the gateway's own endpoints too (the issuing request's JSON body).
-    assert own[0]["bytes_in"] == len(json.dumps({"userId": "u1", "userName": "Ann"}))
+    assert own[0]["http.request.body.bytes"] == len(
+        json.dumps({"userId": "u1", "userName": "Ann"}))
 
 
 async def test_text_log_format_has_the_access_line(tmp_path: Path, echo: Echo) -> None:
@@ -215,17 +232,21 @@ async def test_access_log_fields_on_the_fast_and_the_full_path(
     fast = [path for path, taken in fast_path_spy if taken]
     assert "/app/f2?q=secret2" in fast and "/app/h?q=secret" in fast, fast_path_spy
     records = access_records()
-    assert [r["path"] for r in records] == ["/app/f0", "/app/f1", "/app/f2", "/app/h", "/app/p"]
+    assert [r["url.path"] for r in records] == [
+        "/app/f0", "/app/f1", "/app/f2", "/app/h", "/app/p"]
     answers = [*gets, head, post]
     for record, answer in zip(records, answers, strict=True):
-        assert record["status"] == 200 and record["upstream_status"] == 200
-        assert record["route"] == "/app/"
-        assert record["request_id"] == answer.header("X-Request-ID")
-        assert record["client_ip"] == "127.0.0.1"
-        assert record["bytes_out"] == len(answer.body)
-        assert 0 <= record["upstream_ms"] <= record["duration_ms"]
-    assert [r["method"] for r in records] == ["GET"] * 3 + ["HEAD", "POST"]
-    assert [r["bytes_in"] for r in records] == [0, 0, 0, 0, 321]
+        assert record["http.response.status_code"] == 200
+        assert record["gateway.upstream.status_code"] == 200
+        assert record["gateway.route"] == "/app/"
+        assert record["http.request.id"] == answer.header("X-Request-ID")
+        assert record["client.ip"] == "127.0.0.1"
+        assert record["http.response.body.bytes"] == len(answer.body)
+        assert 0 <= record["gateway.upstream.duration"] <= record["event.duration"]
+        # KeepAlive sends "Host: gw.test" and no User-Agent.
+        assert record["url.domain"] == "gw.test" and "user_agent.original" not in record
+    assert [r["http.request.method"] for r in records] == ["GET"] * 3 + ["HEAD", "POST"]
+    assert [r["http.request.body.bytes"] for r in records] == [0, 0, 0, 0, 321]
     assert "secret" not in json.dumps(records)
 
 
@@ -257,7 +278,7 @@ async def test_request_id_generated_when_absent(
     failed_rid = failed.header("X-Request-ID")
     assert failed.status == 502 and failed_rid and failed_rid not in rids
     records = access_records()
-    assert [r["request_id"] for r in records] == [*rids, failed_rid]
+    assert [r["http.request.id"] for r in records] == [*rids, failed_rid]
     # The error line about the failed request carries its id as well.
     errors = [r.getMessage() for r in caplog.records
               if r.name != "gateway.access" and r.levelno >= logging.WARNING]
@@ -287,8 +308,8 @@ async def test_request_id_kept_only_from_a_trusted_proxy(
     assert any(taken for _, taken in fast_path_spy), "the fast path never served a GET"
     got = [a.header("X-Request-ID") for a in answers]
     upstream = [s.all("X-Request-ID") for s in echo.seen[:4]]
-    logged = [r["request_id"] for r in access_records()[:4]]
-    clients = {r["client_ip"] for r in access_records()[:4]}
+    logged = [r["http.request.id"] for r in access_records()[:4]]
+    clients = {r["client.ip"] for r in access_records()[:4]}
     assert clients == {"203.0.113.7" if is_trusted else "127.0.0.1"}
     assert all(a.all("X-Request-ID") == [a.header("X-Request-ID")] for a in answers)
     if is_trusted:
@@ -454,8 +475,43 @@ async def test_metrics_count_token_events_and_lockouts(gateway: GatewayFactory,
     assert metric(text, "gateway_requests_total", method="POST") == 5
 
 
-async def test_metrics_per_worker_admin_ports_add_up(tmp_path: Path, echo: Echo) -> None:
-    admin_port = free_port_pair()
+def promtool_check(text: str) -> None:
+    """``promtool check metrics``: the exposition is valid and lint-clean."""
+    assert shutil.which("promtool"), "promtool is missing: ./dev installs Debian's prometheus"
+    done = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
+                          capture_output=True, timeout=30, check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr).decode()
+
+
+async def test_one_process_metrics_collectors_build_info_in_flight(
+        gateway: GatewayFactory, echo: Echo, http: aiohttp.ClientSession) -> None:
+    gw = await gateway(APP_ROUTES + "admin: {host: 127.0.0.1, port: 0}\n")
+    assert gw.admin_url is not None
+    admin = gw.admin_url
+    assert metric(await scrape(http, admin), "gateway_requests_in_flight") == 0
+    slow = asyncio.ensure_future(http.get(gw.url + "/app/do/slow?delay=0.8"))
+    try:
+        async def one_in_flight() -> bool:
+            return metric(await scrape(http, admin), "gateway_requests_in_flight") == 1
+
+        await wait_for(one_in_flight, within=5, what="the slow request in flight")
+    finally:
+        async with await slow as resp:
+            assert resp.status == 200
+    text = await scrape(http, admin)
+    assert metric(text, "gateway_requests_in_flight") == 0
+    from gateway import __version__
+
+    assert metric(text, "gateway_build_info", version=__version__) == 1
+    assert metric(text, "process_resident_memory_bytes") > 0
+    assert metric(text, "process_open_fds") > 0
+    assert has_metric(text, "python_gc_collections_total", generation="0")
+    assert has_metric(text, "python_info")
+    promtool_check(text)
+
+
+async def test_workers_one_scrape_gives_the_host_totals(tmp_path: Path, echo: Echo) -> None:
+    admin_port = free_port()
     text = f"""
 listen: {{host: 127.0.0.1, port: 0}}
 admin: {{host: 127.0.0.1, port: {admin_port}}}
@@ -465,29 +521,44 @@ routes:
     upstream: {echo.url}/up/
 """
     gw = await start_gateway_proc(text, tmp_path, "--workers", "2")
+    admin = f"http://127.0.0.1:{admin_port}"
     try:
-        for port in (admin_port, admin_port + 1):
-            await wait_healthy(f"http://127.0.0.1:{port}")
-        sent = 24
-        # A new connection per request so that SO_REUSEPORT spreads them over the workers.
+        assert gw.admin_url == admin  # the supervisor says where the host's admin is
+        await wait_healthy(admin)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)
                                          ) as http:
+            async def both_up() -> bool:
+                body = await scrape(http, admin)
+                return [metric(body, "gateway_worker_up", worker=str(i)) for i in (0, 1)
+                        ] == [1, 1]
+
+            await wait_for(both_up, within=10, what="both workers in the scrape")
+            sent = 24
+            # A new connection per request so that SO_REUSEPORT spreads them over the workers.
             for i in range(sent):
                 async with http.get(f"{gw.url}/app/w{i}") as resp:
                     assert resp.status == 200
-            counts = []
-            for port in (admin_port, admin_port + 1):
-                url = f"http://127.0.0.1:{port}"
-                async with http.get(url + "/healthz") as resp:
-                    assert resp.status == 200
-                body = await scrape(http, url)
-                counts.append(metric(body, "gateway_requests_total", route="/app/",
-                                     status="200"))
+            body = await scrape(http, admin)
+            status, report = await readyz(http, admin)
     finally:
         code = await gw.stop()
     assert code == 0
-    assert sum(counts) == sent, counts
-    assert all(c > 0 for c in counts), f"one worker got no traffic: {counts}"
+    assert metric(body, "gateway_requests_total", route="/app/", status="200") == sent
+    assert metric(body, "gateway_request_duration_seconds_count", route="/app/") == sent
+    # Each process's own series keep a worker label, the supervisor's too.
+    pids = {metric(body, "process_start_time_seconds", worker=w) > 0
+            for w in ("0", "1", "supervisor")}
+    assert pids == {True}, body
+    assert has_metric(body, "python_gc_collections_total", worker="1", generation="0")
+    assert metric(body, "gateway_requests_in_flight") == 0
+    from gateway import __version__
+
+    assert metric(body, "gateway_build_info", version=__version__) == 1
+    promtool_check(body)
+    assert status == 200 and report["status"] == "ready", report
+    assert set(report) == {"worker 0", "worker 1", "status"}
+    # No worker listens on a TCP admin port of its own any more.
+    assert not port_accepts(admin_port + 1)
 
 
 # ------------------------------------------------------------------ /healthz and /readyz
