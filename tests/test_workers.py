@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import os
 import signal
 import socket
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lifecycle_helpers import children, free_port_pair
+from tests.lifecycle_helpers import children
 
 GATEWAY = str(Path(sys.executable).parent / "gateway")  # the installed console script
 
@@ -50,13 +51,13 @@ class Master:
 
 @contextlib.contextmanager
 def master(tmp_path: Path, config: str, *, cwd: Path | None = None,
-           workers: int = 2) -> Iterator[Master]:
+           workers: int = 2, env: dict[str, str] | None = None) -> Iterator[Master]:
     conf = tmp_path / "gateway.yaml"
     conf.write_text(config)
     log = tmp_path / "master.log"
     with log.open("wb") as sink:
         proc = subprocess.Popen([GATEWAY, "run", "-c", str(conf), "--workers", str(workers)],
-                                stdout=sink, stderr=sink, cwd=str(cwd or tmp_path))
+                                stdout=sink, stderr=sink, cwd=str(cwd or tmp_path), env=env)
     try:
         yield Master(proc, log)
     finally:
@@ -94,6 +95,13 @@ def site() -> Iterator[str]:
         server.server_close()
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 def config(site: str, admin_port: int) -> str:
     return f"""
 listen: {{host: 127.0.0.1, port: 0}}
@@ -112,22 +120,30 @@ def accepts(port: int) -> bool:
 
 
 def test_listening_is_logged_once_every_worker_listens(tmp_path: Path, site: str) -> None:
-    admin = free_port_pair()
+    admin = free_port()
     with master(tmp_path, config(site, admin)) as m:
         assert m.wait_for("with 2 workers"), m.text()
-        # At that moment both workers are up: each one's admin port (started after its
-        # listener) already answers, without waiting.
-        assert accepts(admin) and accepts(admin + 1), m.text()
+        # At that moment both workers are up: the supervisor's /readyz, which asks every
+        # worker over its admin socket (started after its listener), is 200 without waiting.
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=5) as resp:
+            report = json.loads(resp.read())
+        assert report["status"] == "ready", report
+        assert report["worker 0"]["status"] == report["worker 1"]["status"] == "ready", report
 
 
 def test_a_worker_that_cannot_start_fails_the_start(tmp_path: Path, site: str) -> None:
-    admin = free_port_pair()
-    with socket.socket() as taken:  # worker 1's admin port is busy: it exits at start
-        taken.bind(("127.0.0.1", admin + 1))
-        taken.listen(1)
-        with master(tmp_path, config(site, admin)) as m:
-            code = m.proc.wait(60)
-            log = m.text()
+    # Worker 1 dies while its interpreter starts (a sitecustomize on PYTHONPATH, which the
+    # workers' `python -P` still honours), before it could say it listens.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if os.environ.get('GATEWAY_WORKER_INDEX') == '1':\n"
+        "    sys.exit(3)\n")
+    env = dict(os.environ, PYTHONPATH=str(hook))
+    with master(tmp_path, config(site, free_port()), env=env) as m:
+        code = m.proc.wait(60)
+        log = m.text()
     assert code == 1, log
     assert "listening on" not in log
     assert "before it was ready" in log
