@@ -218,7 +218,7 @@ async def test_unlock_through_the_admin_listener_with_a_memory_store(
         conf.write_text(config, encoding="utf-8")
         code, out, err = await gateway_cli("unlock", "-c", str(conf), "--user", "u-7")
         assert code == 0, err
-        assert "unlocked user u-7 on worker 0" in out
+        assert "unlocked user u-7" in out
         status, answer, _ = await validate(http, gw.url, "guess-00000000000000000", "u-7", "Ann")
         assert (status, answer["retCode"]) == (200, 1)
 
