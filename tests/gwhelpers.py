@@ -16,7 +16,6 @@ import hashlib
 import json
 import re
 import signal
-import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -338,13 +337,6 @@ def get(path: str, *headers: str, host: str = "gw.test") -> bytes:
     """A raw GET with Connection: close; extra header lines as ``Name: value``."""
     lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Connection: close", *headers, "", ""]
     return "\r\n".join(lines).encode("latin-1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def body_json(data: bytes) -> dict[str, Any]:

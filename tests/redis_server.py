@@ -15,17 +15,13 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from tests.support.ports import free_port
+
 REDIS_SERVER = "/usr/bin/redis-server"
 
 
 class RedisServerMissing(RuntimeError):
     """redis-server is not installed where the tests look for it."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _pong(port: int) -> bool:
@@ -66,7 +62,7 @@ class RedisServer:
         self._dir = Path(tempfile.mkdtemp(prefix="gw-redis-"))
         # A port picked free can be taken before redis binds it: try a few.
         for _ in range(1 if port else 5):
-            self.port = port or _free_port()
+            self.port = port or free_port()
             self._proc = subprocess.Popen(
                 [
                     self.binary,

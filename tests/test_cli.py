@@ -16,9 +16,9 @@ from tests.gwhelpers import (
     PYTHON,
     ROUTES,
     Echo,
-    free_port,
     start_gateway_process,
 )
+from tests.support.ports import free_port
 
 
 def gateway_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -28,18 +28,12 @@ from gateway.config import load_config_text
 from gateway.demo.cli import sample_config
 from gateway.demo.run import demo_urls, move_ports
 from gateway.demo.site import create_site_app
+from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
 XSS_SAFE_PROBE = '"</script><img src=x onerror=alert(1)>'
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def demo_env(gw: int, site: int, sandbox: int) -> dict[str, str]:

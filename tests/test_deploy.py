@@ -20,7 +20,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import string
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from gateway.cli import build_parser
 from gateway.config import Config, load_config, load_config_text
 from gateway.sandbox.settings import load_sandbox_settings
 from tests.redis_server import running_redis
+from tests.support.ports import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -134,36 +134,6 @@ def run_check(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess[
 
 def yaml_docs(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d]
-
-
-def free_ports(n: int, *, pair_first: bool = False) -> list[int]:
-    """``n`` distinct free loopback ports, all held until every one is chosen (so no two
-    picks collide); ``pair_first``: the first one's successor is free too and not among
-    the others (worker N's admin listener is admin.port + N)."""
-    held: list[socket.socket] = []
-    ports: list[int] = []
-    try:
-        while len(ports) < n:
-            s = socket.socket()
-            held.append(s)
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-            if pair_first and not ports:
-                nxt = socket.socket()
-                held.append(nxt)
-                try:
-                    nxt.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            ports.append(port)
-    finally:
-        for s in held:
-            s.close()
-    return ports
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:

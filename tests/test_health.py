@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from gateway.health import HealthMonitor
-from tests.gwhelpers import free_port
+from tests.support.ports import free_port
 
 
 async def test_checks_report_up_down_and_changes(caplog: pytest.LogCaptureFixture) -> None:

@@ -15,6 +15,7 @@ from aiohttp.test_utils import RawTestServer, TestServer
 
 from gateway.config import CecIdentity, IdentityUrl
 from gateway.identity import Identity, UrlIdentity, make_identity
+from tests.support.ports import free_port
 
 
 class Site:
@@ -197,11 +198,7 @@ async def test_timeout_is_none_and_quick(front: Front) -> None:
 
 
 async def test_site_down_is_none(session: aiohttp.ClientSession) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     provider = UrlIdentity(IdentityUrl(url=f"http://127.0.0.1:{port}/api/me"), session)
     front = Front(provider)
     await front.server.start_server()

@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.gwhelpers import Echo, RawResponse, free_port, run_echo
+from tests.gwhelpers import Echo, RawResponse, run_echo
 from tests.lifecycle_helpers import (
     GatewayProc,
     KeepAlive,
@@ -33,6 +33,7 @@ from tests.lifecycle_helpers import (
     start_gateway_proc,
     wait_for,
 )
+from tests.support.ports import free_port
 
 
 @pytest.fixture

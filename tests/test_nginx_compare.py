@@ -23,7 +23,8 @@ import pytest
 
 from gateway.errors import ConfigError
 from gateway.runtime import Running, serving
-from tests.gwhelpers import Echo, Seen, build_config, free_port, raw_exchange
+from tests.gwhelpers import Echo, Seen, build_config, raw_exchange
+from tests.support.ports import free_port
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 

@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from gateway.fastpath import FastRequestHandler
-from tests.gwhelpers import Echo, GatewayFactory, free_port
+from tests.gwhelpers import Echo, GatewayFactory
 from tests.lifecycle_helpers import (
     KeepAlive,
     flat,
@@ -35,6 +35,7 @@ from tests.lifecycle_helpers import (
     wait_healthy,
 )
 from tests.redis_server import redis_or_fail
+from tests.support.ports import free_port
 
 TENANT = "202007159031"
 CHANNEL = "202011230001"

@@ -22,7 +22,6 @@ from tests.gwhelpers import (
     Echo,
     GatewayFactory,
     body_json,
-    free_port,
     get,
     pattern_sha256,
     raw_exchange,
@@ -30,6 +29,7 @@ from tests.gwhelpers import (
     read_all,
     read_response_head_and_body,
 )
+from tests.support.ports import free_port
 
 CORS = ROUTES + """
 cors:

@@ -31,8 +31,9 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from gateway.fastpath import FastRequestHandler
 from gateway.logs import EcsFormatter
 from gateway.runtime import Running
-from tests.gwhelpers import Echo, GatewayFactory, free_port
+from tests.gwhelpers import Echo, GatewayFactory
 from tests.lifecycle_helpers import KeepAlive, start_gateway_proc, wait_for
+from tests.support.ports import free_port
 
 SERVER, CLIENT = 2, 3  # opentelemetry.proto.trace.v1.Span.SpanKind
 STATUS_ERROR = 2

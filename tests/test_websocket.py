@@ -8,7 +8,8 @@ import os
 import aiohttp
 import pytest
 
-from tests.gwhelpers import ROUTES, Echo, GatewayFactory, free_port
+from tests.gwhelpers import ROUTES, Echo, GatewayFactory
+from tests.support.ports import free_port
 
 
 async def test_websocket_conversation(gateway: GatewayFactory, http: aiohttp.ClientSession,

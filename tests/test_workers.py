@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.lifecycle_helpers import children
+from tests.support.ports import free_port
 
 GATEWAY = str(Path(sys.executable).parent / "gateway")  # the installed console script
 
@@ -93,13 +94,6 @@ def site() -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def config(site: str, admin_port: int) -> str:

@@ -26,7 +26,7 @@ import pytest
 from gateway.runtime import Running
 from tests.conformance.harness import MARK, PathSwitch, ScriptedUpstream, fetch
 from tests.conformance.test_upstream_responses import CASES
-from tests.gwhelpers import free_port
+from tests.support.ports import free_port
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 

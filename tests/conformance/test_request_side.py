@@ -34,9 +34,9 @@ from yarl import URL
 
 from gateway.fastpath import FastRequestHandler
 from gateway.runtime import Running, serving
-from tests.gwhelpers import free_port
 from tests.hardening.conftest import hardening_config
 from tests.hardening.rawhttp import ClientResponse, RawRecorder, exchange, run_recorder
+from tests.support.ports import free_port
 
 HOST = b"Host: gw.test\r\n"
 

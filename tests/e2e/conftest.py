@@ -16,7 +16,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import socket
 import string
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from gateway.demo.site import SiteSettings, start_site
 from gateway.runtime import serving
 from gateway.sandbox.app import start_sandbox
 from gateway.sandbox.settings import SandboxSettings
+from tests.support.ports import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -59,13 +59,6 @@ ALERT_HOOK = """
   }).observe(document, { childList: true, subtree: true });
 })();
 """
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def random_cec_secret() -> str:

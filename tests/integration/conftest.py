@@ -21,7 +21,6 @@ import hashlib
 import hmac
 import json
 import re
-import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -195,13 +194,6 @@ def redis() -> Iterator[RedisServer]:
     """A fresh redis-server on a free loopback port, stopped after the test."""
     with redis_or_fail() as server:
         yield server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 # ------------------------------------------------------------------ configurations

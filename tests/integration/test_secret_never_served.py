@@ -30,11 +30,11 @@ from tests.integration.conftest import (
     GatewayStarter,
     Site,
     Upstream,
-    free_port,
     guest_config,
     third_user_data,
     token_config,
 )
+from tests.support.ports import free_port
 
 NEEDLES = (SECRET.encode(), SECRET.lower().encode(), SECRET[:20].encode(), SECRET[-20:].encode())
 

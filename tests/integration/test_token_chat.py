@@ -35,12 +35,12 @@ from tests.integration.conftest import (
     GatewayStarter,
     Site,
     Upstream,
-    free_port,
     guest_id_of,
     third_user_data,
     token_config,
 )
 from tests.redis_server import RedisServer
+from tests.support.ports import free_port
 
 SUCCESS = {"retCode": 0, "message": "validate success"}
 CONTEXT_SCRIPT = "/service-cloud/webclient/chat_client/js/cobrowseCommon.js"

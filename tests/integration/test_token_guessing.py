@@ -33,13 +33,13 @@ from tests.integration.conftest import (
     GatewayStarter,
     Site,
     Upstream,
-    free_port,
     third_user_data,
     token_config,
 )
 from tests.integration.test_token_chat import gateway_process, issue, login, validate
 from tests.lifecycle_helpers import metric
 from tests.redis_server import RedisServer
+from tests.support.ports import free_port
 
 SUCCESS = {"retCode": 0, "message": "validate success"}
 # The defaults of token.guard and token.rate_limit: the attack is run against them.

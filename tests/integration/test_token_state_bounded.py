@@ -25,10 +25,10 @@ from tests.integration.conftest import (
     PROJECT,
     Site,
     Upstream,
-    free_port,
     third_user_data,
     token_config,
 )
+from tests.support.ports import free_port
 
 REQUESTS = 100_000
 CONNECTIONS = 4

@@ -25,8 +25,8 @@ from pydantic import SecretStr
 
 from gateway.config import TokenRedis, load_config_text
 from gateway.tokens import TokenBackendUnavailable
-from tests.gwhelpers import free_port
 from tests.redis_server import RedisServer
+from tests.support.ports import free_port
 from tests.tokens.conftest import (
     API_KEY,
     GatewayFactory,
