@@ -339,6 +339,15 @@ def get(path: str, *headers: str, host: str = "gw.test") -> bytes:
     return "\r\n".join(lines).encode("latin-1")
 
 
+async def echo_barrier(host: str, port: int, echo: Echo, path: str = "/app/after"
+                       ) -> None:
+    """A later request through the gateway, answered once the echo has recorded it: whatever
+    an earlier (refused) request had sent upstream would have arrived before it."""
+    before = len(echo.started)
+    resp = await raw_exchange(host, port, get(path))
+    assert resp.status == 200 and len(echo.started) > before, resp
+
+
 def body_json(data: bytes) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(data)
     return result

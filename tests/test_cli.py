@@ -18,6 +18,7 @@ from tests.gwhelpers import (
     Echo,
     start_gateway_process,
 )
+from tests.lifecycle_helpers import port_accepts, wait_for
 from tests.support.ports import free_port
 
 
@@ -156,7 +157,7 @@ timeouts: {shutdown_grace: 10s}
         assert echo.seen, "the slow request never arrived"
         start = loop.time()
         gw.proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: not port_accepts(gw.port), what="the listener to close")
         # no new connections once shutting down
         refused = False
         try:

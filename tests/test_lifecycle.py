@@ -159,15 +159,13 @@ async def test_reload_refuses_an_invalid_config(tmp_path: Path, echo: Echo, echo
         assert code != 0
         assert "routes[0].upstream" in err and "bogus_key" in err
         assert "SIGHUP" not in out
-        await asyncio.sleep(0.5)
-        assert "reload refused" not in gw.log_text()  # no SIGHUP arrived
-        assert "config reloaded" not in gw.log_text()
-        assert gw.proc.returncode is None
 
         # A raw SIGHUP with the bad file: refused, with the problems, in the log.
         os.kill(gw.pid, signal.SIGHUP)
         await gw.wait_log("reload refused")
         log = gw.log_text()
+        # Only this one: had `gateway reload` signalled, its refusal would be logged first.
+        assert log.count("reload refused") == 1
         assert "routes[0].upstream" in log and "bogus_key" in log
         assert "config reloaded" not in log
         assert gw.proc.returncode is None

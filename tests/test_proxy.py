@@ -22,6 +22,7 @@ from tests.gwhelpers import (
     Echo,
     GatewayFactory,
     body_json,
+    echo_barrier,
     get,
     pattern_sha256,
     raw_exchange,
@@ -574,8 +575,8 @@ async def test_body_over_limit_by_content_length_is_413_before_forwarding(
     writer.close()
     assert head.startswith(b"HTTP/1.1 413")
     assert_short_error(body, 413)
-    await asyncio.sleep(0.1)
-    assert echo.started == []  # not even the head went upstream
+    await echo_barrier(gw.host, gw.port, echo)
+    assert echo.started == ["/up/after"]  # not even the refused request's head went upstream
 
 
 async def test_chunked_body_over_limit_is_413(gateway: GatewayFactory, echo: Echo,
@@ -587,10 +588,10 @@ async def test_chunked_body_over_limit_is_413(gateway: GatewayFactory, echo: Ech
     resp = await raw_exchange(gw.host, gw.port, req)
     assert resp.status == 413
     assert_short_error(resp.body, 413)
-    await asyncio.sleep(0.1)
+    await echo_barrier(gw.host, gw.port, echo)
     # A chunked body streams, so its head may have left already (as with nginx and
     # proxy_request_buffering off); the upstream must never get a complete request.
-    assert echo.seen == []
+    assert [s.path for s in echo.seen] == ["/up/after"]
     # The abandoned upstream exchange leaves no stray error behind.
     gc.collect()
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
@@ -803,8 +804,8 @@ async def test_client_body_timeout_is_408(gateway: GatewayFactory, echo: Echo) -
     writer.close()
     assert head.startswith(b"HTTP/1.1 408")
     assert_short_error(body, 408)
-    await asyncio.sleep(0.1)
-    assert echo.seen == []  # the upstream never got a complete request
+    await echo_barrier(gw.host, gw.port, echo)
+    assert [s.path for s in echo.seen] == ["/up/after"]  # never the stalled request
 
 
 async def test_pipelined_requests_answered_in_order(gateway: GatewayFactory, echo: Echo) -> None:

@@ -403,3 +403,12 @@ async def exchange(port: int, data: bytes, *, limit_s: float = 5.0, responses: i
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
     return out, closed
+
+
+async def recorder_barrier(port: int, recorder: RawRecorder, target: str = "/after") -> None:
+    """A later request through the gateway, answered once the recorder has framed it: whatever
+    an earlier (refused) request had sent upstream would have arrived before it."""
+    data = f"GET {target} HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n"
+    answers, _ = await exchange(port, data.encode())
+    assert [a.status for a in answers] == [200], answers
+    assert recorder.requests and recorder.requests[-1].target == target
