@@ -15,12 +15,9 @@ import gzip
 import hashlib
 import json
 import re
-import signal
 import ssl
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -351,81 +348,6 @@ async def echo_barrier(host: str, port: int, echo: Echo, path: str = "/app/after
 def body_json(data: bytes) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(data)
     return result
-
-
-# ------------------------------------------------------------------ gateway in a subprocess
-
-PYTHON = sys.executable
-PROJECT = Path(__file__).resolve().parent.parent
-_LISTEN_RE = re.compile(r"listening on (https?://\S+)")
-
-
-@dataclass
-class GatewayProcess:
-    proc: asyncio.subprocess.Process
-    url: str
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-    def log_text(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace")
-
-    async def stop(self, within: float = 15.0) -> int:
-        """SIGTERM, wait up to ``within`` seconds (then SIGKILL); the exit code."""
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(within):
-                    await self.proc.wait()
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        assert self.proc.returncode is not None
-        return self.proc.returncode
-
-
-async def start_gateway_process(config_text: str, workdir: Path,
-                                *run_args: str) -> GatewayProcess:
-    """``python -m gateway run -c FILE [run_args]`` with stderr in a file; waits until it
-    logs where it listens. ``run_args`` default to one process (``--workers 1``)."""
-    conf = workdir / "gateway.yaml"
-    conf.write_text(config_text, encoding="utf-8")
-    log = workdir / "gateway.log"
-    with log.open("wb") as sink:
-        proc = await asyncio.create_subprocess_exec(
-            PYTHON, "-m", "gateway", "run", "-c", str(conf), *(run_args or ("--workers", "1")),
-            stdout=sink, stderr=sink, cwd=str(PROJECT))
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 20
-    while loop.time() < deadline:
-        m = _LISTEN_RE.search(log.read_text(encoding="utf-8", errors="replace"))
-        if m:
-            return GatewayProcess(proc, m.group(1), log)
-        if proc.returncode is not None:
-            break
-        await asyncio.sleep(0.05)
-    if proc.returncode is None:
-        proc.kill()
-    await proc.wait()
-    raise AssertionError(f"the gateway did not start:\n{log.read_text()}")
-
-
-def proc_memory(pid: int) -> dict[str, int]:
-    """VmRSS / VmHWM of a process in bytes, from /proc/<pid>/status."""
-    out = {}
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 # ------------------------------------------------------------------ canned raw upstreams

@@ -15,7 +15,7 @@ import trustme
 from gateway.accesslog import clean_host, clean_user_agent, split_host
 from gateway.runtime import serving
 from tests.gwhelpers import ROUTES, Echo, build_config, parse_response
-from tests.lifecycle_helpers import flat
+from tests.support.process import flat
 
 
 def test_user_agent_is_printable_ascii_without_quotes_and_bounded() -> None:

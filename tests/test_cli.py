@@ -5,26 +5,19 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-import subprocess
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.gwhelpers import (
-    PROJECT,
-    PYTHON,
-    ROUTES,
-    Echo,
-    start_gateway_process,
-)
-from tests.lifecycle_helpers import port_accepts, wait_for
+from tests.gwhelpers import ROUTES, Echo
 from tests.support.ports import free_port
-
-
-def gateway_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PYTHON, "-m", "gateway", *args], capture_output=True, text=True,
-                          cwd=str(PROJECT), timeout=60, env=env)
+from tests.support.process import (
+    port_accepts,
+    run_cli,
+    start_gateway_process,
+    wait_for,
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -44,7 +37,7 @@ routes:
     upstream: https://cec.example.com/service-cloud/
 cors: {allow_origins: [https://www.example.com], allow_credentials: true}
 """)
-    out = gateway_cli("check", "-c", str(conf))
+    out = run_cli("check", "-c", str(conf))
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "OK" in text
@@ -65,7 +58,7 @@ routes:
     upstream: https://servicestage.besclouds.com/service-cloud
 cors: {allow_origins: ["*"], allow_credentials: true}
 """)
-    out = gateway_cli("check", "-c", str(conf))
+    out = run_cli("check", "-c", str(conf))
     assert out.returncode != 0
     assert out.stdout == ""
     err = out.stderr
@@ -84,16 +77,16 @@ cors: {allow_origins: ["*"], allow_credentials: true}
 
 def test_check_missing_env_variable(tmp_path: Path) -> None:
     conf = write(tmp_path, "routes:\n  - {prefix: /, upstream: '${UPSTREAM_URL}'}\n")
-    out = gateway_cli("check", "-c", str(conf), env={"PATH": "/usr/bin:/bin"})
+    out = run_cli("check", "-c", str(conf), env={"PATH": "/usr/bin:/bin"})
     assert out.returncode != 0
     assert "routes[0].upstream" in out.stderr and "UPSTREAM_URL" in out.stderr
-    out = gateway_cli("check", "-c", str(conf),
+    out = run_cli("check", "-c", str(conf),
                       env={"PATH": "/usr/bin:/bin", "UPSTREAM_URL": "http://127.0.0.1:1/"})
     assert out.returncode == 0, out.stderr
 
 
 def test_check_missing_file(tmp_path: Path) -> None:
-    out = gateway_cli("check", "-c", str(tmp_path / "absent.yaml"))
+    out = run_cli("check", "-c", str(tmp_path / "absent.yaml"))
     assert out.returncode != 0
     assert "absent.yaml" in out.stderr
     assert "Traceback" not in out.stderr
@@ -101,7 +94,7 @@ def test_check_missing_file(tmp_path: Path) -> None:
 
 def test_run_with_bad_config_does_not_start(tmp_path: Path) -> None:
     conf = write(tmp_path, "routes: []\n")
-    out = gateway_cli("run", "-c", str(conf))
+    out = run_cli("run", "-c", str(conf))
     assert out.returncode != 0
     assert "routes" in out.stderr
     assert "listening" not in out.stderr
@@ -115,7 +108,7 @@ def test_run_on_a_busy_port_fails_cleanly(tmp_path: Path, workers: str) -> None:
         port = busy.getsockname()[1]
         conf = write(tmp_path, f"listen: {{host: 127.0.0.1, port: {port}}}\n"
                                "routes:\n  - {prefix: /, upstream: 'http://127.0.0.1:1/'}\n")
-        out = gateway_cli("run", "-c", str(conf), "--workers", workers)
+        out = run_cli("run", "-c", str(conf), "--workers", workers)
     assert out.returncode != 0
     assert str(port) in out.stderr
     assert "Traceback" not in out.stderr
@@ -233,22 +226,22 @@ def test_config_given_before_a_command_is_not_replaced_by_its_default(command: s
 def test_version_and_operator_help(tmp_path: Path) -> None:
     from gateway import __version__
 
-    out = gateway_cli("--version")
+    out = run_cli("--version")
     assert out.returncode == 0 and out.stdout.strip() == f"gateway (cec-gateway) {__version__}"
-    top = gateway_cli("--help").stdout
+    top = run_cli("--help").stdout
     for command in ("run", "check", "reload", "init", "demo", "sandbox", "sign"):
         assert f"\n    {command} " in top, command
     assert "exit status:" in top and "\n  2  the configuration" in top
     assert "before or after the command" in top
-    check = " ".join(gateway_cli("check", "--help").stdout.split())  # however it is wrapped
+    check = " ".join(run_cli("check", "--help").stdout.split())  # however it is wrapped
     assert "-c FILE, --config FILE the configuration file (default:" in check
     assert "--log-format" in check and "Exit 0 if it is valid, 2" in check
 
 
 def test_log_format_after_the_command_is_honoured(tmp_path: Path) -> None:
     conf = write(tmp_path, "routes: []\n")
-    before = gateway_cli("--log-format", "json", "run", "-c", str(conf))
-    after = gateway_cli("run", "-c", str(conf), "--log-format", "json")
+    before = run_cli("--log-format", "json", "run", "-c", str(conf))
+    after = run_cli("run", "-c", str(conf), "--log-format", "json")
     assert before.returncode == after.returncode == 2
     assert "invalid choice" not in after.stderr and "unrecognized" not in after.stderr
     assert before.stderr.count("routes") == after.stderr.count("routes") > 0
@@ -258,15 +251,15 @@ def test_init_writes_the_sample_that_check_accepts(tmp_path: Path) -> None:
     from gateway.demo.cli import sample_config
 
     target = tmp_path / "new.yaml"
-    out = gateway_cli("init", "-c", str(target))
+    out = run_cli("init", "-c", str(target))
     assert out.returncode == 0, out.stderr
     assert target.read_text(encoding="utf-8") == sample_config()
     assert "gateway check -c" in out.stdout
-    again = gateway_cli("init", "-c", str(target))
+    again = run_cli("init", "-c", str(target))
     assert again.returncode == 1 and "--force" in again.stderr
     env = {"PATH": "/usr/bin:/bin", "CEC_SECRET_KEY": "a" * 43,
            "GATEWAY_TOKEN_KEY": "b" * 64, "GATEWAY_API_KEY": "c" * 64}
-    checked = gateway_cli("check", "-c", str(target), env=env)
+    checked = run_cli("check", "-c", str(target), env=env)
     assert checked.returncode == 0, checked.stderr
-    unset = gateway_cli("check", "-c", str(target), env={"PATH": "/usr/bin:/bin"})
+    unset = run_cli("check", "-c", str(target), env={"PATH": "/usr/bin:/bin"})
     assert unset.returncode == 2 and "CEC_SECRET_KEY is not set" in unset.stderr

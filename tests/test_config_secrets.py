@@ -23,7 +23,7 @@ from gateway import cli
 from gateway.config import load_config, load_config_text
 from gateway.errors import ConfigError
 from gateway.runtime import serving
-from tests.gwhelpers import PROJECT, PYTHON, start_gateway_process
+from tests.support.process import gateway_cli, start_gateway_process
 
 GOOD_SECRET = "PLANTgoodsecretPLANTgoodsecretPLANTgood1234"  # 43 chars, valid shape
 TOKEN_KEY = "PLANTtokensigningkeyPLANT0123456789"
@@ -166,13 +166,9 @@ ALL_PLANTED = ["PLANTvendorspelling", "PLANTapikeyvalue", "PLANTdbpassword",
 @pytest.mark.parametrize("command", ["check", "run", "reload"])
 async def test_the_commands_as_processes(tmp_path: Path, command: str) -> None:
     conf = _write(tmp_path, ALL_AT_ONCE)
-    proc = await asyncio.create_subprocess_exec(
-        PYTHON, "-m", "gateway", command, "-c", str(conf), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, cwd=str(PROJECT))
-    async with asyncio.timeout(30):
-        out, err = await proc.communicate()
-    assert proc.returncode == 2
-    text = (out + err).decode()
+    code, out, err = await gateway_cli(command, "-c", str(conf))
+    assert code == 2
+    text = out + err
     assert "cec.auth.secretKey" in text and "sandbox.agents[0].pasword" in text
     for value in ALL_PLANTED:
         assert value not in text, f"{value!r} leaked:\n{text}"

@@ -42,6 +42,7 @@ from gateway.config import Config, load_config, load_config_text
 from gateway.sandbox.settings import load_sandbox_settings
 from tests.redis_server import running_redis
 from tests.support.ports import free_ports
+from tests.support.process import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -126,10 +127,9 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
+
 def run_check(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", "check", "-c", str(config)],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          check=False)
+    return run_cli("check", "-c", str(config), env=env)
 
 
 def yaml_docs(path: Path) -> list[dict[str, Any]]:

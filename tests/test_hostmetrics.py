@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 
 from gateway.hostmetrics import _Families, aggregate
-from tests.lifecycle_helpers import metric
+from tests.support.admin import metric
 
 WORKER = """\
 # HELP gateway_requests_total Requests answered

@@ -21,19 +21,16 @@ import aiohttp
 import pytest
 
 from tests.gwhelpers import Echo, RawResponse, run_echo
-from tests.lifecycle_helpers import (
-    GatewayProc,
-    KeepAlive,
+from tests.lifecycle_helpers import KeepAlive
+from tests.support.admin import metric, readyz, scrape
+from tests.support.ports import free_port
+from tests.support.process import (
     alive,
     children,
     gateway_cli,
-    metric,
-    readyz,
-    scrape,
-    start_gateway_proc,
+    gateway_process,
     wait_for,
 )
-from tests.support.ports import free_port
 
 
 @pytest.fixture
@@ -87,21 +84,12 @@ async def one_shot(port: int, method: str, path: str, body: bytes = b"") -> RawR
         await conn.close()
 
 
-@contextlib.asynccontextmanager
-async def gateway_proc(text: str, tmp_path: Path, *args: str) -> AsyncIterator[GatewayProc]:
-    gw = await start_gateway_proc(text, tmp_path, *args)
-    try:
-        yield gw
-    finally:
-        await gw.kill()  # a no-op when the test already stopped it
-
-
 # ------------------------------------------------------------------ reload
 
 
 async def test_reload_switches_upstream_for_new_and_kept_alive_connections(
         tmp_path: Path, echo: Echo, echo_b: Echo, http: aiohttp.ClientSession) -> None:
-    async with gateway_proc(routes_to(echo, tmp_path), tmp_path) as gw:
+    async with gateway_process(routes_to(echo, tmp_path), tmp_path, log_format="json") as gw:
         pid_file = tmp_path / "gateway.pid"
         await wait_for(lambda: pid_file.exists(), what="the pid file")
         assert int(pid_file.read_text()) == gw.pid
@@ -148,7 +136,7 @@ async def test_reload_switches_upstream_for_new_and_kept_alive_connections(
 
 async def test_reload_refuses_an_invalid_config(tmp_path: Path, echo: Echo, echo_b: Echo,
                                                 http: aiohttp.ClientSession) -> None:
-    async with gateway_proc(routes_to(echo, tmp_path), tmp_path) as gw:
+    async with gateway_process(routes_to(echo, tmp_path), tmp_path, log_format="json") as gw:
         await wait_for(lambda: (tmp_path / "gateway.pid").exists(), what="the pid file")
         good = gw.config.read_text()
         bad = good.replace(echo.url + "/up/", "ftp://nowhere/up/") + "bogus_key: 1\n"
@@ -219,7 +207,8 @@ token:
   validate_path: {VALIDATE}
   guard: {{max_failures: 50, window: 1m, lockout: 30s}}
 """
-    async with gateway_proc(routes_to(echo, tmp_path, extra=extra), tmp_path) as gw:
+    text = routes_to(echo, tmp_path, extra=extra)
+    async with gateway_process(text, tmp_path, log_format="json") as gw:
         async def issue(key: str) -> int:
             async with http.post(gw.url + "/gateway/token",
                                  json={"userId": "u1", "userName": "Ann"},
@@ -246,7 +235,7 @@ token:
 async def test_sigterm_lets_every_request_in_flight_finish(tmp_path: Path, echo: Echo,
                                                            http: aiohttp.ClientSession) -> None:
     text = routes_to(echo, tmp_path, timeouts="{shutdown_grace: 6s}")
-    async with gateway_proc(text, tmp_path) as gw:
+    async with gateway_process(text, tmp_path, log_format="json") as gw:
         # Warm the upstream pool so that slow GETs are served by the fast path too.
         warm = await asyncio.gather(*(one_shot(gw.port, "GET", f"/app/warm{i}")
                                       for i in range(4)))
@@ -290,7 +279,7 @@ async def test_sigterm_lets_every_request_in_flight_finish(tmp_path: Path, echo:
 async def test_sigterm_closes_websockets_with_1001(tmp_path: Path, echo: Echo,
                                                   http: aiohttp.ClientSession) -> None:
     text = routes_to(echo, tmp_path, timeouts="{shutdown_grace: 5s}")
-    async with gateway_proc(text, tmp_path) as gw:
+    async with gateway_process(text, tmp_path, log_format="json") as gw:
         async with http.ws_connect(gw.url + "/app/do/ws") as ws:
             await ws.send_str("hello")
             assert await ws.receive_str(timeout=3) == "echo:hello"
@@ -312,7 +301,7 @@ async def test_sigterm_closes_websockets_with_1001(tmp_path: Path, echo: Echo,
 async def test_readyz_turns_503_before_the_port_closes(tmp_path: Path, echo: Echo,
                                                        http: aiohttp.ClientSession) -> None:
     text = routes_to(echo, tmp_path, timeouts="{shutdown_grace: 2s, shutdown_delay: 2s}")
-    async with gateway_proc(text, tmp_path) as gw:
+    async with gateway_process(text, tmp_path, log_format="json") as gw:
         assert gw.admin_url is not None
         admin = gw.admin_url
         assert (await readyz(http, admin))[0] == 200
@@ -354,7 +343,7 @@ async def test_workers_replace_a_killed_worker_and_stop_cleanly(tmp_path: Path, 
         status, report = await readyz(http, admin)
         return status == 200 and {"worker 0", "worker 1"} <= set(report)
 
-    async with gateway_proc(text, tmp_path, "--workers", "2") as gw:
+    async with gateway_process(text, tmp_path, "--workers", "2", log_format="json") as gw:
         await wait_for(both_ready, within=10, what="both workers ready on the admin port")
         workers = children(gw.pid)
         assert len(workers) == 2, workers

@@ -14,13 +14,7 @@ from typing import Any
 import pytest
 
 from gateway.logs import EcsFormatter
-from tests.gwhelpers import PROJECT, PYTHON
-from tests.lifecycle_helpers import flat
-
-
-def run_gateway(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PYTHON, "-m", "gateway", *args], capture_output=True, text=True,
-                          timeout=60, cwd=str(PROJECT), check=False)
+from tests.support.process import PROJECT, PYTHON, flat, run_cli
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
@@ -43,7 +37,7 @@ def assert_ecs(record: dict[str, Any]) -> None:
 def test_bad_config_start_is_json_from_the_first_line(tmp_path: Path) -> None:
     conf = tmp_path / "gateway.yaml"
     conf.write_text("listen: {port: 99999}\nroutes: []\nunknown_key: 1\n")
-    out = run_gateway("--log-format", "json", "run", "-c", str(conf))
+    out = run_cli("--log-format", "json", "run", "-c", str(conf))
     assert out.returncode == 2
     lines = json_lines(out.stderr)
     assert len(lines) == 1, lines
@@ -63,7 +57,7 @@ def test_busy_port_is_json_too(tmp_path: Path, workers: str) -> None:
         conf = tmp_path / "gateway.yaml"
         conf.write_text(f"listen: {{host: 127.0.0.1, port: {port}}}\n"
                         "routes:\n  - {prefix: /, upstream: 'http://127.0.0.1:1/'}\n")
-        out = run_gateway("--log-format", "json", "run", "-c", str(conf), "--workers", workers)
+        out = run_cli("--log-format", "json", "run", "-c", str(conf), "--workers", workers)
     assert out.returncode != 0
     lines = json_lines(out.stderr)
     assert lines and any(str(port) in line["message"] for line in lines)
@@ -72,7 +66,7 @@ def test_busy_port_is_json_too(tmp_path: Path, workers: str) -> None:
 
 
 def test_usage_error_is_json() -> None:
-    out = run_gateway("--log-format", "json", "run", "--no-such-option")
+    out = run_cli("--log-format", "json", "run", "--no-such-option")
     assert out.returncode == 2
     lines = json_lines(out.stderr)
     assert len(lines) == 1 and "--no-such-option" in lines[0]["message"]
@@ -133,7 +127,7 @@ def test_busy_admin_port_with_workers_says_which_port(tmp_path: Path) -> None:
         conf.write_text(f"listen: {{host: 127.0.0.1, port: 0}}\n"
                         f"admin: {{host: 127.0.0.1, port: {admin}}}\n"
                         "routes:\n  - {prefix: /, upstream: 'http://127.0.0.1:1/'}\n")
-        out = run_gateway("--log-format", "json", "run", "-c", str(conf), "--workers", "2")
+        out = run_cli("--log-format", "json", "run", "-c", str(conf), "--workers", "2")
     assert out.returncode == 1
     lines = json_lines(out.stderr)
     assert [line["log.level"] for line in lines] == ["error"], lines

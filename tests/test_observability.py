@@ -22,20 +22,11 @@ from aiohttp import web
 
 from gateway.fastpath import FastRequestHandler
 from tests.gwhelpers import Echo, GatewayFactory
-from tests.lifecycle_helpers import (
-    KeepAlive,
-    flat,
-    has_metric,
-    metric,
-    port_accepts,
-    readyz,
-    scrape,
-    start_gateway_proc,
-    wait_for,
-    wait_healthy,
-)
+from tests.lifecycle_helpers import KeepAlive
 from tests.redis_server import redis_or_fail
+from tests.support.admin import has_metric, metric, readyz, scrape, wait_healthy
 from tests.support.ports import free_port
+from tests.support.process import flat, port_accepts, start_gateway_process, wait_for
 
 TENANT = "202007159031"
 CHANNEL = "202011230001"
@@ -118,7 +109,7 @@ token:
 
 async def test_json_access_log_one_line_per_request_and_no_secrets(tmp_path: Path,
                                                                   echo: Echo) -> None:
-    gw = await start_gateway_proc(token_mode_config(echo), tmp_path)
+    gw = await start_gateway_process(token_mode_config(echo), tmp_path, log_format="json")
     secrets = ["QUERYSECRET1", "COOKIESECRET1", "SESSIONSECRET1", "AUTHSECRET1",
                "QUERYSECRET2", API_KEY, TOKEN_KEY]
     sent: list[tuple[str, str, int, int, str]] = []  # method, path, status, body len, rid
@@ -205,7 +196,7 @@ async def test_json_access_log_one_line_per_request_and_no_secrets(tmp_path: Pat
 
 
 async def test_text_log_format_has_the_access_line(tmp_path: Path, echo: Echo) -> None:
-    gw = await start_gateway_proc(token_mode_config(echo), tmp_path, log_format="text")
+    gw = await start_gateway_process(token_mode_config(echo), tmp_path, log_format="text")
     try:
         async with aiohttp.ClientSession() as http:
             async with http.get(gw.url + "/app/t?secret=QSECRET") as resp:
@@ -521,7 +512,7 @@ routes:
   - prefix: /app/
     upstream: {echo.url}/up/
 """
-    gw = await start_gateway_proc(text, tmp_path, "--workers", "2")
+    gw = await start_gateway_process(text, tmp_path, "--workers", "2", log_format="json")
     admin = f"http://127.0.0.1:{admin_port}"
     try:
         assert gw.admin_url == admin  # the supervisor says where the host's admin is

@@ -16,14 +16,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.gwhelpers import (
-    ROUTES,
-    Echo,
-    GatewayProcess,
-    pattern_sha256,
-    proc_memory,
-    start_gateway_process,
-)
+from tests.gwhelpers import ROUTES, Echo, pattern_sha256
+from tests.support.process import GatewayProcess, proc_memory, start_gateway_process
 
 MiB = 1024 * 1024
 SIZE = 128 * MiB

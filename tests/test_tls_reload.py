@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,8 @@ import trustme
 from cryptography import x509
 
 from gateway.runtime import serving
-from tests.gwhelpers import Echo, build_config, parse_response, start_gateway_process
+from tests.gwhelpers import Echo, build_config, parse_response
+from tests.support.process import gateway_cli, start_gateway_process
 
 
 def write_pair(ca: trustme.CA, cert: Path, key: Path) -> None:
@@ -104,12 +104,9 @@ timeouts: {{shutdown_grace: 1s}}
 
 async def reload_command(workdir: Path, pid: int) -> tuple[int, str]:
     """`gateway reload -c FILE --pid PID`: its exit status and stderr."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "reload", "-c", str(workdir / "gateway.yaml"),
-        "--pid", str(pid), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    _, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, err.decode()
+    code, _, err = await gateway_cli("reload", "-c", str(workdir / "gateway.yaml"),
+                                     "--pid", str(pid))
+    return code, err
 
 
 async def test_gateway_reload_command_reloads_the_certificate(

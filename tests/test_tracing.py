@@ -32,8 +32,9 @@ from gateway.fastpath import FastRequestHandler
 from gateway.logs import EcsFormatter
 from gateway.runtime import Running
 from tests.gwhelpers import Echo, GatewayFactory
-from tests.lifecycle_helpers import KeepAlive, start_gateway_proc, wait_for
+from tests.lifecycle_helpers import KeepAlive
 from tests.support.ports import free_port
+from tests.support.process import start_gateway_process, wait_for
 
 SERVER, CLIENT = 2, 3  # opentelemetry.proto.trace.v1.Span.SpanKind
 STATUS_ERROR = 2
@@ -331,7 +332,7 @@ routes:
     upstream: {echo.url}/up/
 tracing: {{endpoint: "{collector.url}"}}
 """
-    gw = await start_gateway_proc(config, tmp_path)
+    gw = await start_gateway_process(config, tmp_path, log_format="json")
     try:
         port = int(gw.url.rsplit(":", 1)[1])
         conn = await KeepAlive.open(port)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.lifecycle_helpers import children
 from tests.support.ports import free_port
+from tests.support.process import children
 
 GATEWAY = str(Path(sys.executable).parent / "gateway")  # the installed console script
 

@@ -25,7 +25,7 @@ from tests.hardening.rawhttp import (
     read_response,
 )
 from tests.hardening.test_smuggling import get
-from tests.lifecycle_helpers import wait_for
+from tests.support.process import wait_for
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 

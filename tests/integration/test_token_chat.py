@@ -11,10 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
-import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +25,6 @@ from tests.integration.conftest import (
     CHANNEL,
     CLIENT,
     NEW_CLIENT,
-    PROJECT,
     TENANT,
     VALIDATE,
     BrowserFactory,
@@ -41,6 +37,7 @@ from tests.integration.conftest import (
 )
 from tests.redis_server import RedisServer
 from tests.support.ports import free_port
+from tests.support.process import clean_env, gateway_process
 
 SUCCESS = {"retCode": 0, "message": "validate success"}
 CONTEXT_SCRIPT = "/service-cloud/webclient/chat_client/js/cobrowseCommon.js"
@@ -348,48 +345,12 @@ async def test_redis_down_fails_closed_while_proxying_continues(
     assert (await validate(b, gw.url, fresh, "u-31", "Ida"))[1] == SUCCESS
 
 
-def _prepare(workdir: Path, config_text: str) -> tuple[Path, Path]:
-    workdir.mkdir(parents=True, exist_ok=True)
-    conf = workdir / "gateway.yaml"
-    conf.write_text(config_text, encoding="utf-8")
-    return conf, workdir / "gateway.log"
-
-
-def _log_text(log: Path) -> str:
-    return log.read_text(encoding="utf-8", errors="replace")
-
-
 @contextlib.asynccontextmanager
-async def gateway_process(config_text: str, workdir: Path, port: int
-                          ) -> AsyncIterator[str]:
-    """``python -m gateway run -c FILE`` until the context ends; yields its base URL."""
-    conf, log = _prepare(workdir, config_text)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CEC_", "GATEWAY_"))}
-    with log.open("wb") as sink:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "run", "-c", str(conf),
-            stdout=sink, stderr=sink, cwd=str(PROJECT), env=env)
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while True:
-            assert proc.returncode is None, _log_text(log)
-            assert loop.time() < deadline, f"gateway did not start:\n{_log_text(log)}"
-            with contextlib.suppress(OSError):
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                break
-            await asyncio.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(10):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+async def gateway_url(config_text: str, workdir: Path) -> AsyncIterator[str]:
+    """``python -m gateway run -c FILE`` (as many workers as the config says) until the
+    context ends; yields its base URL."""
+    async with gateway_process(config_text, workdir, one_worker=False, env=clean_env()) as gw:
+        yield gw.url
 
 
 async def test_two_gateway_processes_share_tokens_and_guess_counts_through_redis(
@@ -400,9 +361,9 @@ async def test_two_gateway_processes_share_tokens_and_guess_counts_through_redis
     port_a, port_b = free_port(), free_port()
     async with contextlib.AsyncExitStack() as stack:
         a, b = await asyncio.gather(*(
-            stack.enter_async_context(gateway_process(
+            stack.enter_async_context(gateway_url(
                 token_config(cec, site, store=redis.url, guard=guard, port=port,
-                             workers=True), tmp_path / name, port))
+                             workers=True), tmp_path / name))
             for name, port in (("a", port_a), ("b", port_b))))
         visitor, caller = browser(), browser()
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,7 +25,6 @@ from gateway.sandbox.settings import SandboxSettings
 from tests.integration.conftest import (
     API_KEY,
     NEW_CLIENT,
-    PROJECT,
     VALIDATE,
     BrowserFactory,
     GatewayStarter,
@@ -36,10 +33,11 @@ from tests.integration.conftest import (
     third_user_data,
     token_config,
 )
-from tests.integration.test_token_chat import gateway_process, issue, login, validate
-from tests.lifecycle_helpers import metric
+from tests.integration.test_token_chat import gateway_url, issue, login, validate
 from tests.redis_server import RedisServer
+from tests.support.admin import metric
 from tests.support.ports import free_port
+from tests.support.process import clean_env, gateway_cli
 
 SUCCESS = {"retCode": 0, "message": "validate success"}
 # The defaults of token.guard and token.rate_limit: the attack is run against them.
@@ -129,8 +127,8 @@ async def test_two_processes_on_one_redis_keep_the_bounds_under_100_concurrent_g
     port_a, port_b = free_port(), free_port()
     async with contextlib.AsyncExitStack() as stack:
         a, b = await asyncio.gather(*(
-            stack.enter_async_context(gateway_process(
-                config.replace("port: 0", f"port: {port}"), tmp_path / name, port))
+            stack.enter_async_context(gateway_url(
+                config.replace("port: 0", f"port: {port}"), tmp_path / name))
             for name, port in (("a", port_a), ("b", port_b))))
         connector = aiohttp.TCPConnector(limit=0, force_close=True)
         async with aiohttp.ClientSession(connector=connector) as http:
@@ -163,26 +161,18 @@ async def test_two_processes_on_one_redis_keep_the_bounds_under_100_concurrent_g
             # `gateway unlock --address` lifts it in Redis, for both processes at once.
             conf = tmp_path / "a" / "gateway.yaml"
             code, out, err = await gateway_cli("unlock", "-c", str(conf),
-                                               "--address", "127.0.0.1")
+                                               "--address", "127.0.0.1", env=clean_env())
             assert code == 0, err
             assert "unlocked address 127.0.0.1" in out
             for base in (a, b):
                 assert (await issue(http, base, "u-10", "Wu"))["token"]
             # And `--user`: wrong tokens for u-9 get the ordinary answer again.
-            code, _, err = await gateway_cli("unlock", "-c", str(conf), "--user", "u-9")
+            code, _, err = await gateway_cli("unlock", "-c", str(conf), "--user", "u-9",
+                                             env=clean_env())
             assert code == 0, err
             status, answer, _ = await validate(http, b, "guess-again-0000000000", "u-9", "Val")
             assert (status, answer["retCode"]) == (200, 1)
 
-
-async def gateway_cli(*args: str) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CEC_", "GATEWAY_"))}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", *args, cwd=str(PROJECT), env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_unlock_through_the_admin_listener_with_a_memory_store(
@@ -216,7 +206,8 @@ async def test_unlock_through_the_admin_listener_with_a_memory_store(
         # `gateway unlock` finds the admin listener from the same config file.
         conf = tmp_path / "gateway.yaml"
         conf.write_text(config, encoding="utf-8")
-        code, out, err = await gateway_cli("unlock", "-c", str(conf), "--user", "u-7")
+        code, out, err = await gateway_cli("unlock", "-c", str(conf), "--user", "u-7",
+                                         env=clean_env())
         assert code == 0, err
         assert "unlocked user u-7" in out
         status, answer, _ = await validate(http, gw.url, "guess-00000000000000000", "u-7", "Ann")

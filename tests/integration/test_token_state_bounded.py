@@ -11,24 +11,19 @@ a few connections to a raw upstream, so the run is bounded by the gateway's own 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import signal
-import sys
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from tests.integration.conftest import (
     CLIENT,
-    PROJECT,
     Site,
     Upstream,
     third_user_data,
     token_config,
 )
 from tests.support.ports import free_port
+from tests.support.process import clean_env, gateway_process, proc_memory
 
 REQUESTS = 100_000
 CONNECTIONS = 4
@@ -75,45 +70,6 @@ class _RawUpstream(asyncio.Protocol):
         if answers and self.transport is not None:
             self.transport.write(self.answer * answers)
 
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc status")
-
-
-@contextlib.asynccontextmanager
-async def gateway_pid(config_text: str, workdir: Path, port: int) -> AsyncIterator[int]:
-    """``python -m gateway run`` (one process) until the context ends; yields its pid."""
-    conf, log = workdir / "gateway.yaml", workdir / "gateway.log"
-    conf.write_text(config_text, encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CEC_", "GATEWAY_"))}
-    with log.open("wb") as sink:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "run", "-c", str(conf),
-            stdout=sink, stderr=sink, cwd=str(PROJECT), env=env)
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while True:
-            assert proc.returncode is None, log.read_text(errors="replace")
-            assert loop.time() < deadline, log.read_text(errors="replace")
-            with contextlib.suppress(OSError):
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                break
-            await asyncio.sleep(0.05)
-        yield proc.pid
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(10):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
 
 
 async def blast(port: int, request: bytes, count: int) -> Counter[int]:
@@ -162,16 +118,18 @@ async def test_cookieless_posts_in_token_mode_keep_memory_flat(
                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
                ).encode() + body
     try:
-        async with gateway_pid(config, tmp_path, port) as pid:
+        async with gateway_process(config, tmp_path, one_worker=False,
+                                   env=clean_env()) as gw:
+            pid = gw.pid
             # Warm up (imports, pools, allocator arenas), then measure from there.
             assert sum((await blast(port, request, 2000)).values()) == 2000
-            before = rss_bytes(pid)
+            before = proc_memory(pid)["VmRSS"]
             started = loop.time()
             per = REQUESTS // CONNECTIONS
             answered = await asyncio.gather(*(blast(port, request, per)
                                               for _ in range(CONNECTIONS)))
             elapsed = loop.time() - started
-            after = rss_bytes(pid)
+            after = proc_memory(pid)["VmRSS"]
     finally:
         upstream.close()
         await upstream.wait_closed()
