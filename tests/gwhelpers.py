@@ -26,6 +26,7 @@ from aiohttp import web
 
 from gateway.config import Config, load_config_text
 from gateway.runtime import Running
+from tests.support.rawhttp import get, raw_exchange
 
 _BLOCK = bytes(range(256)) * 256  # 64 KiB download pattern
 GZIP_BODY = gzip.compress(b"hello gzip, do not decompress me " * 200, mtime=0)
@@ -263,79 +264,6 @@ def build_config(yaml_text: str, echo: Echo, **env: str) -> Config:
 
 
 
-# ------------------------------------------------------------------ raw sockets
-
-
-@dataclass
-class RawResponse:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        lname = name.lower()
-        for k, v in self.headers:
-            if k.lower() == lname:
-                return v
-        return None
-
-    def all(self, name: str) -> list[str]:
-        lname = name.lower()
-        return [v for k, v in self.headers if k.lower() == lname]
-
-
-def parse_response(data: bytes) -> RawResponse:
-    head, sep, body = data.partition(b"\r\n\r\n")
-    assert sep, f"no complete response head in {data[:200]!r}"
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    headers = []
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers.append((name.strip(), value.strip()))
-    resp = RawResponse(status, headers, body)
-    if (resp.header("Transfer-Encoding") or "").lower() == "chunked":
-        resp.body = dechunk(body)
-    return resp
-
-
-def dechunk(data: bytes) -> bytes:
-    out = bytearray()
-    while True:
-        size_line, sep, rest = data.partition(b"\r\n")
-        assert sep, "truncated chunked body"
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            return bytes(out)
-        out += rest[:size]
-        data = rest[size + 2:]
-
-
-async def read_all(reader: asyncio.StreamReader, limit_s: float = 5.0) -> bytes:
-    async with asyncio.timeout(limit_s):
-        return await reader.read()
-
-
-async def raw_exchange(host: str, port: int, data: bytes, *, limit_s: float = 5.0,
-                       family: int = 0) -> RawResponse:
-    """Send raw bytes (the request should say ``Connection: close``) and parse the answer."""
-    reader, writer = await asyncio.open_connection(host, port, family=family)
-    try:
-        writer.write(data)
-        await writer.drain()
-        return parse_response(await read_all(reader, limit_s))
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-
-
-def get(path: str, *headers: str, host: str = "gw.test") -> bytes:
-    """A raw GET with Connection: close; extra header lines as ``Name: value``."""
-    lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Connection: close", *headers, "", ""]
-    return "\r\n".join(lines).encode("latin-1")
-
-
 async def echo_barrier(host: str, port: int, echo: Echo, path: str = "/app/after"
                        ) -> None:
     """A later request through the gateway, answered once the echo has recorded it: whatever
@@ -403,12 +331,3 @@ async def raw_upstream(answer: bytes, *, close: bool = True, hold: bool = False
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await server.wait_closed()
-
-
-async def read_response_head_and_body(reader: asyncio.StreamReader, limit_s: float = 5.0
-                                      ) -> tuple[bytes, bytes]:
-    """One Content-Length framed response, without waiting for the connection to close."""
-    async with asyncio.timeout(limit_s):
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-        return head, await reader.readexactly(length)

@@ -14,8 +14,9 @@ import trustme
 
 from gateway.accesslog import clean_host, clean_user_agent, split_host
 from gateway.runtime import serving
-from tests.gwhelpers import ROUTES, Echo, build_config, parse_response
+from tests.gwhelpers import ROUTES, Echo, build_config
 from tests.support.process import flat
+from tests.support.rawhttp import read_response
 
 
 def test_user_agent_is_printable_ascii_without_quotes_and_bounded() -> None:
@@ -91,9 +92,9 @@ listen:
                              b"User-Agent: %s\r\nCookie: sid=COOKIESECRET\r\n"
                              b"Content-Length: %d\r\n\r\n%s"
                              % (method.encode(), host, odd_agent, len(body), body))
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(parse_response(head).header("Content-Length") or 0)
-                answers.append(parse_response(head + await reader.readexactly(length)))
+                answer = await read_response(reader)
+                assert answer is not None and answer.complete
+                answers.append(answer)
         finally:
             writer.close()
     # An invalid Host is refused (gateway/boundary.py) and still logged, without the host.

@@ -9,7 +9,8 @@ import aiohttp
 import pytest
 
 from gateway.runtime import serving
-from tests.gwhelpers import Echo, build_config, get, raw_exchange, run_echo
+from tests.gwhelpers import Echo, build_config, run_echo
+from tests.support.rawhttp import get, raw_exchange
 
 
 def _has_ipv6_loopback() -> bool:

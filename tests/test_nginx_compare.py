@@ -23,8 +23,9 @@ import pytest
 
 from gateway.errors import ConfigError
 from gateway.runtime import Running, serving
-from tests.gwhelpers import Echo, Seen, build_config, raw_exchange
+from tests.gwhelpers import Echo, Seen, build_config
 from tests.support.ports import free_port
+from tests.support.rawhttp import raw_exchange
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 

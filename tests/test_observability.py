@@ -22,11 +22,11 @@ from aiohttp import web
 
 from gateway.fastpath import FastRequestHandler
 from tests.gwhelpers import Echo, GatewayFactory
-from tests.lifecycle_helpers import KeepAlive
 from tests.redis_server import redis_or_fail
 from tests.support.admin import has_metric, metric, readyz, scrape, wait_healthy
 from tests.support.ports import free_port
 from tests.support.process import flat, port_accepts, start_gateway_process, wait_for
+from tests.support.rawhttp import KeepAlive
 
 TENANT = "202007159031"
 CHANNEL = "202011230001"

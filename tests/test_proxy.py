@@ -23,14 +23,11 @@ from tests.gwhelpers import (
     GatewayFactory,
     body_json,
     echo_barrier,
-    get,
     pattern_sha256,
-    raw_exchange,
     raw_upstream,
-    read_all,
-    read_response_head_and_body,
 )
 from tests.support.ports import free_port
+from tests.support.rawhttp import get, raw_exchange, read_all, read_response
 
 CORS = ROUTES + """
 cors:
@@ -569,12 +566,10 @@ async def test_body_over_limit_by_content_length_is_413_before_forwarding(
     # Only the head is sent: the answer must come without waiting for the body.
     writer.write(b"POST /app/big HTTP/1.1\r\nHost: gw\r\nContent-Length: 5000\r\n\r\n")
     async with asyncio.timeout(1):
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-        body = await reader.readexactly(length)
+        resp = await read_response(reader)
     writer.close()
-    assert head.startswith(b"HTTP/1.1 413")
-    assert_short_error(body, 413)
+    assert resp is not None and resp.status == 413 and resp.complete
+    assert_short_error(resp.body, 413)
     await echo_barrier(gw.host, gw.port, echo)
     assert echo.started == ["/up/after"]  # not even the refused request's head went upstream
 
@@ -661,10 +656,8 @@ async def test_keepalive_connection_survives_header_timer(gateway: GatewayFactor
             writer.write(f"GET /app/do/slow?delay=0.3&i={i} HTTP/1.1\r\nHost: gw\r\n\r\n"
                          .encode())
             async with asyncio.timeout(3):
-                head = await reader.readuntil(b"\r\n\r\n")
-                assert head.startswith(b"HTTP/1.1 200"), head
-                length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
-                await reader.readexactly(length)
+                resp = await read_response(reader)
+            assert resp is not None and resp.status == 200 and resp.complete, resp
     finally:
         writer.close()
 
@@ -800,10 +793,11 @@ async def test_client_body_timeout_is_408(gateway: GatewayFactory, echo: Echo) -
     gw = await gateway(ROUTES + "timeouts: {client_body: 300ms}\n")
     reader, writer = await asyncio.open_connection(gw.host, gw.port)
     writer.write(b"POST /app/stalled HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n\r\nabc")
-    head, body = await read_response_head_and_body(reader)
+    async with asyncio.timeout(5):
+        resp = await read_response(reader)
     writer.close()
-    assert head.startswith(b"HTTP/1.1 408")
-    assert_short_error(body, 408)
+    assert resp is not None and resp.status == 408
+    assert_short_error(resp.body, 408)
     await echo_barrier(gw.host, gw.port, echo)
     assert [s.path for s in echo.seen] == ["/up/after"]  # never the stalled request
 
@@ -866,10 +860,8 @@ async def test_slow_headers_on_a_kept_alive_connection_dropped(gateway: GatewayF
     reader, writer = await asyncio.open_connection(gw.host, gw.port)
     writer.write(b"GET /app/first HTTP/1.1\r\nHost: gw\r\n\r\n")
     async with asyncio.timeout(3):
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-        await reader.readexactly(length)
-    assert head.startswith(b"HTTP/1.1 200")
+        first = await read_response(reader)
+    assert first is not None and first.status == 200 and first.complete
     loop = asyncio.get_running_loop()
     start = loop.time()
     data = b""

@@ -21,7 +21,8 @@ import pytest
 
 from gateway.runtime import Running, serving
 from tests.hardening.conftest import hardening_config
-from tests.hardening.rawhttp import ClientResponse, RawRecorder, exchange, run_recorder
+from tests.hardening.rawhttp import RawRecorder, run_recorder
+from tests.support.rawhttp import RawResponse, exchange
 
 COOKIE = "COOKIESECRET7"
 AUTH = "AUTHSECRET7"
@@ -181,7 +182,7 @@ async def test_unfinished_head_is_a_408_line_and_an_idle_connection_none(
     assert_no_secret_logged(caplog)
 
 
-def _response_ids(answers: list[ClientResponse]) -> list[str | None]:
+def _response_ids(answers: list[RawResponse]) -> list[str | None]:
     return [a.header("X-Request-ID") for a in answers]
 
 

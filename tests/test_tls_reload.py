@@ -17,8 +17,9 @@ import trustme
 from cryptography import x509
 
 from gateway.runtime import serving
-from tests.gwhelpers import Echo, build_config, parse_response
+from tests.gwhelpers import Echo, build_config
 from tests.support.process import gateway_cli, start_gateway_process
+from tests.support.rawhttp import read_response
 
 
 def write_pair(ca: trustme.CA, cert: Path, key: Path) -> None:
@@ -42,10 +43,9 @@ async def handshake(port: int, ca: trustme.CA
 async def fetch_on(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
     writer.write(b"GET /x HTTP/1.1\r\nHost: gw.test\r\n\r\n")
     await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = int(parse_response(head).header("Content-Length") or 0)
-    await reader.readexactly(length)
-    return parse_response(head).status
+    resp = await read_response(reader)
+    assert resp is not None and resp.complete
+    return resp.status
 
 
 def served_by(writer: asyncio.StreamWriter, ca: trustme.CA) -> bool:

@@ -32,9 +32,9 @@ from gateway.fastpath import FastRequestHandler
 from gateway.logs import EcsFormatter
 from gateway.runtime import Running
 from tests.gwhelpers import Echo, GatewayFactory
-from tests.lifecycle_helpers import KeepAlive
 from tests.support.ports import free_port
 from tests.support.process import start_gateway_process, wait_for
+from tests.support.rawhttp import KeepAlive
 
 SERVER, CLIENT = 2, 3  # opentelemetry.proto.trace.v1.Span.SpanKind
 STATUS_ERROR = 2

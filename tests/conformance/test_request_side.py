@@ -35,8 +35,9 @@ from yarl import URL
 from gateway.fastpath import FastRequestHandler
 from gateway.runtime import Running, serving
 from tests.hardening.conftest import hardening_config
-from tests.hardening.rawhttp import ClientResponse, RawRecorder, exchange, run_recorder
+from tests.hardening.rawhttp import RawRecorder, run_recorder
 from tests.support.ports import free_port
+from tests.support.rawhttp import RawResponse, exchange
 
 HOST = b"Host: gw.test\r\n"
 
@@ -93,7 +94,7 @@ async def setup(request_path: Paths) -> AsyncIterator[Setup]:
             yield Setup(gw, up, request_path)
 
 
-def assert_refusal(resp: ClientResponse, status: int) -> None:
+def assert_refusal(resp: RawResponse, status: int) -> None:
     """The gateway's own refusal: HTTP/1.1, closes, a short plain body naming the status."""
     assert resp.version == "HTTP/1.1", resp
     assert resp.status == status, resp
@@ -102,7 +103,7 @@ def assert_refusal(resp: ClientResponse, status: int) -> None:
     assert resp.header("X-Request-ID")
 
 
-async def refused(s: Setup, data: bytes, status: int) -> ClientResponse:
+async def refused(s: Setup, data: bytes, status: int) -> RawResponse:
     before = len(s.up.requests)
     answers, closed = await exchange(s.gw.port, data, responses=2)
     assert [a.status for a in answers] == [status], [(a.status, a.body) for a in answers]

@@ -1,14 +1,10 @@
-"""Raw HTTP/1.1 on both sides of the gateway, for the hardening tests.
+"""The raw recording upstream, for the hardening tests.
 
 ``RawRecorder`` is an upstream that keeps every byte it receives per connection and parses
 request boundaries itself, strictly (CRLF only, token header names, one framing header,
 plain hex chunk sizes). Whatever the gateway forwards must pass this parser: a request the
 recorder cannot frame is a desync waiting for a laxer upstream, and it lands in ``errors``.
 Each well-formed request gets a fixed answer (or whatever a test's ``behaviour`` does).
-
-``read_response`` is the client side: it frames one response from a stream by its
-Content-Length / chunked / close, and says whether the body arrived complete, so tests can
-tell a clean answer from a truncation.
 """
 
 from __future__ import annotations
@@ -18,6 +14,8 @@ import contextlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+
+from tests.support.rawhttp import exchange
 
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _REQUEST_LINE = re.compile(rb"^([A-Z]+) (\S+) HTTP/1\.[01]$")
@@ -291,118 +289,6 @@ async def run_recorder(behaviour: Behaviour | None = None) -> AsyncIterator[RawR
             await asyncio.wait(list(rec.tasks), timeout=2.0)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(server.wait_closed(), 1.0)
-
-
-# ------------------------------------------------------------------ the client side
-
-
-@dataclass
-class ClientResponse:
-    status: int
-    reason: str
-    version: str
-    headers: list[tuple[str, str]]
-    body: bytes
-    complete: bool  # the body arrived whole by its own framing
-
-    def header(self, name: str) -> str | None:
-        lname = name.lower()
-        for k, v in self.headers:
-            if k.lower() == lname:
-                return v
-        return None
-
-
-async def read_response(reader: asyncio.StreamReader, *, head_request: bool = False
-                        ) -> ClientResponse | None:
-    """One response from ``reader``; None when the connection closed before any byte."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            return None
-        raise AssertionError(f"connection closed inside a response head: {exc.partial!r}"
-                             ) from None
-    lines = head[:-4].decode("latin-1").split("\r\n")
-    version, _, rest = lines[0].partition(" ")
-    status, _, reason = rest.partition(" ")
-    if not version.startswith("HTTP/1.") or not status.isdigit():
-        raise AssertionError(f"not a status line (response stream out of step): {lines[0]!r}")
-    headers = []
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers.append((name, value.strip()))
-    resp = ClientResponse(int(status), reason, version, headers, b"", True)
-    code = resp.status
-    if head_request or code in (204, 304) or 100 <= code < 200:
-        return resp
-    te = (resp.header("Transfer-Encoding") or "").lower()
-    cl = resp.header("Content-Length")
-    try:
-        if te == "chunked":
-            body = bytearray()
-            while True:
-                size_line = await reader.readuntil(b"\r\n")
-                size = int(size_line[:-2].split(b";")[0], 16)
-                if size == 0:
-                    while (await reader.readuntil(b"\r\n")) != b"\r\n":
-                        pass
-                    break
-                body += await reader.readexactly(size + 2)
-                body = body[:-2]
-            resp.body = bytes(body)
-        elif cl is not None:
-            resp.body = await reader.readexactly(int(cl))
-        else:
-            resp.body = await reader.read()
-    except (asyncio.IncompleteReadError, ConnectionError) as exc:
-        resp.complete = False
-        resp.body = getattr(exc, "partial", b"")
-    return resp
-
-
-async def exchange(port: int, data: bytes, *, limit_s: float = 5.0, responses: int = 1,
-                   head_at: tuple[int, ...] = ()) -> tuple[list[ClientResponse], bool]:
-    """Send raw bytes, read up to ``responses`` answers; (answers, closed by the gateway).
-
-    ``head_at``: indexes of the answers that are to HEAD requests (no body follows).
-    """
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    out: list[ClientResponse] = []
-    closed = False
-    try:
-        writer.write(data)
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-        async with asyncio.timeout(limit_s):
-            while len(out) < responses:
-                try:
-                    resp = await read_response(reader, head_request=len(out) in head_at)
-                except ConnectionResetError:
-                    resp = None
-                if resp is None:
-                    closed = True
-                    break
-                if 100 <= resp.status < 200 and resp.status != 101:
-                    continue  # interim (100 Continue): not an answer to count
-                out.append(resp)
-            if not closed:
-                # Whatever follows the answers we expect: another response means the
-                # gateway answered more requests than we sent.
-                extra: bytes | None
-                try:
-                    extra = await asyncio.wait_for(reader.read(1), 0.3)
-                except (TimeoutError, ConnectionError):
-                    extra = None
-                if extra == b"":
-                    closed = True
-                elif extra is not None:
-                    raise AssertionError(f"unexpected bytes after the responses: {extra!r}")
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-    return out, closed
 
 
 async def recorder_barrier(port: int, recorder: RawRecorder, target: str = "/after") -> None:

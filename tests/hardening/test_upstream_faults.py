@@ -16,16 +16,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.hardening.conftest import GatewayStarter
-from tests.hardening.rawhttp import (
-    ClientResponse,
-    RawRecorder,
-    UpConn,
-    UpRequest,
-    exchange,
-    read_response,
-)
+from tests.hardening.rawhttp import RawRecorder, UpConn, UpRequest
 from tests.hardening.test_smuggling import get
 from tests.support.process import wait_for
+from tests.support.rawhttp import RawResponse, exchange, read_response
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -42,7 +36,7 @@ def cut_response(req: UpRequest, chunked: bool) -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789"
 
 
-async def timed_exchange(port: int, data: bytes, **kw: object) -> tuple[ClientResponse, bool,
+async def timed_exchange(port: int, data: bytes, **kw: object) -> tuple[RawResponse, bool,
                                                                       float]:
     start = time.monotonic()
     answers, closed = await exchange(port, data, limit_s=6, **kw)  # type: ignore[arg-type]
