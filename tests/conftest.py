@@ -5,7 +5,6 @@ The helpers themselves live in ``tests/gwhelpers.py`` so test modules can import
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,8 +18,11 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from gateway.runtime import Running, serving  # noqa: E402
+from gateway.runtime import Running  # noqa: E402
 from tests.gwhelpers import ROUTES, Echo, GatewayFactory, build_config, run_echo  # noqa: E402
+from tests.support.gateway import GatewayStarter  # noqa: E402
+
+pytest_plugins = ("tests.support.gateway",)
 
 
 @pytest.fixture
@@ -30,13 +32,13 @@ async def echo() -> AsyncIterator[Echo]:
 
 
 @pytest.fixture
-async def gateway(echo: Echo) -> AsyncIterator[GatewayFactory]:
-    """``running = await gateway(yaml_text)`` serves a gateway until the test ends."""
-    async with contextlib.AsyncExitStack() as stack:
-        async def start(yaml_text: str = ROUTES, **env: str) -> Running:
-            return await stack.enter_async_context(serving(build_config(yaml_text, echo, **env)))
+def gateway(echo: Echo, start_gateway: GatewayStarter) -> GatewayFactory:
+    """``running = await gateway(yaml_text)`` serves a gateway in front of the echo until the
+    test ends."""
+    async def start(yaml_text: str = ROUTES, **env: str) -> Running:
+        return await start_gateway(build_config(yaml_text, echo, **env))
 
-        yield start
+    return start
 
 
 @pytest.fixture

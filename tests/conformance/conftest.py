@@ -7,7 +7,6 @@ patience (3 s): an exchange that stalls fails the test instead of turning into a
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,8 +14,9 @@ import pytest
 import yaml
 
 from gateway.config import Config, load_config_text
-from gateway.runtime import Running, serving
+from gateway.runtime import Running
 from tests.conformance.harness import PathSwitch, ScriptedUpstream, scripted_upstream
+from tests.support.gateway import GatewayStarter
 
 
 def conformance_config(upstream: str, **limits: Any) -> Config:
@@ -48,6 +48,5 @@ async def up() -> AsyncIterator[ScriptedUpstream]:
 
 
 @pytest.fixture
-async def gw(up: ScriptedUpstream, path: PathSwitch) -> AsyncIterator[Running]:
-    async with contextlib.AsyncExitStack() as stack:
-        yield await stack.enter_async_context(serving(conformance_config(up.url)))
+async def gw(up: ScriptedUpstream, path: PathSwitch, start_gateway: GatewayStarter) -> Running:
+    return await start_gateway(conformance_config(up.url))

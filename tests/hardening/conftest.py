@@ -6,16 +6,16 @@ so every "cut off after the timeout" case finishes in about a second.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import yaml
 
 from gateway.config import Config, load_config_text
-from gateway.runtime import Running, serving
+from gateway.runtime import Running
 from tests.hardening.rawhttp import RawRecorder, run_recorder
+from tests.support.gateway import GatewayStarter
 
 # Timeouts short enough to watch them fire inside a test.
 TIMEOUTS: dict[str, Any] = {
@@ -43,7 +43,6 @@ def hardening_config(upstream: str, *, timeouts: dict[str, Any] | None = None,
     return load_config_text(yaml.safe_dump(tree), env={})
 
 
-GatewayStarter = Callable[..., Awaitable[Running]]
 
 
 @pytest.fixture
@@ -53,14 +52,13 @@ async def recorder() -> AsyncIterator[RawRecorder]:
 
 
 @pytest.fixture
-async def start_gateway() -> AsyncIterator[GatewayStarter]:
-    """``running = await start_gateway(upstream_url, timeouts={...})``; stopped after the test."""
-    async with contextlib.AsyncExitStack() as stack:
-        async def start(upstream: str, **kwargs: Any) -> Running:
-            return await stack.enter_async_context(
-                serving(hardening_config(upstream, **kwargs)))
+def start_gateway(start_gateway: GatewayStarter) -> GatewayStarter:
+    """``running = await start_gateway(upstream_url, timeouts={...})``: the shared starter
+    (tests/support/gateway.py) with ``hardening_config``."""
+    async def start(upstream: str, **kwargs: Any) -> Running:
+        return await start_gateway(hardening_config(upstream, **kwargs))
 
-        yield start
+    return start
 
 
 @pytest.fixture

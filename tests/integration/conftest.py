@@ -36,9 +36,9 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from gateway.config import load_config_text  # noqa: E402
-from gateway.runtime import Running, serving  # noqa: E402
+from gateway.runtime import Running  # noqa: E402
 from tests.redis_server import RedisServer, redis_or_fail  # noqa: E402
+from tests.support.gateway import GatewayStarter  # noqa: E402
 
 PROJECT = Path(_ROOT)
 # A known secret, 43 characters of [A-Za-z0-9]: tests search for these bytes in everything.
@@ -259,18 +259,14 @@ token:
 """
 
 
-GatewayStarter = Callable[..., Any]
-
-
 @pytest.fixture
-async def start_gateway() -> AsyncIterator[GatewayStarter]:
-    """``running = await start_gateway(yaml_text, env={...})``; stopped when the test ends."""
-    async with contextlib.AsyncExitStack() as stack:
-        async def start(yaml_text: str, env: dict[str, str] | None = None) -> Running:
-            config = load_config_text(yaml_text, env={"CEC_SECRET_KEY": SECRET, **(env or {})})
-            return await stack.enter_async_context(serving(config))
+def start_gateway(start_gateway: GatewayStarter) -> GatewayStarter:
+    """``running = await start_gateway(yaml_text, env={...})``: the shared starter
+    (tests/support/gateway.py) with the known CEC secret in the environment."""
+    async def start(yaml_text: str, env: dict[str, str] | None = None) -> Running:
+        return await start_gateway(yaml_text, {"CEC_SECRET_KEY": SECRET, **(env or {})})
 
-        yield start
+    return start
 
 
 BrowserFactory = Callable[..., aiohttp.ClientSession]
