@@ -1,6 +1,6 @@
 """Shared fixtures: a real echo upstream on 127.0.0.1 port 0, a gateway factory, a client.
 
-The helpers themselves live in ``tests/gwhelpers.py`` so test modules can import them.
+The helpers themselves live in ``tests/support/`` so test modules can import them.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from gateway.runtime import Running  # noqa: E402
-from tests.gwhelpers import ROUTES, Echo, GatewayFactory, build_config, run_echo  # noqa: E402
-from tests.support.gateway import GatewayStarter  # noqa: E402
+from tests.support.gateway import ROUTES, GatewayFactory, GatewayStarter, build_config  # noqa: E402
+from tests.support.upstreams import Echo, run_echo  # noqa: E402
 
 pytest_plugins = ("tests.support.gateway",)
 

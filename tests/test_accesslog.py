@@ -14,9 +14,10 @@ import trustme
 
 from gateway.accesslog import clean_host, clean_user_agent, split_host
 from gateway.runtime import serving
-from tests.gwhelpers import ROUTES, Echo, build_config
+from tests.support.gateway import ROUTES, build_config
 from tests.support.process import flat
 from tests.support.rawhttp import read_response
+from tests.support.upstreams import Echo
 
 
 def test_user_agent_is_printable_ascii_without_quotes_and_bounded() -> None:

@@ -24,8 +24,8 @@ from gateway.config import load_config_text
 from gateway.fastpath import FastRequestHandler
 from gateway.headers import UrlMap, valid_host
 from gateway.runtime import Running, serving
-from tests.hardening.rawhttp import RawRecorder, UpConn, UpRequest, run_recorder
 from tests.support.rawhttp import RawResponse, raw_exchange
+from tests.support.upstreams import RawRecorder, UpConn, UpRequest, run_recorder
 
 SECRET = "S3cretS3cretS3cretS3cretS3cretS3cretS3cret0"  # 43 characters, shape of a CEC key
 GW_HOST = "gw.test"

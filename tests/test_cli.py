@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.gwhelpers import ROUTES, Echo
+from tests.support.gateway import ROUTES
 from tests.support.ports import free_port
 from tests.support.process import (
     port_accepts,
@@ -18,6 +18,7 @@ from tests.support.process import (
     start_gateway_process,
     wait_for,
 )
+from tests.support.upstreams import Echo
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -9,8 +9,9 @@ import aiohttp
 import pytest
 
 from gateway.runtime import serving
-from tests.gwhelpers import Echo, build_config, run_echo
+from tests.support.gateway import build_config
 from tests.support.rawhttp import get, raw_exchange
+from tests.support.upstreams import Echo, run_echo
 
 
 def _has_ipv6_loopback() -> bool:

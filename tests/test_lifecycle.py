@@ -20,7 +20,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.gwhelpers import Echo, run_echo
 from tests.support.admin import metric, readyz, scrape
 from tests.support.ports import free_port
 from tests.support.process import (
@@ -31,6 +30,7 @@ from tests.support.process import (
     wait_for,
 )
 from tests.support.rawhttp import KeepAlive, RawResponse
+from tests.support.upstreams import Echo, run_echo
 
 
 @pytest.fixture

@@ -23,9 +23,10 @@ import pytest
 
 from gateway.errors import ConfigError
 from gateway.runtime import Running, serving
-from tests.gwhelpers import Echo, Seen, build_config
+from tests.support.gateway import build_config
 from tests.support.ports import free_port
 from tests.support.rawhttp import raw_exchange
+from tests.support.upstreams import Echo, Seen
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 

@@ -21,12 +21,13 @@ import pytest
 from aiohttp import web
 
 from gateway.fastpath import FastRequestHandler
-from tests.gwhelpers import Echo, GatewayFactory
 from tests.redis_server import redis_or_fail
 from tests.support.admin import has_metric, metric, readyz, scrape, wait_healthy
+from tests.support.gateway import GatewayFactory
 from tests.support.ports import free_port
 from tests.support.process import flat, port_accepts, start_gateway_process, wait_for
 from tests.support.rawhttp import KeepAlive
+from tests.support.upstreams import Echo
 
 TENANT = "202007159031"
 CHANNEL = "202011230001"

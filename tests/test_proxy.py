@@ -16,18 +16,10 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from tests.gwhelpers import (
-    GZIP_BODY,
-    ROUTES,
-    Echo,
-    GatewayFactory,
-    body_json,
-    echo_barrier,
-    pattern_sha256,
-    raw_upstream,
-)
+from tests.support.gateway import ROUTES, GatewayFactory, body_json
 from tests.support.ports import free_port
 from tests.support.rawhttp import get, raw_exchange, read_all, read_response
+from tests.support.upstreams import GZIP_BODY, Echo, echo_barrier, pattern_sha256, raw_upstream
 
 CORS = ROUTES + """
 cors:
@@ -706,7 +698,7 @@ async def test_access_log_line(gateway: GatewayFactory, caplog: pytest.LogCaptur
 
 async def test_graceful_shutdown_lets_inflight_finish(echo: Echo) -> None:
     from gateway.runtime import serving
-    from tests.gwhelpers import build_config
+    from tests.support.gateway import build_config
 
     cfg = build_config(ROUTES + "timeouts: {shutdown_grace: 5s}\n", echo)
     async with aiohttp.ClientSession() as http:
@@ -837,7 +829,7 @@ async def test_long_request_line_refused(gateway: GatewayFactory, echo: Echo) ->
 
 async def test_shutdown_with_open_websocket_respects_grace(echo: Echo) -> None:
     from gateway.runtime import serving
-    from tests.gwhelpers import build_config
+    from tests.support.gateway import build_config
 
     cfg = build_config(ROUTES + "timeouts: {shutdown_grace: 500ms}\n", echo)
     loop = asyncio.get_running_loop()

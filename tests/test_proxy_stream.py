@@ -16,8 +16,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.gwhelpers import ROUTES, Echo, pattern_sha256
+from tests.support.gateway import ROUTES
 from tests.support.process import GatewayProcess, proc_memory, start_gateway_process
+from tests.support.upstreams import Echo, pattern_sha256
 
 MiB = 1024 * 1024
 SIZE = 128 * MiB

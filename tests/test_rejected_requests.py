@@ -21,8 +21,8 @@ import pytest
 
 from gateway.runtime import Running, serving
 from tests.hardening.conftest import hardening_config
-from tests.hardening.rawhttp import RawRecorder, run_recorder
 from tests.support.rawhttp import RawResponse, exchange
+from tests.support.upstreams import RawRecorder, run_recorder
 
 COOKIE = "COOKIESECRET7"
 AUTH = "AUTHSECRET7"

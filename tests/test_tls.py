@@ -17,7 +17,8 @@ import trustme
 
 from gateway.config import load_config_text
 from gateway.runtime import serving
-from tests.gwhelpers import ROUTES, Echo, build_config, run_echo
+from tests.support.gateway import ROUTES, build_config
+from tests.support.upstreams import Echo, run_echo
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,10 @@ import trustme
 from cryptography import x509
 
 from gateway.runtime import serving
-from tests.gwhelpers import Echo, build_config
+from tests.support.gateway import build_config
 from tests.support.process import gateway_cli, start_gateway_process
 from tests.support.rawhttp import read_response
+from tests.support.upstreams import Echo
 
 
 def write_pair(ca: trustme.CA, cert: Path, key: Path) -> None:

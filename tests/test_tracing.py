@@ -31,10 +31,11 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from gateway.fastpath import FastRequestHandler
 from gateway.logs import EcsFormatter
 from gateway.runtime import Running
-from tests.gwhelpers import Echo, GatewayFactory
+from tests.support.gateway import GatewayFactory
 from tests.support.ports import free_port
 from tests.support.process import start_gateway_process, wait_for
 from tests.support.rawhttp import KeepAlive
+from tests.support.upstreams import Echo, serve
 
 SERVER, CLIENT = 2, 3  # opentelemetry.proto.trace.v1.Span.SpanKind
 STATUS_ERROR = 2
@@ -101,16 +102,9 @@ async def collector() -> AsyncIterator[Collector]:
     app = web.Application()
     app[COLLECTOR] = found
     app.router.add_post("/v1/traces", _receive)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    found.url = f"http://127.0.0.1:{port}"
-    try:
+    async with serve(app) as port:
+        found.url = f"http://127.0.0.1:{port}"
         yield found
-    finally:
-        await runner.cleanup()
 
 
 @pytest.fixture

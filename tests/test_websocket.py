@@ -8,8 +8,9 @@ import os
 import aiohttp
 import pytest
 
-from tests.gwhelpers import ROUTES, Echo, GatewayFactory
+from tests.support.gateway import ROUTES, GatewayFactory
 from tests.support.ports import free_port
+from tests.support.upstreams import Echo
 
 
 async def test_websocket_conversation(gateway: GatewayFactory, http: aiohttp.ClientSession,

@@ -35,9 +35,9 @@ from yarl import URL
 from gateway.fastpath import FastRequestHandler
 from gateway.runtime import Running, serving
 from tests.hardening.conftest import hardening_config
-from tests.hardening.rawhttp import RawRecorder, run_recorder
 from tests.support.ports import free_port
 from tests.support.rawhttp import RawResponse, exchange
+from tests.support.upstreams import RawRecorder, run_recorder
 
 HOST = b"Host: gw.test\r\n"
 

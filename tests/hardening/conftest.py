@@ -14,8 +14,8 @@ import yaml
 
 from gateway.config import Config, load_config_text
 from gateway.runtime import Running
-from tests.hardening.rawhttp import RawRecorder, run_recorder
 from tests.support.gateway import GatewayStarter
+from tests.support.upstreams import RawRecorder, run_recorder
 
 # Timeouts short enough to watch them fire inside a test.
 TIMEOUTS: dict[str, Any] = {

@@ -34,9 +34,9 @@ from gateway.headers import (
 )
 from gateway.routing import compile_route, normalize_path
 from gateway.runtime import Running
-from tests.hardening.rawhttp import RawRecorder
 from tests.hardening.test_slow_clients import rss_bytes
 from tests.support.rawhttp import exchange
+from tests.support.upstreams import RawRecorder
 
 PURE = settings(max_examples=300, deadline=None)
 

@@ -18,8 +18,8 @@ import pytest
 
 from gateway.runtime import Running
 from tests.hardening.conftest import GatewayStarter
-from tests.hardening.rawhttp import RawRecorder, UpConn, UpRequest
 from tests.support.rawhttp import exchange, read_response
+from tests.support.upstreams import RawRecorder, UpConn, UpRequest
 
 LATENCY_P99 = 0.2
 

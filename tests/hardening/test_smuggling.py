@@ -20,8 +20,8 @@ import pytest
 
 from gateway.runtime import Running
 from tests.hardening.conftest import GatewayStarter
-from tests.hardening.rawhttp import RawRecorder, UpRequest, recorder_barrier
 from tests.support.rawhttp import exchange, read_response
+from tests.support.upstreams import RawRecorder, UpRequest, recorder_barrier
 
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
 

@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.hardening.conftest import GatewayStarter
-from tests.hardening.rawhttp import RawRecorder, UpConn, UpRequest
 from tests.hardening.test_smuggling import get
 from tests.support.process import wait_for
 from tests.support.rawhttp import RawResponse, exchange, read_response
+from tests.support.upstreams import RawRecorder, UpConn, UpRequest
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 

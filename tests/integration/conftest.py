@@ -16,7 +16,6 @@ builders, constants) as ``tests.integration.conftest``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
@@ -39,6 +38,7 @@ if _ROOT not in sys.path:
 from gateway.runtime import Running  # noqa: E402
 from tests.redis_server import RedisServer, redis_or_fail  # noqa: E402
 from tests.support.gateway import GatewayStarter  # noqa: E402
+from tests.support.upstreams import serve  # noqa: E402
 
 PROJECT = Path(_ROOT)
 # A known secret, 43 characters of [A-Za-z0-9]: tests search for these bytes in everything.
@@ -160,32 +160,19 @@ async def _site_handler(site: Site, request: web.BaseRequest) -> web.StreamRespo
     return web.Response(text=f"<p>site page {request.path}</p>", content_type="text/html")
 
 
-@contextlib.asynccontextmanager
-async def _serve(handler: Callable[[web.BaseRequest], Any]) -> AsyncIterator[str]:
-    runner = web.ServerRunner(web.Server(handler), shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
-
-
 @pytest.fixture
 async def cec() -> AsyncIterator[Upstream]:
     up = Upstream("")
-    async with _serve(lambda r: _cec_handler(up, r)) as url:
-        up.url = url
+    async with serve(lambda r: _cec_handler(up, r)) as port:
+        up.url = f"http://127.0.0.1:{port}"
         yield up
 
 
 @pytest.fixture
 async def site() -> AsyncIterator[Site]:
     s = Site("")
-    async with _serve(lambda r: _site_handler(s, r)) as url:
-        s.url = url
+    async with serve(lambda r: _site_handler(s, r)) as port:
+        s.url = f"http://127.0.0.1:{port}"
         yield s
 
 

@@ -7,14 +7,46 @@ and integration tests) override the fixture with a thin wrapper that calls this 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
+import yaml
 
 from gateway.config import Config, load_config_text
 from gateway.runtime import Running, serving
+from tests.support.upstreams import Echo
 
 GatewayStarter = Callable[..., Awaitable[Running]]
+GatewayFactory = GatewayStarter  # the root conftest's ``gateway``: in front of the echo
+
+
+def build_config(yaml_text: str, echo: Echo, **env: str) -> Config:
+    """Config from YAML with ``${ECHO}`` (the echo's base URL) and test-friendly defaults."""
+    tree = yaml.safe_load(yaml_text) or {}
+    listen = tree.setdefault("listen", {})
+    listen.setdefault("host", "127.0.0.1")
+    listen.setdefault("port", 0)
+    tree.setdefault("timeouts", {}).setdefault("shutdown_grace", "2s")
+    tree.setdefault("access_log", True)
+    values = {"ECHO": echo.url, "ECHO_PORT": str(echo.port), **env}
+    return load_config_text(yaml.safe_dump(tree), env=values)
+
+
+# Two routes over the echo: /app/ -> /up/ and / -> /root/.
+ROUTES = """
+routes:
+  - prefix: /app/
+    upstream: ${ECHO}/up/
+  - prefix: /
+    upstream: ${ECHO}/root/
+"""
+
+
+def body_json(data: bytes) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(data)
+    return result
 
 
 @pytest.fixture
