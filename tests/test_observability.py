@@ -23,7 +23,7 @@ from aiohttp import web
 from gateway.fastpath import FastRequestHandler
 from tests.redis_server import redis_or_fail
 from tests.support.admin import has_metric, metric, readyz, scrape, wait_healthy
-from tests.support.gateway import GatewayFactory
+from tests.support.gateway import ROUTES, GatewayFactory
 from tests.support.ports import free_port
 from tests.support.process import flat, port_accepts, start_gateway_process, wait_for
 from tests.support.rawhttp import KeepAlive
@@ -44,13 +44,6 @@ ACCESS_FIELDS = {"@timestamp", "log.level", "message", "ecs.version", "event.dat
                  "user_agent.original"}
 TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
-APP_ROUTES = """
-routes:
-  - prefix: /app/
-    upstream: ${ECHO}/up/
-  - prefix: /
-    upstream: ${ECHO}/root/
-"""
 
 
 @pytest.fixture
@@ -214,7 +207,7 @@ async def test_text_log_format_has_the_access_line(tmp_path: Path, echo: Echo) -
 async def test_access_log_fields_on_the_fast_and_the_full_path(
         gateway: GatewayFactory, echo: Echo, fast_path_spy: list[tuple[str, bool]],
         access_records: Callable[[], list[dict[str, Any]]]) -> None:
-    gw = await gateway(APP_ROUTES)
+    gw = await gateway(ROUTES)
     conn = await KeepAlive.open(gw.port)
     try:
         gets = [await conn.request("GET", f"/app/f{i}?q=secret{i}") for i in range(3)]
@@ -251,7 +244,7 @@ async def test_request_id_generated_when_absent(
         access_records: Callable[[], list[dict[str, Any]]],
         caplog: pytest.LogCaptureFixture) -> None:
     dead = free_port()
-    gw = await gateway(APP_ROUTES + f"""
+    gw = await gateway(ROUTES + f"""
   - prefix: /dead/
     upstream: http://127.0.0.1:{dead}/
 """)
@@ -283,7 +276,7 @@ async def test_request_id_kept_only_from_a_trusted_proxy(
         trusted: str, gateway: GatewayFactory, echo: Echo,
         fast_path_spy: list[tuple[str, bool]],
         access_records: Callable[[], list[dict[str, Any]]]) -> None:
-    gw = await gateway(APP_ROUTES + f"trusted_proxies: [{trusted}]\n")
+    gw = await gateway(ROUTES + f"trusted_proxies: [{trusted}]\n")
     is_trusted = trusted.startswith("127.")
     sent = [f"edge-{i}-abc" for i in range(4)]
     xff = "X-Forwarded-For: 203.0.113.7"
@@ -478,7 +471,7 @@ def promtool_check(text: str) -> None:
 
 async def test_one_process_metrics_collectors_build_info_in_flight(
         gateway: GatewayFactory, echo: Echo, http: aiohttp.ClientSession) -> None:
-    gw = await gateway(APP_ROUTES + "admin: {host: 127.0.0.1, port: 0}\n")
+    gw = await gateway(ROUTES + "admin: {host: 127.0.0.1, port: 0}\n")
     assert gw.admin_url is not None
     admin = gw.admin_url
     assert metric(await scrape(http, admin), "gateway_requests_in_flight") == 0
@@ -559,7 +552,7 @@ routes:
 
 async def test_healthz_and_readyz_when_all_is_well(gateway: GatewayFactory, echo: Echo,
                                                    http: aiohttp.ClientSession) -> None:
-    gw = await gateway(APP_ROUTES + "admin: {host: 127.0.0.1, port: 0}\n")
+    gw = await gateway(ROUTES + "admin: {host: 127.0.0.1, port: 0}\n")
     assert gw.admin_url is not None and gw.admin_url.startswith("http://127.0.0.1:")
     async with http.get(gw.admin_url + "/healthz") as resp:
         assert resp.status == 200
@@ -631,7 +624,7 @@ async def test_cec_and_redis_down_the_site_and_readyz_stay_up(
 
 
 async def test_admin_listener_defaults_to_loopback(gateway: GatewayFactory) -> None:
-    gw = await gateway(APP_ROUTES + "admin: {port: 0}\n")
+    gw = await gateway(ROUTES + "admin: {port: 0}\n")
     assert gw.admin_url is not None and gw.admin_url.startswith("http://127.0.0.1:")
 
 

@@ -14,14 +14,10 @@ import contextlib
 from dataclasses import dataclass
 
 
-@dataclass
-class RawResponse:
-    status: int
+class Headers:
+    """Header lookup over ``headers``, a list of (name, value) pairs, names any case."""
+
     headers: list[tuple[str, str]]
-    body: bytes
-    reason: str = ""
-    version: str = "HTTP/1.1"
-    complete: bool = True  # the body arrived whole by its own framing
 
     def header(self, name: str) -> str | None:
         values = self.all(name)
@@ -30,6 +26,16 @@ class RawResponse:
     def all(self, name: str) -> list[str]:
         lname = name.lower()
         return [v for k, v in self.headers if k.lower() == lname]
+
+
+@dataclass
+class RawResponse(Headers):
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    reason: str = ""
+    version: str = "HTTP/1.1"
+    complete: bool = True  # the body arrived whole by its own framing
 
 
 def parse_head(head: bytes) -> RawResponse:

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from tests.support.rawhttp import exchange, get, raw_exchange
+from tests.support.rawhttp import Headers, exchange, get, raw_exchange
 
 _BLOCK = bytes(range(256)) * 256  # 64 KiB download pattern
 GZIP_BODY = gzip.compress(b"hello gzip, do not decompress me " * 200, mtime=0)
@@ -45,7 +45,7 @@ def pattern_sha256(n: int) -> str:
 
 
 @dataclass
-class Seen:
+class Seen(Headers):
     """One request as the echo upstream received it."""
 
     method: str
@@ -63,14 +63,6 @@ class Seen:
     @property
     def query(self) -> str:
         return self.target.partition("?")[2]
-
-    def header(self, name: str) -> str | None:
-        values = self.all(name)
-        return values[0] if values else None
-
-    def all(self, name: str) -> list[str]:
-        lname = name.lower()
-        return [v for k, v in self.headers if k.lower() == lname]
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -335,7 +327,7 @@ class StrictParseError(Exception):
 
 
 @dataclass
-class UpRequest:
+class UpRequest(Headers):
     """One request as the recording upstream framed it."""
 
     method: str
@@ -344,14 +336,6 @@ class UpRequest:
     headers: list[tuple[str, str]]
     body: bytes
     raw: bytes  # the exact bytes of this request, head and body
-
-    def header(self, name: str) -> str | None:
-        values = self.all(name)
-        return values[0] if values else None
-
-    def all(self, name: str) -> list[str]:
-        lname = name.lower()
-        return [v for k, v in self.headers if k.lower() == lname]
 
 
 @dataclass
