@@ -9,12 +9,8 @@ config check refuses that route, and the recipe's regex makes a client-written
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
-import os
-import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,29 +20,17 @@ import pytest
 from gateway.errors import ConfigError
 from gateway.runtime import Running, serving
 from tests.support.gateway import build_config
+from tests.support.nginx import needs_nginx, run_nginx
 from tests.support.ports import free_port
 from tests.support.rawhttp import raw_exchange
 from tests.support.upstreams import Echo, Seen
 
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-
-pytestmark = pytest.mark.skipif(not os.path.exists(NGINX),
-                                reason="nginx is not installed (apt-get install nginx-light)")
+pytestmark = needs_nginx
 
 # The guide's recipe, with upstream hosts replaced by the echo. Server 1 is the recipe
 # corrected for its slash bug; server 2 keeps the bug; server 3 replaces the regex with
 # realip (trusting 10.0.0.0/8); server 4 is realip trusting loopback too.
-NGINX_CONF = """
-worker_processes 1;
-{user}
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
+NGINX_SERVERS = """
 
     server {{
         listen 127.0.0.1:{p1};
@@ -101,7 +85,6 @@ http {{
             proxy_pass http://127.0.0.1:{echo}/;
         }}
     }}
-}}
 """
 
 GATEWAY_CONF = """
@@ -123,45 +106,18 @@ class Nginx:
 
 
 @contextlib.asynccontextmanager
-async def run_nginx(echo: Echo, tmp: Path) -> AsyncIterator[Nginx]:
+async def run_nginx_servers(echo: Echo, tmp: Path) -> AsyncIterator[Nginx]:
     ports = Nginx(free_port(), free_port(), free_port(), free_port())
-    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi", "logs"):
-        (tmp / sub).mkdir()
-    conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(
-        user="user root;" if os.geteuid() == 0 else "", tmp=tmp, echo=echo.port,
-        p1=ports.corrected, p2=ports.buggy, p3=ports.realip, p4=ports.realip_loopback))
-    log = (tmp / "nginx.stderr").open("wb")
-    proc = await asyncio.create_subprocess_exec(
-        NGINX, "-e", "stderr", "-p", str(tmp), "-c", str(conf),
-        "-g", f"daemon off; pid {tmp}/nginx.pid; error_log stderr;",
-        stdout=log, stderr=subprocess.STDOUT)
-    try:
-        for _ in range(100):
-            try:
-                _, w = await asyncio.open_connection("127.0.0.1", ports.realip_loopback)
-            except OSError:
-                if proc.returncode is not None:
-                    break
-                await asyncio.sleep(0.05)
-                continue
-            w.close()
-            break
-        else:
-            raise AssertionError("nginx did not start")
-        if proc.returncode is not None:
-            raise AssertionError("nginx exited:\n" + (tmp / "nginx.stderr").read_text())
+    servers = NGINX_SERVERS.format(
+        echo=echo.port, p1=ports.corrected, p2=ports.buggy, p3=ports.realip,
+        p4=ports.realip_loopback)
+    async with run_nginx(servers, tmp, ports.realip_loopback):
         yield ports
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
-        log.close()
 
 
 @pytest.fixture
 async def nginx(echo: Echo, tmp_path: Path) -> AsyncIterator[Nginx]:
-    async with run_nginx(echo, tmp_path) as ports:
+    async with run_nginx_servers(echo, tmp_path) as ports:
         yield ports
 
 

@@ -13,36 +13,17 @@ marked ``nginx`` and ``test_upstream_responses.py`` says what the gateway does.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import shutil
-import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from gateway.runtime import Running
 from tests.conformance.harness import MARK, PathSwitch, ScriptedUpstream, fetch
 from tests.conformance.test_upstream_responses import CASES
+from tests.support.nginx import needs_nginx, run_nginx
 from tests.support.ports import free_port
 
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+pytestmark = needs_nginx
 
-pytestmark = pytest.mark.skipif(not os.path.exists(NGINX), reason="nginx is not installed")
-
-NGINX_CONF = """
-worker_processes 1;
-{user}
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
+NGINX_SERVERS = """
     upstream up {{
         server 127.0.0.1:{up};
         keepalive 4;
@@ -56,42 +37,7 @@ http {{
             proxy_next_upstream off;
         }}
     }}
-}}
 """
-
-
-@contextlib.asynccontextmanager
-async def run_nginx(upstream_port: int, tmp: Path) -> AsyncIterator[int]:
-    port = free_port()
-    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi", "logs"):
-        (tmp / sub).mkdir()
-    conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(user="user root;" if os.geteuid() == 0 else "",
-                                      tmp=tmp, up=upstream_port, port=port))
-    log = (tmp / "nginx.stderr").open("wb")
-    proc = await asyncio.create_subprocess_exec(
-        NGINX, "-e", "stderr", "-p", str(tmp), "-c", str(conf),
-        "-g", f"daemon off; pid {tmp}/nginx.pid; error_log stderr;",
-        stdout=log, stderr=subprocess.STDOUT)
-    try:
-        async with asyncio.timeout(5):
-            while True:
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", port)
-                except OSError:
-                    if proc.returncode is not None:
-                        raise AssertionError("nginx exited:\n" + (tmp / "nginx.stderr")
-                                             .read_text()) from None
-                    await asyncio.sleep(0.05)
-                    continue
-                writer.close()
-                break
-        yield port
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
-        log.close()
 
 
 NGINX_CASES = [c for c in CASES if c.nginx]
@@ -100,7 +46,9 @@ NGINX_CASES = [c for c in CASES if c.nginx]
 async def test_same_answer_as_nginx(gw: Running, up: ScriptedUpstream, path: PathSwitch,
                                     tmp_path: Path) -> None:
     assert len(NGINX_CASES) >= 20
-    async with run_nginx(up.port, tmp_path) as nginx_port:
+    nginx_port = free_port()
+    servers = NGINX_SERVERS.format(up=up.port, port=nginx_port)
+    async with run_nginx(servers, tmp_path, nginx_port):
         for case in NGINX_CASES:
             up.case = case
             answers = []

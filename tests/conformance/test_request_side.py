@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +32,7 @@ from yarl import URL
 from gateway.fastpath import FastRequestHandler
 from gateway.runtime import Running, serving
 from tests.hardening.conftest import hardening_config
+from tests.support.nginx import needs_nginx, run_nginx
 from tests.support.ports import free_port
 from tests.support.rawhttp import RawResponse, exchange
 from tests.support.upstreams import RawRecorder, run_recorder
@@ -305,60 +303,15 @@ async def test_a_route_for_the_slashless_form_wins_over_the_redirect() -> None:
 
 # ------------------------------------------------------------------ nginx as the reference
 
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-NGINX_CONF = """
-worker_processes 1;
-{user}
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
+# The same two routes as ``ROUTES`` in the real nginx (8 KiB header buffers).
+NGINX_SERVERS = """
     large_client_header_buffers 4 8k;
     server {{
         listen 127.0.0.1:{port};
         location /service-cloud/ {{ proxy_pass http://127.0.0.1:{up}/cec/; }}
         location / {{ proxy_set_header Host $host; proxy_pass http://127.0.0.1:{up}/; }}
     }}
-}}
 """
-
-
-@contextlib.asynccontextmanager
-async def run_nginx(up_port: int, tmp: Path) -> AsyncIterator[int]:
-    """The same two routes as ``ROUTES`` in the real nginx (8 KiB header buffers)."""
-    port = free_port()
-    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi", "logs"):
-        (tmp / sub).mkdir()
-    conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(user="user root;" if os.geteuid() == 0 else "",
-                                      tmp=tmp, port=port, up=up_port))
-    with (tmp / "nginx.stderr").open("wb") as log:
-        proc = await asyncio.create_subprocess_exec(
-            NGINX, "-e", "stderr", "-p", str(tmp), "-c", str(conf),
-            "-g", f"daemon off; pid {tmp}/nginx.pid; error_log stderr;",
-            stdout=log, stderr=subprocess.STDOUT)
-        try:
-            async with asyncio.timeout(5):
-                while True:
-                    try:
-                        _, w = await asyncio.open_connection("127.0.0.1", port)
-                    except OSError:
-                        if proc.returncode is not None:
-                            raise AssertionError("nginx exited: "
-                                                 + (tmp / "nginx.stderr").read_text()) from None
-                        await asyncio.sleep(0.05)
-                        continue
-                    w.close()
-                    break
-            yield port
-        finally:
-            if proc.returncode is None:
-                proc.terminate()
-                await proc.wait()
 
 
 # name -> (raw request, statuses both answer, upstream target both forward or None)
@@ -379,12 +332,14 @@ SAME_AS_NGINX: dict[str, tuple[bytes, list[int], str | None]] = {
 }
 
 
-@pytest.mark.skipif(not os.path.exists(NGINX), reason="nginx is not installed")
+@needs_nginx
 @pytest.mark.parametrize("case", SAME_AS_NGINX.values(), ids=SAME_AS_NGINX.keys())
 async def test_same_answer_as_nginx(setup: Setup, tmp_path: Path,
                                     case: tuple[bytes, list[int], str | None]) -> None:
     data, statuses, target = case
-    async with run_nginx(setup.up.port, tmp_path) as nginx_port:
+    nginx_port = free_port()
+    servers = NGINX_SERVERS.format(up=setup.up.port, port=nginx_port)
+    async with run_nginx(servers, tmp_path, nginx_port):
         for port in (nginx_port, setup.gw.port):
             before = len(setup.up.requests)
             answers, _ = await exchange(port, data, responses=len(statuses))
