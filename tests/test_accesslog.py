@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +14,6 @@ import trustme
 from gateway.accesslog import clean_host, clean_user_agent, split_host
 from gateway.runtime import serving
 from tests.support.gateway import ROUTES, build_config
-from tests.support.process import flat
 from tests.support.rawhttp import read_response
 from tests.support.upstreams import Echo
 
@@ -59,17 +57,6 @@ def pems(tmp_path: Path) -> Iterator[dict[str, Path]]:
     leaf.private_key_and_cert_chain_pem.write_to_path(str(paths["cert"]))
     leaf.private_key_pem.write_to_path(str(paths["key"]))
     yield paths
-
-
-@pytest.fixture
-def access_records(caplog: pytest.LogCaptureFixture) -> Callable[[], list[dict[str, Any]]]:
-    caplog.set_level(logging.INFO, logger="gateway.access")
-
-    def get() -> list[dict[str, Any]]:
-        return [flat(r.access) for r in caplog.records  # type: ignore[attr-defined]
-                if r.name == "gateway.access"]
-
-    return get
 
 
 async def test_tls_version_and_cleaned_headers_on_both_paths(

@@ -20,12 +20,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.fastpath import FastRequestHandler
 from tests.redis_server import redis_or_fail
 from tests.support.admin import has_metric, metric, readyz, scrape, wait_healthy
 from tests.support.gateway import ROUTES, GatewayFactory
 from tests.support.ports import free_port
-from tests.support.process import flat, port_accepts, start_gateway_process, wait_for
+from tests.support.process import port_accepts, start_gateway_process, wait_for
 from tests.support.rawhttp import KeepAlive
 from tests.support.upstreams import Echo
 
@@ -44,33 +43,6 @@ ACCESS_FIELDS = {"@timestamp", "log.level", "message", "ecs.version", "event.dat
                  "user_agent.original"}
 TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
-
-
-@pytest.fixture
-def fast_path_spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
-    """Records (path, taken) for every request the fast path was offered."""
-    calls: list[tuple[str, bool]] = []
-    original = FastRequestHandler._try_inline
-
-    def spy(self: FastRequestHandler, msg: Any, payload: Any) -> bool:
-        taken = original(self, msg, payload)
-        calls.append((getattr(msg, "path", "?"), taken))
-        return taken
-
-    monkeypatch.setattr(FastRequestHandler, "_try_inline", spy)
-    return calls
-
-
-@pytest.fixture
-def access_records(caplog: pytest.LogCaptureFixture) -> Callable[[], list[dict[str, Any]]]:
-    """The ``fields`` of every ``gateway.access`` record logged so far."""
-    caplog.set_level(logging.INFO, logger="gateway.access")
-
-    def get() -> list[dict[str, Any]]:
-        return [flat(r.access) for r in caplog.records  # type: ignore[attr-defined]
-                if r.name == "gateway.access"]
-
-    return get
 
 
 # ------------------------------------------------------------------ access log (subprocess)

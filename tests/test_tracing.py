@@ -28,7 +28,6 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-from gateway.fastpath import FastRequestHandler
 from gateway.logs import EcsFormatter
 from gateway.runtime import Running
 from tests.support.gateway import GatewayFactory
@@ -105,20 +104,6 @@ async def collector() -> AsyncIterator[Collector]:
     async with serve(app) as port:
         found.url = f"http://127.0.0.1:{port}"
         yield found
-
-
-@pytest.fixture
-def fast_path_spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
-    calls: list[tuple[str, bool]] = []
-    original = FastRequestHandler._try_inline
-
-    def spy(self: FastRequestHandler, msg: Any, payload: Any) -> bool:
-        taken = original(self, msg, payload)
-        calls.append((getattr(msg, "path", "?"), taken))
-        return taken
-
-    monkeypatch.setattr(FastRequestHandler, "_try_inline", spy)
-    return calls
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""The gateway in the test's event loop: ``start_gateway`` serves configs until the test ends.
+"""The gateway in the test's event loop: ``start_gateway`` serves configs until the test ends;
+``fast_path_spy`` and ``access_records`` watch what it did.
 
 The one in-process starter. Suites that build their configs their own way (the hardening
 and integration tests) override the fixture with a thin wrapper that calls this one.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -15,7 +17,9 @@ import pytest
 import yaml
 
 from gateway.config import Config, load_config_text
+from gateway.fastpath import FastRequestHandler
 from gateway.runtime import Running, serving
+from tests.support.process import flat
 from tests.support.upstreams import Echo
 
 GatewayStarter = Callable[..., Awaitable[Running]]
@@ -60,3 +64,30 @@ async def start_gateway() -> AsyncIterator[GatewayStarter]:
             return await stack.enter_async_context(serving(config))
 
         yield start
+
+
+@pytest.fixture
+def fast_path_spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """Records (path, taken) for every request the fast path was offered."""
+    calls: list[tuple[str, bool]] = []
+    original = FastRequestHandler._try_inline
+
+    def spy(self: FastRequestHandler, msg: Any, payload: Any) -> bool:
+        taken = original(self, msg, payload)
+        calls.append((getattr(msg, "path", "?"), taken))
+        return taken
+
+    monkeypatch.setattr(FastRequestHandler, "_try_inline", spy)
+    return calls
+
+
+@pytest.fixture
+def access_records(caplog: pytest.LogCaptureFixture) -> Callable[[], list[dict[str, Any]]]:
+    """The ``fields`` of every ``gateway.access`` record logged so far."""
+    caplog.set_level(logging.INFO, logger="gateway.access")
+
+    def get() -> list[dict[str, Any]]:
+        return [flat(r.access) for r in caplog.records  # type: ignore[attr-defined]
+                if r.name == "gateway.access"]
+
+    return get
