@@ -101,15 +101,19 @@ async def test_queue_reminder_repeats_while_no_agent_is_idle(hubs: list[ChatHub]
     hub.attach_visitor(TOM, visitor.append)
     await wait_for(lambda: len(texts(visitor, "system")) >= 3)
     assert texts(visitor, "system")[:3] == ["wait please, you are #1"] * 3
+    session = hub.current_session(TOM)
+    assert session is not None and session.task is not None
+    queue_timer = session.task
     idle_agent(hub)
 
     def reminders() -> int:
         return len([t for t in texts(visitor, "system") if t.startswith("wait please")])
 
     count = reminders()
-    await asyncio.sleep(0.15)
-    assert reminders() == count  # the agent joined: reminders stopped
-    assert hub.current_session(TOM).state == "active"  # type: ignore[union-attr]
+    # The agent joined: the queue timer, the only thing that posts reminders, has ended.
+    await wait_for(queue_timer.done)
+    assert reminders() == count
+    assert session.state == "active"
 
 
 async def test_visitors_are_told_busy_only_while_an_agent_is_ready_but_full(
