@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import string
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-component-update"]
 TENANT = "202007159031"
 CHANNEL = "202011230001"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 XSS_NAME = '"</script><img src=x onerror=alert(1)>'
 
 # Runs before any page script: records alert() calls and any <img> that appears.
@@ -59,16 +59,6 @@ ALERT_HOOK = """
   }).observe(document, { childList: true, subtree: true });
 })();
 """
-
-
-@pytest.fixture(scope="module")
-def shots() -> Path:
-    """Where the screenshots go: ``$GATEWAY_SCREENSHOTS`` (``GATEWAY_SCREENSHOTS=docs`` renews
-    the pictures in docs/), else a new temporary directory, so a test run leaves the
-    checkout clean."""
-    path = Path(os.environ.get("GATEWAY_SCREENSHOTS") or tempfile.mkdtemp(prefix="gw-shots-"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def random_cec_secret() -> str:

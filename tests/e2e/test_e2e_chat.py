@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -20,7 +19,7 @@ import aiohttp
 import pytest
 
 from gateway.signing import Signer
-from tests.e2e.conftest import CHANNEL, TENANT, XSS_NAME, Stack, run_stack
+from tests.e2e.conftest import CHANNEL, DOCS, TENANT, XSS_NAME, Stack, run_stack
 
 expect = pytest.importorskip("playwright.async_api").expect
 
@@ -106,7 +105,7 @@ def assert_quiet(*watches: Any) -> None:
 # ---------------------------------------------------------------- the flows
 
 
-async def test_authorization_mode_in_chromium(open_page: Any, shots: Path) -> None:
+async def test_authorization_mode_in_chromium(open_page: Any) -> None:
     async with run_stack("authorization") as stack:
         agent_ctx, agent, agent_watch = await open_page()
         await agent_sign_in(agent, stack)
@@ -122,8 +121,8 @@ async def test_authorization_mode_in_chromium(open_page: Any, shots: Path) -> No
         await exchange(visitor, agent, "Hello, I need help with my order.",
                        "Sure! What is the order number?")
         await rate(visitor, agent, 4, "Quick and friendly")
-        await visitor.screenshot(path=str(shots / "widget.png"))
-        await agent.screenshot(path=str(shots / "agent-console.png"))
+        await visitor.screenshot(path=str(DOCS / "widget.png"))
+        await agent.screenshot(path=str(DOCS / "agent-console.png"))
 
         # The vendor guide's page, with a hostile display name in thirdUserName.
         ctx2, guide, guide_watch = await open_page()

@@ -13,6 +13,8 @@ Screenshots of each step go to ``$GATEWAY_SCREENSHOTS`` (default: a temporary di
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,14 @@ expect = pytest.importorskip("playwright.async_api").expect
 
 ONE_SLOT = [AgentAccount(id="agent1", name="Agent One", password=SecretStr("agent1"),
                          max_chats=1)]
+
+
+@pytest.fixture(scope="module")
+def shots() -> Path:
+    """Where the screenshots go ($GATEWAY_SCREENSHOTS, else a new temporary directory)."""
+    path = Path(os.environ.get("GATEWAY_SCREENSHOTS") or tempfile.mkdtemp(prefix="gw-shots-"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 async def shot(page: Any, folder: Path, name: str) -> None:
