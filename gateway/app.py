@@ -44,7 +44,6 @@ Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 # Rewrites a request body before it is forwarded (the chat injection); returns the new
 # body and extra response headers (e.g. the guest cookie).
 BodyRewriter = Callable[[web.BaseRequest, bytes], Awaitable[tuple[bytes, list[tuple[str, str]]]]]
-SyncBodyRewriter = Callable[[web.BaseRequest, bytes], tuple[bytes, list[tuple[str, str]]]]
 
 
 
@@ -70,8 +69,6 @@ class Rewriter:
     max_size: int
     rewrite: BodyRewriter
     content_type: str  # the rewritten body's type, replacing the page's
-    # The same rewrite as a plain call, when it needs no I/O (guest-only signing).
-    rewrite_now: SyncBodyRewriter | None = None
     signs: bool = False  # each rewrite makes an auth-v2 signature (counted in the metrics)
 
 
@@ -310,8 +307,6 @@ class Gateway:
             body = content.read_nowait(-1)
             if len(body) > limit:
                 raise BadRequest(f"JSON body is over {limit} bytes")
-            if rw.rewrite_now is not None:
-                return rw.rewrite_now(request, body)
             return await rw.rewrite(request, body)
         data = bytearray()
         async with asyncio.timeout(self.config.timeouts.client_body or None):

@@ -18,7 +18,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.chat import inject
 from gateway.chat.inject import (
     InjectionError,
     RewriteResult,
@@ -26,7 +25,6 @@ from gateway.chat.inject import (
     effective_user_name,
     parse_body,
     rewrite_third_user_data,
-    serialize,
 )
 from gateway.errors import BadRequest, GatewayError
 from gateway.signing import Signer
@@ -358,24 +356,6 @@ def test_oracle_property(pairs: list[tuple[str, Any]], user_id: str) -> None:
     assert out["thirdUserName"] == (clean_user_name(last_name, 64) or "Guest-012345")
 
 
-_JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text()
-    | st.floats(allow_nan=False, allow_infinity=False),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
-    max_leaves=20)
-
-
-@settings(max_examples=300, deadline=None)
-@given(data=st.dictionaries(st.text(), _JSON, max_size=6),
-       pad=st.sampled_from(["", " ", "\n\t ", "\r\n"]))
-def test_parse_and_serialize_agree_with_the_json_module(data: dict[str, Any], pad: str) -> None:
-    """parse_body and serialize call json's C scanner and encoder directly: same results."""
-    text = pad + json.dumps(data, ensure_ascii=False) + pad
-    assert parse_body(text.encode(), 1 << 20) == json.loads(text)
-    assert serialize(data) == json.dumps(
-        data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
-
-
 @pytest.mark.parametrize("body", [b'{"a":1} x', b'{"a":1}{"b":2}', b" ", b'{"a":NaN}',
                                   b'{"a":Infinity}', b"[1]", b'{"a":1', b"\x0c{}"])
 def test_parse_body_refuses_what_json_loads_refuses(body: bytes) -> None:
@@ -383,75 +363,24 @@ def test_parse_body_refuses_what_json_loads_refuses(body: bytes) -> None:
         parse_body(body, 1000)
 
 
-# ------------------------------------------------------------------ orjson vs the json module
-# parse_body and serialize use orjson where it cannot differ from the json module. The
-# json module stays the reference: same value (types included: 1 is not 1.0), same error.
-
-def _outcome(fn: Any, *args: Any) -> str:
-    try:
-        return repr(fn(*args))  # repr tells 1 from 1.0 and True from 1, and shows key order
-    except InjectionError as exc:
-        return f"InjectionError: {exc}"
-
-
-_ANY_JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text()
-    | st.floats(allow_nan=False, allow_infinity=False),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
-    max_leaves=20)
-_NUMBERS = st.sampled_from([
-    "18446744073709551615", "18446744073709551616", "-9223372036854775808",
-    "-9223372036854775809", "123456789012345678901234567890", "1e400", "-1e400", "1e-7",
-    "1E2", "-0", "-0.0", "0.1", "5e-324", "1" * 5000, "NaN", "Infinity", "01", "1.", ".5",
+@pytest.mark.parametrize(("value", "written"), [
+    ("2**70", b"1180591620717411303424"), ("-9223372036854775809", b"-9223372036854775809"),
+    ("1e-7", b"1e-07"), ("1.5", b"1.5"), ("-0", b"0"), ("[1,{\"b\":null}]", b'[1,{"b":null}]'),
 ])
+def test_numbers_and_nesting_are_written_back_as_read(value: str, written: bytes) -> None:
+    """Integers beyond 64 bits stay exact; other values come back in the json module's spelling."""
+    literal = str(2**70) if value == "2**70" else value
+    out = rewrite('{"a":' + literal + "}").body
+    assert b'{"a":' + written + b"," in out
 
 
-@settings(max_examples=400, deadline=None)
-@given(data=st.dictionaries(st.text(), _ANY_JSON, max_size=6),
-       pad=st.sampled_from(["", " ", "\n\t ", "\r\n", "\x0c", "\ufeff"]))
-def test_read_body_gives_the_json_module_answer(data: dict[str, Any], pad: str) -> None:
-    for ascii_only in (False, True):  # \u escapes (surrogates among them) and raw UTF-8
-        text = pad + json.dumps(data, ensure_ascii=ascii_only) + pad
-        body = text.encode("utf-8", "surrogatepass")
-        assert _outcome(parse_body, body, 1 << 20) == _outcome(
-            inject._parse_reference, body)
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.text(max_size=4), _NUMBERS), max_size=4))
-def test_read_body_numbers_as_the_json_module(pairs: list[tuple[str, str]]) -> None:
-    """Integers beyond 64 bits stay exact; infinities, NaN and bad literals as json says."""
-    body = ("{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in pairs) + "}").encode()
-    assert _outcome(parse_body, body, 1 << 20) == _outcome(inject._parse_reference, body)
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=60))
-def test_read_body_on_arbitrary_bytes(junk: bytes) -> None:
-    for body in (junk, b'{"a":' + junk + b"}", b'{"a":"' + junk + b'"}'):
-        assert _outcome(parse_body, body, 1 << 20) == _outcome(inject._parse_reference, body)
-
-
-@settings(max_examples=400, deadline=None)
-@given(data=st.dictionaries(st.text(), _ANY_JSON, max_size=6))
-def test_serialize_writes_the_json_module_bytes(data: dict[str, Any]) -> None:
-    """Floats (1e-07, not 1e-7), big integers and lone surrogates included."""
-    reference = _outcome(inject._serialize_reference, data)
-    assert _outcome(serialize, data) == reference
-    assert _outcome(serialize, data, inject.OTHER) == reference
-
-
-@pytest.mark.parametrize("value", [1e-7, 1e16, float("inf"), 2**64, -(2**63) - 1, "\ud800",
-                                   [1.5], {"x": [2**70]}])
-def test_serialize_edge_values(value: object) -> None:
-    data = {"a": value}
-    assert _outcome(serialize, data) == _outcome(inject._serialize_reference, data)
-
-
-@pytest.mark.parametrize("depth", [63, 64, 65, 200, 254, 255, 900, 1024, 1025, 5000])
-def test_deep_documents_are_read_or_refused_like_the_json_module(depth: int) -> None:
-    body = b'{"a":' + b"[" * depth + b"]" * depth + b"}"
-    assert _outcome(parse_body, body, 1 << 20) == _outcome(inject._parse_reference, body)
+@pytest.mark.parametrize(("body", "reason"), [
+    (b'{"a":1e400}', "out of range"), (b'{"a":-1e999}', "out of range"),
+    (b'{"a":"\\ud800"}', "invalid Unicode"),
+])
+def test_values_that_cannot_be_written_back_are_a_400(body: bytes, reason: str) -> None:
+    with pytest.raises(InjectionError, match=reason):
+        rewrite(body)
 
 
 @pytest.mark.parametrize("depth", [900, 990, 1024])
@@ -464,11 +393,3 @@ def test_deep_documents_give_a_400_not_a_crash(depth: int) -> None:
         assert "nested too deeply" in str(exc) or "not valid JSON" in str(exc)
     else:
         assert json.loads(result.body)["thirdUserId"] == USER
-
-
-def test_shape_of_what_read_body_returns() -> None:
-    assert inject.read_body(b'{"a":1,"b":"x","c":null,"d":true}', 100)[1] == inject.FLAT
-    assert inject.read_body(b'{"a":[1,{"b":2}]}', 100)[1] == inject.NESTED
-    assert inject.read_body(b'{"a":1.5}', 100)[1] == inject.OTHER
-    assert inject.read_body(b'{"a":18446744073709551616}', 100) == (
-        {"a": 18446744073709551616}, inject.OTHER)
