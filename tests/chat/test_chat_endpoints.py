@@ -301,6 +301,7 @@ async def test_rewrite_through_echo_upstream(site: Factory, caplog: pytest.LogCa
         "thirdUserName": "张三 & \"Bob\"", "thirdUserId": "admin", "tenantSpaceId": "999",
         "channelConfigId": "888", "locale": "en", "mapService": "google",
         "timestamp": 1700000000000, "secretKey": SECRET, "thirdPartAuthorization": "forged",
+        "thirdUserToken": "page-token",
     }
     caplog.set_level(logging.WARNING, logger="gateway.chat")
     async with browser() as b:
@@ -321,6 +322,7 @@ async def test_rewrite_through_echo_upstream(site: Factory, caplog: pytest.LogCa
         assert sent["thirdUserName"] == '张三 & "Bob"'
         assert sent["locale"] == "en" and sent["mapService"] == "google"
         assert sent["timestamp"] == 1700000000000
+        assert "thirdUserToken" not in sent  # authorization mode: the page's token stays here
         assert independent_verify(sent["thirdPartAuthorization"], name='张三 & "Bob"',
                                   user_id=guest_id)
         # Again from the same browser: same id, no new cookie, the warning only once.
@@ -361,7 +363,8 @@ async def test_logged_in_identity_and_tokens(site: Factory) -> None:
     s = await site(cec=cec, signer=None, identify=identify, token_for=token_for)
     assert CLIENT in s.chat.rewrite_paths()
     async with aiohttp.ClientSession() as b:
-        async with b.post(s.url(CLIENT), json={"thirdUserName": "Eve", "thirdUserToken": "x"},
+        async with b.post(s.url(CLIENT), json={"thirdUserName": "Eve", "thirdUserToken": "x",
+                                               "thirdPartAuthorization": "auth-v2/page/x/y/z"},
                           headers={"Cookie": "session=alice"}) as r:
             assert r.status == 200
             assert "Set-Cookie" not in r.headers

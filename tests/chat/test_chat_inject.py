@@ -9,24 +9,28 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import unicodedata
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import SecretStr
 
 from gateway.chat.inject import (
     InjectionError,
     RewriteResult,
     clean_user_name,
     effective_user_name,
+    fold_key,
     parse_body,
     rewrite_third_user_data,
 )
 from gateway.errors import BadRequest, GatewayError
+from gateway.sandbox.authv2 import AuthV2Error, AuthV2Verifier
 from gateway.signing import Signer
 
 SECRET = "aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5bC7dE9f"
@@ -393,3 +397,217 @@ def test_deep_documents_give_a_400_not_a_crash(depth: int) -> None:
         assert "nested too deeply" in str(exc) or "not valid JSON" in str(exc)
     else:
         assert json.loads(result.body)["thirdUserId"] == USER
+
+
+# ------------------------------------------------------------------ body cases
+
+REFUSED = {
+    "array": b"[]", "string": b'"x"', "number": b"1", "truncated value": b'{"a":"b"',
+    "truncated after colon": b'{"a":', "truncated key": b'{"a', "two objects": b"{}{}",
+    "trailing comma": b'{"a":1,}', "leading zero": b'{"a":01}', "raw control": b'{"a":"\x01"}',
+    "raw newline in key": b'{"a\nb":1}', "overlong UTF-8": b'{"a":"\xc0\xaf"}',
+    "encoded surrogate": b'{"a":"\xed\xa0\x80"}', "cut UTF-8": b'{"a":"\xe4\xb8"}',
+    "invalid byte in key": b'{"\xff":1}', "form feed after": b'{"a":1}\f',
+    "vertical tab": b"{\v}", "no-break space": b"{}\xc2\xa0", "comment": b'{"a":1} //',
+    "lone surrogate escape": b'{"a":"\\ud800"}',
+}
+
+
+@pytest.mark.parametrize("body", REFUSED.values(), ids=REFUSED.keys())
+def test_refused_bodies(body: bytes) -> None:
+    with pytest.raises(InjectionError):
+        rewrite(body)
+
+
+def test_empty_object_gets_every_forced_field_in_order() -> None:
+    out = decode(rewrite(b" {\n} "))
+    assert list(out) == ["thirdUserName", "thirdUserId", "tenantSpaceId", "channelConfigId",
+                         "timestamp", "thirdPartAuthorization"]
+    assert_forced(out, "Guest-012345")
+    assert out["timestamp"] == NOW_MS
+
+
+def test_page_keys_keep_their_position() -> None:
+    body = '{"timestamp":1,"thirdPartAuthorization":"forged","a":"b","thirdUserId":"evil"}'
+    out = decode(rewrite(body))
+    assert list(out) == ["timestamp", "thirdPartAuthorization", "a", "thirdUserId",
+                         "thirdUserName", "tenantSpaceId", "channelConfigId"]
+    assert out["timestamp"] == 1
+    assert_forced(out, "Guest-012345")
+
+
+@pytest.mark.parametrize("stamp", ["0", "1700000000000", "-5", "123456789012345678"])
+def test_integer_timestamp_is_kept(stamp: str) -> None:
+    assert decode(rewrite('{"timestamp":' + stamp + "}"))["timestamp"] == int(stamp)
+
+
+@pytest.mark.parametrize("stamp", ['"2020-01-01"', '""', "true", "false", "null", "[1]"])
+def test_other_timestamp_is_replaced_in_place(stamp: str) -> None:
+    out = decode(rewrite('{"a":1,"timestamp":' + stamp + ',"b":2}'))
+    assert out["timestamp"] == NOW_MS
+    assert list(out)[:3] == ["a", "timestamp", "b"]
+
+
+@pytest.mark.parametrize(("name", "want"), [
+    ("  Alice  ", "Alice"), ("ab cd ef", "ab cd"), ("abcde f", "abcde"), ("     ", "Guest-"),
+    ("", "Guest-"), (" a ", "a"),
+])
+def test_names_are_cut_to_the_limit_then_trimmed(name: str, want: str) -> None:
+    out = decode(rewrite(json.dumps({"thirdUserName": name}), max_name_length=6))
+    assert out["thirdUserName"] == want
+
+
+def test_user_id_that_cannot_be_encoded_is_a_400() -> None:
+    with pytest.raises(InjectionError):
+        rewrite("{}", user_id="guest-\ud800")
+
+
+# ------------------------------------------------------------------ credentials per mode
+# Only the credential the gateway sets reaches the CEC (issue 13): in authorization mode the
+# page's token is removed, in token mode the page's signature.
+
+PAGE_CREDENTIALS = '{"thirdPartAuthorization":"page-signature","thirdUserToken":"page-token"}'
+
+
+def test_authorization_mode_removes_the_page_token() -> None:
+    out = decode(rewrite(PAGE_CREDENTIALS))
+    assert "thirdUserToken" not in out
+    assert_forced(out, "Guest-012345")
+
+
+def test_token_mode_removes_the_page_signature() -> None:
+    out = decode(rewrite(PAGE_CREDENTIALS, signer=None, token="tok-1"))
+    assert "thirdPartAuthorization" not in out
+    assert out["thirdUserToken"] == "tok-1"
+
+
+def test_both_credentials_set_when_the_gateway_has_both() -> None:
+    out = decode(rewrite(PAGE_CREDENTIALS, token="tok-1"))
+    assert out["thirdUserToken"] == "tok-1"
+    assert_forced(out, "Guest-012345")
+
+
+def test_neither_credential_when_the_gateway_sets_none() -> None:
+    out = decode(rewrite(PAGE_CREDENTIALS, signer=None))
+    assert "thirdPartAuthorization" not in out and "thirdUserToken" not in out
+
+
+# ------------------------------------------------------------------ look-alike keys
+
+MANAGED = ("thirdUserName", "thirdUserId", "tenantSpaceId", "channelConfigId",
+           "thirdPartAuthorization", "thirdUserToken")
+
+
+def _look_alikes(name: str) -> list[str]:
+    """Spellings of ``name`` that a lenient parser (Java equalsIgnoreCase, JS toUpperCase,
+    NFKC, accent- or separator-insensitive matching) could map onto it."""
+    out = [name.lower(), name.upper(), name[0].upper() + name[1:], fullwidth(name),
+           name[:5] + "\u200b" + name[5:], name[:5] + "_" + name[5:], name + " ",
+           name[:3] + "\u00ad" + name[3:], name + "\U000e0041"]
+    for ascii_char, tricks in {"i": ("\u0131", "\u0130"), "s": ("\u017f",), "k": ("\u212a",),
+                               "a": ("\u00e0", "a\u0301", "\U0001d41a")}.items():
+        for trick in tricks:
+            for variant in (name, name.lower()):
+                at = variant.lower().find(ascii_char)
+                if at >= 0:
+                    out.append(variant[:at] + trick + variant[at + 1:])
+    return [k for k in dict.fromkeys(out) if k != name]
+
+
+LOOK_ALIKE_CASES = [(name, alike) for name in (*MANAGED, "secretKey")
+                    for alike in _look_alikes(name)]
+
+
+def test_every_managed_field_has_tricky_look_alikes() -> None:
+    """The table reaches every field with the letters Unicode case mapping tricks on."""
+    tricks = {"\u0131", "\u017f", "\u212a"}
+    covered = {name for name, alike in LOOK_ALIKE_CASES if tricks & set(alike)}
+    assert covered == {*MANAGED, "secretKey"}
+
+
+@pytest.mark.parametrize(("name", "alike"), LOOK_ALIKE_CASES,
+                         ids=[repr(a) for _, a in LOOK_ALIKE_CASES])
+def test_look_alike_keys_never_reach_the_cec(name: str, alike: str) -> None:
+    for signer, token in ((Signer(CHANNEL, SECRET), None), (None, "tok-1")):
+        result = rewrite(json.dumps({alike: "999", "a": 1}), signer=signer, token=token)
+        out = decode(result)
+        assert alike not in out, f"{alike!r} ({name}) forwarded"
+        assert out["a"] == 1
+        assert "999" not in json.dumps(out)
+        if name == "secretKey":
+            assert result.stripped_secret
+
+
+def _lenient_images(c: str) -> set[str]:
+    """What case mapping and compatibility normalisation turn ``c`` into, letters and
+    digits only."""
+    forms = (c.upper(), c.lower(), c.casefold(), c.upper().lower(),
+             unicodedata.normalize("NFKC", c), unicodedata.normalize("NFKD", c))
+    return {"".join(ch for ch in unicodedata.normalize("NFKD", f) if ch.isalnum())
+            for f in forms}
+
+
+def test_fold_key_agrees_with_every_ascii_case_mapping() -> None:
+    """Every code point that some case mapping or normalisation turns into ASCII letters or
+    digits folds exactly to them (U+0131 to i, U+017F to s, U+212A to k, ...)."""
+    wrong = []
+    ascii_alnum = re.compile("[0-9A-Za-z]")
+    for cp in range(0x110000):
+        if 0xD800 <= cp <= 0xDFFF:
+            continue
+        c = chr(cp)
+        probe = c.upper() + c.lower() + c.casefold() + unicodedata.normalize("NFKD", c)
+        if not ascii_alnum.search(probe):
+            continue  # nothing ASCII can come out of it (fast path of this test)
+        for image in _lenient_images(c):
+            if image and image.isascii() and fold_key(c) != image.lower():
+                wrong.append((hex(cp), image, fold_key(c)))
+    assert not wrong, wrong[:20]
+    assert fold_key("th\u0131rdUserId") == fold_key("thirdUserId")
+
+
+# ------------------------------------------------------------------ the CEC's verifier
+# The sandbox's verifier (gateway/sandbox/authv2.py) shares no code with gateway.signing:
+# whatever the page sends, the forwarded body verifies there for the forced identity.
+
+SIGNERS = {
+    "default": Signer(CHANNEL, SECRET),
+    "type only, two fields reordered": Signer(
+        "ak-1", SECRET, signed_headers=("Content-Type",),
+        content_type="application/json; charset=utf-8",
+        payload_fields=("thirdUserId", "thirdUserName")),
+    "length only, three fields": Signer(
+        "ak-2", SECRET, signed_headers=("Content-Length",),
+        payload_fields=("channelConfigId", "tenantSpaceId", "thirdUserId")),
+}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(label=st.sampled_from(sorted(SIGNERS)),
+       pairs=st.lists(st.tuples(hostile_keys, json_values), max_size=6),
+       name=st.text(max_size=80), user=st.text(max_size=20),
+       now_ms=st.integers(946_684_800_000, 4_102_444_800_000))
+def test_forwarded_body_verifies_with_the_sandbox_verifier(
+        label: str, pairs: list[tuple[str, Any]], name: str, user: str, now_ms: int) -> None:
+    signer = SIGNERS[label]
+    pairs.append(("thirdUserName", name))
+    body = "{" + ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in pairs) + "}"
+    uid = "guest-" + user.encode().hex()[:20]
+    now = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=now_ms)
+    try:
+        out = decode(rewrite(body, signer=signer, user_id=uid, now=now))
+    except InjectionError:
+        assert "\\ud" in body.lower()  # only a lone surrogate cannot be written back
+        return
+    verifier = AuthV2Verifier(
+        access_key=signer.access_key, secret_key=SecretStr(SECRET),
+        signed_headers=signer.signed_headers, content_type=signer.content_type,
+        payload_fields=signer.payload_fields, clock=lambda: now_ms / 1000)
+    parsed = verifier.verify(out["thirdPartAuthorization"], method="POST", uri=URI, body=out)
+    assert parsed.timestamp == signer.timestamp_at(now_ms)
+    assert (out["thirdUserId"], out["tenantSpaceId"], out["channelConfigId"]) == (
+        uid, TENANT, CHANNEL)
+    with pytest.raises(AuthV2Error) as refused:
+        verifier.verify(out["thirdPartAuthorization"], method="POST", uri=URI,
+                        body={**out, "thirdUserId": uid + "x"})
+    assert refused.value.reason == "signature"
