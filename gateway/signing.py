@@ -8,7 +8,6 @@ an operator must be able to adjust them without a code change.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 from collections.abc import Mapping, Sequence
@@ -62,6 +61,7 @@ _UNRESERVED = frozenset(
 )
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLISECOND = timedelta(milliseconds=1)
+_compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _ENCODED = tuple(chr(b) if b in _UNRESERVED else f"%{b:02X}" for b in range(256))
 
 
@@ -86,7 +86,7 @@ def auth_string_prefix(access_key: str, timestamp: str, names: Sequence[str]) ->
 
 def _hmac_hex(key: str, msg: str) -> str:
     """Lower-case hex of HMAC-SHA256 over UTF-8 ``key`` and ``msg``."""
-    return hmac.new(key.encode("utf-8"), msg.encode("utf-8"), hashlib.sha256).hexdigest()
+    return hmac.digest(key.encode("utf-8"), msg.encode("utf-8"), "sha256").hex()
 
 
 def signing_key(secret: str, prefix: str) -> str:
@@ -164,9 +164,7 @@ def signed_payload(
     missing = [f for f in fields if f not in data]
     if missing:
         raise SigningError(f"payload field missing: {', '.join(missing)}")
-    return json.dumps(
-        {f: data[f] for f in fields}, ensure_ascii=False, separators=(",", ":"), allow_nan=False
-    )
+    return _compact_json({f: data[f] for f in fields})
 
 
 def default_headers(payload: str, content_type: str = DEFAULT_CONTENT_TYPE) -> dict[str, str]:

@@ -17,6 +17,7 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 
 from gateway.errors import BadRequest
 from gateway.signing import DEFAULT_URI, Signer, SigningError, epoch_ms
@@ -67,6 +68,7 @@ class RewriteResult:
     stripped_secret: bool
 
 
+@lru_cache(maxsize=1024)  # a widget sends the same few keys on every page view
 def fold_key(key: str) -> str:
     """``key`` as the most lenient parser downstream could compare it (look-alike detection).
 
