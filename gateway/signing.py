@@ -12,6 +12,7 @@ import hmac
 import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from gateway.errors import GatewayError
@@ -154,7 +155,13 @@ def format_epoch_ms(ms: int, fmt: str = DEFAULT_TIMESTAMP_FORMAT) -> str:
     """``format_timestamp`` of the instant ``ms`` milliseconds after the epoch."""
     seconds, millis = divmod(ms, 1000)
     # {ms} is substituted after strftime; digits are inert to it.
-    return (_EPOCH + timedelta(seconds=seconds)).strftime(fmt).replace("{ms}", f"{millis:03d}")
+    return _strftime(seconds, fmt).replace("{ms}", f"{millis:03d}")
+
+
+@lru_cache(maxsize=64)
+def _strftime(epoch_seconds: int, fmt: str) -> str:
+    # Every signature of the same second has the same text up to {ms}; strftime is slow.
+    return (_EPOCH + timedelta(seconds=epoch_seconds)).strftime(fmt)
 
 
 def signed_payload(

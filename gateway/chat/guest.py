@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from functools import lru_cache
 from typing import Any
 
 import itsdangerous
@@ -26,7 +27,7 @@ _SALT = b"gateway.chat.guest"
 class GuestCookies:
     """Reads, mints and formats the signed guest-id cookie."""
 
-    __slots__ = ("_cookie_re", "_signer", "cookie_name", "max_age", "secure")
+    __slots__ = ("_cookie_re", "_signer", "_verified", "cookie_name", "max_age", "secure")
 
     def __init__(
         self,
@@ -47,6 +48,9 @@ class GuestCookies:
         # One "name=value" pair of a Cookie header whose name is ours (blanks around the name
         # and the value as str.strip() sees them: \s is the same Unicode whitespace).
         self._cookie_re = re.compile(r"(?:^|;)\s*" + re.escape(cookie_name) + r"\s*=([^;]*)")
+        # A browser sends the same cookie on every request: each distinct value is verified
+        # once (an entry is only reachable by presenting that signed value again).
+        self._verified = lru_cache(maxsize=4096)(self._verify)
         self.secure = secure
         self.max_age = max_age
 
@@ -70,8 +74,9 @@ class GuestCookies:
 
     def read_value(self, value: str | None) -> str | None:
         """The guest id inside a cookie value, or None when absent, malformed or tampered."""
-        if not value:
-            return None
+        return self._verified(value) if value else None
+
+    def _verify(self, value: str) -> str | None:
         try:
             raw = self._signer.unsign(value.encode("ascii"))
         except (itsdangerous.BadSignature, UnicodeEncodeError):
