@@ -63,7 +63,8 @@ _UNRESERVED = frozenset(
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLISECOND = timedelta(milliseconds=1)
 _compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-_ENCODED = tuple(chr(b) if b in _UNRESERVED else f"%{b:02X}" for b in range(256))
+# Byte value -> its text in a normalised string (str.translate over the bytes as Latin-1).
+_ENCODED = {b: chr(b) if b in _UNRESERVED else f"%{b:02X}" for b in range(256)}
 
 
 class SigningError(GatewayError):
@@ -72,7 +73,7 @@ class SigningError(GatewayError):
 
 def normalize(s: str) -> str:
     """Percent-encode ``s`` byte by byte (UTF-8), keeping only ``A-Z a-z 0-9 - . _ ~``."""
-    return "".join(map(_ENCODED.__getitem__, s.encode("utf-8")))
+    return s.encode("utf-8").decode("latin-1").translate(_ENCODED)
 
 
 def signed_headers_line(names: Sequence[str] | Mapping[str, str]) -> str:
@@ -321,16 +322,15 @@ class Signer:
         Values come from ``headers`` (case-insensitive) over the defaults; a configured header
         that has no value raises SigningError.
         """
-        available = {
-            k.lower(): (k, v) for k, v in default_headers(payload, self.content_type).items()
-        }
-        available.update({k.strip().lower(): (k, v) for k, v in (headers or {}).items()})
+        available = {k.lower(): v for k, v in default_headers(payload, self.content_type).items()}
+        if headers:
+            available.update({k.strip().lower(): v for k, v in headers.items()})
         chosen: dict[str, str] = {}
         for name in self.signed_headers:
-            entry = available.get(name.strip().lower())
-            if entry is None:
+            value = available.get(name.strip().lower())
+            if value is None:
                 raise SigningError(f"no value for signed header {name}")
-            chosen[name] = entry[1]
+            chosen[name] = value
         return chosen
 
     def sign_payload(

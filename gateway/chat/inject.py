@@ -203,9 +203,13 @@ def _unmanaged(data: Mapping[str, object]) -> tuple[dict[str, object], bool]:
             folded = fold_key(key)
             if folded == _FOLDED_SECRET:
                 stripped = True
-            elif _FOLDED_MANAGED.get(folded, key) == key:  # not a look-alike
+            elif _FOLDED_MANAGED.get(folded, key) != key:
+                pass  # a look-alike of an identity field: never forwarded
+            elif isinstance(value, dict | list):
                 out[key], inner = _strip_secrets(value)
                 stripped = stripped or inner
+            else:
+                out[key] = value
     except RecursionError:
         raise InjectionError("thirdUserData is nested too deeply") from None
     return out, stripped
