@@ -22,6 +22,9 @@ GUEST_ID_RE = re.compile(r"^guest-[0-9a-f]{20}$")
 # RFC 6265 cookie-name token characters.
 _COOKIE_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _SALT = b"gateway.chat.guest"
+# A signed value is ``guest-`` + 20 hex + "." + 43 base64 characters; anything much longer
+# cannot verify, and must not fill the cache of verified values with large strings.
+_MAX_VALUE_LENGTH = 128
 
 
 class GuestCookies:
@@ -74,7 +77,9 @@ class GuestCookies:
 
     def read_value(self, value: str | None) -> str | None:
         """The guest id inside a cookie value, or None when absent, malformed or tampered."""
-        return self._verified(value) if value else None
+        if not value or len(value) > _MAX_VALUE_LENGTH:
+            return None
+        return self._verified(value)
 
     def _verify(self, value: str) -> str | None:
         try:

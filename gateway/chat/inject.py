@@ -68,7 +68,6 @@ class RewriteResult:
     stripped_secret: bool
 
 
-@lru_cache(maxsize=1024)  # a widget sends the same few keys on every page view
 def fold_key(key: str) -> str:
     """``key`` as the most lenient parser downstream could compare it (look-alike detection).
 
@@ -79,8 +78,17 @@ def fold_key(key: str) -> str:
     (accents, zero-width and separator characters dropped, as accent-insensitive
     collations and "normalising" parsers do).
     """
+    # A widget sends the same few short keys on every page view; long (page-chosen) keys
+    # are folded each time rather than kept.
+    return _fold_short(key) if len(key) <= 64 else _fold(key)
+
+
+def _fold(key: str) -> str:
     text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", key).upper().casefold())
     return "".join(c for c in text if c.isalnum())
+
+
+_fold_short = lru_cache(maxsize=1024)(_fold)
 
 
 _FOLDED_MANAGED = {fold_key(name): name for name in MANAGED_FIELDS}

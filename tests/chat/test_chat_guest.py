@@ -162,3 +162,16 @@ _pair = st.tuples(_blank, st.sampled_from(["cec_guest", "xcec_guest", "cec_guest
 def test_read_cookie_header_equals_the_split_reader(pairs: list[str], sep: str) -> None:
     header = sep.join(pairs)
     assert _G.read_cookie_header(header) == _reference_read(_G, header)
+
+
+def test_long_values_are_refused_without_being_kept() -> None:
+    """A real value is about 70 characters; a long one cannot verify and is not cached."""
+    g = GuestCookies(KEY)
+    gid = g.new_id()
+    value = g.value_for(gid)
+    assert len(value) < 100
+    assert g.read_value(value) == gid
+    assert g.read_value(value + "x" * 200) is None
+    assert g.read_cookie_header("cec_guest=" + "y" * 8000) is None
+    info = g._verified.cache_info()
+    assert info.currsize == 1  # only the real value was verified (and kept)

@@ -503,7 +503,7 @@ def _look_alikes(name: str) -> list[str]:
     NFKC, accent- or separator-insensitive matching) could map onto it."""
     out = [name.lower(), name.upper(), name[0].upper() + name[1:], fullwidth(name),
            name[:5] + "\u200b" + name[5:], name[:5] + "_" + name[5:], name + " ",
-           name[:3] + "\u00ad" + name[3:], name + "\U000e0041"]
+           name[:3] + "\u00ad" + name[3:], name + "\U000e0041", name + "\u200b" * 80]
     for ascii_char, tricks in {"i": ("\u0131", "\u0130"), "s": ("\u017f",), "k": ("\u212a",),
                                "a": ("\u00e0", "a\u0301", "\U0001d41a")}.items():
         for trick in tricks:
