@@ -8,6 +8,7 @@ an operator must be able to adjust them without a code change.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 from collections.abc import Mapping, Sequence
@@ -259,6 +260,7 @@ class Signer:
     """Signs payloads for one channel; holds the secret and never shows it."""
 
     __slots__ = (
+        "_keyed",
         "_last_key",
         "_secret",
         "access_key",
@@ -290,10 +292,11 @@ class Signer:
         self.content_type = content_type
         self.payload_fields: tuple[str, ...] = tuple(payload_fields)
         self.timestamp_format = timestamp_format
-        # (authStringPrefix, signing key) of the last signature: the key depends on the
-        # prefix alone (access key, timestamp, header names), which signatures made in the
-        # same millisecond share.
-        self._last_key: tuple[str, str] | None = None
+        # HMAC objects already keyed (hmac's copy() is its way to reuse a key): the secret,
+        # and the signing key of the last authStringPrefix, which depends on the prefix
+        # alone (access key, timestamp, header names).
+        self._keyed = hmac.new(secret_key.encode("utf-8"), digestmod=hashlib.sha256)
+        self._last_key: tuple[str, hmac.HMAC] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -348,9 +351,13 @@ class Signer:
         prefix = auth_string_prefix(self.access_key, ts, list(signed))
         last = self._last_key
         if last is None or last[0] != prefix:
-            last = self._last_key = (prefix, signing_key(self._secret, prefix))
-        request = canonical_request(method, uri, signed, payload)
-        return f"{prefix}/{signature(last[1], request)}"
+            derive = self._keyed.copy()
+            derive.update(prefix.encode("utf-8"))
+            key = derive.hexdigest().encode("ascii")  # signing_key(secret, prefix)
+            last = self._last_key = (prefix, hmac.new(key, digestmod=hashlib.sha256))
+        mac = last[1].copy()
+        mac.update(canonical_request(method, uri, signed, payload).encode("utf-8"))
+        return f"{prefix}/{mac.hexdigest()}"  # signature(signing key, canonical request)
 
     def payload_for(self, data: Mapping[str, object]) -> str:
         """The payload text of the configured fields of ``data``."""

@@ -144,7 +144,9 @@ def _reject_constant(name: str) -> object:
 
 
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
-_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+# A parsed document has no reference cycles to look for.
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False,
+                            check_circular=False)
 
 
 def parse_body(body: bytes, max_size: int) -> dict[str, object]:
