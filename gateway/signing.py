@@ -99,11 +99,12 @@ def signing_key(secret: str, prefix: str) -> str:
 
 def canonical_headers(headers: Mapping[str, str]) -> str:
     """``normalize(lower(name)) + ":" + normalize(trim(value))`` per header, sorted, ``\\n``."""
-    lines = (
-        f"{normalize(name.strip().lower())}:{normalize(value.strip())}"
-        for name, value in headers.items()
-    )
-    return "\n".join(sorted(lines))
+    return "\n".join(sorted(_header_line(name, value) for name, value in headers.items()))
+
+
+@lru_cache(maxsize=256)  # the configured names with a handful of values (mostly lengths)
+def _header_line(name: str, value: str) -> str:
+    return f"{normalize(name.strip().lower())}:{normalize(value.strip())}"
 
 
 def canonical_request(method: str, uri: str, headers: Mapping[str, str], payload: str) -> str:
