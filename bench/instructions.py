@@ -11,7 +11,8 @@ is doing.
     .venv/bin/python bench/instructions.py                 # 2,000 requests per scenario
     .venv/bin/python bench/instructions.py -n 500          # quicker
 
-Scenarios: 1 KiB GET through the textbook aiohttp proxy and through the gateway; the chat
+Scenarios: 1 KiB GET through the textbook aiohttp proxy and through the gateway (also with
+every request traced: OpenTelemetry at ratio 1.0, spans exported to a local sink); the chat
 script POST through the gateway, plain and with injection (with the guest cookie a browser
 sends back after its first visit). Needs valgrind (Debian package ``valgrind``).
 """
@@ -157,6 +158,24 @@ def main() -> int:
         if args.only != "post":
             results["gateway: 1 KiB GET"] = measure("gateway-get", argv, port, env, tmp,
                                                     get("/1k.bin"), args.n)
+            # The same with every request traced (ratio 1.0), spans exported over OTLP/HTTP
+            # to a sink that reads and acknowledges them, with the SDK's default batching;
+            # the exporting thread's work counts.
+            sink_port = free_port()
+            sink = procs.start("otlp-sink", [py, str(BENCH_DIR / "sink.py"), "--port",
+                                             str(sink_port)], env=env, cwd=PROJECT_DIR)
+            if not wait_port(sink_port, proc=sink):
+                raise RuntimeError(procs.log_tail("otlp-sink"))
+            traced = tmp / "gateway-traced.yaml"
+            traced.write_text(gateway_config_yaml(
+                port, [{"prefix": "/", "upstream": f"http://127.0.0.1:{origin_port}/"}],
+                extra=cec + f"tracing: {{endpoint: 'http://127.0.0.1:{sink_port}',"
+                            " sampler_ratio: 1.0}\n"))
+            results["gateway: 1 KiB GET, traced (ratio 1.0)"] = measure(
+                "gateway-traced", [*argv[:argv.index(str(config))], str(traced),
+                                   *argv[argv.index(str(config)) + 1:]],
+                port, env, tmp, get("/1k.bin"), args.n)
+            procs.stop(sink)
         if args.only == "get":
             return report(results, args.n, args.json)
 
@@ -187,6 +206,10 @@ def report(results: dict[str, float], n: int, json_path: Path | None) -> int:
     if tb and gw:
         ratios["textbook_over_gateway_get"] = tb / gw
         print(f"  textbook / gateway, 1 KiB GET: {tb / gw:.2f}x the work")
+    traced = results.get("gateway: 1 KiB GET, traced (ratio 1.0)")
+    if gw and traced:
+        ratios["traced_over_gateway_get"] = traced / gw
+        print(f"  traced / untraced, 1 KiB GET: {traced / gw:.2f}x the work")
     plain = results.get("gateway: chat POST, plain")
     inj = results.get("gateway: chat POST, injection")
     if plain and inj:

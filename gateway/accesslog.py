@@ -1,17 +1,22 @@
-"""One access-log line per request through the ``gateway.access`` logger (text or JSON).
+"""One access-log line per request through the ``gateway.access`` logger.
 
-Never logged: query strings, cookies, tokens, Authorization. The path is logged without its
-query string because integrators put tokens there.
+With ``--log-format json`` the line is an ECS document (gateway/logs.py); the fields are
+built here from values already at hand (one nested dict, no formatter walk), named as in the
+Elastic Common Schema, with the gateway's own facts under ``gateway.*``. With the text
+format the same facts make one nginx-like line.
+
+Never logged: query strings, cookies, tokens, Authorization, or any header value except two
+that every proxy's access log carries, each cleaned first: ``User-Agent`` (printable ASCII,
+at most 256 characters, others replaced by ``?``) and ``Host`` (only when it is a well-formed
+host name or address with an optional port; otherwise left out). The path is logged without
+its query string because integrators put tokens there.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import time
-from typing import TYPE_CHECKING
-
-from aiohttp import web
+import re
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gateway.proxy import Exchange
@@ -19,41 +24,46 @@ if TYPE_CHECKING:
 
 access_logger = logging.getLogger("gateway.access")
 
+_UA_MAX = 256
+_UNSAFE = re.compile(r'[^\x20-\x7e]|["\\]')
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9_.-]{1,253})(?::\d{1,5})?")
 
-class JsonFormatter(logging.Formatter):
-    """A log record as one JSON object; ``extra={"fields": {...}}`` is merged in."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, object] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            out.update(fields)
-        else:
-            out["message"] = record.getMessage()
-        if record.exc_info:
-            out["error"] = self.formatException(record.exc_info).splitlines()[-1]
-        return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+def clean_user_agent(value: str | None) -> str | None:
+    """The User-Agent as logged: printable ASCII, no quotes or backslashes, 256 at most."""
+    if not value:
+        return None
+    return _UNSAFE.sub("?", value[:_UA_MAX])
+
+
+def clean_host(value: str | None) -> str | None:
+    """The Host header as logged, lower-case, or None unless it is a well-formed host."""
+    if not value or len(value) > 261 or not _HOST.fullmatch(value):
+        return None
+    return value.lower()
+
+
+def split_host(host: str) -> tuple[str, int | None]:
+    """``example.com:8443`` -> (``example.com``, 8443); ``[::1]`` -> (``::1``, None)."""
+    name, sep, port = host.rpartition(":")
+    if sep and port.isdigit() and (not name.startswith("[") or name.endswith("]")):
+        return name.strip("[]"), int(port)
+    return host.strip("[]"), None
+
+
+def tls_version(ex: Exchange) -> str | None:
+    """``1.3`` for a TLS 1.3 client connection, None for plain HTTP."""
+    transport = ex.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return None
+    version: str | None = ssl_object.version()  # "TLSv1.3"
+    return version.removeprefix("TLSv") if version else None
 
 
 class AccessLog:
     def __init__(self, *, enabled: bool = True) -> None:
         self.enabled = enabled
-
-    def log(self, request: web.BaseRequest, client_ip: str, request_id: str,
-            resp: web.StreamResponse | None, route: CompiledRoute | None, ex: Exchange,
-            duration: float) -> None:
-        if not self.enabled or not access_logger.isEnabledFor(logging.INFO):
-            return
-        status = resp.status if resp is not None else 499
-        if not ex.upstream_status and isinstance(resp, web.Response) and resp.body is not None:
-            ex.bytes_out = len(resp.body) if isinstance(resp.body, bytes | bytearray) else 0
-        self.log_exchange(client_ip, request_id, request.method, request.raw_path,
-                          request.version.minor, status, route, ex, duration)
 
     def log_exchange(self, client_ip: str, request_id: str, method: str, raw_path: str,
                      minor: int, status: int, route: CompiledRoute | None, ex: Exchange,
@@ -61,25 +71,52 @@ class AccessLog:
         if not self.enabled or not access_logger.isEnabledFor(logging.INFO):
             return
         path = raw_path.partition("?")[0]
-        route_name = route.name if route else None
-        fields = {
-            "request_id": request_id,
-            "client_ip": client_ip,
-            "method": method,
-            "path": path,
-            "status": status,
-            "bytes_in": ex.bytes_in,
-            "bytes_out": ex.bytes_out,
-            "duration_ms": round(duration * 1000, 3),
-            "route": route_name,
-            "upstream_status": ex.upstream_status or None,
-            "upstream_ms": round(ex.upstream_time * 1000, 3) if ex.upstream_status else None,
+        headers = ex.headers
+        user_agent = clean_user_agent(headers.get("User-Agent")) if headers is not None else None
+        host = clean_host(headers.get("Host")) if headers is not None else None
+        http: dict[str, Any] = {
+            "version": f"1.{minor}",
+            "request": {"id": request_id, "method": method, "body": {"bytes": ex.bytes_in}},
+            "response": {"status_code": status, "body": {"bytes": ex.bytes_out}},
         }
+        url: dict[str, Any] = {"path": path}
+        fields: dict[str, Any] = {
+            "event": {"dataset": "gateway.access", "duration": round(duration * 1e9)},
+            "client": {"ip": client_ip},
+            "http": http,
+            "url": url,
+        }
+        if host is not None:
+            url["domain"], port = split_host(host)
+            if port is not None:
+                url["port"] = port
+        if user_agent is not None:
+            fields["user_agent"] = {"original": user_agent}
+        tls = tls_version(ex)
+        if tls is not None:
+            fields["tls"] = {"version": tls, "version_protocol": "tls"}
+        if route is not None:
+            up = route.upstream
+            fields["destination"] = {"address": up.host, "port": up.port}
+            gateway: dict[str, Any] = {"route": route.name}
+            fields["gateway"] = gateway
+            if ex.upstream_status:
+                gateway["upstream"] = {"status_code": ex.upstream_status,
+                                       "duration": round(ex.upstream_time * 1e9)}
+        trace = ex.trace
+        ids = trace.ids() if trace is not None else None
+        if ids is not None:
+            fields["trace"] = {"id": ids[0]}
+            fields["span"] = {"id": ids[1]}
         if ex.error:
-            fields["error"] = ex.error
+            fields["error"] = {"message": ex.error}
         access_logger.info(
-            "%s %s %s HTTP/1.%d %d %d/%d %.1fms route=%s upstream=%s rid=%s",
+            '%s %s %s HTTP/1.%d %d %d/%d %.1fms host=%s ua="%s" tls=%s route=%s upstream=%s%s '
+            "rid=%s%s",
             client_ip, method, path, minor, status, ex.bytes_in, ex.bytes_out,
-            duration * 1000, route_name, ex.upstream_status or "-", request_id,
-            extra={"fields": fields},
+            duration * 1000, host or "-", user_agent or "-", tls or "-",
+            route.name if route else None, ex.upstream_status or "-",
+            f"@{route.upstream.host_header}" if route else "", request_id,
+            f" trace={ids[0]} span={ids[1]}" if ids else "",
+            extra={"access": fields},
         )

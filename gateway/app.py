@@ -4,27 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from urllib.parse import unquote
+from typing import TYPE_CHECKING
 
 from aiohttp import web
+from yarl import URL
 
-from gateway.accesslog import AccessLog
+from gateway.accesslog import AccessLog, clean_host, clean_user_agent
+from gateway.boundary import ClientScripts, OwnPages, compile_policies
 from gateway.config import Config
 from gateway.cors import CorsPolicy
 from gateway.errors import (
     BadRequest,
     PayloadTooLarge,
+    RetryWithCookie,
     ServiceUnavailable,
     Unauthorized,
     UpstreamError,
     UpstreamTimeout,
     UpstreamTLSError,
 )
-from gateway.headers import Forwarded, TrustedProxies, forwarded_for
+from gateway.headers import Forwarded, TrustedProxies, forwarded_for, valid_host
 from gateway.keys import CLIENT_IP, REQUEST_ID
 from gateway.metrics import Metrics
 from gateway.proxy import (
@@ -39,6 +43,9 @@ from gateway.routing import CompiledRoute, RouteTable, compile_route, normalize_
 from gateway.upstream import UpstreamPool
 from gateway.websocket import Splice, splice
 
+if TYPE_CHECKING:
+    from gateway.tracing import Tracing
+
 log = logging.getLogger("gateway.app")
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -48,13 +55,29 @@ BodyRewriter = Callable[[web.BaseRequest, bytes], Awaitable[tuple[bytes, list[tu
 
 
 
-def rewrite_key(path: str) -> str:
-    """``path`` as an upstream may serve it: %XX decoded, ``;params`` dropped per segment.
+# RFC 9112 3.2.2's absolute-form: "http" or "https", an authority of a host name, IPv4 or
+# bracketed IPv6 literal and an optional port (no userinfo: RFC 9110 4.2.4), then the path.
+_ABSOLUTE = re.compile(
+    r"^[Hh][Tt][Tt][Pp][Ss]?://"
+    r"((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
+    r"[A-Za-z0-9])?\.?|\[[0-9A-Fa-f:.]{2,45}\])(:[0-9]{1,5})?([/?].*)?$", re.DOTALL)
 
-    The CEC may decode ``newThirdPartyClient%2Ejs`` or ignore ``;x=1`` (servlet path
-    parameters); such spellings must not slip past the body rewrite.
+
+def origin_form(target: str) -> tuple[str, str] | None:
+    """An absolute-form target as (authority, origin-form target), or None if it is not one.
+
+    A server MUST accept the absolute form (RFC 9112 3.2.2); as nginx does, its authority
+    replaces Host and the path is routed like any other: this is not a forward proxy.
     """
-    return "/".join(unquote(seg.partition(";")[0], errors="replace") for seg in path.split("/"))
+    m = _ABSOLUTE.match(target)
+    if m is None:
+        return None
+    host, port, rest = m.group(1), m.group(2) or "", m.group(3) or ""
+    if port and not 0 < int(port[1:]) < 65536:
+        return None
+    if rest.startswith("?"):
+        rest = "/" + rest
+    return host + port, rest or "/"
 
 
 def error_response(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -80,6 +103,8 @@ class Extensions:
     endpoints: dict[str, Handler] = field(default_factory=dict)
     # (path, max body) -> rewriter, applied to POSTs on the proxy path
     rewriters: dict[str, Rewriter] = field(default_factory=dict)
+    # The CEC's client-script paths: only an exact POST (rewritten) reaches them.
+    scripts: ClientScripts = field(default_factory=lambda: ClientScripts(()))
 
 
 class RequestIds:
@@ -101,16 +126,22 @@ class Gateway:
                  extensions: Extensions | None = None, metrics: Metrics | None = None) -> None:
         self.config = config
         self.scheme = "https" if config.listen.tls else "http"
-        self.routes = RouteTable([
+        # Visitors use https also when TLS ends at a load balancer (public_url says so).
+        self.public_https = (config.public_url or "").startswith("https://")
+        self.metrics = metrics or Metrics()
+        refused = self.metrics.cookies_refused
+        self.routes = RouteTable(compile_policies(config, [
             compile_route(r.prefix, r.upstream, preserve_host=r.preserve_host,
                           ca_file=r.ca_file, websocket=r.websocket)
             for r in config.routes
-        ])
+        ], lambda route: refused.labels(route).inc()))
+        self.own_pages = OwnPages.build(config.trust.frame_ancestors, config.trust.page_csp)
         self.trusted = TrustedProxies(config.trusted_proxies)
         self.cors = CorsPolicy(config.cors)
         read = config.timeouts.read
         self.pool = pool or UpstreamPool(connect_timeout=config.timeouts.connect,
-                                         tick=min(1.0, max(0.05, read / 5)) if read else 1.0)
+                                         tick=min(1.0, max(0.05, read / 5)) if read else 1.0,
+                                         max_header_size=config.limits.max_upstream_header_size)
         self.proxy = Proxy(self.pool, ProxySettings(
             read_timeout=config.timeouts.read,
             client_body_timeout=config.timeouts.client_body,
@@ -120,16 +151,25 @@ class Gateway:
         self.ext = extensions or Extensions()
         self.access = AccessLog(enabled=config.access_log)
         self.ws_idle = config.timeouts.websocket_idle
-        self.metrics = metrics or Metrics()
         self.metrics_hook: Callable[[str, str], None] = self.metrics.token_event
-        self.ready_checks: list[Callable[[], Awaitable[None]]] = []
+        # Token store/guard pings for the health monitor, and the guard's unlock (set by
+        # features): diagnostics and operations only, never part of readiness.
+        self.store_checks: list[Callable[[], Awaitable[None]]] = []
+        self.unlock: Callable[[str, str], Awaitable[bool]] | None = None
         self.splices: set[Splice] = set()
         self.ids = RequestIds()
+        self.tracing: Tracing | None = None
+        if config.tracing is not None:  # the SDK is imported only when it is used
+            from gateway.tracing import Tracing
+
+            self.tracing = Tracing(config.tracing, self.trusted)
 
     def finished(self, client_ip: str, rid: str, method: str, raw_path: str, minor: int,
                  status: int, route: CompiledRoute | None, ex: Exchange, duration: float
                  ) -> None:
         """Every request ends here, from either path: one access-log line, the metrics."""
+        if ex.trace is not None:
+            self._end_trace(method, raw_path, minor, status, route, ex, client_ip)
         access = self.access
         if access.enabled:
             access.log_exchange(client_ip, rid, method, raw_path, minor, status, route, ex,
@@ -140,6 +180,24 @@ class Gateway:
         self.metrics.observe(route.name if route else "gateway", method, status, duration,
                              upstream_error)
 
+    def rejected(self, client_ip: str, rid: str, method: str, raw_path: str, status: int,
+                 reason: str, bytes_out: int, duration: float) -> None:
+        """A request the parser layer refused: its access-log line and metrics."""
+        ex = Exchange()
+        ex.error = reason
+        ex.bytes_out = bytes_out
+        self.metrics.rejected.labels(str(status), reason).inc()
+        self.finished(client_ip, rid, method, raw_path, 1, status, None, ex, duration)
+
+    def _end_trace(self, method: str, raw_path: str, minor: int, status: int,
+                   route: CompiledRoute | None, ex: Exchange, client_ip: str) -> None:
+        assert ex.trace is not None
+        headers = ex.headers or {}
+        ex.trace.end(method=method, path=raw_path.partition("?")[0], scheme=self.scheme,
+                     minor=minor, status=status, route=route, ex=ex, client_ip=client_ip,
+                     host=clean_host(headers.get("Host")),
+                     user_agent=clean_user_agent(headers.get("User-Agent")))
+
     def going_away(self) -> None:
         """Shutdown: tell every spliced WebSocket the server is going away (1001)."""
         for link in list(self.splices):
@@ -147,16 +205,25 @@ class Gateway:
 
     async def close(self) -> None:
         await self.pool.close()
+        if self.tracing is not None:
+            await self.tracing.close()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         # Durations from perf_counter: uvloop's loop clock ticks in whole milliseconds.
         start = time.perf_counter()
-        ex = Exchange()
+        if not request.raw_path.startswith("/") and request.method != "CONNECT":
+            absolute = origin_form(request.raw_path)
+            if absolute is not None:
+                request = request.clone(rel_url=URL(absolute[1], encoded=True),
+                                        host=absolute[0])
+        ex = Exchange(headers=request.headers, transport=request.transport)
         route: CompiledRoute | None = None
         resp: web.StreamResponse | None = None
         status_override = 499  # nginx's "client closed request" when nothing was answered
         headers = request.headers
         peer = request.remote or ""
+        if self.tracing is not None:
+            ex.trace = self.tracing.begin(headers, peer)
         fwd = forwarded_for(peer, headers.getall("X-Forwarded-For", ()), self.trusted,
                             self.scheme, request.host, headers.get("X-Forwarded-Proto"),
                             headers.get("X-Forwarded-Host"))
@@ -166,9 +233,15 @@ class Gateway:
             rid = self.ids.next()
         request[REQUEST_ID] = rid
         ex.extra_response_headers.append(("X-Request-ID", rid))
+        ex.https = self.public_https or fwd.proto.lower() == "https"
         try:
-            resp, route = await self._dispatch(request, fwd, rid, ex)
-            return resp
+            if ex.trace is None:
+                resp, route = await self._dispatch(request, fwd, rid, ex)
+                return resp
+            # The request's span is current for every log line it causes.
+            answer = await ex.trace.within(self._dispatch(request, fwd, rid, ex))
+            resp, route = answer
+            return answer[0]
         except asyncio.CancelledError:
             if ex.upstream_status == 101:
                 # A spliced WebSocket ends by closing the client side, which cancels us.
@@ -178,7 +251,9 @@ class Gateway:
             raise
         finally:
             if resp is not None and not resp.prepared:
+                # The gateway's own answer (page, script, endpoint or error).
                 resp.headers["X-Request-ID"] = rid
+                self.own_pages.apply(resp)
             status = resp.status if resp is not None else status_override
             route = route or ex.route
             if not ex.upstream_status:
@@ -194,18 +269,23 @@ class Gateway:
         method = request.method
         raw_target = request.raw_path
         if method == "CONNECT" or not raw_target.startswith("/"):
-            # Absolute- and authority-form targets: this is not a forward proxy.
-            return error_response(400, "Bad Request: only origin-form targets are served"), None
+            # Authority- and asterisk-form, and absolute forms that are not http(s) to a
+            # plain host (``handle`` turned the others into origin form): not a forward proxy.
+            return self._refuse(ex, "bad_target",
+                                "Bad Request: only origin-form targets are served"), None
         if request.version < (1, 1) and "Transfer-Encoding" in request.headers:
             # RFC 9112 6.1: chunked framing in HTTP/1.0 is faulty; never keep reading after it.
-            return self._close_after(
-                error_response(400, "Bad Request: Transfer-Encoding in HTTP/1.0")), None
+            return self._close_after(self._refuse(
+                ex, "bad_framing", "Bad Request: Transfer-Encoding in HTTP/1.0")), None
+        hosts = request.headers.getall("Host", ())
+        if len(hosts) > 1 or (hosts and not valid_host(hosts[0])):
+            return self._refuse(ex, "bad_host", "Bad Request: invalid Host header"), None
         # A fragment never belongs on the wire (RFC 9110 4.2.4); some clients send one.
         path, _, query = raw_target.partition("#")[0].partition("?")
         try:
             path = normalize_path(path)
         except BadRequest as exc:
-            return error_response(400, f"Bad Request: {exc}"), None
+            return self._refuse(ex, "bad_path", f"Bad Request: {exc}"), None
 
         origin = request.headers.get("Origin")
         cors_headers = None
@@ -227,12 +307,21 @@ class Gateway:
                 resp.headers.extend(cors_headers)
             return resp, None
 
+        if self.ext.scripts:
+            refused = self.ext.scripts.refusal(method, path)
+            if refused == 404:
+                return error_response(404, "Not Found"), None
+            if refused == 405:
+                return error_response(405, "Method Not Allowed", {"Allow": "POST"}), None
+
+        # `location /prefix/` answers `/prefix` with a redirect even when a shorter route
+        # (the site's `/`) matches it, as nginx does.
+        redirect = self.routes.redirect_for(path)
+        if redirect is not None:
+            location = redirect + ("?" + query if query else "")
+            return error_response(301, "Moved Permanently", {"Location": location}), None
         route = self.routes.match(path)
         if route is None:
-            redirect = self.routes.redirect_for(path)
-            if redirect is not None:
-                location = redirect + ("?" + query if query else "")
-                return web.Response(status=301, headers={"Location": location}), None
             return error_response(404, "Not Found"), None
         target = route.target(path, query)
         ex.route = route
@@ -244,9 +333,8 @@ class Gateway:
             body: bytes | None = None
             body_type: str | None = None
             if method == "POST":
+                # Other spellings of a rewritten path were refused above (ext.scripts).
                 rw = self.ext.rewriters.get(path)
-                if rw is None and ("%" in path or ";" in path):
-                    rw = self.ext.rewriters.get(rewrite_key(path))
                 if rw is not None:
                     body, extra = await self._rewrite(request, rw)
                     if rw.signs:
@@ -276,6 +364,11 @@ class Gateway:
         except Unauthorized as exc:
             ex.error = str(exc)
             return error_response(401, "Unauthorized: log in to chat"), route
+        except RetryWithCookie as exc:
+            ex.error = str(exc)
+            return error_response(307, "Temporary Redirect", {
+                "Location": raw_target, "Set-Cookie": exc.set_cookie,
+                "Cache-Control": "no-store"}), route
         except UpstreamTimeout as exc:
             ex.error = str(exc)
             log.warning("%s %s: %s", route.name, rid, exc)
@@ -289,6 +382,12 @@ class Gateway:
             ex.error = str(exc)
             log.warning("%s %s: %s", route.name, rid, exc)
             return error_response(502, "Bad Gateway: the upstream could not be reached"), route
+
+    def _refuse(self, ex: Exchange, reason: str, text: str) -> web.Response:
+        """A 400 for the request line, counted with the parser layer's refusals."""
+        ex.error = reason
+        self.metrics.rejected.labels("400", reason).inc()
+        return error_response(400, text)
 
     @staticmethod
     def _close_after(resp: web.StreamResponse) -> web.StreamResponse:
@@ -327,10 +426,11 @@ class Gateway:
         up = route.upstream
         host = request.host if route.preserve_host else up.host_header
         request_head = upstream_request_head("GET", target, request.raw_headers, host, fwd, rid,
-                                             upgrade=True) + b"\r\n"
+                                             upgrade=True, policy=route.policy,
+                                             trace=ex.trace) + b"\r\n"
         conn = await self.pool.acquire(up, fresh=True)
         fut = conn.start(bytes(request_head), method="GET",
-                         read_timeout=self.config.timeouts.read)
+                         read_timeout=self.config.timeouts.read, upgrade=True)
         conn.arm_read_timeout()
         try:
             message, payload = await fut
@@ -344,7 +444,7 @@ class Gateway:
         conn.finish_for_tunnel()
         head = (b"HTTP/1.1 101 Switching Protocols\r\n"
                 + response_header_bytes(message.raw_headers, route,
-                                        message.headers.getall("Connection", ()))
+                                        message.headers.getall("Connection", ()), ex.https)
                 + b"Upgrade: " + message.headers.get("Upgrade", "websocket").encode("latin-1")
                 + b"\r\nConnection: Upgrade\r\nX-Request-ID: " + rid.encode() + b"\r\n\r\n")
         self.metrics.websockets.inc()

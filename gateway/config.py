@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +29,9 @@ from pydantic import (
 from yarl import URL
 
 from gateway.errors import ConfigError, Problem
+from gateway.redisconn import parse_store_url
 from gateway.sandbox.settings import SandboxSettings
+from gateway.tls import check_ca_file, server_context
 from gateway.yamlconf import (
     Duration,
     Size,
@@ -39,6 +43,8 @@ from gateway.yamlconf import (
 )
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CSP_SOURCE = re.compile(r"[^\s;,]+")
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -49,12 +55,20 @@ class TLSFiles(_Model):
     key_file: Path
 
     @model_validator(mode="after")
-    def _files_exist(self) -> TLSFiles:
-        for name in ("cert_file", "key_file"):
-            path: Path = getattr(self, name)
-            if not path.is_file():
-                raise ValueError(f"{name} {str(path)!r} is not a readable file")
+    def _pair_loads(self) -> TLSFiles:
+        # Loaded exactly as `run` (and a reload) will load them, so `check` agrees.
+        server_context(self.cert_file, self.key_file)
         return self
+
+
+def _resolvable(host: str) -> str:
+    # `run` binds with getaddrinfo; an unknown name must not pass `check` (nginx -t agrees).
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError):
+        raise ValueError("cannot resolve this host name; fix: use an address such as "
+                         "0.0.0.0, 127.0.0.1 or ::, or a name this machine resolves") from None
+    return host
 
 
 class Listen(_Model):
@@ -64,11 +78,15 @@ class Listen(_Model):
     workers: int | None = Field(None, ge=1, le=256)
     backlog: int = Field(1024, ge=1)
 
+    _host = field_validator("host")(_resolvable)
+
 
 class Limits(_Model):
     client_max_body_size: Size = 1024**2
     max_header_size: Size = 8 * 1024
     max_headers: int = Field(100, ge=1)
+    # An upstream response head (status line and fields) over this is answered 502.
+    max_upstream_header_size: Size = Field(16 * 1024, ge=1024)
 
 
 class Timeouts(_Model):
@@ -89,6 +107,19 @@ class Route(_Model):
     preserve_host: bool = False
     ca_file: Path | None = None
     websocket: bool = True
+    # The trust boundary (gateway/boundary.py): None = a third party when the route serves
+    # cec.context_path.
+    third_party: bool | None = None
+    forward_cookies: list[str] = []  # to a third party, besides ccmessaging-token
+    forward_credentials: bool = False  # Authorization / Proxy-Authorization to a third party
+
+    @field_validator("forward_cookies")
+    @classmethod
+    def _cookie_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not _COOKIE_NAME.fullmatch(name):
+                raise ValueError("cookie names are tokens: letters, digits and !#$%&'*+-.^_`|~")
+        return v
 
     @field_validator("prefix")
     @classmethod
@@ -109,9 +140,9 @@ class Route(_Model):
 
     @field_validator("ca_file")
     @classmethod
-    def _ca_exists(cls, v: Path | None) -> Path | None:
-        if v is not None and not v.is_file():
-            raise ValueError(f"ca_file {str(v)!r} is not a readable file")
+    def _ca_loads(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            check_ca_file(v)
         return v
 
     @field_validator("upstream")
@@ -220,6 +251,31 @@ class CecGuest(_Model):
     cookie_key: SecretStr | None = None
     max_name_length: int = Field(64, ge=1, le=256)
 
+    @field_validator("cookie_name")
+    @classmethod
+    def _cookie_name(cls, v: str) -> str:
+        from gateway.chat.guest import GuestCookies
+
+        try:
+            GuestCookies(b"k" * 16, v)  # the check `run` makes when it builds the cookies
+        except ValueError:
+            raise ValueError("not a valid cookie name; fix: use letters, digits and "
+                             "!#$%&'*+-.^_`|~ only, e.g. cec_guest") from None
+        return v
+
+    @field_validator("cookie_key")
+    @classmethod
+    def _cookie_key(cls, v: SecretStr | None) -> SecretStr | None:
+        from gateway.chat.guest import GuestCookies
+
+        if v is not None:
+            try:
+                GuestCookies(v.get_secret_value().encode("utf-8"))
+            except ValueError:
+                raise ValueError("too short; fix: at least 16 bytes, e.g. "
+                                 "`openssl rand -hex 32`") from None
+        return v
+
 
 class CecConfig(_Model):
     tenant_space_id: str
@@ -265,11 +321,28 @@ class TokenGuard(_Model):
     lockout: Duration = 900.0
 
 
+class TokenRedis(_Model):
+    """Connection details for a Redis ``token.store`` that do not belong in its URL."""
+
+    username: str | None = None
+    password: SecretStr | None = None  # usually password_file: /run/secrets/redis
+    ca_file: Path | None = None  # a private CA for rediss:// (else the system's CAs)
+    timeout: Duration = 2.0
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_loads(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            check_ca_file(v)
+        return v
+
+
 class TokenConfig(_Model):
     signing_key: SecretStr
     api_key: SecretStr | None = None
     ttl: Duration = 600.0
     store: str = "memory"
+    redis: TokenRedis | None = None
     validate_path: str = "/rest/cc-messaging/v1/thirdparty/chatThirdPartyValidate"
     validate_allow_from: list[IPNetwork] = [
         ipaddress.ip_network("127.0.0.1/32"),
@@ -281,6 +354,8 @@ class TokenConfig(_Model):
     max_concurrency: int = Field(16, ge=1)
     max_body: Size = 4096
     body_timeout: Duration = 5.0
+    # Live tokens the store may hold; past it no token is minted (503, counted).
+    max_tokens: int = Field(100_000, ge=1)
 
     @field_validator("signing_key", "api_key")
     @classmethod
@@ -293,14 +368,115 @@ class TokenConfig(_Model):
     @field_validator("store")
     @classmethod
     def _store(cls, v: str) -> str:
-        if v != "memory" and not v.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("store is 'memory' or a redis://host:port/db URL")
+        if v != "memory":
+            parse_store_url(v)  # the parser `run` connects with
+        return v
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate(cls, v: str) -> str:
+        from limits import parse_many
+
+        try:
+            items = parse_many(v)  # the guard's parser (limits.parse takes the first of these)
+        except ValueError:
+            items = []
+        if len(items) != 1 or items[0].amount < 1:
+            raise ValueError("not a rate; fix: write one COUNT/UNIT with COUNT at least 1, "
+                             "e.g. 50/second, 600/minute or 10 per second")
+        return v
+
+    @model_validator(mode="after")
+    def _redis_fits_store(self) -> TokenConfig:
+        if self.redis is None:
+            return self
+        if self.store == "memory":
+            raise ValueError("token.redis applies to a Redis store only; fix: set token.store "
+                             "to a redis:// URL, or remove token.redis")
+        target = parse_store_url(self.store)
+        if self.redis.password is not None and target.password is not None:
+            raise ValueError("the store URL carries a password and token.redis sets one too; "
+                             "fix: keep only token.redis.password_file")
+        if self.redis.username is not None and target.username is not None:
+            raise ValueError("the store URL names a user and token.redis.username does too; "
+                             "fix: keep only one")
+        if self.redis.ca_file is not None and not target.tls:
+            raise ValueError("token.redis.ca_file needs TLS; fix: use rediss:// (or "
+                             "rediss+cluster://), or remove ca_file")
+        return self
+
+
+class Trust(_Model):
+    """Site-wide rules of the trust boundary (README "Trust boundary")."""
+
+    cookie_namespace: str = "__cec_"  # a third party's cookies are renamed into it
+    protected_cookies: list[str] = []  # the site's cookie names no third party may set
+    frame_ancestors: list[str] = ["'self'"]  # who may frame the gateway's own page
+    page_csp: str | None = None  # replaces the own page's default CSP (frame-ancestors added)
+
+    @field_validator("cookie_namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        if not _COOKIE_NAME.fullmatch(v):
+            raise ValueError("the namespace is a cookie-name prefix such as __cec_")
+        return v
+
+    @field_validator("protected_cookies")
+    @classmethod
+    def _protected(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not _COOKIE_NAME.fullmatch(name):
+                raise ValueError("cookie names are tokens: letters, digits and !#$%&'*+-.^_`|~")
+        return v
+
+    @field_validator("frame_ancestors")
+    @classmethod
+    def _ancestors(cls, v: list[str]) -> list[str]:
+        for source in v:
+            if not _CSP_SOURCE.fullmatch(source):
+                raise ValueError("one CSP source per entry, e.g. 'self' or https://portal.example")
+        return v
+
+    @field_validator("page_csp")
+    @classmethod
+    def _csp(cls, v: str | None) -> str | None:
+        if v is not None and ("\r" in v or "\n" in v or "frame-ancestors" in v):
+            raise ValueError("one line, without frame-ancestors (set trust.frame_ancestors)")
         return v
 
 
 class Admin(_Model):
     host: str = "127.0.0.1"
     port: int = Field(9090, ge=0, le=65535)
+    # Bearer key for POST /unlock (lifting token-guard locks); unset: /unlock is off.
+    api_key: SecretStr | None = None
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_long_enough(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 16:
+            raise ValueError(
+                "must be at least 16 characters; fix: generate one with `openssl rand -hex 32`")
+        return v
+
+    _host = field_validator("host")(_resolvable)
+
+
+class Tracing(_Model):
+    """OpenTelemetry traces, exported over OTLP/HTTP (gateway/tracing.py); off without it."""
+
+    endpoint: str  # the collector's OTLP/HTTP base URL; spans go to <endpoint>/v1/traces
+    sampler_ratio: float | None = Field(None, ge=0.0, le=1.0)  # None: OTEL_TRACES_SAMPLER
+    service_name: str | None = None  # None: OTEL_SERVICE_NAME, else "cec-gateway"
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        url = URL(v)
+        if url.scheme not in ("http", "https") or not url.host or url.query_string:
+            raise ValueError("is the collector's OTLP/HTTP base URL; "
+                             "fix: e.g. http://otel-collector:4318")
+        return v
 
 
 class Config(_Model):
@@ -310,10 +486,12 @@ class Config(_Model):
     timeouts: Timeouts = Timeouts()
     routes: list[Route] = Field(min_length=1)
     cors: Cors = Cors()
+    trust: Trust = Trust()
     cec: CecConfig | None = None
     token: TokenConfig | None = None
     admin: Admin | None = None
     sandbox: SandboxSettings | None = None
+    tracing: Tracing | None = None
     access_log: bool = True
     pid_file: Path | None = None  # written by `gateway run`, read by `gateway reload`
     public_url: str | None = None  # scheme://host the visitors use, when TLS ends before us
@@ -334,6 +512,16 @@ class Config(_Model):
                 raise ValueError(
                     f"prefix {route.prefix!r} appears twice; fix: keep one route per prefix")
             seen.add(route.prefix)
+        return v
+
+    @field_validator("pid_file")
+    @classmethod
+    def _pid_dir(cls, v: Path | None) -> Path | None:
+        # `run` writes it before it listens; a missing directory must not pass `check`.
+        if v is not None and not (v.parent.is_dir() and os.access(v.parent, os.W_OK)):
+            raise ValueError(f"the directory {str(v.parent)!r} does not exist or is not "
+                             "writable; fix: create it for the gateway's user (systemd: "
+                             "RuntimeDirectory=) or point pid_file elsewhere")
         return v
 
     @model_validator(mode="after")
@@ -358,7 +546,15 @@ def load_config_text(text: str, *, env: Mapping[str, str] | None = None,
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(problems_from(exc, tree)) from None
+        raise ConfigError([_redact_store(p) for p in problems_from(exc, tree)]) from None
+
+
+def _redact_store(problem: Problem) -> Problem:
+    # A Redis URL may carry a password (also a mistyped one): never echo it back.
+    if problem.value and (problem.path == "token" or problem.path.startswith(
+            ("token.store", "token.redis"))):
+        return Problem(problem.path, "<redacted>", problem.message, problem.fix)
+    return problem
 
 
 def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:

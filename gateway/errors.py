@@ -19,6 +19,8 @@ class Problem:
     fix: str = ""
 
     def __str__(self) -> str:
+        # ``value`` is already what may be shown (gateway/yamlconf.py ``shown_value``): a
+        # scalar at a known, non-secret key, or a placeholder.
         text = f"{self.path or '<root>'}: {self.message}"
         if self.value:
             text += f" (got {self.value})"
@@ -57,6 +59,15 @@ class PayloadTooLarge(GatewayError):
 
 class Unauthorized(GatewayError):
     """The visitor must be logged in for this (answered 401)."""
+
+
+class RetryWithCookie(GatewayError):
+    """Answered ``307`` to the same target with ``Set-Cookie: set_cookie``: the request needs
+    a cookie the client did not have yet (a browser follows, and resends the body, with it)."""
+
+    def __init__(self, set_cookie: str) -> None:
+        super().__init__("retry with the cookie just set")
+        self.set_cookie = set_cookie
 
 
 class ServiceUnavailable(GatewayError):

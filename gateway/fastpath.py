@@ -19,16 +19,16 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from aiohttp.http_parser import RawRequestMessage, RawResponseMessage
+from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
-from aiohttp.web_protocol import RequestHandler
 
 from gateway.errors import UpstreamError, UpstreamTimeout
-from gateway.headers import forwarded_for, upstream_request_head
+from gateway.headers import forwarded_for, upstream_request_head, valid_host
+from gateway.logs import log_fields
 from gateway.proxy import Exchange, cut_off, drain_client, framed_last, response_head
 from gateway.routing import CompiledRoute
 from gateway.server import _GatewayRequestHandler
-from gateway.upstream import UpstreamConnection
+from gateway.upstream import Body, Response, UpstreamConnection
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -90,7 +90,7 @@ class FastRequestHandler(_GatewayRequestHandler):
         if parked:
             self._waiter = None
         try:
-            RequestHandler.data_received(self, data)
+            self._parse(data)
         finally:
             if parked:
                 self._waiter = waiter
@@ -111,8 +111,9 @@ class FastRequestHandler(_GatewayRequestHandler):
             msg, payload = messages[0]
             try:
                 inlined = self._try_inline(msg, payload)
-            except Exception:  # odd input the fast path did not foresee: the full path decides
-                log.debug("fast path declined a request", exc_info=True)
+            except Exception as exc:  # odd input the fast path did not foresee: full path
+                # The class only: an exception's text may quote the client's headers.
+                log.debug("fast path declined a request (%s)", type(exc).__name__)
                 self._inline = None
                 inlined = False
             if not inlined:
@@ -159,14 +160,15 @@ class FastRequestHandler(_GatewayRequestHandler):
             return False
         manager: Any = self._manager
         gw: Gateway = manager.gateway
-        if path in gw.ext.endpoints:
+        if (path in gw.ext.endpoints or gw.ext.scripts.looks_like(path)
+                or gw.routes.redirect_for(path) is not None):
             return False
         headers = msg.headers
         if "Origin" in headers or "Expect" in headers:
             return False
         host = headers.get("Host")
-        if not host:
-            return False
+        if not host or not valid_host(host):
+            return False  # the full path answers 400
         route = gw.routes.match(path)
         if route is None:
             return False
@@ -191,10 +193,16 @@ class FastRequestHandler(_GatewayRequestHandler):
         if not rid or len(rid) > 128 or not rid.isascii() or not rid.isprintable():
             rid = gw.ids.next()
         ex = Exchange()
+        ex.https = gw.public_https or fwd.proto.lower() == "https"
+        ex.headers = headers  # (attribute stores: cheaper than keyword arguments here)
+        ex.transport = self.transport
+        if gw.tracing is not None:
+            ex.trace = gw.tracing.begin(headers, peer)
         target = route.target(path, query)
         head = upstream_request_head(msg.method, target, msg.raw_headers,
                                      host if route.preserve_host else up.host_header, fwd, rid,
-                                     connection=headers.getall("Connection", ()))
+                                     connection=headers.getall("Connection", ()),
+                                     policy=route.policy, trace=ex.trace)
         head += b"\r\n"
         inline = _Inline(conn, route, msg, ex, rid, fwd.client_ip, start, bytes(head))
         self._inline = inline
@@ -203,8 +211,8 @@ class FastRequestHandler(_GatewayRequestHandler):
         conn.arm_read_timeout()
         return True
 
-    def _on_head(self, inline: _Inline, message: RawResponseMessage | None,
-                 payload: StreamReader | None, exc: UpstreamError | None) -> None:
+    def _on_head(self, inline: _Inline, message: Response | None,
+                 payload: Body | None, exc: UpstreamError | None) -> None:
         if self._inline is not inline:
             return  # the client went away meanwhile
         if exc is not None or message is None or payload is None:
@@ -212,34 +220,36 @@ class FastRequestHandler(_GatewayRequestHandler):
             if (isinstance(exc, UpstreamError) and not isinstance(exc, UpstreamTimeout)
                     and not inline.ex.retried):
                 # Nothing reached the client yet and GET/HEAD are idempotent: retry once on
-                # a fresh connection (typically a pooled one the upstream had closed).
+                # a fresh connection (the fast path only ever uses pooled ones: typically
+                # one the upstream had closed, or one with stray bytes from before).
                 inline.ex.retried = True
                 task = self._loop.create_task(self._retry(inline))
                 task.add_done_callback(_log_task_error)
                 return
             status = 504 if isinstance(exc, UpstreamTimeout) else 502
             inline.ex.error = str(exc)
-            log.warning("%s %s: %s", inline.route.name, inline.rid, exc)
+            log.warning("%s %s: %s", inline.route.name, inline.rid, exc,
+                        extra=log_fields(inline.ex))
             self._write_error(inline, status)
             return
         self._respond(inline, message, payload)
 
-    def _respond(self, inline: _Inline, message: RawResponseMessage, payload: StreamReader
-                 ) -> None:
+    def _respond(self, inline: _Inline, message: Response, payload: Body) -> None:
         ex = inline.ex
         ex.upstream_status = message.code
         ex.upstream_time = time.perf_counter() - inline.start
         head, rechunk, keep_alive, no_body = response_head(
             message, inline.route, inline.version, inline.keep_alive, inline.head_request, (),
-            b"X-Request-ID: %s\r\n" % inline.rid.encode())
+            b"X-Request-ID: %s\r\n" % inline.rid.encode(), https=ex.https,
+            date=self.gateway.proxy.date)
         inline.keep_alive = keep_alive
         transport = self.transport
         if transport is None or transport.is_closing():
             inline.conn.abort()
             self._done(inline, 499, error="client went away")
             return
-        if no_body or payload.is_eof():
-            data = b"" if no_body or payload.at_eof() else payload.read_nowait(-1)
+        if no_body or payload.done:
+            data = b"" if no_body else payload.take()
             ex.bytes_out = len(data)
             transport.write(head + (framed_last(data) if rechunk else data))
             inline.conn.finish(reusable=not message.should_close)
@@ -249,7 +259,7 @@ class FastRequestHandler(_GatewayRequestHandler):
         task = self._loop.create_task(self._stream(inline, message, payload, rechunk))
         task.add_done_callback(_log_task_error)
 
-    async def _stream(self, inline: _Inline, message: RawResponseMessage, payload: StreamReader,
+    async def _stream(self, inline: _Inline, message: Response, payload: Body,
                       rechunk: bool) -> None:
         """A body still on its way: stream it with flow control, as the full path does."""
         transport = self.transport
@@ -271,7 +281,8 @@ class FastRequestHandler(_GatewayRequestHandler):
             ok = True
         except UpstreamError as exc:
             inline.ex.error = str(exc)
-            log.warning("upstream broke off mid-response on %s: %s", inline.route.name, exc)
+            log.warning("upstream broke off mid-response on %s: %s", inline.route.name, exc,
+                        extra=log_fields(inline.ex))
         except ConnectionError as exc:
             inline.ex.error = str(exc) or "client went away"
         finally:
@@ -280,7 +291,7 @@ class FastRequestHandler(_GatewayRequestHandler):
             if not ok:
                 if transport is not None:
                     cut_off(transport, close_delimited=not inline.keep_alive and not rechunk
-                            and "Content-Length" not in message.headers)
+                            and message.length is None)
                 inline.keep_alive = False
             self._done(inline, message.code)
 
@@ -296,7 +307,8 @@ class FastRequestHandler(_GatewayRequestHandler):
         except UpstreamError as exc:
             inline.conn.abort()
             inline.ex.error = str(exc)
-            log.warning("%s %s: %s", inline.route.name, inline.rid, exc)
+            log.warning("%s %s: %s", inline.route.name, inline.rid, exc,
+                        extra=log_fields(inline.ex))
             self._write_error(inline, 504 if isinstance(exc, UpstreamTimeout) else 502)
             return
         if self._inline is inline:
@@ -309,10 +321,12 @@ class FastRequestHandler(_GatewayRequestHandler):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(
-                b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                b"HTTP/1.1 %d %s\r\n%bServer: cec-gateway\r\nX-Content-Type-Options: nosniff\r\n"
+                b"Content-Type: text/plain; charset=utf-8\r\n"
                 b"Content-Length: %d\r\nX-Request-ID: %s\r\n%s\r\n%s"
-                % (status, b"Bad Gateway" if status == 502 else b"Gateway Timeout", len(body),
-                   inline.rid.encode(), b"" if inline.keep_alive else b"Connection: close\r\n",
+                % (status, b"Bad Gateway" if status == 502 else b"Gateway Timeout",
+                   self.gateway.proxy.date.line(), len(body), inline.rid.encode(),
+                   b"" if inline.keep_alive else b"Connection: close\r\n",
                    b"" if inline.head_request else body))
         inline.ex.bytes_out = 0 if inline.head_request else len(body)
         self._done(inline, status)

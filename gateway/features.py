@@ -54,10 +54,18 @@ async def install_features(config: Config, gateway: Gateway, stack: AsyncExitSta
     ext = Extensions()
     if config.cec is None:
         return ext
-    from gateway.chat.endpoints import ChatEndpoints, signer_from_config
+    from gateway.boundary import ClientScripts
+    from gateway.chat.endpoints import (
+        CLIENT_SUFFIX,
+        NEW_CLIENT_SUFFIX,
+        ChatEndpoints,
+        signer_from_config,
+    )
     from gateway.chat.guest import GuestCookies
 
     cec = config.cec
+    ext.scripts = ClientScripts((cec.context_path + NEW_CLIENT_SUFFIX,
+                                 cec.context_path + CLIENT_SUFFIX))
     signer = signer_from_config(cec) if cec.auth.mode == "authorization" else None
     # Secure when visitors use https, also when TLS ends at a load balancer before us.
     public_https = (config.public_url or "").startswith("https://")
@@ -77,19 +85,23 @@ async def install_features(config: Config, gateway: Gateway, stack: AsyncExitSta
 
     token_for: Callable[[str, str], Awaitable[str]] | None = None
     if config.token is not None:
+        from gateway.redisconn import RedisAuth
         from gateway.tokens.guard import guard_from_config
         from gateway.tokens.handlers import TokenEndpoints
         from gateway.tokens.store import open_store
 
         tcfg = config.token
-        store = open_store(tcfg.store, tcfg.signing_key.get_secret_value().encode(), tcfg.ttl)
+        store = open_store(tcfg.store, tcfg.signing_key.get_secret_value().encode(), tcfg.ttl,
+                           auth=RedisAuth.from_config(tcfg.redis), max_tokens=tcfg.max_tokens,
+                           on_full=lambda: gateway.metrics_hook("store", "store_full"))
         stack.push_async_callback(store.close)
         guard = guard_from_config(tcfg)
         stack.push_async_callback(guard.close)
         tokens = TokenEndpoints(tcfg, cec.tenant_space_id, store, guard,
                                 metrics_hook=gateway.metrics_hook)
         ext.endpoints.update(tokens.routes())
-        gateway.ready_checks.extend((store.ping, guard.ping))
+        gateway.store_checks.extend((store.ping, guard.ping))
+        gateway.unlock = guard.unlock
         if cec.auth.mode == "token":
             tenant = cec.tenant_space_id
 

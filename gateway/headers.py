@@ -1,8 +1,9 @@
 """Header rewriting, as pure functions over raw ``(name, value)`` byte pairs.
 
 Requests going upstream lose hop-by-hop headers and gain forwarded headers; responses
-coming back lose hop-by-hop headers and have ``Set-Cookie``, ``Location`` and ``Refresh``
-mapped from the upstream's URL space to the gateway's. Nothing here touches a socket.
+coming back lose hop-by-hop headers. What crosses a route's trust boundary (cookies,
+credentials, CORS, redirects) is decided in gateway/boundary.py. Nothing here touches a
+socket.
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from yarl import URL
+
+if TYPE_CHECKING:
+    from gateway.boundary import RoutePolicy
+    from gateway.tracing import RequestTrace
 
 RawHeaders = Sequence[tuple[bytes, bytes]]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -33,6 +38,8 @@ _REPLACED_UP = frozenset({
 })
 _DROP_UP = HOP_BY_HOP | _REPLACED_UP
 _DROP_UP_AND_TYPE = _DROP_UP | {b"content-type"}
+# With tracing on, the gateway's own span is the upstream's parent (gateway/tracing.py).
+_TRACE_CONTEXT = frozenset({b"traceparent", b"tracestate"})
 _RAW = ("utf-8", "surrogateescape")
 _NONE: frozenset[bytes] = frozenset()
 
@@ -110,6 +117,32 @@ def real_client_ip(peer: str, xff_values: Sequence[str], trusted: TrustedProxies
     return client
 
 
+_HOST_RE = re.compile(
+    r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})?)*\.?"
+    r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def valid_host(value: str) -> bool:
+    """A ``Host`` a browser could have sent: a DNS name or IP literal, an optional port.
+
+    Spaces, ``@``, ``/``, ``\\``, control and non-ASCII characters never pass: forwarded
+    (``preserve_host``, ``X-Forwarded-Host``) they would let a client choose what an
+    upstream believes its own URL is.
+    """
+    if not value or len(value) > 261 or not _HOST_RE.fullmatch(value):
+        return False
+    if value.startswith("["):
+        literal, _, port = value[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            return False
+        port = port[1:]
+    else:
+        _, _, port = value.partition(":")
+    return not port or int(port) <= 65535
+
+
 class Forwarded(NamedTuple):
     """What the gateway tells the upstream about the original request."""
 
@@ -130,7 +163,10 @@ def forwarded_for(peer: str, xff_values: Sequence[str], trusted: TrustedProxies,
     xff = f"{prior}, {peer}" if prior else peer
     if trusted.contains(peer):
         proto = fwd_proto.split(",")[0].strip() if fwd_proto else scheme
-        host = fwd_host.split(",")[0].strip() if fwd_host else host
+        if fwd_host:
+            # A trusted proxy's word, but still a Host: garbage is not passed on.
+            first = fwd_host.split(",")[0].strip()
+            host = first if valid_host(first) else host
     else:
         proto = scheme
     return Forwarded(client, xff, proto, host)
@@ -140,12 +176,18 @@ def upstream_request_head(method: str, target: str, raw: RawHeaders, host: str,
                           fwd: Forwarded, request_id: str | None,
                           extra: Sequence[tuple[bytes, bytes]] = (),
                           upgrade: bool = False, new_content_type: bytes | None = None,
-                          connection: Sequence[str] | None = None) -> bytearray:
+                          connection: Sequence[str] | None = None,
+                          policy: RoutePolicy | None = None,
+                          trace: RequestTrace | None = None) -> bytearray:
     """The request line and headers for the upstream, as bytes ready to write.
 
     Body framing (Content-Length / chunked) is appended by the caller, who knows it.
+    ``policy`` is the route's trust boundary: on a third-party route it drops the
+    credentials and keeps only the route's own cookies.
     """
     drop = _DROP_UP if new_content_type is None else _DROP_UP_AND_TYPE
+    if trace is not None:
+        drop = drop | _TRACE_CONTEXT
     if connection is None:  # not looked up by the caller
         tokens = connection_tokens(raw) if any(n.lower() == b"connection" for n, _ in raw) else ()
     else:
@@ -153,11 +195,17 @@ def upstream_request_head(method: str, target: str, raw: RawHeaders, host: str,
     # aiohttp decodes header bytes as UTF-8 with surrogateescape: encoding back the same
     # way sends exactly the bytes the client sent, whatever they were.
     out = bytearray(f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode(*_RAW))
+    guarded = policy.drop_up if policy is not None else _NONE
+    cookies: list[bytes] = []
     for name, value in raw:
         lname = name.lower()
         # Names with '_' are dropped like nginx does: CGI-style upstreams read X_Real_IP
         # as X-Real-IP, which would let a client spoof what the gateway sets.
         if lname in drop or (tokens and lname in tokens) or b"_" in lname:
+            continue
+        if guarded and lname in guarded:
+            if lname == b"cookie":
+                cookies.append(value)
             continue
         out += name
         out += b": "
@@ -169,6 +217,12 @@ def upstream_request_head(method: str, target: str, raw: RawHeaders, host: str,
     out += b"X-Forwarded-Host: " + fwd.host.encode(*_RAW) + b"\r\n"
     if request_id:
         out += b"X-Request-ID: " + request_id.encode(*_RAW) + b"\r\n"
+    if cookies and policy is not None:
+        own = policy.upstream_cookie(cookies)
+        if own is not None:
+            out += b"Cookie: " + own + b"\r\n"
+    if trace is not None:
+        out += trace.upstream_lines()
     for name, value in extra:
         out += name + b": " + value + b"\r\n"
     if new_content_type is not None:
@@ -209,51 +263,6 @@ class UrlMap:
             trimmed = self.prefix.endswith("/") and len(self.prefix) > 1
             return self.prefix[:-1] if trimmed else self.prefix
         return None
-
-
-def rewrite_location(value: str, urls: UrlMap) -> str:
-    """nginx ``proxy_redirect default``: upstream absolute URLs become gateway paths.
-
-    A result that would start with ``//`` or ``/\\`` (a redirect to another site, for a
-    browser) keeps a single leading slash instead.
-    """
-    out = _rewrite_location(value, urls)
-    if out is not value and out[:2] in ("//", "/\\"):
-        out = "/" + out.lstrip("/\\")
-    return out
-
-
-def _rewrite_location(value: str, urls: UrlMap) -> str:
-    for origin in urls.upstream_origins:
-        if value[: len(origin)].lower() == origin:
-            rest = value[len(origin):]
-            if rest == "" or rest[0] in "/?#":
-                path, sep, tail = _split_path(rest or "/")
-                mapped = urls.map_path(path)
-                if mapped is not None:
-                    return mapped + sep + tail
-            return value
-    if value.startswith("/") and not value.startswith("//"):
-        path, sep, tail = _split_path(value)
-        mapped = urls.map_path(path)
-        if mapped is not None:
-            return mapped + sep + tail
-    return value
-
-
-def _split_path(rest: str) -> tuple[str, str, str]:
-    for i, ch in enumerate(rest):
-        if ch in "?#":
-            return rest[:i], ch, rest[i + 1:]
-    return rest, "", ""
-
-
-_REFRESH_URL = re.compile(r"(?i)(url\s*=\s*)(['\"]?)([^'\"]*)(['\"]?)")
-
-
-def rewrite_refresh(value: str, urls: UrlMap) -> str:
-    return _REFRESH_URL.sub(lambda m: m.group(1) + m.group(2) + rewrite_location(m.group(3), urls)
-                            + m.group(4), value, count=1)
 
 
 def rewrite_set_cookie(value: str, urls: UrlMap) -> str:

@@ -1,18 +1,33 @@
 """Prometheus metrics, one registry per process (served by ``admin`` on its own listener).
 
-With several workers each worker serves its own registry on ``admin.port + worker index``
-(documented in the README): no shared directory, no multiprocess-mode caveats, and every
-series stays exact. The per-request series (requests, latency) are plain integers and lists
-updated with a dict lookup, and turned into metric families only when scraped: the client
-library's locks and label resolution cost more than the rest of a request's bookkeeping.
+With several workers the supervisor serves the host's view on ``admin.port``: it scrapes
+every worker's registry (each on a private Unix socket) and adds them up
+(``gateway/hostmetrics.py``). That keeps each worker's series exact and its bookkeeping
+plain, where prometheus-client's multiprocess mode would need a shared directory of
+memory-mapped files, a write per increment, and would lose the process and GC collectors.
+Besides the gateway's own series, each registry has the client library's process, GC and
+platform collectors, ``gateway_build_info`` and an in-flight gauge.
+
+The per-request series (requests, latency) are plain integers and lists updated with a dict
+lookup, and turned into metric families only when scraped: the client library's locks and
+label resolution cost more than the rest of a request's bookkeeping.
 """
 
 from __future__ import annotations
 
+import platform
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -22,8 +37,22 @@ _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 class Metrics:
     def __init__(self) -> None:
+        from gateway import __version__
+
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
+        PlatformCollector(registry=r)
+        Gauge("gateway_build_info", "The gateway's version (the value is always 1)",
+              ["version", "python"], registry=r).labels(
+            __version__, platform.python_version()).set(1)
+        # Read at scrape time from the server's connections (Runtime sets the source), so
+        # that requests pay nothing for it.
+        self.in_flight: Callable[[], int] = lambda: 0
+        Gauge("gateway_requests_in_flight",
+              "Requests being answered now (open WebSocket sessions included)",
+              registry=r).set_function(lambda: self.in_flight())
         self._counts: dict[tuple[str, str, int], int] = {}
         # route -> [count per bucket (non-cumulative, last one +Inf), sum of durations]
         self._hist: dict[str, tuple[list[int], list[float]]] = {}
@@ -40,6 +69,30 @@ class Metrics:
                                 registry=r)
         self.reloads = Counter("gateway_config_reloads", "Config reloads", ["result"],
                                registry=r)
+        # Health of what this process depends on (gateway.health); not part of readiness.
+        self.upstream_up = Gauge("gateway_upstream_up",
+                                 "1 when the route's upstream accepted a connection at the last "
+                                 "check, else 0", ["route"], registry=r)
+        self.store_up = Gauge("gateway_store_up",
+                              "1 when the token store answered at the last check, else 0",
+                              registry=r)
+        self.token_guesses = Counter("gateway_token_guesses",
+                                     "Wrong tokens sent to the validation callback, by whether "
+                                     "they were within the per-user allowance", ["result"],
+                                     registry=r)
+        self.token_store_refused = Counter("gateway_token_store_refused",
+                                           "Tokens not minted because the store is full",
+                                           registry=r)
+        # gateway/boundary.py: a third party's Set-Cookie for a name the site or gateway owns.
+        self.cookies_refused = Counter("gateway_cookies_refused",
+                                       "Set-Cookie from a third-party route refused",
+                                       ["route"], registry=r)
+        # Requests refused before routing (parse errors, limits, header timeout); the
+        # reasons are a fixed set chosen by gateway.server, never client text.
+        self.rejected = Counter("gateway_rejected_requests",
+                                "Requests refused by the parser layer", ["status", "reason"],
+                                registry=r)
+
     def observe(self, route: str, method: str, status: int, duration: float,
                 upstream_error: str | None) -> None:
         counts = self._counts
@@ -63,6 +116,11 @@ class Metrics:
         self.token_events.labels(endpoint, outcome).inc()
         if outcome == "lockout_started":
             self.lockouts.inc()
+        elif endpoint == "validate" and outcome in ("failed", "limited", "rate_limited"):
+            # "counted": within the userId's allowance; "limited": answered 429/503 instead.
+            self.token_guesses.labels("counted" if outcome == "failed" else "limited").inc()
+        elif outcome == "store_full":
+            self.token_store_refused.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,33 +8,32 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http_parser import RawResponseMessage
 from aiohttp.http_writer import HttpVersion, HttpVersion11
-from aiohttp.streams import StreamReader
 
+from gateway.boundary import RESPONSE_HEADERS
 from gateway.errors import PayloadTooLarge, UpstreamError, UpstreamTimeout
 from gateway.headers import (
     HOP_BY_HOP,
     Forwarded,
     extra_hop_by_hop,
-    rewrite_location,
-    rewrite_refresh,
-    rewrite_set_cookie,
     upstream_request_head,
 )
 from gateway.routing import CompiledRoute
-from gateway.upstream import UpstreamConnection, UpstreamPool
+from gateway.upstream import Body, InvalidResponse, Response, UpstreamConnection, UpstreamPool
+
+if TYPE_CHECKING:
+    from gateway.tracing import RequestTrace
 
 log = logging.getLogger("gateway.proxy")
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-_REWRITTEN = frozenset({b"set-cookie", b"location", b"refresh", b"content-location"})
-_SPECIAL = HOP_BY_HOP | _REWRITTEN  # dropped or rewritten on the way to the client
+_SPECIAL = HOP_BY_HOP | RESPONSE_HEADERS  # dropped or rewritten on the way to the client
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -53,7 +52,12 @@ class Exchange:
     retried: bool = False
     error: str = ""
     route: CompiledRoute | None = None  # known before the answer, for a cancelled exchange
+    https: bool = False  # the visitor's scheme (listen.tls, or a trusted X-Forwarded-Proto)
     extra_response_headers: list[tuple[str, str]] = field(default_factory=list)
+    # Read at the end, for the access line and the spans (gateway/accesslog.py, tracing.py).
+    headers: Mapping[str, str] | None = None  # the client's request headers
+    transport: asyncio.BaseTransport | None = None  # the client connection (TLS facts)
+    trace: RequestTrace | None = None  # set when tracing is on
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,10 +100,30 @@ async def drain_client(protocol: BaseProtocol, send_timeout: float) -> None:
             f"the client read nothing for {send_timeout:g}s (send timeout)") from None
 
 
+class HttpDate:
+    """The ``Date`` line the gateway adds when the upstream sent none (RFC 9110 §6.6.1:
+    a recipient forwarding a response without one must add it), formatted once a second."""
+
+    __slots__ = ("_line", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._line = b""
+
+    def line(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._line = b"Date: %s\r\n" % time.strftime(
+                "%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode("ascii")
+        return self._line
+
+
 class Proxy:
     def __init__(self, pool: UpstreamPool, settings: ProxySettings) -> None:
         self.pool = pool
         self.settings = settings
+        self.date = HttpDate()
 
     async def forward(self, request: web.BaseRequest, route: CompiledRoute, target: str,
                       fwd: Forwarded, request_id: str | None, ex: Exchange, *,
@@ -139,7 +163,8 @@ class Proxy:
             framing.append((b"Content-Length", b"0"))
         head = upstream_request_head(method, target, raw, host, fwd, request_id, framing,
                                      new_content_type=body_type.encode() if body_type else None,
-                                     connection=request.headers.getall("Connection", ()))
+                                     connection=request.headers.getall("Connection", ()),
+                                     policy=route.policy, trace=ex.trace)
         head += b"\r\n"
         if body:
             head += body
@@ -170,8 +195,11 @@ class Proxy:
                 if sender is not None:
                     sender.cancel()
                 conn.abort()
-                # A pooled connection the upstream closed while idle: retry once, fresh.
-                if attempt + 1 < attempts and not isinstance(exc, UpstreamTimeout):
+                # A pooled connection the upstream closed while idle, or one whose stray
+                # bytes from before arrived as the "answer": retry once, fresh. (Not after a
+                # timeout, nor an invalid answer on a fresh connection: that is the answer.)
+                if attempt + 1 < attempts and not isinstance(exc, UpstreamTimeout) and (
+                        conn.reused or not isinstance(exc, InvalidResponse)):
                     ex.retried = True
                     log.debug("retrying %s %s on a fresh connection: %s", method, target, exc)
                     continue
@@ -217,8 +245,8 @@ class Proxy:
         return sent
 
     async def _respond(self, request: web.BaseRequest, route: CompiledRoute,
-                       conn: UpstreamConnection, message: RawResponseMessage,
-                       payload: StreamReader, sender: asyncio.Task[int] | None, ex: Exchange,
+                       conn: UpstreamConnection, message: Response,
+                       payload: Body, sender: asyncio.Task[int] | None, ex: Exchange,
                        cors: Sequence[tuple[str, str]] | None) -> web.StreamResponse:
         """Write the upstream's answer straight to the client transport.
 
@@ -229,7 +257,7 @@ class Proxy:
         ex.upstream_status = code
         head, rechunk, keep_alive, no_body = response_head(
             message, route, request.version, request.keep_alive, request.method == "HEAD",
-            (*ex.extra_response_headers, *(cors or ())))
+            (*ex.extra_response_headers, *(cors or ())), https=ex.https, date=self.date)
         transport = request.transport
         protocol = request.protocol
         sent_all = False
@@ -237,9 +265,9 @@ class Proxy:
         try:
             if transport is None or transport.is_closing():
                 raise ConnectionResetError("client went away")
-            if no_body or payload.is_eof():
+            if no_body or payload.done:
                 # The whole body is already here (the common small response): one write.
-                data = b"" if no_body or payload.at_eof() else payload.read_nowait(-1)
+                data = b"" if no_body else payload.take()
                 out = len(data)
                 transport.write(head + (framed_last(data) if rechunk else data))
             else:
@@ -267,7 +295,7 @@ class Proxy:
             log.warning("upstream broke off mid-response on %s: %s", route.name, exc)
             if transport is not None:
                 cut_off(transport, close_delimited=not keep_alive and not rechunk
-                        and "Content-Length" not in message.headers)
+                        and message.length is None)
         except (ConnectionError, asyncio.CancelledError) as exc:
             ex.error = str(exc) or "client went away"
             keep_alive = False
@@ -289,26 +317,32 @@ class Proxy:
         return Sent(code, keep_alive)  # type: ignore[return-value]
 
 
-def response_head(message: RawResponseMessage, route: CompiledRoute, version: HttpVersion,
+def response_head(message: Response, route: CompiledRoute, version: HttpVersion,
                   keep_alive: bool, head_request: bool, extra: Sequence[tuple[str, str]],
-                  extra_lines: bytes = b"") -> tuple[bytes, bool, bool, bool]:
+                  extra_lines: bytes = b"", *, date: HttpDate, https: bool = False
+                  ) -> tuple[bytes, bool, bool, bool]:
     """The response head for the client: (bytes, re-chunk the body?, keep-alive?, no body?).
 
-    The upstream's framing is not the client's: a chunked upstream body is re-chunked for
+    The upstream's framing is not the client's: the body's length is sent as one
+    Content-Length the reader checked, and a chunked upstream body is re-chunked for
     HTTP/1.1 clients and close-delimited for HTTP/1.0 ones.
     """
     code = message.code
     no_body = head_request or code in (204, 304) or code < 200
     rechunk = False
-    if not no_body and "Content-Length" not in message.headers:
+    length = message.length
+    if not no_body and length is None:
         if version >= HttpVersion11:
             rechunk = True
         else:
             keep_alive = False  # HTTP/1.0 client: the end of the body is the close
     head = bytearray(b"HTTP/%d.%d %d %s\r\n" % (version.major, version.minor, code,
-                                                 message.reason.encode("latin-1", "replace")))
-    head += response_header_bytes(message.raw_headers, route,
-                                  message.headers.getall("Connection", ()))
+                                                 message.reason))
+    if not message.has_date:
+        head += date.line()
+    head += response_header_bytes(message.raw_headers, route, message.connection, https)
+    if length is not None and code >= 200 and code != 204:
+        head += b"Content-Length: %d\r\n" % length
     for name, value in extra:
         head += f"{name}: {value}\r\n".encode("latin-1")
     head += extra_lines  # header lines already encoded, CRLF included
@@ -350,26 +384,23 @@ def framed_last(data: bytes) -> bytes:
 
 
 def response_header_bytes(raw: Sequence[tuple[bytes, bytes]], route: CompiledRoute,
-                          connection: Sequence[str]) -> bytes:
+                          connection: Sequence[str], https: bool = False) -> bytes:
     """Upstream response header lines as the client should see them (no framing headers):
-    hop-by-hop ones dropped, ``Set-Cookie``, ``Location`` and ``Refresh`` mapped onto the
-    gateway's URL space."""
+    hop-by-hop ones dropped; ``Set-Cookie``, ``Location``, ``Content-Location``, ``Refresh``
+    and ``Access-Control-*`` as the route's trust boundary (gateway/boundary.py) says."""
     tokens = extra_hop_by_hop(raw, connection)
+    policy = route.policy
     out = bytearray()
     for name, value in raw:
         lname = name.lower()
         special = lname in _SPECIAL  # one lookup for the usual header, which is neither
         if (special and lname in HOP_BY_HOP) or (tokens and lname in tokens):
             continue
-        if special:
-            text = value.decode("utf-8", "surrogateescape")
-            if lname == b"set-cookie":
-                text = rewrite_set_cookie(text, route.urls)
-            elif lname == b"refresh":
-                text = rewrite_refresh(text, route.urls)
-            else:
-                text = rewrite_location(text, route.urls)
-            value = text.encode("utf-8", "surrogateescape")
+        if special or lname.startswith(b"access-control-"):
+            checked = policy.response_value(lname, value, route.urls, https)
+            if checked is None:
+                continue
+            value = checked
         # In-place appends: no temporary bytes objects for the concatenation.
         out += name
         out += b": "

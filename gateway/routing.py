@@ -14,6 +14,7 @@ from urllib.parse import unquote
 
 from yarl import URL
 
+from gateway.boundary import RoutePolicy, site_policy
 from gateway.errors import BadRequest
 from gateway.headers import UrlMap
 
@@ -43,6 +44,8 @@ class CompiledRoute:
     websocket: bool
     urls: UrlMap
     name: str
+    # What crosses this route's trust boundary (gateway/boundary.py), compiled with the route.
+    policy: RoutePolicy = field(default_factory=lambda: site_policy("", "/"))
 
     def target(self, path: str, query: str) -> str:
         """The upstream request target: the prefix replaced by the upstream path."""
@@ -65,16 +68,20 @@ def compile_route(prefix: str, upstream_url: str, *, preserve_host: bool = False
     host_header = shown if url.is_default_port() else f"{shown}:{url.port}"
     up = Upstream(url.scheme, host, url.port, url.raw_path or "/", host_header,
                   make_client_ssl(ca_file) if url.scheme == "https" else None)
-    return CompiledRoute(prefix, up, preserve_host, websocket, UrlMap.for_route(prefix, url),
-                         name=prefix)
+    urls = UrlMap.for_route(prefix, url)
+    return CompiledRoute(prefix, up, preserve_host, websocket, urls, name=prefix,
+                         policy=site_policy(prefix, prefix, urls))
 
 
 class RouteTable:
     def __init__(self, routes: list[CompiledRoute]) -> None:
         self._routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
-        # `location /service-cloud/` also answers `/service-cloud` with a redirect (nginx does).
+        # `location /service-cloud/` also answers `/service-cloud` with a redirect (nginx does),
+        # ahead of any shorter prefix; a route of its own for the slash-less form wins.
+        prefixes = {r.prefix for r in self._routes}
         self._slash_redirects = {r.prefix[:-1]: r.prefix for r in self._routes
-                                 if r.prefix.endswith("/") and len(r.prefix) > 1}
+                                 if r.prefix.endswith("/") and len(r.prefix) > 1
+                                 and r.prefix[:-1] not in prefixes}
 
     @property
     def routes(self) -> list[CompiledRoute]:
@@ -87,6 +94,7 @@ class RouteTable:
         return None
 
     def redirect_for(self, path: str) -> str | None:
+        """Where `/prefix` is sent when `/prefix/` is a route: checked before ``match``."""
         return self._slash_redirects.get(path)
 
 

@@ -1,42 +1,184 @@
 """The listening side: aiohttp's low-level server with the gateway's limits, TLS and shutdown.
 
 aiohttp parses requests (its C parser) and manages keep-alive; this module adds what it
-does not: 431 for oversized headers, a deadline for a client to finish sending its headers
-(slowloris), and a graceful shutdown in stages (stop accepting, drain, then cancel).
+does not: the right status for what the parser refuses (414, 431, 501, 505, 400) written by
+one error writer in HTTP/1.1 with ``Connection: close``, an access-log line and a metric
+for each refusal, a deadline for a client to finish sending its headers (slowloris), and a
+graceful shutdown in stages (stop accepting, drain, then cancel).
+
+Nothing a client sent reaches a log line from here: aiohttp's parser messages quote the
+offending line (cookies, Authorization, query strings), so only the error's class and
+llhttp's fixed reason are logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http import HttpVersion11, RawRequestMessage
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidURLError,
+    LineTooLong,
+)
+from aiohttp.http_parser import HttpRequestParser
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError, _ErrInfo
 
+from gateway.app import error_response
 from gateway.config import Config
+from gateway.tls import server_context
 
 log = logging.getLogger("gateway.server")
-# Our own answers do not advertise the Python and aiohttp versions.
-_SERVER = {"Server": "cec-gateway"}
+
+# The request aiohttp hands to the error handler when parsing failed: answered in HTTP/1.1
+# (RFC 9112 2.5: the highest version we conform to, as nginx does), and never kept alive.
+_ERROR_11 = ERROR._replace(version=HttpVersion11, should_close=True)
+# llhttp's own reasons are fixed phrases ending in ':'; whatever follows quotes the client.
+_FIXED_REASON = re.compile(r"^\s*([A-Za-z][A-Za-z ]{0,80}):$")
+_VERSION = re.compile(r" HTTP/(\d)\.(\d)'\n")
+_REQUEST_LINE_START = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+ (/|[A-Za-z][A-Za-z0-9+.-]*://)")
+# A connection's first line with a method and a target but no version: HTTP/0.9. llhttp
+# would wait for a header section that a 0.9 client never sends.
+_HTTP09_LINE = re.compile(rb"(?:\r?\n)*([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([^ \r\n]+)\r?\n")
+
+
+class Refused(Exception):
+    """A request the parser layer read whole but will not serve (HTTP version, coding)."""
+
+    def __init__(self, status: int, reason: str, text: str, method: str, path: str, *,
+                 body_only: bool = False) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.text = text
+        self.method = method
+        self.path = path
+        self.body_only = body_only
+
+
+def http09(method: str, path: str) -> Refused:
+    # HTTP/0.9 has no status line: nginx answers such a request with a bare body.
+    return Refused(400, "http_0_9", "Bad Request: HTTP/0.9 is not served", method, path,
+                   body_only=True)
+
+
+def vet(msg: RawRequestMessage) -> Refused | None:
+    """What the parser accepts but the gateway must refuse before either request path."""
+    version = msg.version
+    if version is not HttpVersion11 and version.major != 1:
+        if version.major == 0:
+            return http09(msg.method, msg.path)
+        return Refused(505, "version_not_supported", "HTTP Version Not Supported", msg.method,
+                       msg.path)
+    if msg.chunked:
+        te = msg.headers.get("Transfer-Encoding", "")
+        if te.strip(" \t").lower() != "chunked":
+            # Framed by a final chunked, but with codings before it that nobody here decodes
+            # (RFC 9112 6.1: 501); forwarding it as plain chunked would drop the coding.
+            return Refused(501, "transfer_coding", "Not Implemented: transfer coding",
+                           msg.method, msg.path)
+    return None
+
+
+def _is_target(line: object) -> bool:
+    # The C parser reports an overlong request target from its URL buffer (a bytearray);
+    # header names and values come as bytes. The pure-Python parser (AIOHTTP_NO_EXTENSIONS)
+    # quotes the start of the request line instead: a method, then a path or absolute URL.
+    if isinstance(line, bytearray):
+        return True
+    if isinstance(line, str):
+        line = line.encode("latin-1", "replace")
+    return isinstance(line, bytes) and _REQUEST_LINE_START.match(line) is not None
+
+
+def classify(exc: BaseException) -> tuple[int, str, str]:
+    """(status, metric reason, short body text) for what the parser layer refused."""
+    if isinstance(exc, Refused):
+        return exc.status, exc.reason, exc.text
+    if isinstance(exc, LineTooLong):
+        if _is_target(exc.args[0] if exc.args else b""):
+            return 414, "uri_too_long", "URI Too Long"
+        return 431, "header_too_large", "Request Header Fields Too Large"
+    text = str(exc)
+    if "Too many headers" in text:
+        return 431, "too_many_headers", "Request Header Fields Too Large"
+    if isinstance(exc, BadHttpMethod):
+        return 400, "bad_method", "Bad Request"
+    if isinstance(exc, BadStatusLine):
+        m = _VERSION.search(text)
+        if m is not None and int(m.group(1)) >= 2:
+            return 505, "version_not_supported", "HTTP Version Not Supported"
+        return 400, "bad_request_line", "Bad Request"
+    if isinstance(exc, InvalidURLError):
+        return 400, "bad_target", "Bad Request"
+    lower = text.lower()
+    if "content-length" in lower or "transfer-encoding" in lower or "chunk" in lower:
+        return 400, "bad_framing", "Bad Request"
+    if "header" in lower:
+        return 400, "bad_header", "Bad Request"
+    return 400, "bad_request", "Bad Request"
+
+
+def describe(exc: BaseException) -> str:
+    """The error's class and llhttp's fixed reason: never a byte of the request."""
+    name = type(exc).__name__
+    message = getattr(exc, "message", "")
+    reasons = []
+    for line in (message if isinstance(message, str) else "").split("\n"):
+        m = _FIXED_REASON.match(line)
+        if m is None:
+            break
+        reasons.append(m.group(1))
+    return f"{name}: {'; '.join(reasons)}" if reasons else name
+
+
+class _BodyOnly(web.Response):
+    """An answer to an HTTP/0.9 request: no status line and no headers, as nginx sends."""
+
+    async def _write_headers(self) -> None:
+        return None
 
 
 class _GatewayRequestHandler(RequestHandler):
-    """aiohttp's per-connection protocol plus the client-header deadline and 431."""
+    """aiohttp's per-connection protocol plus the client-header deadline and refusals."""
 
     _header_deadline: float = 0.0
     _header_timer: asyncio.TimerHandle | None = None
+    _head_started = False  # bytes of a request head have arrived and it is not complete
+    _parse_failed = False  # the rest of the stream is not HTTP: stop parsing it
+    _first_data = True  # nothing received yet on this connection
+
+    def __init__(self, manager: Any, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        # aiohttp's parser drops every request it completed in a read when a later one in
+        # the same read is malformed. Paused after each message (a queue of one), it hands
+        # over each request before it meets the next, so a valid request ahead of garbage
+        # is still answered; ``_parse`` resumes it.
+        self._parser = HttpRequestParser(
+            self, kwargs["loop"], self._read_bufsize, max_line_size=self.max_line_size,
+            max_field_size=self.max_field_size, max_headers=self.max_headers,
+            payload_exception=RequestPayloadError,
+            auto_decompress=kwargs.get("auto_decompress", True), max_msg_queue_size=1)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._arm_header_timer()
+        self._arm_header_timer(head_started=False)
 
-    def _arm_header_timer(self) -> None:
+    def _arm_header_timer(self, head_started: bool = True) -> None:
+        if head_started:
+            self._head_started = True
         manager = self._manager
         timeout = getattr(manager, "client_header_timeout", 0.0)
         if timeout and self._header_timer is None:
@@ -45,14 +187,70 @@ class _GatewayRequestHandler(RequestHandler):
     def _header_timeout(self) -> None:
         self._header_timer = None
         log.info("dropping a client that took too long to send its request headers")
+        if self._head_started and not self._force_close:
+            # nginx closes without an answer too, and logs 408.
+            timeout = getattr(self._manager, "client_header_timeout", 0.0)
+            self._report(408, "client_header_timeout", None, 0, duration=timeout)
         self.force_close()
         if self.transport is not None:
             self.transport.close()
 
+    def _parse(self, data: bytes) -> None:
+        """Feed the parser and take every request it completes, one at a time."""
+        if self._parse_failed:
+            return
+        messages = self._messages
+        count = self._request_count
+        if self._first_data:
+            self._first_data = False
+            m = _HTTP09_LINE.match(data)
+            if m is not None:
+                refused = http09(m.group(1).decode("latin-1"), m.group(2).decode("latin-1"))
+                messages.append((_ErrInfo(status=400, exc=refused, message=""), EMPTY_PAYLOAD))
+                self._request_count += 1
+                self._parse_failed = True
+                waiter = self._waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+                return
+        RequestHandler.data_received(self, data)
+        while self._request_count != count:
+            new = self._request_count - count
+            for i in range(len(messages) - new, len(messages)):
+                if self._vet_at(i):
+                    return
+            parser = self._parser
+            if (parser is None or self._buffer_paused or self._upgraded or self._force_close
+                    or self._close):
+                return
+            # The protocol's own queue bounds what is buffered (it pauses the transport);
+            # the parser's queue of one is only there to stop between messages.
+            for _ in range(new):
+                parser.message_consumed()
+            count = self._request_count
+            RequestHandler.data_received(self, b"")
+
+    def _vet_at(self, i: int) -> bool:
+        """Turn a request the gateway refuses into an error; True once parsing must stop."""
+        messages = self._messages
+        msg = messages[i][0]
+        if isinstance(msg, _ErrInfo):
+            self._parse_failed = True
+        else:
+            refused = vet(msg)
+            if refused is None:
+                return False
+            messages[i] = (_ErrInfo(status=refused.status, exc=refused, message=""),
+                           EMPTY_PAYLOAD)
+            self._parse_failed = True
+        while len(messages) > i + 1:
+            messages.pop()
+        return True
+
     def data_received(self, data: bytes) -> None:
         busy = (bool(self._messages) or self._current_request is not None
                 or getattr(self, "_inline", None) is not None)
-        super().data_received(data)
+        self._parse(data)
         if self._messages or self._upgraded or self._payload_parser is not None:
             if self._header_timer is not None:
                 self._header_timer.cancel()
@@ -67,27 +265,41 @@ class _GatewayRequestHandler(RequestHandler):
             self._header_timer = None
         super().connection_lost(exc)
 
+    def _client_ip(self) -> str:
+        name = self.peername
+        return name[0] if isinstance(name, tuple) else "-"
+
+    def _report(self, status: int, reason: str, refused: Refused | None, bytes_out: int, *,
+                rid: str | None = None, duration: float = 0.0) -> None:
+        """An access-log line and a metric for a request refused before routing."""
+        gateway = getattr(self._manager, "gateway", None)
+        if gateway is None:
+            return
+        gateway.rejected(self._client_ip(), rid or gateway.ids.next(),
+                         refused.method if refused else "-", refused.path if refused else "-",
+                         status, reason, bytes_out, duration)
+
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
-        if isinstance(exc, LineTooLong):
-            # The C parser reports the start of what overflowed: a target starts with '/'.
-            line = exc.args[0] if exc.args else b""
-            if isinstance(line, bytes | str) and line[:1] in (b"/", "/"):
-                resp = web.Response(status=414, text="414 URI Too Long\n", headers=_SERVER)
-                resp.force_close()
-                return resp
-            resp = web.Response(status=431, text="431 Request Header Fields Too Large\n",
-                                headers=_SERVER)
-            resp.force_close()
-            return resp
-        if status == 400:
-            # Parse errors: say so briefly; the details are for the log, not the client.
-            log.info("rejected a malformed request from %s: %s", getattr(request, "remote", "?"),
-                     exc)
-            resp = web.Response(status=400, text="400 Bad Request\n", headers=_SERVER)
-            resp.force_close()
-            return resp
-        return super().handle_error(request, status, exc, message)
+        if not isinstance(exc, Refused) and not (
+                status == 400 and isinstance(exc, HttpProcessingError)):
+            return super().handle_error(request, status, exc, message)
+        # The one writer of the parser layer's answers: a short body, then close.
+        code, reason, text = classify(exc)
+        log.info("refused a request from %s: %d %s (%s)", self._client_ip(), code, reason,
+                 describe(exc))
+        gateway = getattr(self._manager, "gateway", None)
+        rid = gateway.ids.next() if gateway is not None else None
+        refused = exc if isinstance(exc, Refused) else None
+        if refused is not None and refused.body_only:
+            resp: web.Response = _BodyOnly(text=f"{code} {text}\n")
+        else:
+            resp = error_response(code, text, {"X-Request-ID": rid} if rid else None)
+        resp.force_close()
+        body = resp.body
+        self._report(code, reason, refused, len(body) if isinstance(body, bytes) else 0,
+                     rid=rid)
+        return resp
 
 
 class GatewayServer(web.Server):
@@ -105,16 +317,38 @@ class GatewayServer(web.Server):
     def __call__(self) -> RequestHandler:
         return self.protocol(self, loop=self._loop, **self._kwargs)
 
+    def _make_request(self, message: RawRequestMessage, *args: Any, **kwargs: Any
+                      ) -> web.BaseRequest:
+        # The parser layer's refusals are answered in HTTP/1.1, whatever the client sent.
+        return super()._make_request(_ERROR_11 if message is ERROR else message, *args,
+                                     **kwargs)
 
-def server_ssl_context(cfg: Config) -> ssl.SSLContext | None:
+
+class ServerTLS:
+    """The listener's TLS: one context for the socket, certificates swappable on reload.
+
+    Every handshake's SNI callback (OpenSSL calls it with or without SNI) hands the
+    connection the most recently loaded context, so new handshakes use the new pair while
+    open connections keep the one they were made with. A pair that does not load raises
+    TLSFilesError and the current one stays.
+    """
+
+    def __init__(self, cert_file: Path, key_file: Path) -> None:
+        self.current = server_context(cert_file, key_file)
+        self.context = server_context(cert_file, key_file)
+        self.context.sni_callback = self._pick
+
+    def _pick(self, conn: ssl.SSLObject | ssl.SSLSocket, _name: str | None,
+              _ctx: ssl.SSLContext) -> None:
+        conn.context = self.current
+
+    def reload(self, cert_file: Path, key_file: Path) -> None:
+        self.current = server_context(cert_file, key_file)
+
+
+def server_tls(cfg: Config) -> ServerTLS | None:
     tls = cfg.listen.tls
-    if tls is None:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
+    return None if tls is None else ServerTLS(tls.cert_file, tls.key_file)
 
 
 def make_server(cfg: Config, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],

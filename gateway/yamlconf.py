@@ -19,10 +19,18 @@ from gateway.errors import ConfigError, Problem
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)\s*$")
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_DURATION_BARE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*$")
+# One part of a compound duration: ``1h`` of ``1h30m``; ms before m so "500ms" is not "500m s".
+_DURATION_PART_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
+# Largest first: a compound duration names each unit once, in this order (as nginx does).
+_DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SECRET_KEYS = frozenset({"secret_key", "signing_key", "api_key", "cookie_key", "password"})
+# A key whose value is never shown in an error, whatever its spelling ("secretKey",
+# "apikey", "db_password", "auth_token"...), nor anything under it.
+_SECRET_LIKE = re.compile(r"secret|passw|pwd|credential|private|key|token|auth", re.I)
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/?#@\s]*@")
+_SHOWN_MAX = 80
 CEC_SECRET_RE = re.compile(r"^[A-Za-z0-9]{43}$")
 
 
@@ -51,17 +59,31 @@ def parse_size(value: object) -> int:
 
 
 def parse_duration(value: object) -> float:
-    """nginx time syntax: ``500ms``, ``10s``, ``5m``, ``1h``; a bare number is seconds."""
+    """nginx time syntax: ``500ms``, ``10s``, ``5m``, ``1h``, ``1h30m``, ``1m 30s``; a bare
+    number is seconds. A compound names each unit once, largest first."""
     if isinstance(value, bool):
         raise ValueError("expected a duration")
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return float(value)
-    m = _DURATION_RE.match(str(value))
-    if not m:
-        raise ValueError("not a duration; write e.g. 500ms, 10s, 5m or 1h")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    text = str(value)
+    bare = _DURATION_BARE_RE.match(text)
+    if bare:
+        return float(bare.group(1))
+    units = list(_DURATION_UNITS)
+    total, pos, last = 0.0, 0, -1
+    while pos < len(text) and not text[pos:].isspace():
+        part = _DURATION_PART_RE.match(text, pos)
+        if part is None or units.index(part.group(2)) <= last:
+            raise ValueError("not a duration; write e.g. 500ms, 10s, 5m, 1h or 1h30m "
+                             "(each unit once, largest first)")
+        last = units.index(part.group(2))
+        total += float(part.group(1)) * _DURATION_UNITS[part.group(2)]
+        pos = part.end()
+    if last < 0:
+        raise ValueError("not a duration; write e.g. 500ms, 10s, 5m, 1h or 1h30m")
+    return total
 
 
 Size = Annotated[int, BeforeValidator(parse_size)]
@@ -98,7 +120,32 @@ def path_str(loc: tuple[str | int, ...]) -> str:
 
 
 def _is_secret_path(loc: tuple[str | int, ...]) -> bool:
-    return any(isinstance(p, str) and p in _SECRET_KEYS for p in loc)
+    return any(isinstance(p, str) and _SECRET_LIKE.search(p) for p in loc)
+
+
+def scrub(text: str) -> str:
+    """``scheme://user:password@host`` -> ``scheme://<redacted>@host`` anywhere in ``text``."""
+    return _USERINFO.sub(r"\1<redacted>@", text) if "@" in text else text
+
+
+def shown_value(loc: tuple[str | int, ...], found: bool, value: Any, kind: str) -> str:
+    """What an error may show of the value it is about.
+
+    Only a scalar at a known key that is not secret-like: never the value of an unknown key
+    (a misspelt secret), of a mapping or list (it may hold secrets), of the root (the whole
+    config), or of anything under a key such as ``secret_key``, ``apikey``, ``password``.
+    """
+    if not found or not loc or kind == "extra_forbidden":
+        return ""
+    if _is_secret_path(loc):
+        return "<redacted>"
+    if not isinstance(value, str | int | float | bool) and value is not None:
+        return f"<a {'mapping' if isinstance(value, dict) else 'list'}>" if isinstance(
+            value, dict | list) else ""
+    shown = scrub(repr(value))
+    if len(shown) > _SHOWN_MAX:
+        shown = shown[:_SHOWN_MAX - 3] + "..."
+    return shown
 
 
 def interpolate(node: Any, loc: tuple[str | int, ...], env: Mapping[str, str],
@@ -185,6 +232,41 @@ def _lookup(tree: Any, loc: tuple[str | int, ...]) -> tuple[bool, Any]:
     return True, node
 
 
+def _known_key(name: str) -> str | None:
+    """The config key ``name`` is a misspelling of (``secretKey`` -> ``secret_key``)."""
+    from gateway.config import Config
+
+    want = name.replace("_", "").replace("-", "").lower()
+    seen: set[type] = set()
+    todo: list[Any] = [Config]
+    while todo:
+        model = todo.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for field_name, info in model.model_fields.items():
+            if field_name.replace("_", "").lower() == want and field_name != name:
+                return str(field_name)
+            for arg in _model_types(info.annotation):
+                todo.append(arg)
+    return None
+
+
+def _model_types(annotation: Any) -> list[Any]:
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    out = []
+    stack = [annotation]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            out.append(item)
+        stack.extend(get_args(item))
+    return out
+
+
 def problems_from(exc: ValidationError, tree: Any) -> list[Problem]:
     problems = []
     for err in exc.errors(include_url=False):
@@ -192,12 +274,7 @@ def problems_from(exc: ValidationError, tree: Any) -> list[Problem]:
         # pydantic reports union members as extra loc parts (e.g. 'IPv4Network'); drop them
         loc = tuple(p for p in loc if not (isinstance(p, str) and p[:1].isupper()))
         found, value = _lookup(tree, loc)
-        if _is_secret_path(loc):
-            shown = "<redacted>" if found else ""
-        else:
-            shown = repr(value) if found else ""
-            if len(shown) > 120:
-                shown = shown[:117] + "..."
+        shown = shown_value(loc, found, value, str(err["type"]))
         msg = str(err["msg"])
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
@@ -207,7 +284,11 @@ def problems_from(exc: ValidationError, tree: Any) -> list[Problem]:
             msg = "not an IPv4 or IPv6 network"
         if "; fix: " in msg:
             msg, fix = msg.split("; fix: ", 1)
-        problem = Problem(path_str(loc), shown, msg, fix)
+        if err["type"] == "extra_forbidden" and loc:
+            known = _known_key(str(loc[-1]))
+            if known:
+                fix = f"did you mean {known}? (keys are snake_case); else remove it"
+        problem = Problem(path_str(loc), shown, scrub(msg), scrub(fix))
         if problem not in problems:
             problems.append(problem)
     return problems

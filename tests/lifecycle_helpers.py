@@ -48,23 +48,6 @@ async def wait_for(predicate: Callable[[], bool | Awaitable[bool]], within: floa
         await asyncio.sleep(interval)
 
 
-def free_port_pair() -> int:
-    """A port p such that p and p+1 are both free (admin ports of two workers)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port: int = a.getsockname()[1]
-            if port >= 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return port
-    raise AssertionError("no two consecutive free ports")
-
-
 def port_accepts(port: int, host: str = "127.0.0.1") -> bool:
     """Does a TCP connect to host:port succeed right now?"""
     try:
@@ -97,6 +80,18 @@ def alive(pid: int) -> bool:
 # ------------------------------------------------------------------ gateway subprocess
 
 
+def flat(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """An ECS document with nested objects as dotted keys: ``{"a": {"b": 1}}`` -> ``a.b``."""
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
 @dataclass
 class GatewayProc(GatewayProcess):
     """A gateway process as in ``tests.gwhelpers``, plus its admin URL and config file."""
@@ -116,7 +111,8 @@ class GatewayProc(GatewayProcess):
         return out
 
     def access(self) -> list[dict[str, Any]]:
-        return [r for r in self.records() if r.get("logger") == "gateway.access"]
+        """The access lines, flattened to ECS's dotted names (``http.response.status_code``)."""
+        return [flat(r) for r in self.records() if flat(r).get("log.logger") == "gateway.access"]
 
     async def wait_log(self, needle: str, within: float = 5.0, count: int = 1) -> None:
         await wait_for(lambda: self.log_text().count(needle) >= count, within,

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 REDIS_SERVER = "/usr/bin/redis-server"
@@ -32,7 +32,8 @@ def _pong(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            # NOAUTH: up, but the default user is switched off (an ACL test).
+            return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 
@@ -40,8 +41,9 @@ def _pong(port: int) -> bool:
 class RedisServer:
     """One redis-server process; ``url`` is ``redis://127.0.0.1:<port>/0`` once started."""
 
-    def __init__(self, binary: str = REDIS_SERVER) -> None:
+    def __init__(self, binary: str = REDIS_SERVER, extra: Sequence[str] = ()) -> None:
         self.binary = binary
+        self.extra = list(extra)  # more redis-server options: TLS, ACL users, --replicaof
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
@@ -82,6 +84,7 @@ class RedisServer:
                     str(self._dir / "redis.log"),
                     "--daemonize",
                     "no",
+                    *self.extra,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -95,6 +98,11 @@ class RedisServer:
             self._kill()
         log = (self._dir / "redis.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"redis-server did not start; its log ends with:\n{log}")
+
+    @property
+    def dir(self) -> Path:
+        assert self._dir is not None
+        return self._dir
 
     def _kill(self) -> None:
         if self._proc is None:

@@ -200,3 +200,72 @@ async def test_several_workers_serve_and_stop(tmp_path: Path, echo: Echo) -> Non
     assert code == 0
     assert [s.path for s in echo.seen] == [f"/up/w{i}" for i in range(4)]
     assert "Traceback" not in gw.log_text()
+
+
+# ---------------------------------------------------------------- options, help, version
+
+
+@pytest.mark.parametrize("argv", [
+    ["--log-format", "json", "--log-level", "debug", "-c", "a.yaml", "check"],
+    ["check", "--log-format", "json", "--log-level", "debug", "-c", "a.yaml"],
+    ["--log-format", "json", "check", "--log-level", "debug", "-c", "a.yaml"],
+    ["-c", "a.yaml", "--log-level", "debug", "check", "--log-format", "json"],
+])
+def test_global_options_before_or_after_the_command(argv: list[str]) -> None:
+    from gateway.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert (args.command, args.log_format, args.log_level, args.config) == \
+        ("check", "json", "DEBUG", "a.yaml")
+
+
+@pytest.mark.parametrize("command", ["run", "check", "reload", "demo", "sandbox", "init"])
+def test_config_given_before_a_command_is_not_replaced_by_its_default(command: str) -> None:
+    from gateway.cli import build_parser
+
+    args = build_parser().parse_args(["-c", "mine.yaml", command])
+    assert args.config == "mine.yaml"
+    args = build_parser().parse_args([command])
+    assert args.config is None  # main() fills in the default (demo: its own fallback)
+
+
+def test_version_and_operator_help(tmp_path: Path) -> None:
+    from gateway import __version__
+
+    out = gateway_cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"gateway (cec-gateway) {__version__}"
+    top = gateway_cli("--help").stdout
+    for command in ("run", "check", "reload", "init", "demo", "sandbox", "sign"):
+        assert f"\n    {command} " in top, command
+    assert "exit status:" in top and "\n  2  the configuration" in top
+    assert "before or after the command" in top
+    check = " ".join(gateway_cli("check", "--help").stdout.split())  # however it is wrapped
+    assert "-c FILE, --config FILE the configuration file (default:" in check
+    assert "--log-format" in check and "Exit 0 if it is valid, 2" in check
+
+
+def test_log_format_after_the_command_is_honoured(tmp_path: Path) -> None:
+    conf = write(tmp_path, "routes: []\n")
+    before = gateway_cli("--log-format", "json", "run", "-c", str(conf))
+    after = gateway_cli("run", "-c", str(conf), "--log-format", "json")
+    assert before.returncode == after.returncode == 2
+    assert "invalid choice" not in after.stderr and "unrecognized" not in after.stderr
+    assert before.stderr.count("routes") == after.stderr.count("routes") > 0
+
+
+def test_init_writes_the_sample_that_check_accepts(tmp_path: Path) -> None:
+    from gateway.demo.cli import sample_config
+
+    target = tmp_path / "new.yaml"
+    out = gateway_cli("init", "-c", str(target))
+    assert out.returncode == 0, out.stderr
+    assert target.read_text(encoding="utf-8") == sample_config()
+    assert "gateway check -c" in out.stdout
+    again = gateway_cli("init", "-c", str(target))
+    assert again.returncode == 1 and "--force" in again.stderr
+    env = {"PATH": "/usr/bin:/bin", "CEC_SECRET_KEY": "a" * 43,
+           "GATEWAY_TOKEN_KEY": "b" * 64, "GATEWAY_API_KEY": "c" * 64}
+    checked = gateway_cli("check", "-c", str(target), env=env)
+    assert checked.returncode == 0, checked.stderr
+    unset = gateway_cli("check", "-c", str(target), env={"PATH": "/usr/bin:/bin"})
+    assert unset.returncode == 2 and "CEC_SECRET_KEY is not set" in unset.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import trustme
 
 from gateway.config import Config, load_config, load_config_text
 from gateway.errors import ConfigError, GatewayError, Problem
@@ -44,7 +45,7 @@ def test_minimal_config_defaults() -> None:
 
 def test_full_issue_example_loads(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
-    ca.write_text("not checked at load time\n")
+    trustme.CA().cert_pem.write_to_path(str(ca))  # loaded as `run` loads it
     text = f"""
 listen: {{host: 127.0.0.1, port: 8080}}
 trusted_proxies: [10.0.0.0/8, "2001:db8::/32"]
@@ -87,13 +88,15 @@ def test_bad_sizes(bad: object) -> None:
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("500ms", 0.5), ("10s", 10.0), ("5m", 300.0), ("1h", 3600.0), ("2", 2.0), (3, 3.0),
-    (0.25, 0.25),
+    (0.25, 0.25), ("1h30m", 5400.0), ("1m30s", 90.0), ("1m 30s", 90.0), ("2d1h", 176400.0),
+    ("1s500ms", 1.5), (" 1h 0m 5s ", 3605.0),
 ])
 def test_durations(text: object, expected: float) -> None:
     assert parse_duration(text) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("bad", ["10 sec", "-5s", "fast", False])
+@pytest.mark.parametrize("bad", ["10 sec", "-5s", "fast", False, "", "30s1m", "1m1m", "1h30",
+                                 "h30m", "1h-30m", "1.5.5s"])
 def test_bad_durations(bad: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(bad)

@@ -1,7 +1,9 @@
 """``gateway demo`` and ``gateway sandbox`` as real processes, and the sample site's pieces.
 
-The demo runs the project's own ``gateway.yaml`` with free ports substituted, so a change to
-the example configuration that breaks the README's first command fails here.
+The demo runs the sample configuration shipped in the package (``gateway/demo/gateway.yaml``,
+what ``gateway init`` writes) with free ports substituted, so a change to it that breaks the
+README's first command fails here; and as it is, with its default ports taken and no secret in
+the environment.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import aiohttp
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.config import load_config_text
-from gateway.demo.run import demo_urls
+from gateway.demo.cli import sample_config
+from gateway.demo.run import demo_urls, move_ports
 from gateway.demo.site import create_site_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +58,7 @@ def demo_env(gw: int, site: int, sandbox: int) -> dict[str, str]:
 
 
 def demo_config(tmp_path: Path, sandbox: int, admin: int) -> Path:
-    text = (ROOT / "gateway.yaml").read_text(encoding="utf-8")
+    text = sample_config()
     text, n = re.subn(r"(?m)^(\s+port: )8090\b", rf"\g<1>{sandbox}", text)
     assert n == 1, "gateway.yaml's sandbox section no longer has port: 8090"
     text = re.sub(r"(?m)^(\s+port: )9090\b", rf"\g<1>{admin}", text)
@@ -93,6 +96,14 @@ async def read_line(proc: asyncio.subprocess.Process, stderr: Path) -> str:
     return line.decode().rstrip("\n")
 
 
+async def read_announcement(proc: asyncio.subprocess.Process, stderr: Path) -> list[str]:
+    """The demo's lines up to and including ``Agent console: ...``."""
+    lines = [await read_line(proc, stderr)]
+    while not lines[-1].startswith("Agent console: "):
+        lines.append(await read_line(proc, stderr))
+    return lines
+
+
 async def stop(proc: asyncio.subprocess.Process) -> int:
     proc.send_signal(signal.SIGINT)
     return await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
@@ -104,8 +115,10 @@ async def test_demo_prints_urls_serves_everything_and_stops_on_sigint(tmp_path: 
     config = demo_config(tmp_path, sandbox, admin)
     err = tmp_path / "stderr.txt"
     async with process("demo", "-c", str(config), env=env, stderr=err) as proc:
-        first = await read_line(proc, err)
-        second = await read_line(proc, err)
+        lines = await read_announcement(proc, err)
+        first, second = lines[-2:]
+        assert not any("throw-away" in line or "is taken" in line for line in lines), lines
+        assert f"  CEC sandbox  http://127.0.0.1:{sandbox}/service-cloud/" in "\n".join(lines)
         assert first == f"Site: http://127.0.0.1:{gw}/"
         assert second == f"Agent console: http://127.0.0.1:{gw}/service-cloud/agent/"
         site_url = first.removeprefix("Site: ")
@@ -139,6 +152,111 @@ async def test_demo_prints_urls_serves_everything_and_stops_on_sigint(tmp_path: 
 
         assert await stop(proc) == 0
     assert env["CEC_SECRET_KEY"] not in err.read_text()
+
+
+DEFAULT_PORTS = {"gateway": 8080, "sample site": 3000, "CEC sandbox": 8090, "admin": 9090}
+
+
+def hold_ports(ports: list[int]) -> list[socket.socket]:
+    """Listen on each port that is free (one already taken by someone else is taken too)."""
+    held = []
+    for port in ports:
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            s.close()
+            continue
+        s.listen(1)
+        held.append(s)
+    return held
+
+
+async def test_demo_from_the_package_with_its_ports_taken_and_no_secrets(tmp_path: Path
+                                                                          ) -> None:
+    """No config file, no secret in the environment, every default port busy: it still runs,
+    says what it generated and where each component went, and the chat's signing works."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CEC_SECRET_KEY", "GATEWAY_TOKEN_KEY", "GATEWAY_API_KEY", "GATEWAY_PORT",
+                        "SITE_UPSTREAM", "CEC_UPSTREAM", "CEC_AUTH_MODE", "GATEWAY_HOST")}
+    env["PYTHONUNBUFFERED"] = "1"
+    held = hold_ports(list(DEFAULT_PORTS.values()))
+    err = tmp_path / "stderr.txt"
+    try:
+        with err.open("wb") as sink:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "gateway", "demo", cwd=tmp_path, env=env,
+                stdout=asyncio.subprocess.PIPE, stderr=sink)
+        try:
+            lines = await read_announcement(proc, err)
+            text = "\n".join(lines)
+            assert "configuration: the sample shipped with the package" in lines[0]
+            assert ("Generated throw-away secrets for this run: CEC_SECRET_KEY, "
+                    "GATEWAY_TOKEN_KEY, GATEWAY_API_KEY") in text
+            where = {}
+            for name, port in DEFAULT_PORTS.items():
+                assert f"Port {port} ({name}) is taken: using " in text, text
+                m = re.search(rf"^  {re.escape(name)} +http://127\.0\.0\.1:(\d+)/", text, re.M)
+                assert m, text
+                where[name] = int(m.group(1))
+                assert where[name] != port
+            site_url = lines[-2].removeprefix("Site: ")
+            assert site_url == f"http://127.0.0.1:{where['gateway']}/"
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+                async with http.get(site_url) as r:
+                    assert r.status == 200 and "Example Corp" in await r.text()
+                async with http.get(f"http://127.0.0.1:{where['admin']}/healthz") as r:
+                    assert r.status == 200
+                body = {"thirdUserName": "x", "thirdUserId": "x", "tenantSpaceId": "x",
+                        "channelConfigId": "x", "locale": "en"}
+                # Signed with the generated secret, verified by the sandbox with the same one.
+                async with http.post(site_url + "service-cloud/webclient/chat_client/js/"
+                                     "newThirdPartyClient.js", data=json.dumps(body)) as r:
+                    assert r.status == 200, await r.text()
+            assert await stop(proc) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    finally:
+        for s in held:
+            s.close()
+
+
+async def test_demo_on_a_taken_explicit_port_says_which_and_how(tmp_path: Path) -> None:
+    held = hold_ports([free_port()])
+    port = held[0].getsockname()[1]
+    err = tmp_path / "stderr.txt"
+    try:
+        async with process("demo", "--port", str(port), env=dict(os.environ),
+                           stderr=err) as proc:
+            assert await asyncio.wait_for(proc.wait(), STARTUP_TIMEOUT) == 1
+    finally:
+        held[0].close()
+    text = err.read_text()
+    assert f"cannot listen for the gateway on 127.0.0.1:{port}: the port is taken; " \
+           "set listen.port or --port to another port" in text
+    assert "Traceback" not in text and "Unclosed" not in text
+
+
+def test_moved_ports_are_followed_by_every_url() -> None:
+    config = load_config_text(sample_config(), env={
+        "CEC_SECRET_KEY": "a" * 43, "GATEWAY_TOKEN_KEY": "b" * 64, "GATEWAY_API_KEY": "c" * 64})
+    moved = move_ports(config, {8080: 18080, 3000: 13000, 8090: 18090, 9090: 19090})
+    assert moved.listen.port == 18080
+    assert moved.admin is not None and moved.admin.port == 19090
+    assert moved.sandbox is not None and moved.sandbox.port == 18090
+    assert moved.sandbox.validate_url is not None
+    assert moved.sandbox.validate_url.startswith("http://127.0.0.1:18080/rest/")
+    assert sorted(r.upstream for r in moved.routes) == [
+        "http://127.0.0.1:13000/", "http://127.0.0.1:18090/service-cloud/"]
+    assert moved.cors.allow_origins == ["http://localhost:18080"]
+    assert moved.cec is not None and moved.cec.identity.url is not None
+    assert moved.cec.identity.url.url == "http://127.0.0.1:13000/api/me"
+    # The secrets survive the round trip (and stay hidden).
+    assert moved.cec.auth.secret_key is not None
+    assert moved.cec.auth.secret_key.get_secret_value() == "a" * 43
+    assert move_ports(config, {}) is config
 
 
 async def test_demo_reports_a_bad_config(tmp_path: Path) -> None:

@@ -486,10 +486,14 @@ def test_dockerfile_slim_base_non_root_and_installs_the_repo() -> None:
     assert uid.isdigit() and int(uid) != 0, "a numeric non-root uid (runAsNonRoot checks it)"
     assert any(f"--uid {uid}" in r for r in dockerfile("RUN")), "the user is created"
     installs = [r for r in dockerfile("RUN") if "pip install" in r]
-    assert any('".[speed]"' in r or "'.[speed]'" in r or " .[speed]" in r for r in installs)
+    # The dependencies from the lock (which includes the speed extra, uvloop: see
+    # tests/test_deploy_lock.py), then the repository's package without resolving again.
+    assert any("--require-hashes -r requirements.lock" in r for r in installs)
+    assert any(r.rstrip().endswith("pip install --no-deps .") for r in installs)
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"]
     assert "speed" in extras
+    assert re.search(r"^uvloop==", (DEPLOY / "requirements.lock").read_text(), re.M)
 
 
 def test_dockerfile_copies_exist_and_make_a_working_wheel(tmp_path: Path) -> None:
@@ -528,7 +532,7 @@ def test_dockerfile_copies_exist_and_make_a_working_wheel(tmp_path: Path) -> Non
         entry = next(n for n in names if n.endswith("entry_points.txt"))
         assert re.search(r"^gateway\s*=\s*gateway\.cli:main", zf.read(entry).decode(), re.M)
     data = [p.relative_to(ROOT).as_posix() for p in (ROOT / "gateway").rglob("*")
-            if p.suffix in (".js", ".html", ".css")]
+            if p.suffix in (".js", ".html", ".css", ".yaml")]
     assert data and set(data) <= names, "package data (sandbox static files) in the image"
     # Pure Python: one wheel for every platform, no compiler in the build stage.
     assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
@@ -554,37 +558,47 @@ def test_dockerfile_exposes_the_listen_and_admin_ports() -> None:
     assert exposed == {cfg.listen.port, cfg.admin.port}
 
 
-def test_healthcheck_asks_the_admin_healthz_with_python() -> None:
+def test_healthcheck_is_gateway_health_on_the_image_config() -> None:
     command = healthcheck_command()
-    assert command[0] == "python", "slim has no curl"
-    url = url_in(command)
-    cfg = compose_config()
-    assert cfg.admin is not None
-    assert url.host == "127.0.0.1" and url.port == cfg.admin.port and url.path == "/healthz"
-    assert cfg.admin.host in ("0.0.0.0", "127.0.0.1")
+    assert command[:2] == ["gateway", "health"], "the image's own program, no curl needed"
+    args = argv_of(command[1:])
+    assert args.command == "health"
+    # The same file CMD serves, so the check follows its admin: section (or its absence).
+    assert args.config == argv_of(image_command()[1:]).config == "/etc/gateway/gateway.yaml"
 
 
+def health_check(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    command = [a if a != "/etc/gateway/gateway.yaml" else str(config)
+               for a in healthcheck_command()]
+    return subprocess.run([*gateway_program(), *command[1:]], env=env, capture_output=True,
+                          text=True, timeout=30, check=False)
+
+
+@pytest.mark.parametrize("admin_on", [True, False], ids=["admin", "no-admin"])
 def test_healthcheck_command_passes_on_a_live_gateway_and_fails_without_one(
-        tmp_path: Path) -> None:
-    cfg = compose_config()
-    assert cfg.admin is not None
+        tmp_path: Path, admin_on: bool) -> None:
+    """With the compose config (admin on) and with the admin listener off (the default)."""
     port, admin = free_ports(2)
     tree = yaml.safe_load(COMPOSE_CONFIG.read_text())
     tree["listen"].update(host="127.0.0.1", port=port, workers=1)
     tree["admin"].update(host="127.0.0.1", port=admin)
+    if not admin_on:
+        del tree["admin"]
     tree["token"]["store"] = "memory"
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(tree))
     env = base_env(**{n: dummy_secret(n) for n in compose_env_names(
         compose()["services"]["gateway"])})
-    check = with_port(healthcheck_command(), cfg.admin.port, admin)
     with started([*gateway_program(), "run", "-c", str(path)], env) as gw:
         gw.wait_for(listening)
-        ok = subprocess.run(check, capture_output=True, timeout=30, check=False)
+        ok = health_check(path, env)
         assert ok.returncode == 0, ok.stderr
+        assert (f"127.0.0.1:{admin}/healthz answered 200" if admin_on
+                else f"127.0.0.1:{port} accepts connections") in ok.stdout
         assert gw.stop() == 0, gw.output
-    down = subprocess.run(check, capture_output=True, timeout=30, check=False)
-    assert down.returncode != 0
+    down = health_check(path, env)
+    assert down.returncode == 1, down.stderr
+    assert down.stderr.startswith("unhealthy: ")
 
 
 # ================================================================ compose
@@ -713,17 +727,15 @@ def test_compose_demo_runs_for_real(tmp_path: Path) -> None:
             gw_env["CEC_SECRET_KEY"] = secret["CEC_SECRET_KEY"]
             with started([*gateway_program(), *gw_args], gw_env) as gw:
                 gw.wait_for(listening)
-                for n in (0, 1):  # worker N's admin listener is on admin.port + N
-                    assert wait_http(f"http://127.0.0.1:{admin + n}/healthz")[0] == 200
+                # The supervisor answers admin.port for both workers.
+                assert wait_http(f"http://127.0.0.1:{admin}/healthz")[0] == 200
                 base = f"http://127.0.0.1:{ports['gateway']}"
                 assert http_get(f"{base}/api/status")[0] == 200
                 assert http_get(f"{base}/service-cloud/health")[0] == 200
-                check = with_port(healthcheck_command(), cfg.admin.port, admin)
-                done = subprocess.run([sys.executable, *check[1:]], capture_output=True,
-                                      timeout=30, check=False)
+                done = health_check(config, gw_env)
                 assert done.returncode == 0, done.stderr
                 status, body = http_get(f"http://127.0.0.1:{admin}/readyz")
-                assert status == 200, body  # upstreams and Redis reachable
+                assert status == 200, body  # listening and not draining
                 assert gw.stop() == 0, gw.output
             assert sandbox.stop() == 0, sandbox.output
             assert site.stop() == 0, site.output
@@ -949,16 +961,18 @@ def test_configmap_config_serves_the_probe_paths(tmp_path: Path) -> None:
         args = [a if a != "/etc/gateway/gateway.yaml" else str(path) for a in container["args"]]
         with started([*gateway_program(), *args], base_env(**deployment_env())) as gw:
             line = gw.wait_for(listening)
-            assert json.loads(line)["level"] == "info", "--log-format json"
+            assert json.loads(line)["log.level"] == "info", "--log-format json"
             assert URL(admin_url_of(line)).port == admin
             for name in ("livenessProbe", "readinessProbe", "startupProbe"):
                 path_ = container[name]["httpGet"]["path"]
                 status, body = http_get(f"http://127.0.0.1:{admin}{path_}")
-                # /readyz: 503 here, the example upstreams (cec.example.com) are not reachable.
-                assert status in ((200, 503) if path_ == "/readyz" else (200,)), (path_, body)
-            status, body = http_get(f"http://127.0.0.1:{admin}/readyz")
+                # /readyz too: the example upstreams (cec.example.com) are not reachable, and
+                # that is /status's business, not readiness's.
+                assert status == 200, (path_, body)
+            status, body = http_get(f"http://127.0.0.1:{admin}/status")
             report = json.loads(body)
-            assert any(k.startswith("upstream") for k in report), report
+            assert status == 200 and report["ready"] is True, report
+            assert report["routes"] and report["store"]["up"] is True, report
             status, body = http_get(f"http://127.0.0.1:{admin}/metrics")
             assert status == 200 and b"gateway_" in body
             assert gw.stop() == 0, gw.output

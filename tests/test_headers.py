@@ -8,6 +8,7 @@ import ipaddress
 import pytest
 from yarl import URL
 
+from gateway.boundary import rewrite_location, rewrite_refresh
 from gateway.headers import (
     Forwarded,
     TrustedProxies,
@@ -15,8 +16,6 @@ from gateway.headers import (
     connection_tokens,
     forwarded_for,
     real_client_ip,
-    rewrite_location,
-    rewrite_refresh,
     rewrite_set_cookie,
     upstream_request_head,
 )
@@ -186,7 +185,9 @@ DEMO = UrlMap.for_route("/demo/", URL("http://10.0.0.5:8080/"))
     ("https://cec.example.com.evil.example/service-cloud/", "https://cec.example.com.evil.example/service-cloud/"),
     ("http://cec.example.com/service-cloud/a", "http://cec.example.com/service-cloud/a"),
     ("https://elsewhere.example/service-cloud/a", "https://elsewhere.example/service-cloud/a"),
-    ("//cec.example.com/service-cloud/a", "//cec.example.com/service-cloud/a"),
+    # scheme-relative: the upstream's own host is mapped, another one made absolute
+    ("//cec.example.com/service-cloud/a", "/service-cloud/a"),
+    ("//evil.example/x", "http://evil.example/x"),
 ])
 def test_rewrite_location(value: str, expected: str) -> None:
     assert rewrite_location(value, CEC) == expected

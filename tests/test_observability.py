@@ -6,9 +6,12 @@ same loop (``serving``) or as a ``python -m gateway`` subprocess whose stderr is
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -21,14 +24,17 @@ from gateway.fastpath import FastRequestHandler
 from tests.gwhelpers import Echo, GatewayFactory, free_port
 from tests.lifecycle_helpers import (
     KeepAlive,
-    free_port_pair,
+    flat,
+    has_metric,
     metric,
+    port_accepts,
     readyz,
     scrape,
     start_gateway_proc,
     wait_for,
     wait_healthy,
 )
+from tests.redis_server import redis_or_fail
 
 TENANT = "202007159031"
 CHANNEL = "202011230001"
@@ -37,8 +43,12 @@ TOKEN_KEY = "obs-signing-key-0123456789abcdef"
 API_KEY = "obs-api-key-0123456789abcdef-SECRET"
 VALIDATE = "/rest/cc-messaging/v1/thirdparty/chatThirdPartyValidate"
 NEW_CLIENT = "/service-cloud/webclient/chat_client/js/newThirdPartyClient.js"
-ACCESS_FIELDS = {"time", "request_id", "client_ip", "method", "path", "status", "bytes_in",
-                 "bytes_out", "duration_ms", "route", "upstream_status", "upstream_ms"}
+# ECS names (gateway/accesslog.py), flattened by ``flat``.
+ACCESS_FIELDS = {"@timestamp", "log.level", "message", "ecs.version", "event.dataset",
+                 "http.request.id", "client.ip", "http.request.method", "url.path",
+                 "http.response.status_code", "http.request.body.bytes",
+                 "http.response.body.bytes", "event.duration", "http.version", "url.domain",
+                 "user_agent.original"}
 TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 APP_ROUTES = """
@@ -71,7 +81,7 @@ def access_records(caplog: pytest.LogCaptureFixture) -> Callable[[], list[dict[s
     caplog.set_level(logging.INFO, logger="gateway.access")
 
     def get() -> list[dict[str, Any]]:
-        return [dict(r.fields) for r in caplog.records  # type: ignore[attr-defined]
+        return [flat(r.access) for r in caplog.records  # type: ignore[attr-defined]
                 if r.name == "gateway.access"]
 
     return get
@@ -162,31 +172,41 @@ async def test_json_access_log_one_line_per_request_and_no_secrets(tmp_path: Pat
 
     lines = gw.access()
     assert len(lines) == len(sent), lines
-    assert "?" not in "".join(str(line["path"]) for line in lines)
+    assert "?" not in "".join(str(line["url.path"]) for line in lines)
     for line, (method, path, status, size, rid) in zip(lines, sent, strict=True):
         assert ACCESS_FIELDS <= set(line), line
-        assert TIME_RE.match(line["time"]), line
-        assert line["request_id"] == rid
-        assert line["client_ip"] == "127.0.0.1"
-        assert (line["method"], line["path"], line["status"]) == (method, path, status)
-        assert line["bytes_out"] == size
-        assert isinstance(line["duration_ms"], int | float) and line["duration_ms"] >= 0
+        assert TIME_RE.match(line["@timestamp"]), line
+        assert line["http.request.id"] == rid
+        assert line["client.ip"] == "127.0.0.1"
+        assert (line["http.request.method"], line["url.path"],
+                line["http.response.status_code"]) == (method, path, status)
+        assert line["http.response.body.bytes"] == size
+        assert isinstance(line["event.duration"], int) and line["event.duration"] >= 0
+        assert line["http.version"] == "1.1" and "tls.version" not in line
+        assert line["url.domain"] == "127.0.0.1" and line["url.port"] == gw.port
+        assert line["user_agent.original"].startswith("Python/")
+        assert "trace.id" not in line  # tracing is off
     proxied, own = lines[:4], lines[4:]
     for line in proxied:
-        assert line["route"] == "/app/"
-        assert line["upstream_status"] == 200
-        assert isinstance(line["upstream_ms"], int | float)
-        assert 0 <= line["upstream_ms"] <= line["duration_ms"]
-    assert [line["bytes_in"] for line in proxied] == [0, 0, 0, 100]
-    # The process runs on uvloop, whose loop clock ticks in whole milliseconds: durations
-    # measured with it would all be 0.0 or 1.0 ms, with perf_counter they have microseconds.
-    assert any(line["duration_ms"] % 1 for line in lines), [x["duration_ms"] for x in lines]
-    assert any(line["upstream_ms"] % 1 for line in proxied), [x["upstream_ms"] for x in proxied]
+        assert line["gateway.route"] == "/app/"
+        assert line["destination.address"] == "127.0.0.1"
+        assert line["destination.port"] == echo.port
+        assert line["gateway.upstream.status_code"] == 200
+        assert isinstance(line["gateway.upstream.duration"], int)
+        assert 0 <= line["gateway.upstream.duration"] <= line["event.duration"]
+    assert [line["http.request.body.bytes"] for line in proxied] == [0, 0, 0, 100]
+    # The process runs on uvloop, whose loop clock ticks in whole milliseconds: durations (ns)
+    # measured with it would all be multiples of 1 ms, with perf_counter they are not.
+    ms = 1_000_000
+    assert any(x["event.duration"] % ms for x in lines), [x["event.duration"] for x in lines]
+    assert any(x["gateway.upstream.duration"] % ms for x in proxied), [
+        x["gateway.upstream.duration"] for x in proxied]
     for line in own:  # the gateway's own endpoints: no route, no upstream
-        assert line["route"] is None and line["upstream_status"] is None
-        assert line["upstream_ms"] is None
+        assert not {"gateway.route", "gateway.upstream.status_code", "destination.address"
+                    } & set(line), line
     # Bytes in count for the gateway's own endpoints too (the issuing request's JSON body).
-    assert own[0]["bytes_in"] == len(json.dumps({"userId": "u1", "userName": "Ann"}))
+    assert own[0]["http.request.body.bytes"] == len(
+        json.dumps({"userId": "u1", "userName": "Ann"}))
 
 
 async def test_text_log_format_has_the_access_line(tmp_path: Path, echo: Echo) -> None:
@@ -218,17 +238,21 @@ async def test_access_log_fields_on_the_fast_and_the_full_path(
     fast = [path for path, taken in fast_path_spy if taken]
     assert "/app/f2?q=secret2" in fast and "/app/h?q=secret" in fast, fast_path_spy
     records = access_records()
-    assert [r["path"] for r in records] == ["/app/f0", "/app/f1", "/app/f2", "/app/h", "/app/p"]
+    assert [r["url.path"] for r in records] == [
+        "/app/f0", "/app/f1", "/app/f2", "/app/h", "/app/p"]
     answers = [*gets, head, post]
     for record, answer in zip(records, answers, strict=True):
-        assert record["status"] == 200 and record["upstream_status"] == 200
-        assert record["route"] == "/app/"
-        assert record["request_id"] == answer.header("X-Request-ID")
-        assert record["client_ip"] == "127.0.0.1"
-        assert record["bytes_out"] == len(answer.body)
-        assert 0 <= record["upstream_ms"] <= record["duration_ms"]
-    assert [r["method"] for r in records] == ["GET"] * 3 + ["HEAD", "POST"]
-    assert [r["bytes_in"] for r in records] == [0, 0, 0, 0, 321]
+        assert record["http.response.status_code"] == 200
+        assert record["gateway.upstream.status_code"] == 200
+        assert record["gateway.route"] == "/app/"
+        assert record["http.request.id"] == answer.header("X-Request-ID")
+        assert record["client.ip"] == "127.0.0.1"
+        assert record["http.response.body.bytes"] == len(answer.body)
+        assert 0 <= record["gateway.upstream.duration"] <= record["event.duration"]
+        # KeepAlive sends "Host: gw.test" and no User-Agent.
+        assert record["url.domain"] == "gw.test" and "user_agent.original" not in record
+    assert [r["http.request.method"] for r in records] == ["GET"] * 3 + ["HEAD", "POST"]
+    assert [r["http.request.body.bytes"] for r in records] == [0, 0, 0, 0, 321]
     assert "secret" not in json.dumps(records)
 
 
@@ -260,7 +284,7 @@ async def test_request_id_generated_when_absent(
     failed_rid = failed.header("X-Request-ID")
     assert failed.status == 502 and failed_rid and failed_rid not in rids
     records = access_records()
-    assert [r["request_id"] for r in records] == [*rids, failed_rid]
+    assert [r["http.request.id"] for r in records] == [*rids, failed_rid]
     # The error line about the failed request carries its id as well.
     errors = [r.getMessage() for r in caplog.records
               if r.name != "gateway.access" and r.levelno >= logging.WARNING]
@@ -290,8 +314,8 @@ async def test_request_id_kept_only_from_a_trusted_proxy(
     assert any(taken for _, taken in fast_path_spy), "the fast path never served a GET"
     got = [a.header("X-Request-ID") for a in answers]
     upstream = [s.all("X-Request-ID") for s in echo.seen[:4]]
-    logged = [r["request_id"] for r in access_records()[:4]]
-    clients = {r["client_ip"] for r in access_records()[:4]}
+    logged = [r["http.request.id"] for r in access_records()[:4]]
+    clients = {r["client.ip"] for r in access_records()[:4]}
     assert clients == {"203.0.113.7" if is_trusted else "127.0.0.1"}
     assert all(a.all("X-Request-ID") == [a.header("X-Request-ID")] for a in answers)
     if is_trusted:
@@ -457,8 +481,43 @@ async def test_metrics_count_token_events_and_lockouts(gateway: GatewayFactory,
     assert metric(text, "gateway_requests_total", method="POST") == 5
 
 
-async def test_metrics_per_worker_admin_ports_add_up(tmp_path: Path, echo: Echo) -> None:
-    admin_port = free_port_pair()
+def promtool_check(text: str) -> None:
+    """``promtool check metrics``: the exposition is valid and lint-clean."""
+    assert shutil.which("promtool"), "promtool is missing: ./dev installs Debian's prometheus"
+    done = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
+                          capture_output=True, timeout=30, check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr).decode()
+
+
+async def test_one_process_metrics_collectors_build_info_in_flight(
+        gateway: GatewayFactory, echo: Echo, http: aiohttp.ClientSession) -> None:
+    gw = await gateway(APP_ROUTES + "admin: {host: 127.0.0.1, port: 0}\n")
+    assert gw.admin_url is not None
+    admin = gw.admin_url
+    assert metric(await scrape(http, admin), "gateway_requests_in_flight") == 0
+    slow = asyncio.ensure_future(http.get(gw.url + "/app/do/slow?delay=0.8"))
+    try:
+        async def one_in_flight() -> bool:
+            return metric(await scrape(http, admin), "gateway_requests_in_flight") == 1
+
+        await wait_for(one_in_flight, within=5, what="the slow request in flight")
+    finally:
+        async with await slow as resp:
+            assert resp.status == 200
+    text = await scrape(http, admin)
+    assert metric(text, "gateway_requests_in_flight") == 0
+    from gateway import __version__
+
+    assert metric(text, "gateway_build_info", version=__version__) == 1
+    assert metric(text, "process_resident_memory_bytes") > 0
+    assert metric(text, "process_open_fds") > 0
+    assert has_metric(text, "python_gc_collections_total", generation="0")
+    assert has_metric(text, "python_info")
+    promtool_check(text)
+
+
+async def test_workers_one_scrape_gives_the_host_totals(tmp_path: Path, echo: Echo) -> None:
+    admin_port = free_port()
     text = f"""
 listen: {{host: 127.0.0.1, port: 0}}
 admin: {{host: 127.0.0.1, port: {admin_port}}}
@@ -468,29 +527,44 @@ routes:
     upstream: {echo.url}/up/
 """
     gw = await start_gateway_proc(text, tmp_path, "--workers", "2")
+    admin = f"http://127.0.0.1:{admin_port}"
     try:
-        for port in (admin_port, admin_port + 1):
-            await wait_healthy(f"http://127.0.0.1:{port}")
-        sent = 24
-        # A new connection per request so that SO_REUSEPORT spreads them over the workers.
+        assert gw.admin_url == admin  # the supervisor says where the host's admin is
+        await wait_healthy(admin)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)
                                          ) as http:
+            async def both_up() -> bool:
+                body = await scrape(http, admin)
+                return [metric(body, "gateway_worker_up", worker=str(i)) for i in (0, 1)
+                        ] == [1, 1]
+
+            await wait_for(both_up, within=10, what="both workers in the scrape")
+            sent = 24
+            # A new connection per request so that SO_REUSEPORT spreads them over the workers.
             for i in range(sent):
                 async with http.get(f"{gw.url}/app/w{i}") as resp:
                     assert resp.status == 200
-            counts = []
-            for port in (admin_port, admin_port + 1):
-                url = f"http://127.0.0.1:{port}"
-                async with http.get(url + "/healthz") as resp:
-                    assert resp.status == 200
-                body = await scrape(http, url)
-                counts.append(metric(body, "gateway_requests_total", route="/app/",
-                                     status="200"))
+            body = await scrape(http, admin)
+            status, report = await readyz(http, admin)
     finally:
         code = await gw.stop()
     assert code == 0
-    assert sum(counts) == sent, counts
-    assert all(c > 0 for c in counts), f"one worker got no traffic: {counts}"
+    assert metric(body, "gateway_requests_total", route="/app/", status="200") == sent
+    assert metric(body, "gateway_request_duration_seconds_count", route="/app/") == sent
+    # Each process's own series keep a worker label, the supervisor's too.
+    pids = {metric(body, "process_start_time_seconds", worker=w) > 0
+            for w in ("0", "1", "supervisor")}
+    assert pids == {True}, body
+    assert has_metric(body, "python_gc_collections_total", worker="1", generation="0")
+    assert metric(body, "gateway_requests_in_flight") == 0
+    from gateway import __version__
+
+    assert metric(body, "gateway_build_info", version=__version__) == 1
+    promtool_check(body)
+    assert status == 200 and report["status"] == "ready", report
+    assert set(report) == {"worker 0", "worker 1", "status"}
+    # No worker listens on a TCP admin port of its own any more.
+    assert not port_accepts(admin_port + 1)
 
 
 # ------------------------------------------------------------------ /healthz and /readyz
@@ -503,62 +577,76 @@ async def test_healthz_and_readyz_when_all_is_well(gateway: GatewayFactory, echo
     async with http.get(gw.admin_url + "/healthz") as resp:
         assert resp.status == 200
     status, report = await readyz(http, gw.admin_url)
-    assert status == 200, report
-    assert report["status"] == "ready"
-    assert report[f"upstream 127.0.0.1:{echo.port}"] == "ok"
+    assert (status, report) == (200, {"status": "ready"})
+    state = await status_of(http, gw.admin_url)
+    assert state["ready"] is True and state["draining"] is False and state["store"] is None
+    echo_url = f"http://127.0.0.1:{echo.port}"
+    assert [(r["route"], r["upstream"], r["up"]) for r in state["routes"]] == [
+        ("/app/", echo_url, True), ("/", echo_url, True)]
     # The admin endpoints are not served on the public listener.
-    async with http.get(gw.url + "/metrics") as resp:
-        assert "gateway_requests" not in await resp.text()
+    for path in ("/metrics", "/status"):
+        async with http.get(gw.url + path) as resp:
+            text = await resp.text()
+            assert "gateway_requests" not in text and '"routes"' not in text
 
 
-async def test_readyz_503_while_an_upstream_is_down_then_recovers(
+async def status_of(http: aiohttp.ClientSession, admin_url: str) -> dict[str, Any]:
+    async with http.get(admin_url + "/status") as resp:
+        assert resp.status == 200
+        data: dict[str, Any] = await resp.json()
+        return data
+
+
+async def test_cec_and_redis_down_the_site_and_readyz_stay_up(
         gateway: GatewayFactory, http: aiohttp.ClientSession) -> None:
-    port = free_port()
-    gw = await gateway(APP_ROUTES + f"""
-  - prefix: /other/
-    upstream: http://127.0.0.1:{port}/
-admin: {{host: 127.0.0.1, port: 0}}
-""")
-    assert gw.admin_url is not None
-    status, report = await readyz(http, gw.admin_url)
-    assert status == 503
-    assert report["status"] == "not ready"
-    assert report[f"upstream 127.0.0.1:{port}"].startswith("unreachable")
-    async with http.get(gw.admin_url + "/healthz") as resp:
-        assert resp.status == 200  # alive, just not ready
+    """Issue 14: a CEC or Redis outage is not a website outage (nor a readiness failure)."""
+    cec = web.ServerRunner(web.Server(_ok))
+    await cec.setup()
+    cec_site = web.TCPSite(cec, "127.0.0.1", 0)
+    await cec_site.start()
+    cec_port = cec.addresses[0][1]
+    with redis_or_fail() as redis:
+        gw = await gateway(chat_config().replace(
+            "upstream: ${ECHO}/service-cloud/", f"upstream: http://127.0.0.1:{cec_port}/sc/"
+        ).replace("  rate_limit: 1000/second", f"  rate_limit: 1000/second\n"
+                                              f"  store: {redis.url}"))
+        admin = gw.admin_url
+        assert admin is not None
+        state = await status_of(http, admin)
+        assert {r["route"]: r["up"] for r in state["routes"]} == {"/service-cloud/": True,
+                                                                 "/": True}
+        assert state["store"]["backend"] == "redis" and state["store"]["up"] is True
+        text = await scrape(http, admin)
+        assert metric(text, "gateway_upstream_up", route="/service-cloud/") == 1
+        assert metric(text, "gateway_store_up") == 1
 
-    # The upstream comes up: readiness follows once the short cache expires.
-    runner = web.ServerRunner(web.Server(lambda r: _ok(r)))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    try:
-        async def ready() -> bool:
-            return (await readyz(http, gw.admin_url or ""))[0] == 200
-
-        await wait_for(ready, within=5, interval=0.25, what="/readyz to turn 200")
-    finally:
-        await runner.cleanup()
-
-
-async def _ok(request: web.BaseRequest) -> web.Response:
-    return web.Response(text="ok")
-
-
-async def test_readyz_503_when_the_token_store_is_unreachable(
-        gateway: GatewayFactory, http: aiohttp.ClientSession) -> None:
-    redis_port = free_port()  # nothing listens there
-    gw = await gateway(chat_config().replace(
-        "  rate_limit: 1000/second", f"  rate_limit: 1000/second\n"
-                                     f"  store: redis://127.0.0.1:{redis_port}/0"))
-    assert gw.admin_url is not None
-    status, report = await readyz(http, gw.admin_url)
-    assert status == 503, report
-    failed = [k for k, v in report.items() if v.startswith("failed")]
-    assert failed and any("ping" in k for k in failed), report
-    assert all(v == "ok" for k, v in report.items() if k.startswith("upstream")), report
+        await cec.cleanup()
+        redis.stop()
+        # Readiness is about this process: still ready, so no replica leaves the Service.
+        status, report = await readyz(http, admin)
+        assert (status, report) == (200, {"status": "ready"})
+        async with http.get(gw.url + "/some/page") as resp:
+            assert resp.status == 200  # the site route keeps serving
+        async with http.get(gw.url + "/service-cloud/x.js") as resp:
+            assert resp.status == 502  # the CEC route answers for itself
+        # /status and the metrics say what is down (and why, without the Redis URL).
+        state = await status_of(http, admin)
+        routes = {r["route"]: r for r in state["routes"]}
+        assert routes["/"]["up"] is True and routes["/service-cloud/"]["up"] is False
+        assert routes["/service-cloud/"]["error"] and routes["/service-cloud/"]["since"]
+        assert state["store"]["up"] is False and state["store"]["error"]
+        assert state["ready"] is True and state["status"] == "ready"
+        assert redis.url.split("//")[1] not in json.dumps(state)
+        text = await scrape(http, admin)
+        assert metric(text, "gateway_upstream_up", route="/service-cloud/") == 0
+        assert metric(text, "gateway_upstream_up", route="/") == 1
+        assert metric(text, "gateway_store_up") == 0
 
 
 async def test_admin_listener_defaults_to_loopback(gateway: GatewayFactory) -> None:
     gw = await gateway(APP_ROUTES + "admin: {port: 0}\n")
     assert gw.admin_url is not None and gw.admin_url.startswith("http://127.0.0.1:")
+
+
+async def _ok(request: web.BaseRequest) -> web.Response:
+    return web.Response(text="ok")

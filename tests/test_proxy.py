@@ -132,12 +132,14 @@ async def test_traversal_out_of_a_lone_route_is_not_forwarded(gateway: GatewayFa
     assert echo.started == []
 
 
-async def test_absolute_form_target_refused(gateway: GatewayFactory, echo: Echo) -> None:
+async def test_absolute_form_target_routed_to_the_configured_upstream(
+        gateway: GatewayFactory, echo: Echo) -> None:
+    """RFC 9112 3.2.2: accepted; the path is routed as usual, never to the named host."""
     gw = await gateway()
     req = b"GET http://evil.example/x HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
     resp = await raw_exchange(gw.host, gw.port, req)
-    assert resp.status == 400
-    assert echo.started == []
+    assert resp.status == 200
+    assert echo.started == ["/root/x"]
 
 
 # ------------------------------------------------------------------ headers

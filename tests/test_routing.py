@@ -50,6 +50,16 @@ def test_no_match_without_catch_all() -> None:
     assert table.redirect_for("/other") is None
 
 
+def test_slashless_prefix_redirects_even_with_a_catch_all() -> None:
+    # nginx: `location /service-cloud/` answers `/service-cloud` with a 301 although `/`
+    # matches it too; a location of its own for `/service-cloud` is used instead.
+    assert TABLE.redirect_for("/service-cloud") == "/service-cloud/"
+    assert TABLE.redirect_for("/service-cloud/rest") == "/service-cloud/rest/"
+    assert TABLE.redirect_for("/") is None
+    exact = compile_route("/service-cloud", "http://127.0.0.1:3001/")
+    assert RouteTable([SITE, CEC, exact]).redirect_for("/service-cloud") is None
+
+
 @pytest.mark.parametrize(("path", "query", "expected"), [
     ("/service-cloud/webclient/chat_client/js/thirdPartyClient.js", "&t=1",
      "/service-cloud/webclient/chat_client/js/thirdPartyClient.js?&t=1"),

@@ -31,7 +31,7 @@ from gateway.chat.inject import (
 )
 from gateway.chat.loader import render_loader, render_page
 from gateway.config import CecConfig
-from gateway.errors import Unauthorized
+from gateway.errors import RetryWithCookie, Unauthorized
 from gateway.signing import Signer, epoch_ms
 
 __all__ = [
@@ -254,6 +254,11 @@ class ChatEndpoints:
         name = self._name_for(data, identity)
         token = None
         if with_token and self._token_for is not None:
+            if identity.set_cookie is not None:
+                # A guest id minted by this very request (no valid guest cookie): no token
+                # for it, so cookie-less floods store nothing. A browser follows the 307 with
+                # the cookie (and the body) and gets its one token then.
+                raise RetryWithCookie(identity.set_cookie)
             token = await self._token_for(identity.user_id, name)
         out, stripped = force_identity(
             data,

@@ -22,6 +22,7 @@ import datetime as dt
 import importlib.resources
 import json
 import logging
+import secrets
 import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -42,6 +43,7 @@ JS_TYPE = "text/javascript"
 _MAX_BODY = 64 * 1024
 _MAX_VALIDATE_ANSWER = 64 * 1024
 _MAX_WS_MESSAGE = 64 * 1024
+_MAX_BEACON = 1024
 _OUTBOX_SIZE = 1000
 _MAX_ID_LENGTH = 128
 _MAX_NAME_LENGTH = 256
@@ -57,10 +59,12 @@ HTTP_KEY = web.AppKey("sandbox.http", aiohttp.ClientSession)
 
 
 class _Sockets:
-    """The open WebSockets, so that shutdown can close them."""
+    """The open WebSockets, so that shutdown can close them; visitor connections by id, so
+    that a page's leave beacon can close its own."""
 
     def __init__(self) -> None:
         self.open: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
+        self.visitors: dict[str, tuple[str, web.WebSocketResponse]] = {}
 
 
 SOCKETS_KEY = web.AppKey("sandbox.sockets", _Sockets)
@@ -334,8 +338,9 @@ class _Outbox:
             await self._task
 
 
-async def _open_ws(request: web.Request) -> web.WebSocketResponse:
-    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=_MAX_WS_MESSAGE)
+async def _open_ws(request: web.Request, heartbeat: float = 30.0) -> web.WebSocketResponse:
+    # heartbeat: a ping every so often; no pong within half of it closes the connection.
+    ws = web.WebSocketResponse(heartbeat=heartbeat, max_msg_size=_MAX_WS_MESSAGE)
     await ws.prepare(request)
     request.app[SOCKETS_KEY].open.add(ws)
     return ws
@@ -360,15 +365,21 @@ async def visitor_ws(request: web.Request) -> web.WebSocketResponse:
     hub = request.app[HUB_KEY]
     token = request.cookies.get(COOKIE_NAME)
     visitor = hub.lookup_visitor(token) if token else None
-    ws = await _open_ws(request)
+    ws = await _open_ws(request, request.app[SETTINGS_KEY].visitor_heartbeat)
     if visitor is None:
         # Upgrade, then close with a code: a browser cannot read an HTTP status from a
         # failed handshake, and the widget must know not to reconnect.
         await ws.close(code=_WS_UNAUTHORIZED, message=b"unauthorized")
         return ws
     outbox = _Outbox(ws)
+    # This connection's id: the page's leave beacon names it (an id another site cannot
+    # know, so a cross-site POST carrying the visitor's cookie cannot end their chat).
+    connection = secrets.token_urlsafe(18)
+    sockets = request.app[SOCKETS_KEY].visitors
+    sockets[connection] = (visitor.user_id, ws)
     try:
         hub.attach_visitor(visitor, outbox.push)
+        outbox.push({"type": "connection", "id": connection})
         async for data in _messages(ws, outbox.push):
             kind = data.get("type")
             try:
@@ -387,9 +398,31 @@ async def visitor_ws(request: web.Request) -> web.WebSocketResponse:
             except ChatError as exc:
                 outbox.push({"type": "error", "message": str(exc)})
     finally:
+        sockets.pop(connection, None)
         hub.detach_visitor(visitor, outbox.push)
         await outbox.close()
     return ws
+
+
+async def visitor_leave(request: web.Request) -> web.Response:
+    """``navigator.sendBeacon`` from the widget on ``pagehide``: close that page's connection
+    now rather than when its heartbeat times out; the chat then waits
+    ``visitor_gone_timeout`` for the visitor to come back (a reload, another page)."""
+    token = request.cookies.get(COOKIE_NAME)
+    visitor = request.app[HUB_KEY].lookup_visitor(token) if token else None
+    raw = await request.content.read(_MAX_BEACON)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        data = None
+    connection = data.get("connection") if isinstance(data, dict) else None
+    found = request.app[SOCKETS_KEY].visitors.get(connection) \
+        if isinstance(connection, str) else None
+    if visitor is not None and found is not None and found[0] == visitor.user_id:
+        await found[1].close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"page left")
+    # The same answer whatever was found: a beacon cannot read it anyway, and nobody learns
+    # which connection ids exist.
+    return web.Response(status=204)
 
 
 async def _agent_login(ws: web.WebSocketResponse, hub: ChatHub,
@@ -521,6 +554,7 @@ def create_sandbox_app(settings: SandboxSettings, *,
         r.add_get(f"{cp}/webclient/chat_client/widget/{name}",
                   _static_handler(static[name], _STATIC_FILES[name]))
     r.add_get(f"{cp}/webclient/ws", visitor_ws)
+    r.add_post(f"{cp}/webclient/leave", visitor_leave)
     r.add_get(f"{cp}/agent", _redirect(f"{cp}/agent/"))
     r.add_get(f"{cp}/agent/", _static_handler(static["agent.html"], "text/html", console=True))
     for name in ("agent.js", "agent.css"):

@@ -1,7 +1,7 @@
 """The sandbox's own auth-v2 verifier: checks ``thirdPartAuthorization`` the way the CEC would.
 
 Deliberately independent of ``gateway.signing``: if both shared code, a mistake in the
-signature recipe would be invisible. The recipe (SPEC.md, "The auth-v2 signature"):
+signature recipe would be invisible. The recipe (docs/PROTOCOL.md, "The auth-v2 signature"):
 
     prefix    = auth-v2/{accessKey}/{timestamp}/{signedHeaders}
     key       = hex(HMAC-SHA256(secretKey, prefix))

@@ -110,6 +110,7 @@ class _VisitorEntry:
     visitor: Visitor
     sinks: list[Sink] = field(default_factory=list)
     session: ChatSession | None = None
+    gone: asyncio.Task[None] | None = None  # ends the chat unless the visitor comes back
 
 
 @dataclass(eq=False)
@@ -196,13 +197,22 @@ class ChatHub:
                 _send(entry.sinks, self._hello(entry))
             self._begin(session)
         entry.sinks.append(sink)
+        self._cancel_gone(entry)
         sink(self._hello(entry))
         return session
 
     def detach_visitor(self, visitor: Visitor, sink: Sink) -> None:
+        """A visitor connection closed (or its page said it is leaving)."""
         entry = self._visitors.get(visitor.user_id)
         if entry is not None and sink in entry.sinks:
             entry.sinks.remove(sink)
+            if not entry.sinks:
+                self._start_gone(entry)
+
+    def awaiting_return(self, visitor: Visitor) -> bool:
+        """Whether the visitor's chat is counting down for them to come back."""
+        entry = self._visitors.get(visitor.user_id)
+        return entry is not None and entry.gone is not None
 
     def current_session(self, visitor: Visitor) -> ChatSession | None:
         entry = self._visitors.get(visitor.user_id)
@@ -292,6 +302,7 @@ class ChatHub:
             "agent": {"id": agent.account.id, "name": agent.account.name},
             "skillQueue": self.settings.skill_queue,
             "status": agent.status,
+            "maxChats": agent.account.max_chats,
             "queueLength": len(self._queue),
             "chats": [s.to_json(agent.account.name) for s in [*ended, *agent.chats.values()]],
         })
@@ -352,6 +363,7 @@ class ChatHub:
         self._closed = True
         tasks = [e.session.task for e in self._visitors.values()
                  if e.session is not None and e.session.task is not None]
+        tasks += [e.gone for e in self._visitors.values() if e.gone is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -542,7 +554,31 @@ class ChatHub:
                 return
             if now >= next_reminder:
                 position = self.queue_position(session) or 0
-                self._post(session, "system", "",
-                           s.queue_reminder_text.replace("{position}", str(position)))
+                ready = any(a.status == "idle" for a in self._agents.values())
+                text = s.queue_reminder_text if ready else s.queue_no_agent_text
+                self._post(session, "system", "", text.replace("{position}", str(position)))
                 next_reminder = now + s.queue_reminder_interval
             await asyncio.sleep(max(0.0, min(next_reminder, deadline) - now))
+
+    # ------------------------------------------------------------ visitors who left
+
+    def _start_gone(self, entry: _VisitorEntry) -> None:
+        session = entry.session
+        if self._closed or session is None or session.state == "ended":
+            return
+        self._cancel_gone(entry)
+        entry.gone = asyncio.get_running_loop().create_task(self._gone_timer(entry, session))
+
+    def _cancel_gone(self, entry: _VisitorEntry) -> None:
+        task, entry.gone = entry.gone, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    async def _gone_timer(self, entry: _VisitorEntry, session: ChatSession) -> None:
+        await asyncio.sleep(self.settings.visitor_gone_timeout)
+        entry.gone = None
+        if entry.sinks or entry.session is not session or session.state == "ended":
+            return
+        # Nobody is reading: leave the queue, free the agent's slot, tell the agent why.
+        self._post(session, "system", "", "The visitor left (their page was closed).")
+        self._end(session, "visitor_left")

@@ -173,11 +173,22 @@ class SandboxSettings(_Model):
                              pattern=r"^\S+$")
     session_timeout: Duration = 1200.0  # idle time before a chat ends (20 min)
     session_end_message: str = "The chat has ended because nobody wrote for a while."
+    # A visitor whose page is gone (tab closed, navigated away, no answer to the WebSocket
+    # heartbeat) gets this long to come back (a reload, the site's next page) before the chat
+    # ends: out of the queue, the agent's slot freed.
+    visitor_heartbeat: Duration = Field(default=15.0, ge=0.1)
+    visitor_gone_timeout: Duration = Field(default=30.0, ge=0)
     working_hours: WorkingHours | None = None  # None: always open
     off_hours_message: str = "Our agents are off duty now. Please come back during working hours."
     queue_reminder_interval: Duration = 10.0
+    # Said while an agent is ready but has no free slot ...
     queue_reminder_text: str = (
         "All agents are busy. You are number {position} in the queue, please wait.")
+    # ... and while no agent is ready at all (signed out or resting), so that a visitor is
+    # never told "busy" while the console shows nobody serving.
+    queue_no_agent_text: str = (
+        "No agent is available right now. You are number {position} in the queue, "
+        "please wait.")
     max_queue: int = Field(default=100, ge=1, le=10000)
     queue_full_message: str = "The queue is full. Please try again later."
     max_wait: Duration = Field(default=60.0, ge=1, le=60000)

@@ -8,6 +8,7 @@ from gateway.tokens.store import (
     RedisTokenStore,
     TokenBackendUnavailable,
     TokenStore,
+    TokenStoreFull,
     open_store,
 )
 
@@ -19,6 +20,7 @@ __all__ = [
     "TokenBackendUnavailable",
     "TokenEndpoints",
     "TokenStore",
+    "TokenStoreFull",
     "guard_from_config",
     "open_guard",
     "open_store",

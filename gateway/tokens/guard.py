@@ -1,180 +1,285 @@
-"""Guessing and flood protection for the token validation callback.
+"""Guessing and flood protection for the token endpoints, without an off switch for attackers.
 
-Counters come from the ``limits`` library, in process memory or in Redis (``async+redis``) so
-that several gateway processes sharing one Redis count failures together and lock out together:
+Tokens are 256 random bits and API keys at least 16 characters: guessing is infeasible, so
+what is guarded here is noise, load and alarms, and nothing here may give an anonymous
+caller a lever over other users:
 
-* failures per client address and per userId in a moving window; reaching ``max_failures``
-  starts a lock-out of ``lockout`` seconds (a fixed-window marker of one hit), during which even
-  a correct token is refused;
-* a global rate limit on the callback (``limits`` notation, e.g. ``50/second``);
-* a per-process concurrency limit (a plain counter: concurrency is about this process's load).
+* A correct token or API key is recognised first and never consumes an attempt, so no amount
+  of wrong guesses against a userId denies that user their own valid token, and legitimate
+  concurrency never trips a limit.
+* Each wrong guess *takes* one attempt from an atomic counter (Redis: one Lua script doing
+  INCR and PEXPIRE; memory: no await between read and write). There is no test-then-record
+  step, so however many wrong guesses arrive at once, on however many processes sharing one
+  Redis, exactly ``max_failures`` get the ordinary failure answer per ``window``; the one
+  that crosses the allowance starts a block of ``lockout`` seconds during which wrong
+  guesses are answered 429 with Retry-After.
+* Counted per userId on the validation callback (whose callers are only the allow-listed CEC
+  addresses, which are therefore never counted or locked), and per client address on the
+  issuing endpoint (where a locked address is refused even with the right key).
+* The callback's ``rate_limit`` caps wrong tokens across all users (503 beyond it); correct
+  tokens are not counted against it either.
+* A per-process concurrency limit (a plain counter: concurrency is this process's load).
 
-``limits`` counts in whole seconds, so ``window`` and ``lockout`` are rounded up to a whole
-second (at least one). Any backend failure raises TokenBackendUnavailable: the callback must
-fail closed.
+``unlock(kind, value)`` lifts a user's or an address's lock early (``gateway unlock``, the
+admin ``/unlock`` endpoint). Any backend failure raises TokenBackendUnavailable: the callback
+fails closed. The memory backend keeps at most ``MAX_MEMORY_KEYS`` counters (oldest dropped).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import math
 import time
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import NamedTuple, Protocol
 
-from limits import RateLimitItem, RateLimitItemPerSecond, parse
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
-from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
-from limits.errors import StorageError
-from redis.exceptions import RedisError
+from limits import parse
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.config import TokenConfig
-from gateway.tokens.store import TokenBackendUnavailable, redis_pool
+from gateway.redisconn import RedisAuth, RedisConnection
+from gateway.tokens.store import TokenBackendUnavailable, redis_connection
 
-_BACKEND_ERRORS = (StorageError, RedisError, OSError)
-_KEY_PREFIX = "gateway-limits"
+_REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
+
+_KEY_PREFIX = "gateway-guard:"
+MAX_MEMORY_KEYS = 100_000
+
+# KEYS[1] the counter; ARGV: limit, window ms, block ms. Returns {count after this hit, ms
+# until the counter resets}. The first hit starts the window; the hit that crosses the limit
+# restarts the expiry as the block. A key found without expiry (never expected) is repaired.
+_HIT_SCRIPT = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+elseif n == tonumber(ARGV[1]) + 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  ttl = tonumber(ARGV[2])
+end
+return {n, ttl}
+"""
 
 
-def _seconds(value: float) -> int:
-    return max(1, math.ceil(value))
+class Attempt(NamedTuple):
+    """The outcome of taking one attempt from a counter."""
+
+    allowed: bool  # within the allowance: answer as usual
+    started: bool  # this attempt crossed the allowance: the block starts now
+    retry_after: float  # seconds until the counter resets (the block's end when not allowed)
+    failures: int  # counted in this window, this one included
 
 
-def _user_key(user_id: str) -> str:
+class Counters(Protocol):
+    """Atomic fixed-window counters (seconds), shared by whoever shares the backend."""
+
+    async def hit(self, key: str, limit: int, window: float, block: float) -> tuple[int, float]:
+        """Add one; (count after it, seconds until the counter resets)."""
+        ...
+
+    async def peek(self, key: str) -> tuple[int, float]:
+        """(count, seconds until reset) without adding; (0, 0.0) when absent."""
+        ...
+
+    async def clear(self, key: str) -> None: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryCounters:
+    """Counters in this process; a bounded map (oldest counters dropped beyond ``max_keys``)."""
+
+    def __init__(self, max_keys: int = MAX_MEMORY_KEYS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._entries: OrderedDict[str, list[float]] = OrderedDict()  # key -> [count, reset]
+        self._max = max_keys
+        self._clock = clock
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def hit(self, key: str, limit: int, window: float, block: float) -> tuple[int, float]:
+        now = self._clock()
+        entry = self._entries.get(key)
+        if entry is None or entry[1] <= now:
+            entry = self._entries[key] = [0, now + window]
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._max:
+                self._entries.popitem(last=False)
+        entry[0] += 1
+        if entry[0] == limit + 1:
+            entry[1] = now + block
+        return int(entry[0]), entry[1] - now
+
+    async def peek(self, key: str) -> tuple[int, float]:
+        entry = self._entries.get(key)
+        now = self._clock()
+        if entry is None or entry[1] <= now:
+            return 0, 0.0
+        return int(entry[0]), entry[1] - now
+
+    async def clear(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._entries.clear()
+
+
+class RedisCounters:
+    """Counters in Redis: every process using the same Redis counts together."""
+
+    def __init__(self, conn: RedisConnection) -> None:
+        # Any token.store form (single, TLS, sentinel, cluster): one key per script call,
+        # so the counter works on a cluster too.
+        self._conn = conn
+        self._redis = conn.client
+        self._hit = self._redis.register_script(_HIT_SCRIPT)
+
+    def __repr__(self) -> str:
+        return "RedisCounters()"  # the pool's URL may carry a password
+
+    async def hit(self, key: str, limit: int, window: float, block: float) -> tuple[int, float]:
+        try:
+            count, ttl_ms = await self._hit(
+                keys=[key], args=[limit, _ms(window), _ms(block)])
+        except _REDIS_ERRORS as exc:
+            raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
+        return int(count), max(0, int(ttl_ms)) / 1000
+
+    async def peek(self, key: str) -> tuple[int, float]:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.get(key)
+                pipe.pttl(key)
+                raw, ttl_ms = await pipe.execute()
+        except _REDIS_ERRORS as exc:
+            raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
+        if raw is None or int(ttl_ms) <= 0:
+            return 0, 0.0
+        return int(raw), int(ttl_ms) / 1000
+
+    async def clear(self, key: str) -> None:
+        try:
+            await self._redis.delete(key)
+        except _REDIS_ERRORS as exc:
+            raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
+
+    async def ping(self) -> None:
+        try:
+            await self._redis.ping()
+        except _REDIS_ERRORS as exc:
+            raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
+
+
+def user_key(user_id: str) -> str:
     # Hashed: user ids are caller-controlled text and must not shape storage keys.
-    return hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:32]
+    return _KEY_PREFIX + "user:" + hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:32]
+
+
+def address_key(address: str) -> str:
+    """The counter key of a client address; ValueError when it is not an IP address."""
+    addr = ipaddress.ip_address(address.strip())
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return _KEY_PREFIX + "addr:" + addr.compressed
+
+
+_RATE_KEY = _KEY_PREFIX + "rate"
 
 
 class Guard:
-    """Failure counting, lock-out, global rate and concurrency limits for one callback."""
+    """Per-user and per-address failure counting, the callback's rate, and concurrency."""
 
     def __init__(
         self,
-        storage: Storage,
+        counters: Counters,
         *,
         max_failures: int,
         window: float,
         lockout: float,
         rate_limit: str,
         max_concurrency: int,
-        pool: object | None = None,
     ) -> None:
         if max_failures < 1:
             raise ValueError("max_failures must be at least 1")
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
-        self._storage = storage
-        self._pool = pool
-        self._failures = MovingWindowRateLimiter(storage)
-        self._fixed = FixedWindowRateLimiter(storage)
-        self._moving = MovingWindowRateLimiter(storage)
-        self.lockout = _seconds(lockout)
-        self._fail_item: RateLimitItem = RateLimitItemPerSecond(
-            max_failures, _seconds(window), namespace="tokfail"
-        )
-        self._lock_item: RateLimitItem = RateLimitItemPerSecond(
-            1, self.lockout, namespace="toklock"
-        )
-        self._rate_item: RateLimitItem = parse(rate_limit)
+        self._counters = counters
+        self.max_failures = max_failures
+        self.window = max(0.001, window)
+        self.lockout = max(0.001, lockout)
+        item = parse(rate_limit)
+        self._rate = (int(item.amount), float(item.get_expiry()))
         self.max_concurrency = max_concurrency
         self._active = 0
 
     def __repr__(self) -> str:
         return (
-            f"Guard(failures={self._fail_item!r}, lockout={self.lockout}s, "
-            f"rate={self._rate_item!r}, max_concurrency={self.max_concurrency})"
+            f"Guard(max_failures={self.max_failures}, window={self.window:g}s, "
+            f"lockout={self.lockout:g}s, rate={self._rate[0]}/{self._rate[1]:g}s, "
+            f"max_concurrency={self.max_concurrency})"
         )
 
-    @staticmethod
-    def _subjects(client_ip: str, user_id: str | None) -> list[tuple[str, str]]:
-        subjects = [("ip", client_ip)]
-        if user_id is not None:
-            subjects.append(("user", _user_key(user_id)))
-        return subjects
+    async def _fail(self, key: str) -> Attempt:
+        count, reset = await self._counters.hit(key, self.max_failures, self.window, self.lockout)
+        allowed = count <= self.max_failures
+        return Attempt(allowed, count == self.max_failures + 1, reset, count)
 
-    async def lockout_remaining(self, client_ip: str, user_id: str | None = None) -> float:
-        """Seconds until the address (and the userId, if given) may try again; 0.0 when free."""
-        remaining = 0.0
-        try:
-            for subject in self._subjects(client_ip, user_id):
-                if not await self._fixed.test(self._lock_item, *subject):
-                    stats = await self._fixed.get_window_stats(self._lock_item, *subject)
-                    # A marker whose TTL just ran out still reads as locked for a moment: 1 s.
-                    remaining = max(remaining, stats.reset_time - time.time(), 1.0)
-        except _BACKEND_ERRORS as exc:
-            raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
-        return remaining
+    async def user_failed(self, user_id: str) -> Attempt:
+        """A wrong token for ``user_id``: take one attempt from the user's allowance."""
+        return await self._fail(user_key(user_id))
 
-    async def record_failure(self, client_ip: str, user_id: str | None = None) -> float:
-        """Count one failure; returns the lock-out length if this failure started one, else 0."""
-        started = 0.0
-        try:
-            for subject in self._subjects(client_ip, user_id):
-                counted = await self._failures.hit(self._fail_item, *subject)
-                if not counted or not await self._failures.test(self._fail_item, *subject):
-                    await self._fixed.hit(self._lock_item, *subject)
-                    # A fresh allowance once the lock-out is over, even if window > lockout.
-                    await self._failures.clear(self._fail_item, *subject)
-                    started = float(self.lockout)
-        except _BACKEND_ERRORS as exc:
-            raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
-        return started
+    async def address_failed(self, client_ip: str) -> Attempt:
+        """A wrong API key (or the like) from ``client_ip``: take one attempt."""
+        return await self._fail(_address_key_or_raw(client_ip))
 
-    async def reserve_user_attempt(self, user_id: str) -> tuple[float, bool]:
-        """Count a guess against ``user_id`` *before* it is checked.
+    async def address_locked(self, client_ip: str) -> float:
+        """Seconds until ``client_ip`` may try again; 0.0 when it is not locked."""
+        count, reset = await self._counters.peek(_address_key_or_raw(client_ip))
+        return reset if count > self.max_failures else 0.0
 
-        Counting after the check let concurrent guesses all pass the lock-out test before
-        any failure was recorded; counting first (an atomic hit in ``limits``) admits at
-        most ``max_failures`` checks per window, however many arrive at once. Returns
-        (seconds locked out, whether this attempt started the lock-out); (0.0, False) admits.
-        A correct token gives the attempt back (``user_succeeded``).
-        """
-        subject = ("user", _user_key(user_id))
-        try:
-            if await self._failures.hit(self._fail_item, *subject):
-                return 0.0, False
-            await self._fixed.hit(self._lock_item, *subject)
-            await self._failures.clear(self._fail_item, *subject)
-        except _BACKEND_ERRORS as exc:
-            raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
-        return float(self.lockout), True
+    async def user_locked(self, user_id: str) -> float:
+        """Seconds until wrong tokens for ``user_id`` are answered as usual again; 0.0 now."""
+        count, reset = await self._counters.peek(user_key(user_id))
+        return reset if count > self.max_failures else 0.0
 
-    async def user_failed(self, user_id: str) -> bool:
-        """The reserved attempt was a wrong guess: lock out once the allowance is used up."""
-        subject = ("user", _user_key(user_id))
-        try:
-            if await self._failures.test(self._fail_item, *subject):
-                return False
-            await self._fixed.hit(self._lock_item, *subject)
-            await self._failures.clear(self._fail_item, *subject)
-        except _BACKEND_ERRORS as exc:
-            raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
+    async def failure_rate(self) -> float:
+        """Take one unit of the callback's rate of wrong tokens; 0.0 admitted, else wait."""
+        amount, per = self._rate
+        count, reset = await self._counters.hit(_RATE_KEY, amount, per, per)
+        return 0.0 if count <= amount else max(reset, 0.001)
+
+    async def unlock(self, kind: str, value: str) -> bool:
+        """Forget the failures of a user (``kind`` "user") or an address ("address")."""
+        if kind == "user":
+            await self._counters.clear(user_key(value))
+        elif kind == "address":
+            try:
+                key = address_key(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an IP address") from None
+            await self._counters.clear(key)
+        else:
+            raise ValueError("unlock a 'user' or an 'address'")
         return True
-
-    async def user_succeeded(self, user_id: str) -> None:
-        """A correct token: the user's provisional count starts again."""
-        try:
-            await self._failures.clear(self._fail_item, "user", _user_key(user_id))
-        except _BACKEND_ERRORS as exc:
-            raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
-
-    async def reset(self, client_ip: str, user_id: str | None = None) -> None:
-        """Forget failures and lock-outs for these subjects (an operator's unlock)."""
-        try:
-            for subject in self._subjects(client_ip, user_id):
-                await self._failures.clear(self._fail_item, *subject)
-                await self._fixed.clear(self._lock_item, *subject)
-        except _BACKEND_ERRORS as exc:
-            raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
-
-    async def admit(self) -> float:
-        """Take one unit of the global rate; 0.0 when admitted, else seconds to wait."""
-        try:
-            if await self._moving.hit(self._rate_item, "validate"):
-                return 0.0
-            stats = await self._moving.get_window_stats(self._rate_item, "validate")
-        except _BACKEND_ERRORS as exc:
-            raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
-        return max(1.0, stats.reset_time - time.time())
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[bool]:
@@ -195,17 +300,25 @@ class Guard:
 
     async def ping(self) -> None:
         """Raise TokenBackendUnavailable when the counter storage is unreachable."""
-        try:
-            healthy = await self._storage.check()
-        except _BACKEND_ERRORS as exc:
-            raise TokenBackendUnavailable(f"guard: {type(exc).__name__}") from exc
-        if not healthy:
-            raise TokenBackendUnavailable("guard: storage check failed")
+        await self._counters.ping()
 
     async def close(self) -> None:
-        disconnect = getattr(self._pool, "disconnect", None)
-        if disconnect is not None:
-            await disconnect()
+        await self._counters.close()
+
+
+def _address_key_or_raw(client_ip: str) -> str:
+    try:
+        return address_key(client_ip)
+    except ValueError:
+        # The core always gives an address; anything else is counted under one bucket.
+        return _KEY_PREFIX + "addr:unknown"
+
+
+def open_counters(url: str, auth: RedisAuth | None = None) -> Counters:
+    """Counters on ``"memory"`` or any Redis form of ``token.store`` (gateway.redisconn)."""
+    if url == "memory":
+        return MemoryCounters()
+    return RedisCounters(redis_connection(url, auth))
 
 
 def open_guard(
@@ -216,33 +329,16 @@ def open_guard(
     lockout: float,
     rate_limit: str,
     max_concurrency: int,
+    auth: RedisAuth | None = None,
 ) -> Guard:
-    """A Guard on ``"memory"`` or a ``redis://`` URL (same values as ``token.store``)."""
-    storage: Storage
-    pool = None
-    if url == "memory":
-        storage = MemoryStorage()
-    elif url.startswith(("redis://", "rediss://", "unix://")):
-        pool = redis_pool(url)
-        # The URI only selects the storage class; connections come from our pool (timeouts,
-        # TLS and database number as given in the configured URL).
-        storage = RedisStorage(
-            "async+redis://",
-            implementation="redispy",
-            wrap_exceptions=True,
-            key_prefix=_KEY_PREFIX,
-            connection_pool=pool,  # type: ignore[arg-type]
-        )
-    else:
-        raise ValueError("guard storage is 'memory' or a redis:// URL")
+    """A Guard on ``"memory"`` or a Redis URL (same values as ``token.store``)."""
     return Guard(
-        storage,
+        open_counters(url, auth),
         max_failures=max_failures,
         window=window,
         lockout=lockout,
         rate_limit=rate_limit,
         max_concurrency=max_concurrency,
-        pool=pool,
     )
 
 
@@ -255,4 +351,5 @@ def guard_from_config(cfg: TokenConfig) -> Guard:
         lockout=cfg.guard.lockout,
         rate_limit=cfg.rate_limit,
         max_concurrency=cfg.max_concurrency,
+        auth=RedisAuth.from_config(cfg.redis),
     )

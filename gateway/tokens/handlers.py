@@ -5,10 +5,11 @@
 bound to exactly the posted userId, userName and tenantSpaceId, and the same
 ``{"retCode":1,"message":"validate failed"}`` whatever else went wrong with the token. Before
 the token is looked at, the request must pass, in order: the address allow-list (403), POST only
-(405), the concurrency and global rate limits (503 + Retry-After), the per-address lock-out
-(429 + Retry-After), JSON content type (415), the size limit (413) and the body deadline (408);
-the per-userId lock-out (429) is checked once the body names the user. A backend (Redis) failure
-answers 503 with a non-zero retCode: the callback fails closed.
+(405), the concurrency limit (503 + Retry-After), JSON content type (415), the size limit (413)
+and the body deadline (408). A correct token then always validates; a wrong one takes an
+attempt from the userId's allowance (429 + Retry-After beyond it) and from the callback's rate
+of wrong tokens (503 + Retry-After beyond it); see ``guard``. A backend (Redis) failure answers
+503 with a non-zero retCode: the callback fails closed.
 
 ``issue`` serves ``token.issue_path``: ``POST`` mints a token for ``{"userId","userName"}``,
 ``DELETE`` revokes one; both need ``Authorization: Bearer <token.api_key>``.
@@ -33,7 +34,7 @@ from aiohttp import web
 from gateway.config import TokenConfig
 from gateway.keys import CLIENT_IP
 from gateway.tokens.guard import Guard
-from gateway.tokens.store import TokenBackendUnavailable, TokenStore
+from gateway.tokens.store import TokenBackendUnavailable, TokenStore, TokenStoreFull
 
 log = logging.getLogger("gateway.tokens")
 
@@ -255,35 +256,12 @@ class TokenEndpoints:
                 )
 
     async def _validate(self, request: web.BaseRequest, ip: str) -> web.StreamResponse:
-        wait = await self._guard.admit()
-        if wait:
-            return self._refuse(
-                "validate",
-                "rate_limited",
-                ip,
-                "global rate limit reached",
-                503,
-                {"retCode": 1, "message": "busy"},
-                retry_after=wait,
-                close=True,
-            )
-        wait = await self._guard.lockout_remaining(ip)
-        if wait:
-            return self._refuse(
-                "validate",
-                "locked",
-                ip,
-                "address locked out",
-                429,
-                {"retCode": 1, "message": "too many failed attempts"},
-                retry_after=wait,
-                close=True,
-            )
+        # Only allow-listed addresses (the CEC) get here, and the CEC relays whatever anyone on
+        # the internet posts to it: nothing is counted or locked per address, and a correct
+        # token is looked at before any counter, so it always validates.
         try:
             body = await read_json_body(request, self._cfg.max_body, self._cfg.body_timeout)
         except _BodyError as exc:
-            if exc.status == 400:
-                await self._guard.record_failure(ip)
             resp = self._refuse(
                 "validate",
                 "bad_body",
@@ -300,36 +278,8 @@ class TokenEndpoints:
             fields = {k: _field(body, k) for k in ("Token", "userId", "userName", "tenantSpaceId")}
             # The guide spells it "Token"; tolerate "token" in case the real CEC differs.
             fields["Token"] = fields["Token"] or _field(body, "token")
-        user_id = fields.get("userId")
-        if user_id is not None:
-            wait = await self._guard.lockout_remaining(ip, user_id)
-            if wait:
-                return self._refuse(
-                    "validate",
-                    "locked",
-                    ip,
-                    f"userId {user_id!r} locked out",
-                    429,
-                    {"retCode": 1, "message": "too many failed attempts"},
-                    retry_after=wait,
-                )
-
-            wait, started = await self._guard.reserve_user_attempt(user_id)
-            if wait:
-                if started:
-                    self._count("validate", "lockout_started")
-                return self._refuse(
-                    "validate",
-                    "locked",
-                    ip,
-                    f"userId {user_id!r} locked out" + ("; lock-out starts" if started else ""),
-                    429,
-                    {"retCode": 1, "message": "too many failed attempts"},
-                    retry_after=wait,
-                )
-
-        token, user_name = fields.get("Token"), fields.get("userName")
-        tenant = fields.get("tenantSpaceId")
+        token, user_id = fields.get("Token"), fields.get("userId")
+        user_name, tenant = fields.get("userName"), fields.get("tenantSpaceId")
         if token is None or user_id is None or user_name is None or tenant is None:
             reason = "missing or malformed fields"
             ok = False
@@ -339,19 +289,44 @@ class TokenEndpoints:
             ok = await self._store.check(token, user_id, user_name, tenant) and ours
             reason = "token unknown, expired, revoked or bound to other values"
         if ok:
-            assert user_id is not None
-            await self._guard.user_succeeded(user_id)
             log.info("token validated for %s (userId %r)", ip, user_id)
             self._count("validate", "ok")
             return web.json_response(SUCCESS, headers={"Cache-Control": "no-store"})
 
-        # The userId's attempt was counted before the check; the address is counted here.
-        started = await self._guard.record_failure(ip) > 0
+        # A wrong guess: it takes one attempt from the userId's allowance (atomically, shared
+        # through Redis), and one unit of the callback's rate of wrong tokens.
         if user_id is not None:
-            started = await self._guard.user_failed(user_id) or started
-        if started:
-            reason += "; lock-out starts"
-            self._count("validate", "lockout_started")
+            attempt = await self._guard.user_failed(user_id)
+            if attempt.started:
+                self._count("validate", "lockout_started")
+                log.warning(
+                    "token guessing against userId %r: %d wrong tokens within %gs; further "
+                    "wrong tokens for it are answered 429 for %gs (its valid token still "
+                    "validates; `gateway unlock --user` lifts this)",
+                    user_id, self._guard.max_failures, self._guard.window, self._guard.lockout)
+            if not attempt.allowed:
+                return self._refuse(
+                    "validate",
+                    "limited",
+                    ip,
+                    f"userId {user_id!r}: {reason}; over its allowance of wrong tokens",
+                    429,
+                    {"retCode": 1, "message": "too many failed attempts"},
+                    retry_after=attempt.retry_after,
+                    level=logging.INFO,
+                )
+        wait = await self._guard.failure_rate()
+        if wait:
+            return self._refuse(
+                "validate",
+                "rate_limited",
+                ip,
+                f"userId {user_id!r}: {reason}; over the rate of wrong tokens",
+                503,
+                {"retCode": 1, "message": "busy"},
+                retry_after=wait,
+                level=logging.INFO,
+            )
         # 200 with a non-zero retCode: the CEC reads the body, and the message is the same
         # whichever part of the binding was wrong.
         return self._refuse(
@@ -368,6 +343,11 @@ class TokenEndpoints:
             return web.Response(status=404, text="404: Not Found")
         try:
             return await self._issue(request, ip, self._api_key)
+        except TokenStoreFull:
+            # Counted by the store (on_full); a 503 like any store trouble, said plainly.
+            resp = web.json_response({"error": "token store full"}, status=503,
+                                     headers={"Cache-Control": "no-store", "Retry-After": "60"})
+            return resp
         except TokenBackendUnavailable as exc:
             return self._refuse(
                 "issue",
@@ -393,8 +373,18 @@ class TokenEndpoints:
             )
             resp.headers["Allow"] = "POST, DELETE"
             return resp
-        # The API key is guessable only at the guard's pace: wrong keys count as failures.
-        wait = await self._guard.lockout_remaining(ip)
+        # The API key is guessable only at the guard's pace: each wrong key takes an attempt
+        # from the address's allowance (atomically); a locked address is refused even with
+        # the right key, so guesses past the allowance learn nothing.
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        right = scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode("utf-8"), api_key)
+        wait = await self._guard.address_locked(ip) if right else 0.0
+        if not right:
+            attempt = await self._guard.address_failed(ip)
+            if attempt.started:
+                self._count("issue", "lockout_started")
+            wait = 0.0 if attempt.allowed else attempt.retry_after
         if wait:
             return self._refuse(
                 "issue",
@@ -406,12 +396,7 @@ class TokenEndpoints:
                 retry_after=wait,
                 close=True,
             )
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if not (
-            scheme.lower() == "bearer"
-            and hmac.compare_digest(given.strip().encode("utf-8"), api_key)
-        ):
-            await self._guard.record_failure(ip)
+        if not right:
             resp = self._refuse(
                 "issue",
                 "unauthorized",

@@ -27,6 +27,7 @@ from gateway.chat.endpoints import ChatEndpoints, NotLoggedIn, signer_from_confi
 from gateway.chat.guest import GUEST_ID_RE, GuestCookies
 from gateway.chat.inject import InjectionError
 from gateway.config import CecAuth, CecConfig, CecIdentity
+from gateway.errors import RetryWithCookie
 from gateway.signing import Signer
 
 SECRET = "aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5bC7dE9f"
@@ -116,6 +117,10 @@ async def site() -> AsyncIterator[Factory]:
                     return web.Response(status=400, text=f"400 Bad Request: {exc}\n")
                 except NotLoggedIn:
                     return web.Response(status=401, text="401 Unauthorized\n")
+                except RetryWithCookie as exc:  # as the core answers it
+                    return web.Response(status=307, headers={
+                        "Location": request.raw_path, "Set-Cookie": exc.set_cookie,
+                        "Cache-Control": "no-store"})
                 async with aiohttp.ClientSession() as s, s.post(
                     str(upstream.make_url(request.path_qs)), data=body,
                     headers={"Content-Type": "application/json;charset=UTF-8"},
@@ -396,9 +401,18 @@ async def test_token_mode_guest_fallback(site: Factory) -> None:
 
     cec = make_cec(auth=CecAuth(mode="token"), identity=CecIdentity(fallback="guest"))
     s = await site(cec=cec, signer=None, identify=identify, token_for=token_for)
+    # No valid guest cookie: 307 to the same target with the cookie; nothing minted (so
+    # cookie-less floods store nothing), nothing forwarded.
+    async with browser() as b, b.post(s.url(CLIENT + "?&t=1"), json={"thirdUserName": "Zed"},
+                                      allow_redirects=False) as r:
+        assert r.status == 307 and r.headers["Location"] == CLIENT + "?&t=1"
+        assert "Set-Cookie" in r.headers and r.headers["Cache-Control"] == "no-store"
+    assert issued == [] and s.upstream_hits == []
+    # A browser follows it, resending the body with the cookie: one token, then.
     async with browser() as b, b.post(s.url(CLIENT), json={"thirdUserName": " Zed "}) as r:
         assert r.status == 200
-        assert "Set-Cookie" in r.headers
+        assert [h.status for h in r.history] == [307]
+    assert len(s.upstream_hits) == 1
     sent = json.loads(s.upstream_hits[-1]["body"])
     assert GUEST_ID_RE.match(sent["thirdUserId"])
     # The token is bound to exactly the name that is forwarded.

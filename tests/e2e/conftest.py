@@ -139,7 +139,8 @@ token:
 
 
 async def _blank(request: web.Request) -> web.Response:
-    return web.Response(text="<!DOCTYPE html><title>other origin</title><p>other origin</p>",
+    return web.Response(text="<!DOCTYPE html><title>other origin</title>"
+                        '<link rel="icon" href="data:,"><p>other origin</p>',
                         content_type="text/html")
 
 
@@ -153,7 +154,8 @@ async def _start_blank() -> web.AppRunner:
 
 
 @contextlib.asynccontextmanager
-async def run_stack(mode: str) -> AsyncIterator[Stack]:
+async def run_stack(mode: str, **sandbox_settings: Any) -> AsyncIterator[Stack]:
+    """The stack; ``sandbox_settings`` override the sandbox's (agents, timeouts...)."""
     values = {
         "CEC_SECRET_KEY": random_cec_secret(),
         "TOKEN_KEY": secrets.token_hex(32),
@@ -165,7 +167,8 @@ async def run_stack(mode: str) -> AsyncIterator[Stack]:
         sandbox = SandboxSettings(
             port=0, secret_key=SecretStr(values["CEC_SECRET_KEY"]),
             validate_url=(f"http://127.0.0.1:{gw_port}"
-                          "/rest/cc-messaging/v1/thirdparty/chatThirdPartyValidate"))
+                          "/rest/cc-messaging/v1/thirdparty/chatThirdPartyValidate"),
+            **sandbox_settings)
         runners.append(await start_sandbox(sandbox, host="127.0.0.1", port=0))
         runners.append(await start_site(SiteSettings(tenant_space_id=TENANT,
                                                      channel_config_id=CHANNEL)))

@@ -124,9 +124,8 @@ REJECTED: dict[str, bytes] = {
 
 # Refused with 400 and never forwarded; the connection may stay open (the framing is sound).
 REFUSED_TARGETS: dict[str, bytes] = {
-    "absolute_form_http": b"GET http://evil/ HTTP/1.1\r\nHost: evil\r\n\r\n",
-    "absolute_form_https": b"GET https://evil.example/x HTTP/1.1\r\nHost: evil.example\r\n\r\n",
-    "absolute_form_same_host": b"GET http://gw.test/g HTTP/1.1\r\nHost: gw.test\r\n\r\n",
+    "absolute_form_userinfo": b"GET http://u:p@evil/ HTTP/1.1\r\nHost: evil\r\n\r\n",
+    "absolute_form_other_scheme": b"GET ftp://evil/x HTTP/1.1\r\nHost: evil\r\n\r\n",
     "connect": b"CONNECT evil:443 HTTP/1.1\r\nHost: evil:443\r\n\r\n",
     "connect_loopback": b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n",
     "asterisk_form": b"OPTIONS * HTTP/1.1\r\nHost: gw.test\r\n\r\n",
@@ -152,6 +151,27 @@ async def test_not_an_open_proxy(gw: Running, recorder: RawRecorder, data: bytes
     await asyncio.sleep(0.05)
     recorder.assert_clean(at_most=0)
     assert recorder.conns == [], "no upstream connection is even opened"
+
+
+# RFC 9112 3.2.2: a server MUST accept the absolute form. Its authority replaces Host and
+# the path is routed as usual: the upstream is still the configured one, never the named host.
+ABSOLUTE_FORMS: dict[str, tuple[bytes, str]] = {
+    "absolute_form_http": (b"GET http://evil/ HTTP/1.1\r\nHost: evil\r\n\r\n", "/"),
+    "absolute_form_https": (b"GET https://evil.example/x HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+                            "/x"),
+    "absolute_form_same_host": (b"GET http://gw.test/g HTTP/1.1\r\nHost: gw.test\r\n\r\n", "/g"),
+}
+
+
+@pytest.mark.parametrize("case", ABSOLUTE_FORMS.values(), ids=ABSOLUTE_FORMS.keys())
+async def test_absolute_form_is_routed_not_proxied(gw: Running, recorder: RawRecorder,
+                                                   case: tuple[bytes, str]) -> None:
+    data, target = case
+    answers, _ = await exchange(gw.port, data)
+    assert [a.status for a in answers] == [200]
+    reqs = recorder.assert_clean(at_most=1)
+    assert [(r.method, r.target) for r in reqs] == [("GET", target)]
+    assert reqs[0].header("Host") == f"127.0.0.1:{recorder.port}"
 
 
 # Accepted by RFC 9112 (transfer-coding names are case-insensitive, OWS around values,

@@ -362,3 +362,47 @@ async def test_read_response_reports_incomplete() -> None:
     reader.feed_eof()
     resp = await read_response(reader)
     assert resp is not None and not resp.complete and resp.body == b"ab"
+
+
+# ------------------------------------------------------------------ invalid answers
+
+
+@pytest.mark.parametrize("headers", [(), (b"Origin: https://site.example",)],
+                         ids=["fast_path", "full_path"])
+async def test_invalid_answer_on_a_reused_connection_retried_fresh(
+        recorder: RawRecorder, start_gateway: GatewayStarter,
+        headers: tuple[bytes, ...]) -> None:
+    """What arrives on a pooled connection may be a stale exchange's stray bytes rather
+    than the answer to this request: a GET is retried once on a new connection."""
+    log: list[tuple[int, str]] = []
+
+    async def stale_then_ok(req: UpRequest, conn: UpConn, writer: asyncio.StreamWriter
+                            ) -> bool:
+        log.append((conn.index, req.target))
+        if conn.index == 0 and req.target != "/warm":
+            writer.write(b"JUNK FROM BEFORE\r\n\r\n")
+            await writer.drain()
+            return await conn.wait_peer_close(2.0) and False
+        return await answer_ok(writer, req)
+
+    recorder.behaviour = stale_then_ok
+    running = await start_gateway(recorder.url)
+    await warm(running.port)
+    resp, _, _ = await timed_exchange(running.port, get(*headers, target=b"/again"))
+    assert (resp.status, resp.body) == (200, b"ok")
+    assert log == [(0, "/warm"), (0, "/again"), (1, "/again")]
+
+
+async def test_invalid_answer_on_a_fresh_connection_is_502_not_retried(
+        recorder: RawRecorder, start_gateway: GatewayStarter) -> None:
+    """On a new connection the invalid answer is the upstream's answer: 502, once."""
+    async def invalid(req: UpRequest, conn: UpConn, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok")
+        await writer.drain()
+        return True
+
+    recorder.behaviour = invalid
+    running = await start_gateway(recorder.url)
+    resp, _, took = await timed_exchange(running.port, get(target=b"/once"))
+    assert resp.status == 502 and took < 1.0
+    assert [r.target for r in recorder.requests] == ["/once"]

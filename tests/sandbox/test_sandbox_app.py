@@ -430,7 +430,7 @@ async def test_visitor_reconnect_gets_history(sandbox: Factory,
 
 async def test_queue_reminder_over_websocket(sandbox: Factory,
                                              browser: aiohttp.ClientSession) -> None:
-    server = await sandbox(queue_reminder_interval=0.05, queue_reminder_text="hold on {position}")
+    server = await sandbox(queue_reminder_interval=0.05, queue_no_agent_text="hold on {position}")
     await login_visitor(browser, server)
     async with browser.ws_connect(server.make_url(f"{CP}/webclient/ws")) as ws:
         for _ in range(3):
@@ -510,3 +510,55 @@ async def test_run_sandbox_serves_until_cancelled() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+# ---------------------------------------------------------------- visitors who left
+
+
+async def test_a_visitor_socket_without_heartbeat_frees_the_agent(
+        sandbox: Factory, browser: aiohttp.ClientSession) -> None:
+    """A page that is gone without closing (no pong to the heartbeat) ends its chat."""
+    server = await sandbox(visitor_heartbeat=0.2, visitor_gone_timeout=0.1)
+    agent = await agent_socket(browser, server)
+    await login_visitor(browser, server)
+    # autoping=False: this client never answers the server's pings, like a dead tab.
+    ws = await browser.ws_connect(server.make_url(f"{CP}/webclient/ws"), autoping=False)
+    hello = await next_event(ws)
+    chat = hello["chat"]["id"]
+    assert hello["chat"]["state"] == "active"
+    ended = await next_event(agent, lambda e: e["type"] == "ended", limit=5)
+    assert ended == {"type": "ended", "chat": chat, "reason": "visitor_left"}
+    await ws.close()
+    await agent.close()
+
+
+async def test_the_pagehide_beacon_closes_that_page_only(
+        sandbox: Factory, browser: aiohttp.ClientSession) -> None:
+    server = await sandbox(visitor_gone_timeout=0.1)
+    hub = server.app[HUB_KEY]
+    agent = await agent_socket(browser, server)
+    await login_visitor(browser, server)
+    ws = await browser.ws_connect(server.make_url(f"{CP}/webclient/ws"))
+    hello = await next_event(ws)
+    connection = (await next_event(ws, lambda e: e["type"] == "connection"))["id"]
+    assert isinstance(connection, str) and len(connection) >= 20
+    leave = server.make_url(f"{CP}/webclient/leave")
+    # Another site's page can make the browser POST with the cookie, but cannot know the id;
+    # without the cookie, the id alone is not enough either.
+    async with browser.post(leave, data=json.dumps({"connection": "guess"})) as r:
+        assert r.status == 204
+    async with aiohttp.ClientSession() as stranger, stranger.post(
+            leave, data=json.dumps({"connection": connection})) as r:
+        assert r.status == 204
+    async with browser.post(leave, data=b"\xff not json") as r:
+        assert r.status == 204
+    assert not ws.closed and not hub.awaiting_return(hub.agent("agent1").chats[
+        hello["chat"]["id"]].visitor)
+    # The page's own beacon: its connection closes at once, the chat ends after the timeout.
+    async with browser.post(leave, data=json.dumps({"connection": connection})) as r:
+        assert r.status == 204
+    msg = await ws.receive(timeout=2)
+    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    ended = await next_event(agent, lambda e: e["type"] == "ended", limit=3)
+    assert ended["reason"] == "visitor_left" and ended["chat"] == hello["chat"]["id"]
+    await agent.close()

@@ -96,7 +96,7 @@ async def test_agent_in_rest_gets_nothing_until_idle(hubs: list[ChatHub]) -> Non
 
 async def test_queue_reminder_repeats_while_no_agent_is_idle(hubs: list[ChatHub]) -> None:
     hub = make(hubs, queue_reminder_interval=0.05,
-               queue_reminder_text="wait please, you are #{position}")
+               queue_no_agent_text="wait please, you are #{position}")
     visitor: Events = []
     hub.attach_visitor(TOM, visitor.append)
     await wait_for(lambda: len(texts(visitor, "system")) >= 3)
@@ -110,6 +110,63 @@ async def test_queue_reminder_repeats_while_no_agent_is_idle(hubs: list[ChatHub]
     await asyncio.sleep(0.15)
     assert reminders() == count  # the agent joined: reminders stopped
     assert hub.current_session(TOM).state == "active"  # type: ignore[union-attr]
+
+
+async def test_visitors_are_told_busy_only_while_an_agent_is_ready_but_full(
+        hubs: list[ChatHub]) -> None:
+    """What the console shows (rest, or idle and full) is what a waiting visitor reads."""
+    agents = [AgentAccount(id="agent1", name="Agent One", password=SecretStr("agent1"),
+                           max_chats=1)]
+    hub = make(hubs, queue_reminder_interval=0.05, agents=agents,
+               queue_reminder_text="busy #{position}", queue_no_agent_text="nobody #{position}")
+    console: Events = []
+    hub.attach_agent("agent1", console.append)  # signed in, resting
+    visitor: Events = []
+    hub.attach_visitor(TOM, visitor.append)
+    await wait_for(lambda: "nobody #1" in texts(visitor, "system"))
+    assert "busy #1" not in texts(visitor, "system")
+    hub.set_agent_status("agent1", "idle")  # takes Tom: now idle and full
+    assert hub.current_session(TOM).state == "active"  # type: ignore[union-attr]
+    other: Events = []
+    hub.attach_visitor(ANN, other.append)
+    await wait_for(lambda: "busy #1" in texts(other, "system"))
+    assert "nobody #1" not in texts(other, "system")
+    assert next(e for e in console if e["type"] == "welcome")["maxChats"] == 1
+
+
+async def test_a_visitor_who_left_frees_the_queue_and_the_agents_slot(
+        hubs: list[ChatHub]) -> None:
+    agents = [AgentAccount(id="agent1", name="Agent One", password=SecretStr("agent1"),
+                           max_chats=1)]
+    hub = make(hubs, agents=agents, visitor_gone_timeout=0.1)
+    console = idle_agent(hub)
+    tom: Events = []
+    hub.attach_visitor(TOM, tom.append)
+    tom_chat = hub.current_session(TOM)
+    assert tom_chat is not None and tom_chat.state == "active"
+    ann: Events = []
+    hub.attach_visitor(ANN, ann.append)
+    bob: Events = []
+    hub.attach_visitor(BOB, bob.append)
+    assert hub.queue_length == 2
+    # Bob's page closes while he waits: he leaves the queue, Ann moves up.
+    hub.detach_visitor(BOB, bob.append)
+    await wait_for(lambda: hub.queue_length == 1)
+    assert hub.current_session(BOB).end_reason == "visitor_left"  # type: ignore[union-attr]
+    # Tom's page reloads (closes, comes back within the time): his chat goes on.
+    hub.detach_visitor(TOM, tom.append)
+    assert hub.awaiting_return(TOM)
+    hub.attach_visitor(TOM, tom.append)
+    assert not hub.awaiting_return(TOM)  # the countdown is off
+    assert tom_chat.state == "active" and hub.queue_length == 1
+    # Tom's page closes for good: his chat ends and the slot goes to Ann.
+    hub.detach_visitor(TOM, tom.append)
+    await wait_for(lambda: tom_chat.state == "ended")
+    assert tom_chat.end_reason == "visitor_left"
+    assert any(e["type"] == "ended" and e["chat"] == tom_chat.id and e["reason"] ==
+               "visitor_left" for e in console)
+    assert hub.current_session(ANN).state == "active"  # type: ignore[union-attr]
+    assert hub.queue_length == 0
 
 
 async def test_max_queue_refuses_with_message(hubs: list[ChatHub]) -> None:

@@ -15,6 +15,7 @@ from pydantic import SecretStr
 
 from gateway.config import TokenConfig, TokenGuard
 from gateway.keys import CLIENT_IP
+from gateway.redisconn import RedisAuth
 from gateway.tokens import Guard, TokenEndpoints, TokenStore, guard_from_config, open_store
 from tests.redis_server import RedisServer, redis_or_fail
 
@@ -99,7 +100,10 @@ async def make_gateway() -> AsyncIterator[GatewayFactory]:
     async def factory(**overrides: Any) -> Gateway:
         cfg = make_cfg(**overrides)
         gw = Gateway(
-            cfg, open_store(cfg.store, SIGNING_KEY.encode(), cfg.ttl), guard_from_config(cfg)
+            cfg,
+            open_store(cfg.store, SIGNING_KEY.encode(), cfg.ttl,
+                       auth=RedisAuth.from_config(cfg.redis), max_tokens=cfg.max_tokens),
+            guard_from_config(cfg),
         )
         await gw.server.start_server()
         made.append(gw)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import datetime
 
@@ -75,12 +76,22 @@ async def test_api_key_guessing_locks_out(
 ) -> None:
     gw = await make_gateway()  # max_failures=3
     bad = {"Authorization": "Bearer guess-guess-guess-guess"}
-    for _ in range(3):
+    # Concurrent wrong keys: each takes an attempt atomically, so exactly three are answered
+    # 401 and the rest 429 (no test-then-record race).
+    async def guess() -> int:
         async with http.post(gw.issue_url, json={}, headers=bad) as r:
-            assert r.status == 401
+            return r.status
+
+    statuses = await asyncio.gather(*(guess() for _ in range(30)))
+    assert sorted(statuses) == [401] * 3 + [429] * 27
+    # The locked address is refused even with the right key (guesses learn nothing).
     async with http.post(gw.issue_url, json={"userId": "u", "userName": "n"}, headers=AUTH) as r:
         assert r.status == 429
         assert int(r.headers["Retry-After"]) >= 1
+    # Lifted early by an operator: the right key works again at once.
+    assert await gw.guard.unlock("address", "127.0.0.1")
+    async with http.post(gw.issue_url, json={"userId": "u", "userName": "n"}, headers=AUTH) as r:
+        assert r.status == 200
 
 
 async def test_no_api_key_configured_is_404(
@@ -165,3 +176,14 @@ async def test_other_methods_405(make_gateway: GatewayFactory, http: aiohttp.Cli
     async with http.get(gw.issue_url, headers=AUTH) as r:
         assert r.status == 405
         assert r.headers["Allow"] == "POST, DELETE"
+
+
+async def test_full_store_refuses_with_503(
+    make_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    gw = await make_gateway(max_tokens=2)
+    await issue_token(http, gw, "u1")
+    await issue_token(http, gw, "u2")
+    async with http.post(gw.issue_url, json={"userId": "u3", "userName": "n"}, headers=AUTH) as r:
+        assert r.status == 503 and int(r.headers["Retry-After"]) >= 1
+        assert await r.json() == {"error": "token store full"}

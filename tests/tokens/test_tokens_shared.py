@@ -11,6 +11,7 @@ import pytest
 from tests.redis_server import RedisServer
 from tests.tokens.conftest import API_KEY, GatewayFactory, issue_token, post_validate, validate_body
 
+FAILED = {"retCode": 1, "message": "validate failed"}
 OK = {"retCode": 0, "message": "validate success"}
 
 
@@ -30,7 +31,7 @@ async def test_issue_on_one_validate_on_other(
     assert (await post_validate(http, one, validate_body(token)))[1]["retCode"] == 1
 
 
-async def test_failures_on_both_add_up_to_a_lockout(
+async def test_failures_on_both_add_up_but_never_refuse_the_right_token(
     make_gateway: GatewayFactory, http: aiohttp.ClientSession, redis_server: RedisServer
 ) -> None:
     one = await make_gateway(store=redis_server.url)  # max_failures=3, lockout=1 s
@@ -38,12 +39,14 @@ async def test_failures_on_both_add_up_to_a_lockout(
     token = (await issue_token(http, one))["token"]
     for gw in (one, two, one):
         assert (await post_validate(http, gw, validate_body("E" * 43)))[0] == 200
-    # Neither instance alone saw three failures; together they lock out, even the right token.
-    for gw in (one, two):
-        status, _, headers = await post_validate(http, gw, validate_body(token))
+    # Neither instance alone saw three wrong tokens; together they used the allowance: the
+    # next wrong token on either is answered 429, the right one still validates on both.
+    for gw in (two, one):
+        status, _, headers = await post_validate(http, gw, validate_body("E" * 43))
         assert status == 429 and headers["Retry-After"] == "1"
+        assert (await post_validate(http, gw, validate_body(token)))[1] == OK
     await asyncio.sleep(1.3)
-    assert (await post_validate(http, two, validate_body(token)))[1] == OK
+    assert (await post_validate(http, two, validate_body("E" * 43)))[:2] == (200, FAILED)
 
 
 async def test_redis_down_fails_closed(

@@ -18,6 +18,7 @@ from gateway.tokens import (
     TokenStore,
     open_store,
 )
+from gateway.tokens.store import TokenStoreFull
 from tests.redis_server import RedisServer
 
 KEY = b"k" * 32
@@ -122,13 +123,55 @@ async def test_token_for_reuses_a_valid_token(store: TokenStore) -> None:
     assert await store.check(fresh.token, "u1", "Tom", "t1")
 
 
-async def test_token_for_renews_past_half_life(store_url: str) -> None:
-    s = open_store(store_url, KEY, 1.0)
+async def test_token_for_reuses_until_close_to_expiry(store_url: str) -> None:
+    s = open_store(store_url, KEY, 1.0)  # renewed when less than 0.1 s is left
     try:
         first = await s.token_for("u1", "Tom", "t1")
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(0.6)  # past half its life: still the same token
+        assert (await s.token_for("u1", "Tom", "t1")).token == first.token
+        await asyncio.sleep(first.expires_at - time.time())
         renewed = await s.token_for("u1", "Tom", "t1")
         assert renewed.token != first.token
+        assert await s.check(renewed.token, "u1", "Tom", "t1")
+    finally:
+        await s.close()
+
+
+async def test_token_for_keeps_one_token_per_user_id(store_url: str) -> None:
+    s = open_store(store_url, KEY, 60)
+    try:
+        api = await s.issue("u1", "Tom", "t1")  # the issuing API's token is left alone
+        first = await s.token_for("u1", "Tom", "t1")
+        # A guest's page can send any name: each new name replaces the token (the old one
+        # is revoked at once), it does not add one.
+        names = [await s.token_for("u1", f"Name {n}", "t1") for n in range(50)]
+        assert len({t.token for t in names}) == 50
+        assert not await s.check(first.token, "u1", "Tom", "t1")
+        assert not any([await s.check(t.token, "u1", f"Name {n}", "t1")
+                        for n, t in enumerate(names[:-1])])
+        assert await s.check(names[-1].token, "u1", "Name 49", "t1")
+        assert await s.check(api.token, "u1", "Tom", "t1")
+        assert await s._count() == 2  # type: ignore[attr-defined]
+    finally:
+        await s.close()
+
+
+async def test_store_cap_refuses_and_counts(store_url: str) -> None:
+    full: list[int] = []
+    s = open_store(store_url, KEY, 0.5, max_tokens=3, on_full=lambda: full.append(1))
+    try:
+        made = [await s.issue(f"u{n}", "n", "t1") for n in range(3)]
+        with pytest.raises(TokenStoreFull):
+            await s.issue("u9", "n", "t1")
+        with pytest.raises(TokenBackendUnavailable):  # the callers' fail-closed path
+            await s.token_for("u9", "n", "t1")
+        assert len(full) == 2 and s.refused == 2  # type: ignore[attr-defined]
+        assert all([await s.check(t.token, f"u{n}", "n", "t1") for n, t in enumerate(made)])
+        # Room again once tokens expire (or are revoked).
+        await s.revoke(made[0].token)
+        await s.issue("u9", "n", "t1")
+        await asyncio.sleep(0.6)
+        assert await s.issue("u10", "n", "t1")
     finally:
         await s.close()
 
@@ -151,10 +194,12 @@ async def test_redis_holds_no_replayable_token(redis_server: RedisServer) -> Non
     try:
         issued = await s.issue("u1", "Tom", "t1")
         keys = [str(k, "utf-8") if isinstance(k, bytes) else k for k in await raw.keys("*")]
-        assert len(keys) == 1
+        assert len(keys) == 2 and "gateway:tokens" in keys  # the entry, and the cap's index
+        keys.remove("gateway:tokens")
         stored = await raw.get(keys[0])
         assert isinstance(stored, bytes)
-        dump = keys[0].encode() + stored
+        index = await raw.zrange("gateway:tokens", 0, -1)
+        dump = keys[0].encode() + stored + b"".join(index)
         assert issued.token.encode() not in dump
         assert b"u1" in dump  # the binding is there, readable
         ttl = await raw.pttl(keys[0])

@@ -139,7 +139,7 @@ async def test_post_only(make_gateway: GatewayFactory, http: aiohttp.ClientSessi
         assert resp.headers["Allow"] == "POST"
 
 
-async def test_lockout_after_failures_refuses_correct_token_then_ends(
+async def test_wrong_tokens_past_the_allowance_429_but_the_right_token_validates(
     make_gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
     gw = await make_gateway()  # max_failures=3, lockout=1 s
@@ -147,24 +147,33 @@ async def test_lockout_after_failures_refuses_correct_token_then_ends(
     for _ in range(3):
         status, body, _ = await post_validate(http, gw, validate_body("B" * 43))
         assert (status, body) == (200, FAILED)
-    status, body, headers = await post_validate(http, gw, validate_body(token))
+    status, body, headers = await post_validate(http, gw, validate_body("B" * 43))
     assert status == 429 and body["retCode"] != 0
     assert headers["Retry-After"] == "1"
-    assert ("validate", "locked") in gw.metrics
-    await asyncio.sleep(1.3)
+    assert ("validate", "limited") in gw.metrics
+    assert gw.metrics.count(("validate", "lockout_started")) == 1
+    # The user's own token: validated all the same (guessing gives no lever over the user).
     assert (await post_validate(http, gw, validate_body(token)))[1] == OK
+    await asyncio.sleep(1.3)
+    assert (await post_validate(http, gw, validate_body("B" * 43)))[:2] == (200, FAILED)
 
 
-async def test_lockout_per_user_across_addresses(
+async def test_allow_listed_callers_are_never_locked_out(
     make_gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
     gw = await make_gateway(validate_allow_from=[ipaddress.ip_network("10.0.0.0/8")])
     token = (await issue_token(http, gw))["token"]
-    for n in range(3):
+    # Wrong tokens for many users from one caller (the CEC relays anyone's): that caller's
+    # address is not counted, so every user's right token still validates from it.
+    for n in range(20):
+        await post_validate(http, gw, validate_body("C" * 43, f"victim{n}"), ip="10.0.0.1")
+    assert (await post_validate(http, gw, validate_body(token), ip="10.0.0.1"))[1] == OK
+    # Wrong tokens naming one user from many callers: counted for the user, not the callers.
+    for n in range(5):
         await post_validate(http, gw, validate_body("C" * 43), ip=f"10.0.0.{n + 1}")
-    # Fresh address, same userId: locked; another user from that address is fine.
-    status, _, headers = await post_validate(http, gw, validate_body(token), ip="10.0.0.99")
+    status, _, headers = await post_validate(http, gw, validate_body("C" * 43), ip="10.0.0.99")
     assert status == 429 and int(headers["Retry-After"]) >= 1
+    assert (await post_validate(http, gw, validate_body(token), ip="10.0.0.99"))[1] == OK
     other = (await issue_token(http, gw, "u2", "Ann"))["token"]
     assert (await post_validate(http, gw, validate_body(other, "u2", "Ann"), ip="10.0.0.99"))[
         1

@@ -49,9 +49,33 @@
   }
 
   /* ---- chats ---- */
+  var END_REASONS = {
+    visitor: "ended by the visitor", agent: "ended by you", replaced: "replaced by a new chat",
+    timeout: "ended: nobody wrote for a while", visitor_left: "ended: the visitor left",
+    off_hours: "ended: off hours", queue_full: "ended: queue full",
+    queue_timeout: "ended: waited too long"
+  };
+
   function stateLabel(data) {
-    if (data.state === "ended") { return "ended" + (data.endReason ? " (" + data.endReason + ")" : ""); }
+    if (data.state === "ended") {
+      return END_REASONS[data.endReason] || ("ended" + (data.endReason ? " (" + data.endReason + ")" : ""));
+    }
     return data.state;
+  }
+
+  /* What the visitors are told follows from this: "all agents are busy" while an idle agent
+   * is full, "no agent is available" while nobody is idle. */
+  var maxChats = 0;
+  var agentStatus = "rest";
+  function renderLoad() {
+    var active = order.filter(function (id) { return chats[id].data.state !== "ended"; }).length;
+    var node = $("agent-load");
+    var full = maxChats > 0 && active >= maxChats;
+    node.textContent = active + "/" + maxChats + (full ? " (full)" : "");
+    node.setAttribute("data-active", String(active));
+    node.setAttribute("data-full", full ? "true" : "false");
+    var status = $("agent-status");
+    status.textContent = agentStatus === "idle" && full ? "idle, full: new visitors wait" : agentStatus;
   }
 
   function ratingText(r) {
@@ -89,6 +113,7 @@
     }
     $("agent-no-chats").hidden = true;
     renderItem(chat);
+    renderLoad();
     var current = selected && chats[selected];
     if (!current || (current.data.state === "ended" && data.state !== "ended")) {
       select(data.id);
@@ -159,6 +184,7 @@
         $("agent-bar").hidden = false;
         $("agent-name").textContent = ev.agent.name + " (" + ev.agent.id + ")";
         $("agent-skill-queue").textContent = ev.skillQueue;
+        maxChats = ev.maxChats || 0;
         setStatus(ev.status);
         $("agent-queue-length").textContent = String(ev.queueLength);
         (ev.chats || []).forEach(addChat);
@@ -196,6 +222,7 @@
           chat.data.state = "ended";
           chat.data.endReason = ev.reason;
           renderItem(chat);
+          renderLoad();
           if (selected === ev.chat) { renderPane(); }
         }
         break;
@@ -216,8 +243,9 @@
 
   function setStatus(status) {
     var node = $("agent-status");
-    node.textContent = status;
+    agentStatus = status;
     node.setAttribute("data-status", status);
+    renderLoad();
     $("agent-status-idle").disabled = status === "idle";
     $("agent-status-rest").disabled = status === "rest";
   }

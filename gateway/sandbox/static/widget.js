@@ -17,6 +17,8 @@
       submit: "Submit rating", rated: "Thank you! You rated ", of5: "/5",
       unauthorized: "The chat session has expired. Please reload the page.",
       reconnecting: "Connection lost, reconnecting…", star: " star(s)",
+      ended: "This chat has ended. Write a message to start a new chat.",
+      newChatStarted: "New chat", placeholderEnded: "Write to start a new chat…",
       states: { connecting: "Connecting…", "new": "Starting…", robot: "Robot",
         queued: "Waiting for an agent", active: "Chatting with ", ended: "Chat ended",
         unauthorized: "Not signed in" }
@@ -27,7 +29,8 @@
       ratingTitle: "请对本次服务进行评价", commentPlaceholder: "评价内容（可选）",
       submit: "确认", rated: "感谢您的评价：", of5: "/5",
       unauthorized: "会话已失效，请刷新页面。", reconnecting: "连接中断，正在重连…",
-      star: " 星",
+      star: " 星", ended: "本次会话已结束。发送消息即可开始新的会话。",
+      newChatStarted: "新会话", placeholderEnded: "发送消息开始新的会话…",
       states: { connecting: "连接中…", "new": "正在接入…", robot: "机器人",
         queued: "排队中", active: "正在与座席交谈：", ended: "会话已结束",
         unauthorized: "未认证" }
@@ -45,6 +48,8 @@
   var state = "connecting";
   var agentName = "";
   var selectedStars = 0;
+  var chatId = null;       /* the chat on screen; another id in a hello is a new chat */
+  var connectionId = null; /* this page's connection, named by the leave beacon */
 
   function el(tag, attrs, text) {
     var node = document.createElement(tag);
@@ -163,7 +168,16 @@
     list.scrollTop = list.scrollHeight;
   }
 
+  function resetRating() {
+    rating.hidden = true;
+    comment.value = "";
+    ratingResult.textContent = "";
+    ratingResult.removeAttribute("data-stars");
+    pickStars(0);
+  }
+
   function setState(next, agent) {
+    var live = state !== next && state !== "connecting";
     state = next;
     if (agent && agent.name) { agentName = agent.name; }
     win.setAttribute("data-state", next);
@@ -174,7 +188,10 @@
     newChat.hidden = next !== "ended";
     input.disabled = next === "unauthorized";
     send.disabled = next === "unauthorized";
-    if (next === "ended" && agentName) { rating.hidden = false; }
+    input.placeholder = next === "ended" ? t.placeholderEnded : t.placeholder;
+    rateButton.disabled = !agentName;
+    if (next === "ended" && live) { notice(t.ended, "ended"); }
+    if (next === "ended" && agentName && live) { rating.hidden = false; }
   }
 
   function showRating(r) {
@@ -196,16 +213,25 @@
 
   function handle(ev) {
     if (ev.type === "hello") {
+      var next = ev.chat ? ev.chat.id : null;
+      var fresh = chatId !== null && next !== chatId;
       seen = {};
       while (list.firstChild) { list.removeChild(list.firstChild); }
       if (ev.visitor) { visitorName.textContent = ev.visitor.name; }
       agentName = "";
-      ratingResult.textContent = "";
+      if (fresh || next === null) { resetRating(); }
+      chatId = next;
+      win.setAttribute("data-chat-id", next || "");
+      if (fresh) { notice(t.newChatStarted, "new-chat"); }
       if (ev.chat) {
         (ev.chat.messages || []).forEach(addMessage);
+        state = ev.chat.state; /* a snapshot, not a change seen live */
         setState(ev.chat.state, ev.chat.agent);
+        if (ev.chat.state === "ended" && agentName && !fresh) { rating.hidden = false; }
         showRating(ev.chat.rating);
       }
+    } else if (ev.type === "connection") {
+      connectionId = ev.id;
     } else if (ev.type === "message") {
       addMessage(ev);
     } else if (ev.type === "state") {
@@ -312,6 +338,22 @@
   ratingSubmit.addEventListener("click", function () {
     if (selectedStars < 1) { return; }
     transmit({ type: "rate", stars: selectedStars, comment: comment.value });
+  });
+
+  /* The page is going away (closed, reloaded, navigated): say so at once, so that the chat
+   * does not hold a queue place or an agent's slot until the heartbeat notices. A page that
+   * comes back (a reload, the site's next page) reconnects and keeps its chat. */
+  function leaveUrl() {
+    var base = cfg.base || (window.location.origin + (cfg.contextPath || "/service-cloud"));
+    return new URL(base.replace(/\/+$/, "") + "/webclient/leave", window.location.href).href;
+  }
+  window.addEventListener("pagehide", function () {
+    if (connectionId && navigator.sendBeacon) {
+      navigator.sendBeacon(leaveUrl(), JSON.stringify({ connection: connectionId }));
+    }
+  });
+  window.addEventListener("pageshow", function (e) {
+    if (e.persisted && !win.hidden) { connect(); } /* restored from the back/forward cache */
   });
 
   function mount() { (document.body || document.documentElement).appendChild(root); }

@@ -1,0 +1,53 @@
+"""Fixtures for the conformance suite: a scripted raw upstream, a gateway in front of it,
+and the request path (fast or full) every test runs on.
+
+The gateway runs in the test's event loop with a read timeout (5 s) longer than the client's
+patience (3 s): an exchange that stalls fails the test instead of turning into a 504.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.config import Config, load_config_text
+from gateway.runtime import Running, serving
+from tests.conformance.harness import PathSwitch, ScriptedUpstream, scripted_upstream
+
+
+def conformance_config(upstream: str, **limits: Any) -> Config:
+    tree: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "timeouts": {"connect": "2s", "read": "5s", "client_header": "2s",
+                     "client_body": "2s", "send": "2s", "keepalive": "10s",
+                     "shutdown_grace": "1s"},
+        "access_log": False,
+        "routes": [{"prefix": "/", "upstream": upstream}],
+    }
+    if limits:
+        tree["limits"] = limits
+    return load_config_text(yaml.safe_dump(tree), env={})
+
+
+@pytest.fixture(params=["fast", "full"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> PathSwitch:
+    """Every conformance test runs on both request paths."""
+    switch = PathSwitch(request.param)
+    switch.install(monkeypatch)
+    return switch
+
+
+@pytest.fixture
+async def up() -> AsyncIterator[ScriptedUpstream]:
+    async with scripted_upstream() as upstream:
+        yield upstream
+
+
+@pytest.fixture
+async def gw(up: ScriptedUpstream, path: PathSwitch) -> AsyncIterator[Running]:
+    async with contextlib.AsyncExitStack() as stack:
+        yield await stack.enter_async_context(serving(conformance_config(up.url)))
