@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -51,7 +52,6 @@ Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 # Rewrites a request body before it is forwarded (the chat injection); returns the new
 # body and extra response headers (e.g. the guest cookie).
 BodyRewriter = Callable[[web.BaseRequest, bytes], Awaitable[tuple[bytes, list[tuple[str, str]]]]]
-SyncBodyRewriter = Callable[[web.BaseRequest, bytes], tuple[bytes, list[tuple[str, str]]]]
 
 
 
@@ -93,8 +93,6 @@ class Rewriter:
     max_size: int
     rewrite: BodyRewriter
     content_type: str  # the rewritten body's type, replacing the page's
-    # The same rewrite as a plain call, when it needs no I/O (guest-only signing).
-    rewrite_now: SyncBodyRewriter | None = None
     signs: bool = False  # each rewrite makes an auth-v2 signature (counted in the metrics)
 
 
@@ -211,8 +209,8 @@ class Gateway:
             await self.tracing.close()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
+        # Durations from perf_counter: uvloop's loop clock ticks in whole milliseconds.
+        start = time.perf_counter()
         if not request.raw_path.startswith("/") and request.method != "CONNECT":
             absolute = origin_form(request.raw_path)
             if absolute is not None:
@@ -264,7 +262,7 @@ class Gateway:
                     body = resp.body
                     ex.bytes_out = len(body) if isinstance(body, bytes | bytearray) else 0
             self.finished(fwd.client_ip, rid, request.method, request.raw_path,
-                          request.version.minor, status, route, ex, loop.time() - start)
+                          request.version.minor, status, route, ex, time.perf_counter() - start)
 
     async def _dispatch(self, request: web.BaseRequest, fwd: Forwarded, rid: str, ex: Exchange
                         ) -> tuple[web.StreamResponse, CompiledRoute | None]:
@@ -409,8 +407,6 @@ class Gateway:
             body = content.read_nowait(-1)
             if len(body) > limit:
                 raise BadRequest(f"JSON body is over {limit} bytes")
-            if rw.rewrite_now is not None:
-                return rw.rewrite_now(request, body)
             return await rw.rewrite(request, body)
         data = bytearray()
         async with asyncio.timeout(self.config.timeouts.client_body or None):
