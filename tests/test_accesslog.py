@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import json
 import logging
+import os
+import re
+import select
+import signal
 import ssl
+import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import trustme
 
-from gateway.accesslog import clean_host, clean_user_agent, split_host
+from gateway.accesslog import LineWriter, clean_host, clean_user_agent, split_host
 from gateway.runtime import serving
-from tests.gwhelpers import ROUTES, Echo, build_config, parse_response
+from tests.gwhelpers import PROJECT, PYTHON, ROUTES, Echo, build_config, parse_response
 from tests.lifecycle_helpers import flat
 
 
@@ -110,3 +121,201 @@ listen:
     assert records[2]["url.domain"] == "shop.example" and "url.port" not in records[2]
     text = repr(records)
     assert "SECRET" not in text and "sid=" not in text
+
+
+# ------------------------------------------------------------------ the writer
+
+
+def _pipe(size: int = 4096) -> tuple[int, int]:
+    """A pipe holding at most ``size`` bytes (the kernel rounds up to a page)."""
+    r, w = os.pipe()
+    fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, size)
+    return r, w
+
+
+def _drain(fd: int) -> bytes:
+    """Everything until every writer closed the pipe."""
+    out = bytearray()
+    while chunk := os.read(fd, 1 << 16):
+        out += chunk
+    return bytes(out)
+
+
+async def test_writer_drops_and_counts_when_nobody_reads_and_never_blocks() -> None:
+    r, w = _pipe()
+    writer = LineWriter(w, pending_limit=16 << 10, batch=4 << 10)
+    lines = [f"line {i:05d} " + "x" * 90 + "\n" for i in range(2000)]  # 200 KB in all
+    try:
+        async with asyncio.timeout(5):  # a blocking write would hang the loop here
+            for i, line in enumerate(lines):
+                writer.add(line)
+                if i % 50 == 0:
+                    await asyncio.sleep(0)  # let the loop iterate, as requests would
+        assert writer.dropped > 0
+    finally:
+        reading = asyncio.create_task(asyncio.to_thread(_drain, r))
+        await asyncio.to_thread(writer.close)
+        os.close(w)
+    got = (await reading).decode().splitlines(keepends=True)
+    os.close(r)
+    # Whole lines only, in order, and every line is either written or counted.
+    assert set(got) <= set(lines) and got == sorted(got)
+    assert len(got) + writer.dropped == len(lines)
+
+
+async def test_writer_writes_all_pending_lines_on_close() -> None:
+    r, w = _pipe()
+    writer = LineWriter(w, exit_timeout=5.0)
+    lines = [f"line {i:05d} " + "y" * 90 + "\n" for i in range(500)]  # 50 KB: the pipe fills
+    for line in lines:
+        writer.add(line)
+    await asyncio.sleep(0)
+    reading = asyncio.create_task(asyncio.to_thread(_drain, r))
+    await asyncio.to_thread(writer.close)
+    os.close(w)
+    assert (await reading).decode().splitlines(keepends=True) == lines
+    assert writer.dropped == 0
+    os.close(r)
+
+
+def test_pipe_writes_end_at_line_ends_within_pipe_buf() -> None:
+    """Several workers share one stderr: a write to a pipe is atomic only up to PIPE_BUF."""
+    r, w = os.pipe()
+    writer = LineWriter(w)
+    sizes: list[int] = []
+    real_write = os.write
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        sizes.append(len(data))
+        assert bytes(data).endswith(b"\n")
+        return real_write(fd, data)
+
+    lines = [f"{i:04d}{'z' * 300}\n" for i in range(100)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("gateway.accesslog.os.write", write)
+        for line in lines:
+            writer.add(line)  # no running loop: handed over at once
+        reading = threading.Thread(target=lambda: out.append(_drain(r)))
+        out: list[bytes] = []
+        reading.start()
+        writer.close()
+    os.close(w)
+    reading.join(5)
+    os.close(r)
+    assert out[0].decode().splitlines(keepends=True) == lines
+    assert sizes and max(sizes) <= select.PIPE_BUF
+
+
+# ------------------------------------------------------------------ a real gateway process
+
+
+@dataclass
+class PipedGateway:
+    proc: asyncio.subprocess.Process
+    log: int  # the read end of the gateway's stderr, read by nobody until ``finish``
+    url: str
+    admin_url: str
+    head: bytes  # what it wrote before listening
+
+
+async def start_piped(tmp_path: Path, echo: Echo, fmt: str = "json") -> PipedGateway:
+    conf = tmp_path / "gateway.yaml"
+    conf.write_text(f"""
+listen: {{host: 127.0.0.1, port: 0}}
+admin: {{host: 127.0.0.1, port: 0}}
+timeouts: {{shutdown_grace: 2s}}
+routes:
+  - prefix: /
+    upstream: {echo.url}/root/
+""", encoding="utf-8")
+    r, w = _pipe()
+    proc = await asyncio.create_subprocess_exec(
+        PYTHON, "-m", "gateway", "--log-format", fmt, "run", "-c", str(conf),
+        "--workers", "1", stdout=subprocess.DEVNULL, stderr=w, cwd=str(PROJECT))
+    os.close(w)
+    head = b""
+    async with asyncio.timeout(20):
+        while b"listening on" not in head:
+            chunk = await asyncio.to_thread(os.read, r, 4096)
+            assert chunk, head.decode()
+            head += chunk
+    text = head.decode()
+    listen = re.search(r"listening on (http://[^\s,\"]+)", text)
+    admin = re.search(r"admin on (http://[^\s,\"]+)", text)
+    assert listen and admin, text
+    return PipedGateway(proc, r, listen.group(1), admin.group(1), head)
+
+
+async def finish(gw: PipedGateway) -> tuple[int, list[str]]:
+    """SIGTERM, then read the log to its end: (exit status, the access lines)."""
+    gw.proc.send_signal(signal.SIGTERM)
+    rest = await asyncio.to_thread(_drain, gw.log)
+    os.close(gw.log)
+    async with asyncio.timeout(10):
+        code = await gw.proc.wait()
+    lines = (gw.head + rest).decode().splitlines()
+    return code, [line for line in lines if "gateway.access" in line]
+
+
+async def get_many(url: str, n: int, connections: int = 8) -> float:
+    """``n`` GETs over ``connections`` kept-alive connections; the slowest one's seconds."""
+    slowest = 0.0
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async def one(i: int) -> None:
+            nonlocal slowest
+            started = time.monotonic()
+            async with http.get(f"{url}/r{i}") as resp:
+                assert resp.status == 200
+                await resp.read()
+            slowest = max(slowest, time.monotonic() - started)
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+    return slowest
+
+
+async def dropped(gw: PipedGateway) -> float:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(gw.admin_url + "/metrics") as resp:
+            text = await resp.text()
+    m = re.search(r"^gateway_access_log_dropped_total (\S+)$", text, re.M)
+    assert m, text
+    return float(m.group(1))
+
+
+async def test_a_log_nobody_reads_drops_lines_and_requests_go_on(tmp_path: Path,
+                                                                echo: Echo) -> None:
+    gw = await start_piped(tmp_path, echo)
+    try:
+        sent = 0
+        async with asyncio.timeout(60):
+            while await dropped(gw) == 0:  # 1 MiB may wait: about 2,000 lines
+                slowest = await get_many(gw.url, 500)
+                sent += 500
+                # A stalled loop would hold every request until the log is read.
+                assert slowest < 5.0
+        assert sent <= 10_000
+        lost = await dropped(gw)
+    finally:
+        code, lines = await finish(gw)
+    assert code == 0
+    # Every request is either a whole line in the log or counted as dropped.
+    assert len(lines) + lost == sent
+    assert all(json.loads(line)["url"]["path"].startswith("/r") for line in lines)
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+async def test_sigterm_writes_every_pending_line(tmp_path: Path, echo: Echo, fmt: str) -> None:
+    gw = await start_piped(tmp_path, echo, fmt)
+    try:
+        # About 150 KB of lines for a 4 KiB pipe nobody reads yet: most of them wait in the
+        # gateway when the signal comes.
+        await get_many(gw.url, 300)
+        assert await dropped(gw) == 0
+    finally:
+        code, lines = await finish(gw)
+    assert code == 0
+    assert len(lines) == 300
+    paths = sorted(json.loads(line)["url"]["path"] if fmt == "json"
+                   else line.split()[6] for line in lines)
+    assert paths == sorted(f"/r{i}" for i in range(300))
