@@ -8,7 +8,7 @@ format the same facts make one nginx-like line after logging's usual prefix.
 
 When the process logs to a stream (``setup_logging``: stderr, or whatever file descriptor
 that stream is), a line is serialised in one call and handed to a ``LineWriter``: lines are
-batched once per event-loop iteration (or sooner by size) and written by a thread, so a
+batched (64 KiB, or one second after the first) and written by a thread, so a
 slow or stopped reader of the log never stalls a request: past ``pending_limit`` bytes
 waiting, lines are dropped and counted (``gateway_access_log_dropped_total``). What is
 pending is written at exit, SIGTERM included, for up to a second. When logging was set up
@@ -26,16 +26,18 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import json
 import logging
 import os
 import re
 import select
+import socket
 import stat
-import threading
 import time
-from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from json.encoder import encode_basestring_ascii
+from typing import TYPE_CHECKING
 
 import ecs_logging
 
@@ -85,77 +87,108 @@ def tls_version(ex: Exchange) -> str | None:
 
 
 class LineWriter:
-    """Whole lines to a file descriptor, batched, from a thread, never blocking the loop.
+    """Whole lines to a file descriptor, batched, written without ever blocking the loop.
 
-    The loop thread appends lines; once per loop iteration (or when ``batch`` bytes are
-    waiting) they are joined into one chunk for the writer thread. A chunk that would put
-    more than ``pending_limit`` bytes in waiting is dropped and its lines counted. The
-    thread writes pipes and sockets in pieces of at most PIPE_BUF bytes ending at a line
-    end, so that the lines of several workers sharing the stream never interleave.
+    Lines collect in memory; when ``batch`` bytes are waiting, or ``flush_after`` seconds
+    after the first of them (nginx's ``buffer=64k flush=1s``), they are written from the
+    loop, without a thread (handing batches to one cost more than writing them). The
+    write never waits: a pipe or terminal is reopened as its own non-blocking open file
+    (so that the flag does not reach the other writers of the process's stderr), a socket
+    is sent to with MSG_DONTWAIT, and a regular file does not wait for a reader. What the
+    destination does not take stays pending and is retried at the next batch; past
+    ``pending_limit`` bytes pending, new lines are dropped and counted. Pipes and sockets
+    get pieces of at most PIPE_BUF bytes ending at a line end: such a write is whole or
+    nothing, so the lines of several workers sharing the stream never interleave. At exit
+    (SIGTERM included) what is pending is written, waiting up to ``exit_timeout``.
     """
 
     def __init__(self, fd: int, *, pending_limit: int = 1 << 20, batch: int = 64 << 10,
-                 exit_timeout: float = 1.0) -> None:
-        self.fd = fd
+                 flush_after: float = 1.0, exit_timeout: float = 1.0) -> None:
+        self.target = self.fd = fd  # the process's descriptor; fd: the one written to
         self.pending_limit = pending_limit
         self.batch = batch
+        self.flush_after = flush_after
         self.exit_timeout = exit_timeout
+        self.dropped = 0
+        self._lines: list[str] = []
+        self._size = 0
+        self._timer_loop: asyncio.AbstractEventLoop | None = None  # has a flush pending
+        self._pending = b""  # encoded, not yet taken by the destination
+        self._closed = False
+        self._send: Callable[[bytes | memoryview], int] = self._os_write
+        self._piece = 0
+        self._own_fd: int | None = None
         try:
             mode = os.fstat(fd).st_mode
         except OSError:
             mode = 0
-        self._piece = (select.PIPE_BUF if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
-                       else 0)
-        self._lines: list[str] = []
-        self._size = 0
-        self._scheduled = False
-        self._chunks: deque[bytes | None] = deque()
-        # Each counter has one writer, so neither thread needs a lock to update it.
-        self._queued = 0  # bytes handed to the thread (loop thread)
-        self._written = 0  # of those, bytes done with (writer thread)
-        self._dropped_full = 0  # lines dropped because too much was waiting (loop thread)
-        self._dropped_failed = 0  # lines the destination refused (writer thread)
-        self._wake = threading.Event()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="gateway-access-log",
-                                        daemon=True)
-        self._thread.start()
+        if stat.S_ISSOCK(mode):
+            self._sock = socket.socket(fileno=os.dup(fd))
+            self._send = self._sock_send
+            self._piece = select.PIPE_BUF
+        elif stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+            try:
+                flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_APPEND
+                self._own_fd = os.open(f"/proc/self/fd/{fd}", flags)
+                self.fd = self._own_fd
+            except OSError:  # no /proc: the shared descriptor, then, as it is
+                pass
+            self._piece = select.PIPE_BUF if stat.S_ISFIFO(mode) else 0
         atexit.register(self.close)
 
-    @property
-    def dropped(self) -> int:
-        return self._dropped_full + self._dropped_failed
+    def _os_write(self, data: bytes | memoryview) -> int:
+        return os.write(self.fd, data)
+
+    def _sock_send(self, data: bytes | memoryview) -> int:
+        return self._sock.send(data, socket.MSG_DONTWAIT)
 
     def add(self, line: str) -> None:
-        """Queue one line (ending in a newline); it is written within this loop iteration."""
+        """Queue one line (ending in a newline), written within ``flush_after`` seconds."""
         self._lines.append(line)
         self._size += len(line)
         if self._size >= self.batch:
             self.flush()
-        elif not self._scheduled:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self.flush()
-                return
-            loop.call_soon(self.flush)
-            self._scheduled = True
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if loop is not self._timer_loop:  # none pending in this loop (or the loop is new)
+            self._timer_loop = loop
+            loop.call_later(self.flush_after, self.flush)
 
     def flush(self) -> None:
-        """Hand what the loop collected to the writer thread, or drop it if too much waits."""
-        self._scheduled = False
+        """Write what was collected and what was pending, as far as the destination takes it."""
+        self._timer_loop = None
         lines = self._lines
-        if not lines:
-            return
-        self._lines = []
-        self._size = 0
-        data = "".join(lines).encode("utf-8", "backslashreplace")
-        if self._closed or self._queued + len(data) - self._written > self.pending_limit:
-            self._dropped_full += len(lines)
-            return
-        self._queued += len(data)
-        self._chunks.append(data)
-        self._wake.set()
+        if lines:
+            self._lines = []
+            self._size = 0
+            if len(self._pending) > self.pending_limit or self._closed:
+                self.dropped += len(lines)
+            else:
+                self._pending += "".join(lines).encode("utf-8", "backslashreplace")
+        if self._pending:
+            self._write()
+
+    def _write(self) -> None:
+        data = self._pending
+        start, end, piece = 0, len(data), self._piece
+        try:
+            while start < end:
+                stop = end
+                if piece and end - start > piece:
+                    cut = data.rfind(b"\n", start, start + piece)
+                    stop = cut + 1 if cut >= 0 else end
+                start += self._send(memoryview(data)[start:stop])
+        except (BlockingIOError, InterruptedError):
+            pass  # full: the rest waits for the next batch
+        except OSError:
+            # Gone (EPIPE, ENOSPC...): what was not written is lost, and counted.
+            self.dropped += data.count(b"\n", start)
+            start = end
+        self._pending = data[start:]
 
     def close(self) -> None:
         """Write what is pending, waiting at most ``exit_timeout`` for the destination."""
@@ -163,42 +196,20 @@ class LineWriter:
             return
         self.flush()
         self._closed = True
-        self._chunks.append(None)
-        self._wake.set()
-        self._thread.join(self.exit_timeout)
+        deadline = time.monotonic() + self.exit_timeout
+        while self._pending and (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(OSError, ValueError):
+                select.select([], [self.fd], [], left)
+            self._write()
+        self.dropped += self._pending.count(b"\n")
+        self._pending = b""
+        if self.dropped:
+            logging.getLogger("gateway").warning(
+                "access log: %d line(s) dropped in all because its destination did not keep up",
+                self.dropped)
+        if self._own_fd is not None:
+            os.close(self._own_fd)
         atexit.unregister(self.close)
-
-    def _run(self) -> None:
-        chunks = self._chunks
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            while chunks:
-                item = chunks.popleft()
-                if item is None:
-                    return
-                data = item
-                self._write(data)
-                self._written += len(data)
-
-    def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        piece = self._piece
-        while view:
-            end = len(view)
-            if piece and end > piece:
-                cut = data.rfind(b"\n", len(data) - len(view), len(data) - len(view) + piece)
-                end = cut + 1 - (len(data) - len(view)) if cut >= 0 else end
-            try:
-                done = os.write(self.fd, view[:end])
-            except BlockingIOError:  # someone made the descriptor non-blocking
-                select.select([], [self.fd], [], 1.0)
-                continue
-            except OSError:
-                # Gone (EPIPE, ENOSPC...): what was not written is lost, and counted.
-                self._dropped_failed += bytes(view).count(b"\n")
-                return
-            view = view[done:]
 
 
 def process_writer() -> LineWriter | None:
@@ -210,7 +221,7 @@ def process_writer() -> LineWriter | None:
         fd = handler.fileno()
     except (AttributeError, OSError, ValueError):
         return None
-    if handler.lines is None or handler.lines.fd != fd:
+    if handler.lines is None or handler.lines.target != fd:
         handler.lines = LineWriter(fd)
     return handler.lines
 
@@ -229,21 +240,28 @@ class _Clock:
         self._utc = ""
         self._local = ""
 
-    def stamps(self) -> tuple[str, str]:
-        """(ECS ``@timestamp``, logging's ``%(asctime)s``) for now."""
+    def _now(self) -> int:
         now = time.time()
         second = int(now)
         if second != self._second:
             self._second = second
             self._utc = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
             self._local = time.strftime(TEXT_TIME_FORMAT, time.localtime(second))
-        ms = int((now - second) * 1000)
-        return f"{self._utc}{ms:03d}Z", f"{self._local},{ms:03d}"
+        return int((now - second) * 1000)
+
+    def utc(self) -> str:
+        """ECS ``@timestamp``: UTC, milliseconds."""
+        ms = self._now()
+        return f"{self._utc}{ms:03d}Z"
+
+    def local(self) -> str:
+        """logging's ``%(asctime)s``: local time, milliseconds after a comma."""
+        ms = self._now()
+        return f"{self._local},{ms:03d}"
 
 
-# The C encoder: no indent, no sort_keys (the dicts are built in ECS's sorted key order).
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_LOGGER_FIELD = {"logger": access_logger.name}
+_q = encode_basestring_ascii  # a str as a quoted JSON string (C)
+_ECS_VERSION = f',"ecs.version":"{ecs_logging.ECS_VERSION}"'
 
 
 class AccessLog:
@@ -275,54 +293,51 @@ class AccessLog:
             f"{f' trace={ids[0]} span={ids[1]}' if ids else ''}")
         writer = self._writer
         if writer is not None and not self._json:
-            writer.add(f"{self._clock.stamps()[1]} INFO gateway.access: {message}\n")
+            writer.add(f"{self._clock.local()} INFO gateway.access: {message}\n")
             return
-        # The ECS fields, each object's keys in sorted order (as ecs-logging writes them).
-        url: dict[str, Any] = {}
-        if host is not None:
-            url["domain"], port = split_host(host)
-            url["path"] = path
-            if port is not None:
-                url["port"] = port
-        else:
-            url["path"] = path
-        fields: dict[str, Any] = {}
-        if writer is not None:
-            fields["@timestamp"] = self._clock.stamps()[0]
-            fields["log.level"] = "info"
-            fields["message"] = message
-        fields["client"] = {"ip": client_ip}
+        # The ECS document: a template with every string JSON-escaped, each object's keys in
+        # sorted order after the three ECS puts first, as ecs-logging writes them. (Encoding
+        # a nest of dicts costs several times more than the rest of the line.)
+        parts = [f'{{"@timestamp":"{self._clock.utc()}","log.level":"info",'
+                 f'"message":{_q(message)},"client":{{"ip":{_q(client_ip)}}}']
         if route is not None:
             up = route.upstream
-            fields["destination"] = {"address": up.host, "port": up.port}
-        if writer is not None:
-            fields["ecs.version"] = ecs_logging.ECS_VERSION
+            parts.append(f',"destination":{{"address":{_q(up.host)},"port":{up.port}}}')
+        parts.append(_ECS_VERSION)
         if ex.error:
-            fields["error"] = {"message": ex.error}
-        fields["event"] = {"dataset": "gateway.access", "duration": round(duration * 1e9)}
+            parts.append(f',"error":{{"message":{_q(ex.error)}}}')
+        parts.append(f',"event":{{"dataset":"gateway.access","duration":{round(duration * 1e9)}}}')
         if route is not None:
-            gateway: dict[str, Any] = {"route": route.name}
+            parts.append(f',"gateway":{{"route":{_q(route.name)}')
             if ex.upstream_status:
-                gateway["upstream"] = {"duration": round(ex.upstream_time * 1e9),
-                                       "status_code": ex.upstream_status}
-            fields["gateway"] = gateway
-        fields["http"] = {
-            "request": {"body": {"bytes": ex.bytes_in}, "id": request_id, "method": method},
-            "response": {"body": {"bytes": ex.bytes_out}, "status_code": status},
-            "version": f"1.{minor}",
-        }
-        if writer is not None:
-            fields["log"] = _LOGGER_FIELD
+                parts.append(f',"upstream":{{"duration":{round(ex.upstream_time * 1e9)},'
+                             f'"status_code":{ex.upstream_status}}}')
+            parts.append("}")
+        parts.append(f',"http":{{"request":{{"body":{{"bytes":{ex.bytes_in}}},'
+                     f'"id":{_q(request_id)},"method":{_q(method)}}},'
+                     f'"response":{{"body":{{"bytes":{ex.bytes_out}}},"status_code":{status}}},'
+                     f'"version":"1.{minor}"}},"log":{{"logger":"gateway.access"}}')
         if ids is not None:
-            fields["span"] = {"id": ids[1]}
+            parts.append(f',"span":{{"id":{_q(ids[1])}}}')
         if tls is not None:
-            fields["tls"] = {"version": tls, "version_protocol": "tls"}
+            parts.append(f',"tls":{{"version":{_q(tls)},"version_protocol":"tls"}}')
         if ids is not None:
-            fields["trace"] = {"id": ids[0]}
-        fields["url"] = url
-        if user_agent is not None:
-            fields["user_agent"] = {"original": user_agent}
-        if writer is not None:
-            writer.add(_encode(fields) + "\n")
+            parts.append(f',"trace":{{"id":{_q(ids[0])}}}')
+        if host is not None:
+            domain, port = split_host(host)
+            parts.append(f',"url":{{"domain":{_q(domain)},"path":{_q(path)}'
+                         + (f',"port":{port}}}' if port is not None else "}"))
         else:
-            access_logger.info("%s", message, extra={"access": fields})
+            parts.append(f',"url":{{"path":{_q(path)}}}')
+        if user_agent is not None:
+            parts.append(f',"user_agent":{{"original":{_q(user_agent)}}}')
+        parts.append("}\n")
+        line = "".join(parts)
+        if writer is not None:
+            writer.add(line)
+            return
+        # logging's record carries the request's fields (EcsFormatter adds the rest).
+        fields = json.loads(line)
+        for key in ("@timestamp", "log.level", "message", "ecs.version", "log"):
+            del fields[key]
+        access_logger.info("%s", message, extra={"access": fields})
