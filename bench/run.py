@@ -143,7 +143,8 @@ def wrk(url: str, *, conns: int, seconds: int, threads: int = 2, latency: bool =
     if script is not None:
         argv += ["-s", str(script)]
     argv.append(url)
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60).stdout
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    out = done.stdout
     result: dict[str, Any] = {"rps": None, "errors": 0, "non2xx": 0}
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if m:
@@ -160,7 +161,7 @@ def wrk(url: str, *, conns: int, seconds: int, threads: int = 2, latency: bool =
                                        flags=re.M):
         result[f"p{pct}_ms"] = float(value) * _UNIT_MS[unit]
     if result["rps"] is None:
-        result["raw"] = out[-500:]
+        result["raw"] = (out + done.stderr)[-500:]
     return result
 
 
