@@ -7,11 +7,12 @@ Elastic Common Schema, with the gateway's own facts under ``gateway.*``. With th
 format the same facts make one nginx-like line after logging's usual prefix.
 
 When the process logs to a stream (``setup_logging``: stderr, or whatever file descriptor
-that stream is), a line is serialised in one call and handed to a ``LineWriter``: lines are
-batched (64 KiB, or one second after the first) and written by a thread, so a
-slow or stopped reader of the log never stalls a request: past ``pending_limit`` bytes
-waiting, lines are dropped and counted (``gateway_access_log_dropped_total``). What is
-pending is written at exit, SIGTERM included, for up to a second. When logging was set up
+that stream is), a line is serialised in one call (an f-string template of JSON-escaped
+values) and handed to a ``LineWriter``: lines are batched (64 KiB, or one second after the
+first) and written from the loop with writes that never wait, so a slow or stopped reader
+of the log never stalls a request: past ``pending_limit`` bytes waiting, lines are dropped
+and counted (``gateway_access_log_dropped_total``). What is pending is written at exit,
+SIGTERM included, for up to a second. When logging was set up
 otherwise (an application embedding the gateway, a test capturing records), the line is a
 ``logging`` record on ``gateway.access`` carrying the same fields in ``access``.
 
