@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import nginx
+import peers
 from common import (
     BENCH_DIR,
     PROJECT_DIR,
@@ -83,6 +84,7 @@ class Plan:
     ws_connections: int
     connections: int = 64
     only_signing: bool = False  # --only signing: the chat POST legs alone, for quick iteration
+    only_peers: bool = False  # --only peers: the comparison with HAProxy, Caddy... (peers.py)
 
 
 @dataclass
@@ -152,7 +154,8 @@ def wrk(url: str, *, conns: int, seconds: int, threads: int = 2, latency: bool =
     if script is not None:
         argv += ["-s", str(script)]
     argv.append(url)
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60).stdout
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    out = done.stdout
     result: dict[str, Any] = {"rps": None, "errors": 0, "non2xx": 0}
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if m:
@@ -169,7 +172,7 @@ def wrk(url: str, *, conns: int, seconds: int, threads: int = 2, latency: bool =
                                        flags=re.M):
         result[f"p{pct}_ms"] = float(value) * _UNIT_MS[unit]
     if result["rps"] is None:
-        result["raw"] = out[-500:]
+        result["raw"] = (out + done.stderr)[-500:]
     return result
 
 
@@ -247,16 +250,23 @@ def cec_secret() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(43))
 
 
-def start_all(bench: Bench) -> None:
+def start_origins(bench: Bench) -> tuple[int, int]:
+    """The origin (nginx) and the upload sink: (origin port, sink port)."""
     tmp, plan = bench.tmp, bench.plan
     www = make_files(tmp, plan.big_size)
-    py = venv_python()
     sink_port, origin_port = free_port(), free_port()
     sink = start_target(bench, "sink", sink_port,
-                        [py, str(BENCH_DIR / "sink.py"), "--port", str(sink_port)])
+                        [venv_python(), str(BENCH_DIR / "sink.py"), "--port", str(sink_port)])
     origin = start_target(bench, "origin", origin_port, nginx.prepare(
         tmp / "origin", nginx.origin_conf(tmp / "origin", origin_port, www)))
     bench.extra["sink"], bench.extra["origin"] = sink, origin
+    return origin_port, sink_port
+
+
+def start_all(bench: Bench) -> None:
+    tmp = bench.tmp
+    py = venv_python()
+    origin_port, sink_port = start_origins(bench)
 
     port = free_port()
     bench.targets["nginx"] = start_target(bench, "nginx", port, nginx.prepare(
@@ -739,8 +749,16 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="JSON file (default bench/results/<date>.json,"
                                                  " or bench/results/quick.json with --quick)")
     parser.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
-    parser.add_argument("--only", choices=("signing",),
-                        help="only the chat POST legs (plain, injection, first visit)")
+    parser.add_argument("--only", choices=("signing", "peers"),
+                        help="signing: only the chat POST legs (plain, injection, first visit); "
+                             "peers: only the comparison with HAProxy, Caddy, nginx and the "
+                             "textbook proxy, access logs on and off (bench/peers.py)")
+    parser.add_argument("--peers", default=",".join(peers.PROXIES),
+                        help="with the peers comparison: which proxies (comma-separated)")
+    parser.add_argument("--loads", default=",".join(peers.LOAD_NAMES),
+                        help="with the peers comparison: which loads (comma-separated)")
+    parser.add_argument("--seconds", type=int,
+                        help="seconds per wrk leg (default 5; 2 with --quick)")
     args = parser.parse_args()
     if not Path(WRK).exists():
         sys.stderr.write("wrk is required (/usr/bin/wrk)\n")
@@ -751,12 +769,15 @@ def main() -> int:
     else:
         plan = Plan(rounds=args.rounds or 5, wrk_seconds=5, lat_seconds=5, big_size=GIB,
                     ws_connections=10_000)
+    if args.seconds:
+        plan = dataclasses.replace(plan, wrk_seconds=args.seconds, lat_seconds=args.seconds)
     if args.only:
-        plan = dataclasses.replace(plan, only_signing=True)
+        plan = dataclasses.replace(plan, only_signing=args.only == "signing",
+                                   only_peers=args.only == "peers")
     out = args.out or BENCH_DIR / "results" / (
         "quick.json" if args.quick or args.only else f"{dt.date.today().isoformat()}.json")
     signal.signal(signal.SIGTERM, _terminate)
-    raise_nofile()
+    nofile = raise_nofile()
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="gwbench-"))
     bench = Bench(plan, tmp, Procs(tmp))
@@ -766,14 +787,27 @@ def main() -> int:
         if os.getloadavg()[0] > 0.7:
             bench.notes.append(f"the machine was busy at the start (load average "
                                f"{os.getloadavg()[0]:.2f}): numbers are noisier than usual")
-        log(f"starting origin, sink, nginx, textbook proxy and gateway in {tmp}")
-        start_all(bench)
+        bench.info["nofile"] = nofile
+        if plan.only_peers:
+            origin_port, sink_port = start_origins(bench)
+        else:
+            log(f"starting origin, sink, nginx, textbook proxy and gateway in {tmp}")
+            start_all(bench)
+            origin_port, sink_port = bench.extra["origin"].port, bench.extra["sink"].port
+            if not plan.only_signing:
+                warm_up(bench)
+            for r in range(plan.rounds):
+                one_round(bench, r)
+            if not plan.only_signing:
+                run_ws(bench)
+            # The main proxies stay idle while the peers run.
         if not plan.only_signing:
-            warm_up(bench)
-        for r in range(plan.rounds):
-            one_round(bench, r)
-        if not plan.only_signing:
-            run_ws(bench)
+            peer_run = peers.run(bench.procs, tmp, origin_port, sink_port, rounds=plan.rounds,
+                                 seconds=plan.wrk_seconds, wrk=wrk, log=log,
+                                 names=tuple(args.peers.split(",")),
+                                 loads=tuple(args.loads.split(",")))
+            bench.info["peers"] = peers.to_json(peer_run)
+            bench.info["peers_table"] = peers.table(peer_run).splitlines()
     finally:
         bench.info["loadavg_at_end"] = os.getloadavg()
         bench.procs.stop_all()
@@ -782,7 +816,10 @@ def main() -> int:
     report = to_json(bench, started, args.quick)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    sys.stdout.write(table(bench) + "\n")
+    if not plan.only_peers:
+        sys.stdout.write(table(bench) + "\n")
+    if "peers_table" in bench.info:
+        sys.stdout.write("\n".join(bench.info["peers_table"]) + "\n")
     log(f"wrote {out} in {report['duration_s']:.0f}s")
     return 0
 
