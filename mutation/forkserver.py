@@ -19,15 +19,16 @@ import sys
 import time
 from pathlib import Path
 
-_OWN = ("gateway", "tests", "conftest", "test_")
+_TESTS = ("tests", "conftest", "test_")
+_PROJECT = ("gateway", *_TESTS)
 
 
-def own(module: str) -> bool:
+def own(module: str, prefixes: tuple[str, ...]) -> bool:
     return any(module == p or module.startswith(p + ".") or
-               (p.endswith("_") and module.startswith(p)) for p in _OWN)
+               (p.endswith("_") and module.startswith(p)) for p in prefixes)
 
 
-def warm(pytest_args: list[str]) -> None:
+def warm(pytest_args: list[str], fresh_project: bool) -> None:
     import pytest
 
     # Collecting imports the plugins, the conftests, the tests and the project.
@@ -36,7 +37,8 @@ def warm(pytest_args: list[str]) -> None:
     if code != 0:
         sys.exit(f"collection failed ({code})")
     importlib.import_module("mutmut.mutation.trampoline")
-    for name in [m for m in sys.modules if own(m)]:
+    prefixes = _PROJECT if fresh_project else _TESTS
+    for name in [m for m in sys.modules if own(m, prefixes)]:
         del sys.modules[name]
 
 
@@ -74,9 +76,11 @@ def wait(pid: int, timeout: float) -> str:
 
 def main() -> None:
     names_file, timeout = sys.argv[1], float(sys.argv[2])
+    fresh_project = "--fresh-project" in sys.argv[:sys.argv.index("--")]
     pytest_args = sys.argv[sys.argv.index("--") + 1:]
     names = Path(names_file).read_text("utf-8").split()
-    warm(pytest_args)
+    sys.path.insert(0, os.getcwd())  # the scratch copy, as `python -m pytest` would
+    warm(pytest_args, fresh_project)
     for name in names:
         pid = os.fork()
         if pid == 0:

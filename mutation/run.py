@@ -159,8 +159,23 @@ def run_one(work: Path, cmd: list[str], name: str, timeout: float) -> str:
     return "survived" if proc.returncode == 0 else "killed"
 
 
+def calls_itself_at_import(module_file: Path) -> bool:
+    """Whether module-level code calls a function the module defines (a table built at
+    load): then a mutant of that function must see the module imported afresh."""
+    tree = ast.parse(module_file.read_text("utf-8"))
+    own = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            continue
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Call) and isinstance(sub.func, ast.Name) and (
+                    sub.func.id in own):
+                return True
+    return False
+
+
 def run_many(work: Path, args: list[str], names: list[str], timeout: float,
-             jobs: int) -> dict[str, str]:
+             jobs: int, fresh_project: bool) -> dict[str, str]:
     """``names`` spread over ``jobs`` fork servers (mutation/forkserver.py)."""
     server = Path(__file__).resolve().parent / "forkserver.py"
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
@@ -173,7 +188,8 @@ def run_many(work: Path, args: list[str], names: list[str], timeout: float,
         listing = work / f"names-{j}.txt"
         listing.write_text("\n".join(chunk), "utf-8")
         procs.append(subprocess.Popen(  # noqa: S603 - our own interpreter and script
-            [sys.executable, str(server), str(listing), str(timeout), "--", *args],
+            [sys.executable, str(server), str(listing), str(timeout),
+             *(["--fresh-project"] if fresh_project else []), "--", *args],
             cwd=work, env=env, stdout=subprocess.PIPE, text=True))
     results: dict[str, str] = {}
     total = len(names)
@@ -210,7 +226,8 @@ def mutate(module: str, jobs: int, only: Sequence[str] = ()) -> Report:
               flush=True)
         # mutmut's trampoline fails every mutated function under the name "fail": proof
         # that the tests reach the trampolined module at all.
-        results = run_many(work, cmd[3:], ["fail", *names], timeout, jobs)
+        fresh = calls_itself_at_import(ROOT / target.path)
+        results = run_many(work, cmd[3:], ["fail", *names], timeout, jobs, fresh)
         if results.pop("fail") != "killed":
             sys.exit(f"{module}: the tests never call the mutated module")
         for name in names:

@@ -284,3 +284,23 @@ def test_map_path(prefix: str, upstream_path: str, path: str, mapped: str | None
 def test_rewrite_set_cookie_table(value: str, expected: str) -> None:
     urls = UrlMap.for_route("/p/", URL("https://cec.example.com/sc/"))
     assert rewrite_set_cookie(value, urls) == expected
+
+
+class _Trace:
+    """Stands in for gateway.tracing.RequestTrace: the lines of the gateway's own span."""
+
+    def upstream_lines(self) -> bytes:
+        return b"traceparent: 00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-01\r\n"
+
+
+@pytest.mark.parametrize("connection", [None, ["keep-alive"]], ids=repr)
+@pytest.mark.parametrize("name", ["traceparent", "tracestate", "TraceParent", "TRACESTATE"])
+def test_with_tracing_the_clients_trace_context_is_replaced(
+        name: str, connection: Sequence[str] | None) -> None:
+    raw = [(name.encode(), b"evil"), (b"Accept", b"a")]
+    pairs = head(raw, connection, trace=_Trace())
+    assert all(v != "evil" for _, v in pairs)
+    assert [n for n in names(pairs) if n == "traceparent"] == ["traceparent"]
+    assert ("accept", "a") in pairs
+    # Without tracing the client's context passes through untouched (nginx does the same).
+    assert (name.lower(), "evil") in head(raw, connection)
