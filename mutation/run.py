@@ -58,7 +58,8 @@ TARGETS: dict[str, Target] = {
     "guard": Target("gateway/tokens/guard.py", ("tests/tokens/test_tokens_guard_units.py",
                                                 "tests/tokens/test_tokens_guard.py")),
     "signing": Target("gateway/signing.py", ("tests/test_signing.py",)),
-    "inject": Target("gateway/chat/inject.py", ("tests/chat/test_chat_inject.py",)),
+    "inject": Target("gateway/chat/inject.py", ("tests/chat/test_chat_inject_tables.py",
+                                                "tests/chat/test_chat_inject.py")),
 }
 
 _MEMO_RE = re.compile(r"^[ \t]*@(?:functools\.)?(?:lru_cache|cache)\b.*\n", re.M)
