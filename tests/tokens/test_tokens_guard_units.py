@@ -145,7 +145,7 @@ def test_units_unlock() -> None:
         assert await g.user_locked("u") > 0
         assert await g.unlock("user", "u")
         assert await g.user_locked("u") == 0.0
-        with pytest.raises(ValueError, match="'example.com' is not an IP address"):
+        with pytest.raises(ValueError, match=r"'example\.com' is not an IP address"):
             await g.unlock("address", "example.com")
         with pytest.raises(ValueError, match="unlock a 'user' or an 'address'"):
             await g.unlock("users", "u")
