@@ -52,7 +52,7 @@ TARGETS: dict[str, Target] = {
         "tests/test_boundary.py::test_upstream_cookie", "tests/test_boundary.py::test_set_cookie",
         "tests/test_boundary.py::test_client_scripts", "tests/test_boundary.py::test_valid_host",
         "tests/test_boundary_redirects.py", "tests/test_boundary_tables.py")),
-    "cors": Target("gateway/cors.py", ("tests/test_cors.py",)),
+    "cors": Target("gateway/cors.py", ("tests/test_cors.py", "tests/test_cors_tables.py")),
     # The clock-driven unit file first (it kills most mutants in milliseconds); the other
     # runs the same guard on a real redis-server, which is what reaches RedisCounters.
     "guard": Target("gateway/tokens/guard.py", ("tests/tokens/test_tokens_guard_units.py",
