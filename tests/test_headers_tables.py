@@ -304,3 +304,46 @@ def test_with_tracing_the_clients_trace_context_is_replaced(
     assert ("accept", "a") in pairs
     # Without tracing the client's context passes through untouched (nginx does the same).
     assert (name.lower(), "evil") in head(raw, connection)
+
+
+def test_the_exact_bytes_of_a_request_head() -> None:
+    out = upstream_request_head("POST", "/up?q=1", [(b"Accept", b"a"), (b"Cookie", b"c=1")],
+                                "cec.example.com", FWD, "rid-1", [(b"Content-Length", b"2")],
+                                new_content_type=b"application/json", connection=["close"],
+                                trace=_Trace())
+    assert bytes(out) == (
+        b"POST /up?q=1 HTTP/1.1\r\nHost: cec.example.com\r\nAccept: a\r\nCookie: c=1\r\n"
+        b"X-Real-IP: 198.51.100.7\r\nX-Forwarded-For: 198.51.100.7\r\n"
+        b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: www.example.com\r\n"
+        b"X-Request-ID: rid-1\r\n"
+        b"traceparent: 00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-01\r\n"
+        b"Content-Length: 2\r\nContent-Type: application/json\r\n")
+
+
+@pytest.mark.parametrize(("xff", "client"), [
+    (["x198.51.100.9]"], "10.0.0.1"),  # not bracketed: garbage, never an address
+    (["[2001:db8::5]:80]"], "2001:db8::5"),
+])
+def test_real_client_ip_brackets(xff: list[str], client: str) -> None:
+    assert real_client_ip("10.0.0.1", xff, trusted("10.0.0.0/8")) == client
+
+
+@pytest.mark.parametrize(("address", "inside"), [("10.0.0.1%1", True), ("10.0.0.1%a%b", True)])
+def test_trusted_proxies_scope_suffix(address: str, inside: bool) -> None:
+    assert trusted("10.0.0.0/8").contains(address) is inside
+
+
+def test_several_forwarded_for_lines_are_joined() -> None:
+    fwd = forwarded_for("203.0.113.1", ["1.1.1.1", " 2.2.2.2 ", ""], trusted(), "http", "h",
+                        None, None)
+    assert fwd.xff == "1.1.1.1, 2.2.2.2, 203.0.113.1"
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("a=1; Path=/sc/x=y", "a=1; Path=/p/x=y"),
+    ("a=1; Domain=XCEC.example.com", "a=1; Domain=XCEC.example.com"),
+    ("a=1; Comment=/sc/x", "a=1; Comment=/sc/x"),
+])
+def test_rewrite_set_cookie_attribute_forms(value: str, expected: str) -> None:
+    urls = UrlMap.for_route("/p/", URL("https://cec.example.com/sc/"))
+    assert rewrite_set_cookie(value, urls) == expected
