@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.fastpath")
 
 _FAST_METHODS = frozenset({"GET", "HEAD"})
+# With CORS on, a proxied answer depends on Origin even when the request had none.
+_VARY_ORIGIN = (("Vary", "Origin"),)
 _ERRORS = {
     502: b"502 Bad Gateway: the upstream could not be reached\n",
     504: b"504 Gateway Timeout: the upstream did not answer in time\n",
@@ -121,6 +123,10 @@ class FastRequestHandler(_GatewayRequestHandler):
             messages.popleft()
             if self._parser is not None:
                 self._parser.message_consumed()
+            # As aiohttp's loop does when it takes a request: past its queue limit it paused
+            # reading, and only a drained queue resumes it.
+            if self._buffer_paused and len(messages) <= self._msg_queue_resume_size:
+                self._resume_reading_if_drained()
 
     def _process_keepalive(self) -> None:
         if self._inline is not None:
@@ -239,7 +245,8 @@ class FastRequestHandler(_GatewayRequestHandler):
         ex.upstream_status = message.code
         ex.upstream_time = self._loop.time() - inline.start
         head, rechunk, keep_alive, no_body = response_head(
-            message, inline.route, inline.version, inline.keep_alive, inline.head_request, (),
+            message, inline.route, inline.version, inline.keep_alive, inline.head_request,
+            _VARY_ORIGIN if self.gateway.cors.enabled else (),
             b"X-Request-ID: %s\r\n" % inline.rid.encode(), https=ex.https,
             date=self.gateway.proxy.date)
         inline.keep_alive = keep_alive

@@ -220,8 +220,12 @@ class _GatewayRequestHandler(RequestHandler):
                 if self._vet_at(i):
                     return
             parser = self._parser
-            if (parser is None or self._buffer_paused or self._upgraded or self._force_close
-                    or self._close):
+            # Stop at aiohttp's queue limit (it paused the transport; draining the queue
+            # resumes it and calls us again), never merely because reading is paused: the
+            # requests already buffered in the parser would then wait for bytes that the
+            # client, having sent them all, never sends.
+            if (parser is None or len(messages) >= self._max_msg_queue_size or self._upgraded
+                    or self._force_close or self._close):
                 return
             # The protocol's own queue bounds what is buffered (it pauses the transport);
             # the parser's queue of one is only there to stop between messages.
