@@ -36,8 +36,8 @@ from aiohttp.http_parser import HttpRequestParser
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError, _ErrInfo
 
-from gateway.app import error_response
 from gateway.config import Config
+from gateway.policy import error_response
 from gateway.tls import server_context
 
 log = logging.getLogger("gateway.server")
