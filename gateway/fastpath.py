@@ -19,9 +19,7 @@ from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from aiohttp.http_parser import RawRequestMessage
-from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
-
+from gateway.aiohttp_adapter import EMPTY_PAYLOAD, RawRequestMessage, StreamReader
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.headers import valid_host
 from gateway.logs import log_fields
@@ -70,9 +68,11 @@ class FastRequestHandler(_GatewayRequestHandler):
 
     @property
     def gateway(self) -> Gateway:
-        manager: Any = self._manager
-        gateway: Gateway = manager.gateway
+        gateway: Gateway = self.server.gateway
         return gateway
+
+    def busy_elsewhere(self) -> bool:
+        return self._inline is not None
 
     # ------------------------------------------------------------------ aiohttp hooks
 
@@ -81,31 +81,28 @@ class FastRequestHandler(_GatewayRequestHandler):
         # path may take; wake it ourselves for the ones it must serve.
         # (The client-header deadline of the parent class is kept here too, inline: this
         # runs once per request on the hot path.)
-        waiter = self._waiter
-        parked = waiter is not None and not waiter.done()
-        busy = bool(self._messages) or self._current_request is not None or (
-            self._inline is not None)
-        if parked:
-            self._waiter = None
+        queue = self.queue
+        busy = bool(queue) or self.serving or self._inline is not None
+        waiter = self.hide_waiter()
         try:
             self._parse(data)
         finally:
-            if parked:
-                self._waiter = waiter
-        if self._messages or self._upgraded or self._payload_parser is not None:
+            if waiter is not None:
+                self.restore_waiter(waiter)
+        if queue or self.past_http:
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
-            if self._messages:
+            if queue:
                 self._pump()
         elif not busy and data:
             self._arm_header_timer()
 
     def _pump(self) -> None:
-        waiter = self._waiter
-        messages = self._messages
+        waiter = self.parked_waiter()
+        messages = self.queue
         while (messages and self._inline is None and waiter is not None and not waiter.done()
-               and not self._force_close and not self._close):
+               and not self.closing):
             msg, payload = messages[0]
             try:
                 inlined = self._try_inline(msg, payload)
@@ -117,19 +114,7 @@ class FastRequestHandler(_GatewayRequestHandler):
             if not inlined:
                 waiter.set_result(None)
                 return
-            messages.popleft()
-            if self._parser is not None:
-                self._parser.message_consumed()
-            # As aiohttp's loop does when it takes a request: past its queue limit it paused
-            # reading, and only a drained queue resumes it.
-            if self._buffer_paused and len(messages) <= self._msg_queue_resume_size:
-                self._resume_reading_if_drained()
-
-    def _process_keepalive(self) -> None:
-        if self._inline is not None:
-            # aiohttp's loop looks idle while the fast path works; not a dead connection.
-            self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
-        super()._process_keepalive()
+            self.take()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         inline = self._inline
@@ -140,7 +125,7 @@ class FastRequestHandler(_GatewayRequestHandler):
 
     async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109
         if self._inline is not None:
-            self._drained = self._loop.create_future()
+            self._drained = self.event_loop.create_future()
             try:
                 async with asyncio.timeout(timeout):
                     await self._drained
@@ -160,8 +145,7 @@ class FastRequestHandler(_GatewayRequestHandler):
         if (not path.startswith("/") or "%" in path or "/." in path or "//" in path
                 or "\\" in path or "#" in raw_path):
             return False
-        manager: Any = self._manager
-        gw: Gateway = manager.gateway
+        gw = self.gateway
         if (path in gw.ext.endpoints or gw.ext.scripts.looks_like(path)
                 or gw.routes.redirect_for(path) is not None):
             return False
@@ -180,7 +164,7 @@ class FastRequestHandler(_GatewayRequestHandler):
         if conn is None:
             return False
         # From here on, the request is the policy's, exactly as on the full path.
-        loop = self._loop
+        loop = self.event_loop
         start = loop.time()
         peer = self._peer_ip
         if peer is None:
@@ -216,7 +200,7 @@ class FastRequestHandler(_GatewayRequestHandler):
                 # a fresh connection (the fast path only ever uses pooled ones: typically
                 # one the upstream had closed, or one with stray bytes from before).
                 inline.ex.retried = True
-                task = self._loop.create_task(self._retry(inline))
+                task = self.event_loop.create_task(self._retry(inline))
                 task.add_done_callback(_log_task_error)
                 return
             self._write_error(inline, exc if exc is not None else UpstreamError("no answer"))
@@ -226,7 +210,7 @@ class FastRequestHandler(_GatewayRequestHandler):
     def _respond(self, inline: _Inline, message: Response, payload: Body) -> None:
         ex = inline.ex
         ex.upstream_status = message.code
-        ex.upstream_time = self._loop.time() - inline.start
+        ex.upstream_time = self.event_loop.time() - inline.start
         head, rechunk, keep_alive, no_body = response_head(
             message, inline.route, inline.version, inline.keep_alive, inline.head_request,
             inline.extras,
@@ -246,7 +230,7 @@ class FastRequestHandler(_GatewayRequestHandler):
             self._done(inline, message.code)
             return
         transport.write(head)
-        task = self._loop.create_task(self._stream(inline, message, payload, rechunk))
+        task = self.event_loop.create_task(self._stream(inline, message, payload, rechunk))
         task.add_done_callback(_log_task_error)
 
     async def _stream(self, inline: _Inline, message: Response, payload: Body,
@@ -323,11 +307,10 @@ class FastRequestHandler(_GatewayRequestHandler):
         if self._inline is not inline:
             return
         self._inline = None
-        loop = self._loop
+        loop = self.event_loop
         if error:
             inline.ex.error = error
-        manager: Any = self._manager
-        manager.gateway.finished(inline.client_ip, inline.rid, inline.method, inline.raw_path,
+        self.gateway.finished(inline.client_ip, inline.rid, inline.method, inline.raw_path,
                               inline.minor, status, inline.route, inline.ex,
                               loop.time() - inline.start)
         if self._drained is not None and not self._drained.done():
@@ -335,11 +318,8 @@ class FastRequestHandler(_GatewayRequestHandler):
         if not inline.keep_alive:
             self.force_close()
             return
-        self._next_keepalive_close_time = loop.time() + self._keepalive_timeout
-        if self._keepalive_handle is None and self._keepalive_timeout > 0:
-            self._keepalive_handle = loop.call_at(self._next_keepalive_close_time,
-                                                  self._process_keepalive)
-        if self._messages:
+        self.keep_alive_from_now()
+        if self.queue:
             self._pump()
 
 

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http_writer import HttpVersion, HttpVersion11
 
+from gateway.aiohttp_adapter import HttpVersion, HttpVersion11, drain
 from gateway.boundary import RESPONSE_HEADERS
 from gateway.errors import ClientBodyError, PayloadTooLarge, UpstreamError, UpstreamTimeout
 from gateway.headers import HOP_BY_HOP, Forwarded, extra_hop_by_hop
@@ -86,7 +86,7 @@ async def drain_client(protocol: BaseProtocol, send_timeout: float) -> None:
     """Wait for a slow client to take what was written, at most ``send_timeout`` seconds."""
     try:
         async with asyncio.timeout(send_timeout or None):
-            await protocol._drain_helper()
+            await drain(protocol)
     except TimeoutError:
         raise ConnectionResetError(
             f"the client read nothing for {send_timeout:g}s (send timeout)") from None
