@@ -5,8 +5,9 @@ requests and runs a connection loop (``RequestHandler.start``). The gateway adds
 client-header deadline, refusals with the right status, a parser that stops between
 requests, a fast path that serves plain GETs from ``data_received``, and WebSocket
 splicing; for that it relies on the following, none of which is aiohttp's public API.
-pyproject.toml pins aiohttp to the minor these were checked against (the upper bound),
-and tests/test_aiohttp_contract.py pins the behaviours, on both request paths.
+pyproject.toml pins aiohttp to the releases these were checked against (3.14.4 up to the
+next minor), the import below refuses an aiohttp that lacks one of the names, and
+tests/test_aiohttp_contract.py pins the behaviours, on both request paths.
 
 ``RequestHandler`` attributes and methods (aiohttp/web_protocol.py):
 
@@ -40,6 +41,7 @@ import asyncio
 from collections import deque
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http import HttpVersion, HttpVersion11, RawRequestMessage
@@ -72,6 +74,26 @@ __all__ = [
     "drain",
     "splice_protocol",
 ]
+
+# What the list above names, checked once at import: an aiohttp without them fails here,
+# by name, instead of answering nothing at the first pipelined request.
+_RELIED_ON = (
+    (RequestHandler, ("_messages", "_request_count", "_waiter", "_current_request", "_parser",
+                      "_payload_parser", "_upgraded", "_force_close", "_close", "_read_bufsize",
+                      "_loop", "_manager", "_max_msg_queue_size", "_msg_queue_resume_size",
+                      "_buffer_paused", "_resume_reading_if_drained", "_keepalive_timeout",
+                      "_next_keepalive_close_time", "_keepalive_handle", "_process_keepalive",
+                      "set_parser")),
+    (HttpRequestParser, ("message_consumed",)),
+    (BaseProtocol, ("_drain_helper",)),
+    (web.Server, ("_make_request",)),
+)
+_missing = [f"{cls.__name__}.{name}" for cls, names in _RELIED_ON for name in names
+            if not hasattr(cls, name)]
+if _missing:
+    raise ImportError(
+        f"aiohttp {aiohttp.__version__} lacks {', '.join(_missing)}, which the gateway relies "
+        "on (gateway/aiohttp_adapter.py); install the aiohttp version pyproject.toml allows")
 
 # The request aiohttp hands to the error handler when parsing failed: answered in HTTP/1.1
 # (RFC 9112 2.5: the highest version we conform to, as nginx does), and never kept alive.
