@@ -20,9 +20,10 @@ class GatewayError(Exception):
     text: ClassVar[str] = "Internal Server Error"
     # The rest of an unread request body may still be on the wire: never parse it as a request.
     close: ClassVar[bool] = False
-    # 0: no log line of its own (the access line has the reason); errors of the gateway's
-    # own dependencies get one, with the route and the request id.
-    log_level: ClassVar[int] = 0
+    # The level of its log line (with the route and the request id): an error nobody
+    # planned an answer for is logged as one; 0 for the client's own mistakes, whose reason
+    # the access line already has.
+    log_level: ClassVar[int] = logging.ERROR
 
     def error_field(self) -> str:
         """The access line's error field (never the client's bytes)."""
@@ -90,6 +91,7 @@ class BadRequest(GatewayError):
     """The client's request is malformed (answered as 400)."""
 
     status = 400
+    log_level = 0
     text = "Bad Request"
 
     def public_text(self) -> str:
@@ -101,6 +103,7 @@ class ClientBodyError(GatewayError):
     """The client's body broke off or stalled; nothing sensible can be forwarded."""
 
     status = 400
+    log_level = 0
     text = "Bad Request: request body broke off"
     close = True
 
@@ -109,6 +112,7 @@ class ClientBodyTimeout(GatewayError):
     """The client sent its body too slowly (answered as 408)."""
 
     status = 408
+    log_level = 0
     text = "Request Timeout"
     close = True
 
@@ -117,6 +121,7 @@ class PayloadTooLarge(GatewayError):
     """The client's body is over the configured limit (answered as 413)."""
 
     status = 413
+    log_level = 0
     text = "Content Too Large"
     close = True
 
@@ -128,6 +133,7 @@ class Unauthorized(GatewayError):
     """The visitor must be logged in for this (answered 401)."""
 
     status = 401
+    log_level = 0
     text = "Unauthorized: log in to chat"
 
 
@@ -136,6 +142,7 @@ class RetryWithCookie(GatewayError):
     a cookie the client did not have yet (a browser follows, and resends the body, with it)."""
 
     status = 307
+    log_level = 0
     text = "Temporary Redirect"
 
     def __init__(self, set_cookie: str, location: str = "") -> None:
