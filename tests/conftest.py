@@ -20,7 +20,19 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from gateway.runtime import Running, serving  # noqa: E402
+from tests.conformance.harness import PathSwitch  # noqa: E402
 from tests.gwhelpers import ROUTES, Echo, GatewayFactory, build_config, run_echo  # noqa: E402
+
+
+@pytest.fixture(params=["fast", "full"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> PathSwitch:
+    """The request path that serves: ``fast`` (the lean path whenever it may) or ``full``
+    (the fast path declines everything). A module using it (``pytestmark =
+    pytest.mark.usefixtures("path")``) runs every test once on each path, as uvicorn runs
+    its protocol tests over both of its protocol implementations."""
+    switch = PathSwitch(request.param)
+    switch.install(monkeypatch)
+    return switch
 
 
 @pytest.fixture

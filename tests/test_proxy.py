@@ -31,6 +31,9 @@ from tests.gwhelpers import (
     read_response_head_and_body,
 )
 
+# Every test runs once on the fast path and once on the full path (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("path")
+
 CORS = ROUTES + """
 cors:
   allow_origins: [https://www.example.com]
