@@ -205,23 +205,27 @@ def gateway_supports_workers() -> bool:
     return _workers_flag
 
 
-def gateway_argv(config: Path, workers: int = 1) -> list[str]:
-    argv = [venv_python(), "-m", "gateway", "--log-level", "WARNING", "run", "-c", str(config)]
+def gateway_argv(config: Path, workers: int = 1, log_level: str = "WARNING",
+                 log_format: str = "text") -> list[str]:
+    """``log_level`` INFO writes the access log (when the config has it on)."""
+    argv = [venv_python(), "-m", "gateway", "--log-level", log_level, "--log-format", log_format,
+            "run", "-c", str(config)]
     if gateway_supports_workers():
         argv += ["--workers", str(workers)]
     return argv
 
 
 def gateway_config_yaml(port: int, routes: list[dict[str, object]], *, workers: int = 1,
-                        extra: str = "") -> str:
-    """A gateway config for benchmarking: 1 worker, no access log, no body size limit."""
+                        extra: str = "", access_log: bool = False) -> str:
+    """A gateway config for benchmarking: 1 worker, no access log (unless asked), no body
+    size limit."""
     lines = [
         "listen:",
         "  host: 127.0.0.1",
         f"  port: {port}",
         f"  workers: {workers}",
         "  backlog: 4096",
-        "access_log: false",
+        f"access_log: {'true' if access_log else 'false'}",
         "limits:",
         "  client_max_body_size: 0",
         "timeouts:",

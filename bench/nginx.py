@@ -59,23 +59,28 @@ def origin_conf(prefix: Path, port: int, docroot: Path) -> str:
             add_header X-Seen-Length $content_length always;
             return 200 "/* chat client */\\n";
         }}
+        location = /post {{ return 200 "ok\\n"; }}
     }}"""
     return _COMMON.format(user=_user(), workers=1, prefix=prefix, body=body)
 
 
-def recipe_conf(prefix: Path, port: int, origin_port: int, sink_port: int) -> str:
+def recipe_conf(prefix: Path, port: int, origin_port: int, sink_port: int,
+                access_log: bool = False) -> str:
     """The vendor guide's ``location /service-cloud/`` recipe, made fair for a benchmark.
 
     Kept from the guide: X-Real-IP / X-Forwarded-For, ``proxy_request_buffering off``.
     Added: HTTP/1.1 keep-alive to the upstream (the guide's default would open a new upstream
     connection per request), and ``proxy_max_temp_file_size 0`` so a 1 GiB download streams
     through memory buffers instead of spooling to disk, the same job the gateway does.
+    ``access_log``: nginx's default access log (``combined``, a file, unbuffered).
     """
+    log = f"access_log {prefix}/access.log combined;" if access_log else "access_log off;"
     body = f"""\
     upstream origin {{ server 127.0.0.1:{origin_port}; keepalive 128; }}
     upstream sink {{ server 127.0.0.1:{sink_port}; keepalive 16; }}
     server {{
         listen 127.0.0.1:{port} backlog=4096;
+        {log}
         client_max_body_size 0;
         proxy_http_version 1.1;
         proxy_set_header Connection "";

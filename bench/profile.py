@@ -82,6 +82,8 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--access-log", choices=("text", "json"),
+                        help="with the access log on, in this format (default: off)")
     parser.add_argument("--flame", type=Path, help="also write a flame graph SVG here")
     parser.add_argument("--signing", action="store_true",
                         help="configure cec: and POST the chat script JSON (the injection path)")
@@ -130,8 +132,10 @@ def main() -> int:
                 args.path = args.path.replace("newThirdPartyClient.js", "plain.js")
         config.write_text(gateway_config_yaml(
             port, [{"prefix": "/", "upstream": f"http://127.0.0.1:{origin_port}/"}],
-            extra=extra))
-        gw = procs.start("gateway", gateway_argv(config), env=env, cwd=PROJECT_DIR)
+            extra=extra, access_log=args.access_log is not None))
+        argv = (gateway_argv(config, log_level="INFO", log_format=args.access_log)
+                if args.access_log else gateway_argv(config))
+        gw = procs.start("gateway", argv, env=env, cwd=PROJECT_DIR)
         if not wait_port(port, proc=gw):
             raise RuntimeError(procs.log_tail("gateway"))
         if args.signing and not args.first_visit:

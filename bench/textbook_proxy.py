@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import sys
 
 import aiohttp
 from aiohttp import web
+from aiohttp.log import access_logger
 from yarl import URL
 
 HOP_BY_HOP = frozenset({
@@ -77,6 +80,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--route", action="append", default=[],
                         help="PREFIX=UPSTREAM_BASE, e.g. /=http://127.0.0.1:9000/")
+    parser.add_argument("--access-log", action="store_true",
+                        help="aiohttp's access log to stderr (its default format)")
     args = parser.parse_args()
     routes = []
     for spec in args.route or ["/=http://127.0.0.1:9000/"]:
@@ -86,7 +91,10 @@ def main() -> None:
         import uvloop
 
         uvloop.install()
-    web.run_app(make_app(routes), host=args.host, port=args.port, access_log=None,
+    if args.access_log:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    web.run_app(make_app(routes), host=args.host, port=args.port,
+                access_log=access_logger if args.access_log else None,
                 print=None, handle_signals=True)
 
 

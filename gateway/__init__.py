@@ -16,9 +16,8 @@ How a request flows (one module per step):
 4. ``accesslog`` writes one line per request.
 
 Credentials never leave the process: ``signing`` makes auth-v2 signatures, ``chat``
-rewrites the widget's ``thirdUserData`` with the gateway-owned identity (``chat.inject``,
-the reference; ``chat._native``, the same rewrite in C for the usual body), ``tokens``
-issues and validates logged-in tokens. ``sandbox`` is a stand-in for the CEC.
+rewrites the widget's ``thirdUserData`` with the gateway-owned identity (``chat.inject``),
+``tokens`` issues and validates logged-in tokens. ``sandbox`` is a stand-in for the CEC.
 """
 
 __version__ = "0.1.0"

@@ -1,9 +1,20 @@
-"""One access-log line per request through the ``gateway.access`` logger.
+"""One access-log line per request, written the way nginx writes its own: cheaply.
 
-With ``--log-format json`` the line is an ECS document (gateway/logs.py); the fields are
-built here from values already at hand (one nested dict, no formatter walk), named as in the
+With ``--log-format json`` the line is an ECS document, the same fields ``gateway/logs.py``
+gives every other line (``@timestamp``, ``log.level``, ``message``, ``ecs.version``,
+``log.logger``); the request's are built here from values already at hand, named as in the
 Elastic Common Schema, with the gateway's own facts under ``gateway.*``. With the text
-format the same facts make one nginx-like line.
+format the same facts make one nginx-like line after logging's usual prefix.
+
+When the process logs to a stream (``setup_logging``: stderr, or whatever file descriptor
+that stream is), a line is serialised in one call (an f-string template of JSON-escaped
+values) and handed to a ``LineWriter``: lines are batched (64 KiB, or one second after the
+first) and written from the loop with writes that never wait, so a slow or stopped reader
+of the log never stalls a request: past ``pending_limit`` bytes waiting, lines are dropped
+and counted (``gateway_access_log_dropped_total``). What is pending is written at exit,
+SIGTERM included, for up to a second. When logging was set up
+otherwise (an application embedding the gateway, a test capturing records), the line is a
+``logging`` record on ``gateway.access`` carrying the same fields in ``access``.
 
 Never logged: query strings, cookies, tokens, Authorization, or any header value except two
 that every proxy's access log carries, each cleaned first: ``User-Agent`` (printable ASCII,
@@ -14,9 +25,24 @@ its query string because integrators put tokens there.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import contextlib
+import json
 import logging
+import os
 import re
-from typing import TYPE_CHECKING, Any
+import select
+import socket
+import stat
+import time
+from collections.abc import Callable
+from json.encoder import encode_basestring_ascii
+from typing import TYPE_CHECKING
+
+import ecs_logging
+
+from gateway.logs import TEXT_TIME_FORMAT, access_destination
 
 if TYPE_CHECKING:
     from gateway.proxy import Exchange
@@ -61,9 +87,191 @@ def tls_version(ex: Exchange) -> str | None:
     return version.removeprefix("TLSv") if version else None
 
 
+class LineWriter:
+    """Whole lines to a file descriptor, batched, written without ever blocking the loop.
+
+    Lines collect in memory; when ``batch`` bytes are waiting, or ``flush_after`` seconds
+    after the first of them (nginx's ``buffer=64k flush=1s``), they are written from the
+    loop, without a thread (handing batches to one cost more than writing them). The
+    write never waits: a pipe or terminal is reopened as its own non-blocking open file
+    (so that the flag does not reach the other writers of the process's stderr), a socket
+    is sent to with MSG_DONTWAIT, and a regular file does not wait for a reader. What the
+    destination does not take stays pending and is retried at the next batch; past
+    ``pending_limit`` bytes pending, new lines are dropped and counted. Pipes and sockets
+    get pieces of at most PIPE_BUF bytes ending at a line end: such a write is whole or
+    nothing, so the lines of several workers sharing the stream never interleave. At exit
+    (SIGTERM included) what is pending is written, waiting up to ``exit_timeout``.
+    """
+
+    def __init__(self, fd: int, *, pending_limit: int = 1 << 20, batch: int = 64 << 10,
+                 flush_after: float = 1.0, exit_timeout: float = 1.0) -> None:
+        self.target = self.fd = fd  # the process's descriptor; fd: the one written to
+        self.pending_limit = pending_limit
+        self.batch = batch
+        self.flush_after = flush_after
+        self.exit_timeout = exit_timeout
+        self.dropped = 0
+        self._lines: list[str] = []
+        self._size = 0
+        self._timer_loop: asyncio.AbstractEventLoop | None = None  # has a flush pending
+        self._pending = b""  # encoded, not yet taken by the destination
+        self._closed = False
+        self._send: Callable[[bytes | memoryview], int] = self._os_write
+        self._piece = 0
+        self._own_fd: int | None = None
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            mode = 0
+        if stat.S_ISSOCK(mode):
+            self._sock = socket.socket(fileno=os.dup(fd))
+            self._send = self._sock_send
+            self._piece = select.PIPE_BUF
+        elif stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+            try:
+                flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_APPEND
+                self._own_fd = os.open(f"/proc/self/fd/{fd}", flags)
+                self.fd = self._own_fd
+            except OSError:  # no /proc: the shared descriptor, then, as it is
+                pass
+            self._piece = select.PIPE_BUF if stat.S_ISFIFO(mode) else 0
+        atexit.register(self.close)
+
+    def _os_write(self, data: bytes | memoryview) -> int:
+        return os.write(self.fd, data)
+
+    def _sock_send(self, data: bytes | memoryview) -> int:
+        return self._sock.send(data, socket.MSG_DONTWAIT)
+
+    def add(self, line: str) -> None:
+        """Queue one line (ending in a newline), written within ``flush_after`` seconds."""
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size >= self.batch:
+            self.flush()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if loop is not self._timer_loop:  # none pending in this loop (or the loop is new)
+            self._timer_loop = loop
+            loop.call_later(self.flush_after, self.flush)
+
+    def flush(self) -> None:
+        """Write what was collected and what was pending, as far as the destination takes it."""
+        self._timer_loop = None
+        lines = self._lines
+        if lines:
+            self._lines = []
+            self._size = 0
+            if len(self._pending) > self.pending_limit or self._closed:
+                self.dropped += len(lines)
+            else:
+                self._pending += "".join(lines).encode("utf-8", "backslashreplace")
+        if self._pending:
+            self._write()
+
+    def _write(self) -> None:
+        data = self._pending
+        start, end, piece = 0, len(data), self._piece
+        try:
+            while start < end:
+                stop = end
+                if piece and end - start > piece:
+                    cut = data.rfind(b"\n", start, start + piece)
+                    stop = cut + 1 if cut >= 0 else end
+                start += self._send(memoryview(data)[start:stop])
+        except (BlockingIOError, InterruptedError):
+            pass  # full: the rest waits for the next batch
+        except OSError:
+            # Gone (EPIPE, ENOSPC...): what was not written is lost, and counted.
+            self.dropped += data.count(b"\n", start)
+            start = end
+        self._pending = data[start:]
+
+    def close(self) -> None:
+        """Write what is pending, waiting at most ``exit_timeout`` for the destination."""
+        if self._closed:
+            return
+        self.flush()
+        self._closed = True
+        deadline = time.monotonic() + self.exit_timeout
+        while self._pending and (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(OSError, ValueError):
+                select.select([], [self.fd], [], left)
+            self._write()
+        self.dropped += self._pending.count(b"\n")
+        self._pending = b""
+        if self.dropped:
+            logging.getLogger("gateway").warning(
+                "access log: %d line(s) dropped in all because its destination did not keep up",
+                self.dropped)
+        if self._own_fd is not None:
+            os.close(self._own_fd)
+        atexit.unregister(self.close)
+
+
+def process_writer() -> LineWriter | None:
+    """The writer to the process's log stream, or None when logging is not a stream."""
+    handler = access_destination(access_logger)
+    if handler is None:
+        return None
+    try:
+        fd = handler.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    if handler.lines is None or handler.lines.target != fd:
+        handler.lines = LineWriter(fd)
+    return handler.lines
+
+
+def dropped_lines() -> int:
+    """Access lines dropped by this process because the log could not keep up."""
+    handler = access_destination(access_logger)
+    return handler.lines.dropped if handler is not None and handler.lines is not None else 0
+
+
+class _Clock:
+    """The line's timestamps, the date part formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._utc = ""
+        self._local = ""
+
+    def _now(self) -> int:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._utc = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+            self._local = time.strftime(TEXT_TIME_FORMAT, time.localtime(second))
+        return int((now - second) * 1000)
+
+    def utc(self) -> str:
+        """ECS ``@timestamp``: UTC, milliseconds."""
+        ms = self._now()
+        return f"{self._utc}{ms:03d}Z"
+
+    def local(self) -> str:
+        """logging's ``%(asctime)s``: local time, milliseconds after a comma."""
+        ms = self._now()
+        return f"{self._local},{ms:03d}"
+
+
+_q = encode_basestring_ascii  # a str as a quoted JSON string (C)
+_ECS_VERSION = f',"ecs.version":"{ecs_logging.ECS_VERSION}"'
+
+
 class AccessLog:
     def __init__(self, *, enabled: bool = True) -> None:
         self.enabled = enabled
+        handler = access_destination(access_logger) if enabled else None
+        self._writer = process_writer() if handler is not None else None
+        self._json = self._writer is not None and handler is not None and handler.shape == "json"
+        self._clock = _Clock()
 
     def log_exchange(self, client_ip: str, request_id: str, method: str, raw_path: str,
                      minor: int, status: int, route: CompiledRoute | None, ex: Exchange,
@@ -74,49 +282,63 @@ class AccessLog:
         headers = ex.headers
         user_agent = clean_user_agent(headers.get("User-Agent")) if headers is not None else None
         host = clean_host(headers.get("Host")) if headers is not None else None
-        http: dict[str, Any] = {
-            "version": f"1.{minor}",
-            "request": {"id": request_id, "method": method, "body": {"bytes": ex.bytes_in}},
-            "response": {"status_code": status, "body": {"bytes": ex.bytes_out}},
-        }
-        url: dict[str, Any] = {"path": path}
-        fields: dict[str, Any] = {
-            "event": {"dataset": "gateway.access", "duration": round(duration * 1e9)},
-            "client": {"ip": client_ip},
-            "http": http,
-            "url": url,
-        }
-        if host is not None:
-            url["domain"], port = split_host(host)
-            if port is not None:
-                url["port"] = port
-        if user_agent is not None:
-            fields["user_agent"] = {"original": user_agent}
         tls = tls_version(ex)
-        if tls is not None:
-            fields["tls"] = {"version": tls, "version_protocol": "tls"}
-        if route is not None:
-            up = route.upstream
-            fields["destination"] = {"address": up.host, "port": up.port}
-            gateway: dict[str, Any] = {"route": route.name}
-            fields["gateway"] = gateway
-            if ex.upstream_status:
-                gateway["upstream"] = {"status_code": ex.upstream_status,
-                                       "duration": round(ex.upstream_time * 1e9)}
         trace = ex.trace
         ids = trace.ids() if trace is not None else None
-        if ids is not None:
-            fields["trace"] = {"id": ids[0]}
-            fields["span"] = {"id": ids[1]}
+        message = (
+            f"{client_ip} {method} {path} HTTP/1.{minor} {status} {ex.bytes_in}/{ex.bytes_out} "
+            f"{duration * 1000:.1f}ms host={host or '-'} ua=\"{user_agent or '-'}\" "
+            f"tls={tls or '-'} route={route.name if route else None} "
+            f"upstream={ex.upstream_status or '-'}"
+            f"{'@' + route.upstream.host_header if route else ''} rid={request_id}"
+            f"{f' trace={ids[0]} span={ids[1]}' if ids else ''}")
+        writer = self._writer
+        if writer is not None and not self._json:
+            writer.add(f"{self._clock.local()} INFO gateway.access: {message}\n")
+            return
+        # The ECS document: a template with every string JSON-escaped, each object's keys in
+        # sorted order after the three ECS puts first, as ecs-logging writes them. (Encoding
+        # a nest of dicts costs several times more than the rest of the line.)
+        parts = [f'{{"@timestamp":"{self._clock.utc()}","log.level":"info",'
+                 f'"message":{_q(message)},"client":{{"ip":{_q(client_ip)}}}']
+        if route is not None:
+            up = route.upstream
+            parts.append(f',"destination":{{"address":{_q(up.host)},"port":{up.port}}}')
+        parts.append(_ECS_VERSION)
         if ex.error:
-            fields["error"] = {"message": ex.error}
-        access_logger.info(
-            '%s %s %s HTTP/1.%d %d %d/%d %.1fms host=%s ua="%s" tls=%s route=%s upstream=%s%s '
-            "rid=%s%s",
-            client_ip, method, path, minor, status, ex.bytes_in, ex.bytes_out,
-            duration * 1000, host or "-", user_agent or "-", tls or "-",
-            route.name if route else None, ex.upstream_status or "-",
-            f"@{route.upstream.host_header}" if route else "", request_id,
-            f" trace={ids[0]} span={ids[1]}" if ids else "",
-            extra={"access": fields},
-        )
+            parts.append(f',"error":{{"message":{_q(ex.error)}}}')
+        parts.append(f',"event":{{"dataset":"gateway.access","duration":{round(duration * 1e9)}}}')
+        if route is not None:
+            parts.append(f',"gateway":{{"route":{_q(route.name)}')
+            if ex.upstream_status:
+                parts.append(f',"upstream":{{"duration":{round(ex.upstream_time * 1e9)},'
+                             f'"status_code":{ex.upstream_status}}}')
+            parts.append("}")
+        parts.append(f',"http":{{"request":{{"body":{{"bytes":{ex.bytes_in}}},'
+                     f'"id":{_q(request_id)},"method":{_q(method)}}},'
+                     f'"response":{{"body":{{"bytes":{ex.bytes_out}}},"status_code":{status}}},'
+                     f'"version":"1.{minor}"}},"log":{{"logger":"gateway.access"}}')
+        if ids is not None:
+            parts.append(f',"span":{{"id":{_q(ids[1])}}}')
+        if tls is not None:
+            parts.append(f',"tls":{{"version":{_q(tls)},"version_protocol":"tls"}}')
+        if ids is not None:
+            parts.append(f',"trace":{{"id":{_q(ids[0])}}}')
+        if host is not None:
+            domain, port = split_host(host)
+            parts.append(f',"url":{{"domain":{_q(domain)},"path":{_q(path)}'
+                         + (f',"port":{port}}}' if port is not None else "}"))
+        else:
+            parts.append(f',"url":{{"path":{_q(path)}}}')
+        if user_agent is not None:
+            parts.append(f',"user_agent":{{"original":{_q(user_agent)}}}')
+        parts.append("}\n")
+        line = "".join(parts)
+        if writer is not None:
+            writer.add(line)
+            return
+        # logging's record carries the request's fields (EcsFormatter adds the rest).
+        fields = json.loads(line)
+        for key in ("@timestamp", "log.level", "message", "ecs.version", "log"):
+            del fields[key]
+        access_logger.info("%s", message, extra={"access": fields})

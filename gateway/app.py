@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -17,21 +18,18 @@ from gateway.accesslog import AccessLog, clean_host, clean_user_agent
 from gateway.boundary import ClientScripts, OwnPages, compile_policies
 from gateway.config import Config
 from gateway.cors import CorsPolicy
-from gateway.errors import (
-    BadRequest,
-    PayloadTooLarge,
-    RetryWithCookie,
-    ServiceUnavailable,
-    Unauthorized,
-    UpstreamError,
-    UpstreamTimeout,
-    UpstreamTLSError,
-)
-from gateway.headers import Forwarded, TrustedProxies, forwarded_for, valid_host
+from gateway.errors import BadRequest, ClientBodyTimeout, GatewayError, RetryWithCookie
+from gateway.headers import Forwarded, TrustedProxies, valid_host
 from gateway.keys import CLIENT_IP, REQUEST_ID
 from gateway.metrics import Metrics
+from gateway.policy import (
+    ForwardingPolicy,
+    answer_response,
+    error_answer,
+    error_response,
+    log_error,
+)
 from gateway.proxy import (
-    ClientBodyError,
     Exchange,
     Proxy,
     ProxySettings,
@@ -51,7 +49,6 @@ Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 # Rewrites a request body before it is forwarded (the chat injection); returns the new
 # body and extra response headers (e.g. the guest cookie).
 BodyRewriter = Callable[[web.BaseRequest, bytes], Awaitable[tuple[bytes, list[tuple[str, str]]]]]
-SyncBodyRewriter = Callable[[web.BaseRequest, bytes], tuple[bytes, list[tuple[str, str]]]]
 
 
 
@@ -80,12 +77,6 @@ def origin_form(target: str) -> tuple[str, str] | None:
     return host + port, rest or "/"
 
 
-def error_response(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
-    """Short, plain error bodies: what happened, never how (no traces, no hosts)."""
-    return web.Response(status=status, text=f"{status} {text}\n",
-                        headers={"Server": "cec-gateway", **(headers or {})})
-
-
 @dataclass(frozen=True)
 class Rewriter:
     """A POST body rewritten before forwarding (the chat injection)."""
@@ -93,8 +84,6 @@ class Rewriter:
     max_size: int
     rewrite: BodyRewriter
     content_type: str  # the rewritten body's type, replacing the page's
-    # The same rewrite as a plain call, when it needs no I/O (guest-only signing).
-    rewrite_now: SyncBodyRewriter | None = None
     signs: bool = False  # each rewrite makes an auth-v2 signature (counted in the metrics)
 
 
@@ -160,6 +149,9 @@ class Gateway:
         self.unlock: Callable[[str, str], Awaitable[bool]] | None = None
         self.splices: set[Splice] = set()
         self.ids = RequestIds()
+        self.policy = ForwardingPolicy(routes=self.routes, trusted=self.trusted,
+                                       scheme=self.scheme, public_https=self.public_https,
+                                       cors=self.cors, next_id=self.ids.next)
         self.tracing: Tracing | None = None
         if config.tracing is not None:  # the SDK is imported only when it is used
             from gateway.tracing import Tracing
@@ -211,8 +203,8 @@ class Gateway:
             await self.tracing.close()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
+        # Durations from perf_counter: uvloop's loop clock ticks in whole milliseconds.
+        start = time.perf_counter()
         if not request.raw_path.startswith("/") and request.method != "CONNECT":
             absolute = origin_form(request.raw_path)
             if absolute is not None:
@@ -226,16 +218,11 @@ class Gateway:
         peer = request.remote or ""
         if self.tracing is not None:
             ex.trace = self.tracing.begin(headers, peer)
-        fwd = forwarded_for(peer, headers.getall("X-Forwarded-For", ()), self.trusted,
-                            self.scheme, request.host, headers.get("X-Forwarded-Proto"),
-                            headers.get("X-Forwarded-Host"))
+        fwd, rid, ex.https = self.policy.client(peer, headers, request.host,
+                                                headers.getall("X-Forwarded-For", ()))
         request[CLIENT_IP] = fwd.client_ip
-        rid = headers.get("X-Request-ID") if self.trusted.contains(peer) else None
-        if not rid or len(rid) > 128 or not rid.isascii() or not rid.isprintable():
-            rid = self.ids.next()
         request[REQUEST_ID] = rid
         ex.extra_response_headers.append(("X-Request-ID", rid))
-        ex.https = self.public_https or fwd.proto.lower() == "https"
         try:
             if ex.trace is None:
                 resp, route = await self._dispatch(request, fwd, rid, ex)
@@ -264,7 +251,7 @@ class Gateway:
                     body = resp.body
                     ex.bytes_out = len(body) if isinstance(body, bytes | bytearray) else 0
             self.finished(fwd.client_ip, rid, request.method, request.raw_path,
-                          request.version.minor, status, route, ex, loop.time() - start)
+                          request.version.minor, status, route, ex, time.perf_counter() - start)
 
     async def _dispatch(self, request: web.BaseRequest, fwd: Forwarded, rid: str, ex: Exchange
                         ) -> tuple[web.StreamResponse, CompiledRoute | None]:
@@ -300,7 +287,7 @@ class Gateway:
                     answer.headers.extend(pre)
                 answer.headers["Vary"] = "Origin"
                 return answer, None
-            cors_headers = self.cors.actual(origin)
+            cors_headers = self.policy.cors_headers(origin)
 
         handler = self.ext.endpoints.get(path)
         if handler is not None:
@@ -322,13 +309,12 @@ class Gateway:
         if redirect is not None:
             location = redirect + ("?" + query if query else "")
             return error_response(301, "Moved Permanently", {"Location": location}), None
-        route = self.routes.match(path)
-        if route is None:
+        routed = self.policy.route(path, query)
+        if routed is None:
             return error_response(404, "Not Found"), None
-        target = route.target(path, query)
+        route, target = routed
         ex.route = route
-        if self.cors.enabled:
-            cors_headers = [*(cors_headers or ()), ("Vary", "Origin")]
+        extras = self.policy.proxied_extras(cors_headers)
         try:
             if request.headers.get("Upgrade", "").lower() == "websocket" and route.websocket:
                 return await self._websocket(request, route, target, fwd, rid, ex), route
@@ -344,46 +330,21 @@ class Gateway:
                     body_type = rw.content_type
                     ex.extra_response_headers.extend(extra)
             resp = await self.proxy.forward(request, route, target, fwd, rid, ex, body=body,
-                                            body_type=body_type, cors=cors_headers)
+                                            body_type=body_type, cors=extras)
             return resp, route
-        except PayloadTooLarge:
-            ex.error = "body too large"
-            return self._close_after(error_response(413, "Content Too Large")), route
-        except ClientBodyError as exc:
-            ex.error = str(exc)
-            resp = error_response(400, "Bad Request: request body broke off")
-            return self._close_after(resp), route
         except TimeoutError:
-            ex.error = "client body timeout"
-            return self._close_after(error_response(408, "Request Timeout")), route
-        except BadRequest as exc:
-            ex.error = str(exc)
-            return error_response(400, f"Bad Request: {exc}"), route
-        except ServiceUnavailable as exc:
-            ex.error = str(exc)
-            log.error("%s %s: %s", route.name, rid, exc)
-            return error_response(503, "Service Unavailable"), route
-        except Unauthorized as exc:
-            ex.error = str(exc)
-            return error_response(401, "Unauthorized: log in to chat"), route
-        except RetryWithCookie as exc:
-            ex.error = str(exc)
-            return error_response(307, "Temporary Redirect", {
-                "Location": raw_target, "Set-Cookie": exc.set_cookie,
-                "Cache-Control": "no-store"}), route
-        except UpstreamTimeout as exc:
-            ex.error = str(exc)
-            log.warning("%s %s: %s", route.name, rid, exc)
-            return error_response(504, "Gateway Timeout: the upstream did not answer in time"), \
-                route
-        except UpstreamTLSError as exc:
-            ex.error = str(exc)
-            log.error("%s %s: %s", route.name, rid, exc)
-            return error_response(502, "Bad Gateway: the upstream's certificate was refused"), route
-        except UpstreamError as exc:
-            ex.error = str(exc)
-            log.warning("%s %s: %s", route.name, rid, exc)
-            return error_response(502, "Bad Gateway: the upstream could not be reached"), route
+            # Only the client's body has a deadline here (the upstream's raise UpstreamTimeout).
+            return self._error(ClientBodyTimeout("client body timeout"), route, rid, ex), route
+        except GatewayError as exc:
+            if isinstance(exc, RetryWithCookie):
+                exc.location = raw_target
+            return self._error(exc, route, rid, ex), route
+
+    @staticmethod
+    def _error(exc: GatewayError, route: CompiledRoute, rid: str, ex: Exchange) -> web.Response:
+        ex.error = exc.error_field()
+        log_error(log, route, rid, exc)
+        return answer_response(error_answer(exc))
 
     def _refuse(self, ex: Exchange, reason: str, text: str) -> web.Response:
         """A 400 for the request line, counted with the parser layer's refusals."""
@@ -409,8 +370,6 @@ class Gateway:
             body = content.read_nowait(-1)
             if len(body) > limit:
                 raise BadRequest(f"JSON body is over {limit} bytes")
-            if rw.rewrite_now is not None:
-                return rw.rewrite_now(request, body)
             return await rw.rewrite(request, body)
         data = bytearray()
         async with asyncio.timeout(self.config.timeouts.client_body or None):
@@ -425,14 +384,10 @@ class Gateway:
 
     async def _websocket(self, request: web.BaseRequest, route: CompiledRoute, target: str,
                          fwd: Forwarded, rid: str, ex: Exchange) -> web.StreamResponse:
-        from gateway.headers import upstream_request_head
-
-        up = route.upstream
-        host = request.host if route.preserve_host else up.host_header
-        request_head = upstream_request_head("GET", target, request.raw_headers, host, fwd, rid,
-                                             upgrade=True, policy=route.policy,
-                                             trace=ex.trace) + b"\r\n"
-        conn = await self.pool.acquire(up, fresh=True)
+        request_head = self.policy.upstream_head(route, "GET", target, request.raw_headers,
+                                                 request.host, fwd, rid, None, upgrade=True,
+                                                 trace=ex.trace)
+        conn = await self.pool.acquire(route.upstream, fresh=True)
         fut = conn.start(bytes(request_head), method="GET",
                          read_timeout=self.config.timeouts.read, upgrade=True)
         conn.arm_read_timeout()

@@ -204,9 +204,15 @@ class CecSigning(_Model):
     content_type: str = "application/json;charset=UTF-8"
     payload_fields: list[str] = ["thirdUserName", "thirdUserId", "tenantSpaceId", "channelConfigId"]
     timestamp_format: str = "%Y-%m-%dT%H:%M:%S.{ms}Z"
-    # The usual body rewritten in native code when it is built (gateway/chat/_native.c);
-    # false keeps every rewrite on the Python reference path.
-    native: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_native(cls, data: Any) -> Any:
+        # An upgrade must not meet a generic "extra field" message for a key it once needed.
+        if isinstance(data, dict) and "native" in data:
+            raise ValueError("'native' was removed (the chat rewrite always runs in Python "
+                             "now); fix: delete cec.signing.native")
+        return data
 
 
 class CecAuth(_Model):

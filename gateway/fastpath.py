@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from aiohttp.http_parser import RawRequestMessage
-from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
-
+from gateway.aiohttp_adapter import EMPTY_PAYLOAD, RawRequestMessage, StreamReader
 from gateway.errors import UpstreamError, UpstreamTimeout
-from gateway.headers import forwarded_for, upstream_request_head, valid_host
+from gateway.headers import valid_host
 from gateway.logs import log_fields
+from gateway.policy import error_answer, log_error, render_error
 from gateway.proxy import Exchange, cut_off, drain_client, framed_last, response_head
 from gateway.routing import CompiledRoute
 from gateway.server import _GatewayRequestHandler
@@ -35,17 +36,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.fastpath")
 
 _FAST_METHODS = frozenset({"GET", "HEAD"})
-_ERRORS = {
-    502: b"502 Bad Gateway: the upstream could not be reached\n",
-    504: b"504 Gateway Timeout: the upstream did not answer in time\n",
-}
 
 
 class _Inline:
     """One request in flight on the fast path."""
 
-    __slots__ = ("client_ip", "conn", "ex", "head", "head_request", "keep_alive", "method",
-                 "minor", "raw_path", "rid", "route", "start", "version")
+    __slots__ = ("client_ip", "conn", "ex", "extras", "head", "head_request", "keep_alive",
+                 "method", "minor", "raw_path", "rid", "route", "start", "version")
 
     def __init__(self, conn: UpstreamConnection, route: CompiledRoute, msg: RawRequestMessage,
                  ex: Exchange, rid: str, client_ip: str, start: float, head: bytes) -> None:
@@ -62,6 +59,7 @@ class _Inline:
         self.rid = rid
         self.client_ip = client_ip
         self.start = start
+        self.extras: Sequence[tuple[str, str]] = ()
 
 
 class FastRequestHandler(_GatewayRequestHandler):
@@ -71,9 +69,11 @@ class FastRequestHandler(_GatewayRequestHandler):
 
     @property
     def gateway(self) -> Gateway:
-        manager: Any = self._manager
-        gateway: Gateway = manager.gateway
+        gateway: Gateway = self.server.gateway
         return gateway
+
+    def busy_elsewhere(self) -> bool:
+        return self._inline is not None
 
     # ------------------------------------------------------------------ aiohttp hooks
 
@@ -82,31 +82,28 @@ class FastRequestHandler(_GatewayRequestHandler):
         # path may take; wake it ourselves for the ones it must serve.
         # (The client-header deadline of the parent class is kept here too, inline: this
         # runs once per request on the hot path.)
-        waiter = self._waiter
-        parked = waiter is not None and not waiter.done()
-        busy = bool(self._messages) or self._current_request is not None or (
-            self._inline is not None)
-        if parked:
-            self._waiter = None
+        queue = self.queue
+        busy = bool(queue) or self.serving or self._inline is not None
+        waiter = self.hide_waiter()
         try:
             self._parse(data)
         finally:
-            if parked:
-                self._waiter = waiter
-        if self._messages or self._upgraded or self._payload_parser is not None:
+            if waiter is not None:
+                self.restore_waiter(waiter)
+        if queue or self.past_http:
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
-            if self._messages:
+            if queue:
                 self._pump()
         elif not busy and data:
             self._arm_header_timer()
 
     def _pump(self) -> None:
-        waiter = self._waiter
-        messages = self._messages
+        waiter = self.parked_waiter()
+        messages = self.queue
         while (messages and self._inline is None and waiter is not None and not waiter.done()
-               and not self._force_close and not self._close):
+               and not self.closing):
             msg, payload = messages[0]
             try:
                 inlined = self._try_inline(msg, payload)
@@ -118,15 +115,7 @@ class FastRequestHandler(_GatewayRequestHandler):
             if not inlined:
                 waiter.set_result(None)
                 return
-            messages.popleft()
-            if self._parser is not None:
-                self._parser.message_consumed()
-
-    def _process_keepalive(self) -> None:
-        if self._inline is not None:
-            # aiohttp's loop looks idle while the fast path works; not a dead connection.
-            self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
-        super()._process_keepalive()
+            self.take()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         inline = self._inline
@@ -137,7 +126,7 @@ class FastRequestHandler(_GatewayRequestHandler):
 
     async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109
         if self._inline is not None:
-            self._drained = self._loop.create_future()
+            self._drained = self.event_loop.create_future()
             try:
                 async with asyncio.timeout(timeout):
                     await self._drained
@@ -157,8 +146,7 @@ class FastRequestHandler(_GatewayRequestHandler):
         if (not path.startswith("/") or "%" in path or "/." in path or "//" in path
                 or "\\" in path or "#" in raw_path):
             return False
-        manager: Any = self._manager
-        gw: Gateway = manager.gateway
+        gw = self.gateway
         if (path in gw.ext.endpoints or gw.ext.scripts.looks_like(path)
                 or gw.routes.redirect_for(path) is not None):
             return False
@@ -168,43 +156,32 @@ class FastRequestHandler(_GatewayRequestHandler):
         host = headers.get("Host")
         if not host or not valid_host(host):
             return False  # the full path answers 400
-        route = gw.routes.match(path)
-        if route is None:
+        policy = gw.policy
+        routed = policy.route(path, query)
+        if routed is None:
             return False
-        up = route.upstream
-        conn = gw.pool.acquire_idle(up)
+        route, target = routed
+        conn = gw.pool.acquire_idle(route.upstream)
         if conn is None:
             return False
-        loop = self._loop
-        start = loop.time()
+        # From here on, the request is the policy's, exactly as on the full path.
+        start = time.perf_counter()  # durations only: the loop clock may tick in whole ms
         peer = self._peer_ip
         if peer is None:
             name = self.peername
             peer = self._peer_ip = name[0] if isinstance(name, tuple) else ""
-        trusted = gw.trusted
-        xff = headers.getall("X-Forwarded-For", ())
-        if trusted.any:
-            fwd = forwarded_for(peer, xff, trusted, gw.scheme, host,
-                                headers.get("X-Forwarded-Proto"), headers.get("X-Forwarded-Host"))
-            rid = headers.get("X-Request-ID") if trusted.contains(peer) else None
-        else:
-            fwd = forwarded_for(peer, xff, trusted, gw.scheme, host, None, None)
-            rid = None
-        if not rid or len(rid) > 128 or not rid.isascii() or not rid.isprintable():
-            rid = gw.ids.next()
+        fwd, rid, https = policy.client(peer, headers, host,
+                                        headers.getall("X-Forwarded-For", ()))
         ex = Exchange()
-        ex.https = gw.public_https or fwd.proto.lower() == "https"
+        ex.https = https
         ex.headers = headers  # (attribute stores: cheaper than keyword arguments here)
         ex.transport = self.transport
         if gw.tracing is not None:
             ex.trace = gw.tracing.begin(headers, peer)
-        target = route.target(path, query)
-        head = upstream_request_head(msg.method, target, msg.raw_headers,
-                                     host if route.preserve_host else up.host_header, fwd, rid,
-                                     connection=headers.getall("Connection", ()),
-                                     policy=route.policy, trace=ex.trace)
-        head += b"\r\n"
+        head = policy.upstream_head(route, msg.method, target, msg.raw_headers, host, fwd, rid,
+                                    headers.getall("Connection", ()), trace=ex.trace)
         inline = _Inline(conn, route, msg, ex, rid, fwd.client_ip, start, bytes(head))
+        inline.extras = policy.proxied_extras(None)
         self._inline = inline
         conn.start_cb(inline.head, method=msg.method, read_timeout=gw.proxy.settings.read_timeout,
                       on_head=partial(self._on_head, inline))
@@ -223,23 +200,20 @@ class FastRequestHandler(_GatewayRequestHandler):
                 # a fresh connection (the fast path only ever uses pooled ones: typically
                 # one the upstream had closed, or one with stray bytes from before).
                 inline.ex.retried = True
-                task = self._loop.create_task(self._retry(inline))
+                task = self.event_loop.create_task(self._retry(inline))
                 task.add_done_callback(_log_task_error)
                 return
-            status = 504 if isinstance(exc, UpstreamTimeout) else 502
-            inline.ex.error = str(exc)
-            log.warning("%s %s: %s", inline.route.name, inline.rid, exc,
-                        extra=log_fields(inline.ex))
-            self._write_error(inline, status)
+            self._write_error(inline, exc if exc is not None else UpstreamError("no answer"))
             return
         self._respond(inline, message, payload)
 
     def _respond(self, inline: _Inline, message: Response, payload: Body) -> None:
         ex = inline.ex
         ex.upstream_status = message.code
-        ex.upstream_time = self._loop.time() - inline.start
+        ex.upstream_time = time.perf_counter() - inline.start
         head, rechunk, keep_alive, no_body = response_head(
-            message, inline.route, inline.version, inline.keep_alive, inline.head_request, (),
+            message, inline.route, inline.version, inline.keep_alive, inline.head_request,
+            inline.extras,
             b"X-Request-ID: %s\r\n" % inline.rid.encode(), https=ex.https,
             date=self.gateway.proxy.date)
         inline.keep_alive = keep_alive
@@ -256,7 +230,7 @@ class FastRequestHandler(_GatewayRequestHandler):
             self._done(inline, message.code)
             return
         transport.write(head)
-        task = self._loop.create_task(self._stream(inline, message, payload, rechunk))
+        task = self.event_loop.create_task(self._stream(inline, message, payload, rechunk))
         task.add_done_callback(_log_task_error)
 
     async def _stream(self, inline: _Inline, message: Response, payload: Body,
@@ -306,52 +280,45 @@ class FastRequestHandler(_GatewayRequestHandler):
             message, payload = await fut
         except UpstreamError as exc:
             inline.conn.abort()
-            inline.ex.error = str(exc)
-            log.warning("%s %s: %s", inline.route.name, inline.rid, exc,
-                        extra=log_fields(inline.ex))
-            self._write_error(inline, 504 if isinstance(exc, UpstreamTimeout) else 502)
+            self._write_error(inline, exc)
             return
         if self._inline is inline:
             self._respond(inline, message, payload)
         else:
             inline.conn.abort()
 
-    def _write_error(self, inline: _Inline, status: int) -> None:
-        body = _ERRORS[status]
+    def _write_error(self, inline: _Inline, exc: UpstreamError) -> None:
+        """The policy's answer to ``exc``, as the full path gives it (gateway/policy.py)."""
+        inline.ex.error = exc.error_field()
+        log_error(log, inline.route, inline.rid, exc, log_fields(inline.ex))
+        answer = error_answer(exc)
+        if answer.close:
+            inline.keep_alive = False
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            transport.write(
-                b"HTTP/1.1 %d %s\r\n%bServer: cec-gateway\r\nX-Content-Type-Options: nosniff\r\n"
-                b"Content-Type: text/plain; charset=utf-8\r\n"
-                b"Content-Length: %d\r\nX-Request-ID: %s\r\n%s\r\n%s"
-                % (status, b"Bad Gateway" if status == 502 else b"Gateway Timeout",
-                   self.gateway.proxy.date.line(), len(body), inline.rid.encode(),
-                   b"" if inline.keep_alive else b"Connection: close\r\n",
-                   b"" if inline.head_request else body))
-        inline.ex.bytes_out = 0 if inline.head_request else len(body)
-        self._done(inline, status)
+            transport.write(render_error(answer, inline.rid, minor=inline.minor,
+                                         keep_alive=inline.keep_alive,
+                                         head_request=inline.head_request,
+                                         date_line=self.gateway.proxy.date.line()))
+        inline.ex.bytes_out = 0 if inline.head_request else len(answer.body)
+        self._done(inline, answer.status)
 
     def _done(self, inline: _Inline, status: int, *, error: str | None = None) -> None:
         if self._inline is not inline:
             return
         self._inline = None
-        loop = self._loop
         if error:
             inline.ex.error = error
-        manager: Any = self._manager
-        manager.gateway.finished(inline.client_ip, inline.rid, inline.method, inline.raw_path,
+        self.gateway.finished(inline.client_ip, inline.rid, inline.method, inline.raw_path,
                               inline.minor, status, inline.route, inline.ex,
-                              loop.time() - inline.start)
+                              time.perf_counter() - inline.start)
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
         if not inline.keep_alive:
             self.force_close()
             return
-        self._next_keepalive_close_time = loop.time() + self._keepalive_timeout
-        if self._keepalive_handle is None and self._keepalive_timeout > 0:
-            self._keepalive_handle = loop.call_at(self._next_keepalive_close_time,
-                                                  self._process_keepalive)
-        if self._messages:
+        self.keep_alive_from_now()
+        if self.queue:
             self._pump()
 
 

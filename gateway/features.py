@@ -110,12 +110,7 @@ async def install_features(config: Config, gateway: Gateway, stack: AsyncExitSta
 
             token_for = token_for_user
 
-    chat = ChatEndpoints(cec, signer, guest, identify=identify, token_for=token_for,
-                         native=cec.signing.native)
-    if signer is not None and token_for is None:
-        log.info("chat body rewrite: %s", "native (gateway/chat/_native.c)" if chat.native_rewrite
-                 else "Python" + (" (the native module is not built, or cec.signing is beyond it)"
-                                  if cec.signing.native else " (cec.signing.native: false)"))
+    chat = ChatEndpoints(cec, signer, guest, identify=identify, token_for=token_for)
     metrics = gateway.metrics
 
     ext.endpoints.update(chat.endpoints())
@@ -130,7 +125,6 @@ async def install_features(config: Config, gateway: Gateway, stack: AsyncExitSta
 
         ext.endpoints[cec.authorization_path] = authorization_and_count
     for path in chat.rewrite_paths():
-        ext.rewriters[path] = Rewriter(
-            cec.max_json_size, chat.rewrite, cec.signing.content_type,
-            chat.rewrite_now if chat.rewrites_without_io else None, signs=signer is not None)
+        ext.rewriters[path] = Rewriter(cec.max_json_size, chat.rewrite, cec.signing.content_type,
+                                       signs=signer is not None)
     return ext

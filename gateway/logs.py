@@ -18,11 +18,12 @@ import threading
 import time
 from contextvars import ContextVar
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import ecs_logging
 
 if TYPE_CHECKING:
+    from gateway.accesslog import LineWriter
     from gateway.proxy import Exchange
     from gateway.tracing import RequestTrace
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 CURRENT_TRACE: ContextVar[RequestTrace | None] = ContextVar("gateway_trace", default=None)
 
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+TEXT_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"  # and ",mmm": logging's default %(asctime)s, local time
 
 
 class EcsFormatter(ecs_logging.StdlibFormatter):
@@ -89,8 +91,37 @@ def json_logging() -> bool:
     return any(isinstance(h.formatter, EcsFormatter) for h in logging.getLogger().handlers)
 
 
+class _ProcessHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler ``setup_logging`` installs: the access log writes to its stream's file
+    descriptor itself, in the same shape (gateway/accesslog.py)."""
+
+    def __init__(self, stream: TextIO, fmt: str) -> None:
+        super().__init__(stream)
+        self.shape = fmt
+        self.lines: LineWriter | None = None  # the access log's writer to this stream
+
+    def fileno(self) -> int:
+        self.flush()  # what was logged before goes out first
+        fd: int = self.stream.fileno()
+        return fd
+
+
+def access_destination(logger: logging.Logger) -> _ProcessHandler | None:
+    """The handler ``logger``'s lines all go to when it is the process's log stream as
+    ``setup_logging`` made it; None when logging was set up otherwise (an application
+    embedding the gateway, a test capturing records): then they go through ``logging``."""
+    handlers: list[logging.Handler] = []
+    current: logging.Logger | None = logger
+    while current is not None:
+        handlers.extend(current.handlers)
+        current = current.parent if current.propagate else None
+    if len(handlers) != 1 or not isinstance(handlers[0], _ProcessHandler):
+        return None
+    return handlers[0]
+
+
 def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _ProcessHandler(sys.stderr, fmt)
     if fmt == "json":
         handler.setFormatter(EcsFormatter())
     else:

@@ -31,6 +31,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.accesslog import dropped_lines
+
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             10.0, 30.0, 60.0)
 
@@ -140,6 +142,10 @@ class _RequestCollector(Collector):
         yield requests
         yield CounterMetricFamily("gateway_signatures", "auth-v2 signatures made",
                                   value=self._m.signatures)
+        yield CounterMetricFamily(
+            "gateway_access_log_dropped",
+            "Access-log lines dropped because the log destination did not keep up",
+            value=dropped_lines())
         latency = HistogramMetricFamily("gateway_request_duration_seconds",
                                         "Time from request to the end of the response",
                                         labels=["route"])

@@ -14,16 +14,12 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http_writer import HttpVersion, HttpVersion11
 
+from gateway.aiohttp_adapter import HttpVersion, HttpVersion11, drain
 from gateway.boundary import RESPONSE_HEADERS
-from gateway.errors import PayloadTooLarge, UpstreamError, UpstreamTimeout
-from gateway.headers import (
-    HOP_BY_HOP,
-    Forwarded,
-    extra_hop_by_hop,
-    upstream_request_head,
-)
+from gateway.errors import ClientBodyError, PayloadTooLarge, UpstreamError, UpstreamTimeout
+from gateway.headers import HOP_BY_HOP, Forwarded, extra_hop_by_hop
+from gateway.policy import ForwardingPolicy
 from gateway.routing import CompiledRoute
 from gateway.upstream import Body, InvalidResponse, Response, UpstreamConnection, UpstreamPool
 
@@ -35,10 +31,6 @@ log = logging.getLogger("gateway.proxy")
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _SPECIAL = HOP_BY_HOP | RESPONSE_HEADERS  # dropped or rewritten on the way to the client
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-
-class ClientBodyError(Exception):
-    """The client's body broke off or stalled; nothing sensible can be forwarded."""
 
 
 @dataclass(slots=True)
@@ -94,7 +86,7 @@ async def drain_client(protocol: BaseProtocol, send_timeout: float) -> None:
     """Wait for a slow client to take what was written, at most ``send_timeout`` seconds."""
     try:
         async with asyncio.timeout(send_timeout or None):
-            await protocol._drain_helper()
+            await drain(protocol)
     except TimeoutError:
         raise ConnectionResetError(
             f"the client read nothing for {send_timeout:g}s (send timeout)") from None
@@ -130,11 +122,8 @@ class Proxy:
                       body: bytes | None = None, body_type: str | None = None,
                       cors: Sequence[tuple[str, str]] | None = None) -> web.StreamResponse:
         """Send ``request`` to ``route`` and stream the answer; ``body`` replaces the client's."""
-        loop = asyncio.get_running_loop()
         method = request.method
         up = route.upstream
-        host = request.host if route.preserve_host else up.host_header
-        raw = request.raw_headers
         streaming = body is None and request.body_exists
         chunked = False
         framing: list[tuple[bytes, bytes]] = []
@@ -162,16 +151,16 @@ class Proxy:
                 request.transport.write(_CONTINUE)
         elif method in ("POST", "PUT", "PATCH"):
             framing.append((b"Content-Length", b"0"))
-        head = upstream_request_head(method, target, raw, host, fwd, request_id, framing,
-                                     new_content_type=body_type.encode() if body_type else None,
-                                     connection=request.headers.getall("Connection", ()),
-                                     policy=route.policy, trace=ex.trace)
-        head += b"\r\n"
+        head = ForwardingPolicy.upstream_head(route, method, target, request.raw_headers,
+                                              request.host, fwd, request_id,
+                                              request.headers.getall("Connection", ()),
+                                              framing=framing, body_type=body_type,
+                                              trace=ex.trace)
         if body:
             head += body
         # A replay is safe only for idempotent methods whose body we still hold.
         attempts = 2 if (method in _IDEMPOTENT and not streaming) else 1
-        started = loop.time()
+        started = time.perf_counter()  # a duration: the loop clock may tick in whole ms
         for attempt in range(attempts):
             conn = await self.pool.acquire(up, fresh=attempt > 0)
             fut = conn.start(bytes(head), method=method, read_timeout=self.settings.read_timeout)
@@ -210,7 +199,7 @@ class Proxy:
                     sender.cancel()
                 conn.abort()
                 raise
-            ex.upstream_time = loop.time() - started
+            ex.upstream_time = time.perf_counter() - started
             return await self._respond(request, route, conn, message, payload, sender, ex, cors)
         raise AssertionError("unreachable")
 

@@ -24,27 +24,25 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http import HttpVersion11, RawRequestMessage
-from aiohttp.http_exceptions import (
+
+from gateway.aiohttp_adapter import (
     BadHttpMethod,
     BadStatusLine,
     HttpProcessingError,
+    HttpVersion11,
     InvalidURLError,
     LineTooLong,
+    Protocol,
+    RawRequestMessage,
+    RequestHandler,
+    Server,
 )
-from aiohttp.http_parser import HttpRequestParser
-from aiohttp.streams import EMPTY_PAYLOAD
-from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError, _ErrInfo
-
-from gateway.app import error_response
 from gateway.config import Config
+from gateway.policy import error_response
 from gateway.tls import server_context
 
 log = logging.getLogger("gateway.server")
 
-# The request aiohttp hands to the error handler when parsing failed: answered in HTTP/1.1
-# (RFC 9112 2.5: the highest version we conform to, as nginx does), and never kept alive.
-_ERROR_11 = ERROR._replace(version=HttpVersion11, should_close=True)
 # llhttp's own reasons are fixed phrases ending in ':'; whatever follows quotes the client.
 _FIXED_REASON = re.compile(r"^\s*([A-Za-z][A-Za-z ]{0,80}):$")
 _VERSION = re.compile(r" HTTP/(\d)\.(\d)'\n")
@@ -151,7 +149,7 @@ class _BodyOnly(web.Response):
         return None
 
 
-class _GatewayRequestHandler(RequestHandler):
+class _GatewayRequestHandler(Protocol):
     """aiohttp's per-connection protocol plus the client-header deadline and refusals."""
 
     _header_deadline: float = 0.0
@@ -160,18 +158,6 @@ class _GatewayRequestHandler(RequestHandler):
     _parse_failed = False  # the rest of the stream is not HTTP: stop parsing it
     _first_data = True  # nothing received yet on this connection
 
-    def __init__(self, manager: Any, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
-        # aiohttp's parser drops every request it completed in a read when a later one in
-        # the same read is malformed. Paused after each message (a queue of one), it hands
-        # over each request before it meets the next, so a valid request ahead of garbage
-        # is still answered; ``_parse`` resumes it.
-        self._parser = HttpRequestParser(
-            self, kwargs["loop"], self._read_bufsize, max_line_size=self.max_line_size,
-            max_field_size=self.max_field_size, max_headers=self.max_headers,
-            payload_exception=RequestPayloadError,
-            auto_decompress=kwargs.get("auto_decompress", True), max_msg_queue_size=1)
-
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._arm_header_timer(head_started=False)
@@ -179,17 +165,16 @@ class _GatewayRequestHandler(RequestHandler):
     def _arm_header_timer(self, head_started: bool = True) -> None:
         if head_started:
             self._head_started = True
-        manager = self._manager
-        timeout = getattr(manager, "client_header_timeout", 0.0)
+        timeout = getattr(self.server, "client_header_timeout", 0.0)
         if timeout and self._header_timer is None:
-            self._header_timer = self._loop.call_later(timeout, self._header_timeout)
+            self._header_timer = self.event_loop.call_later(timeout, self._header_timeout)
 
     def _header_timeout(self) -> None:
         self._header_timer = None
         log.info("dropping a client that took too long to send its request headers")
-        if self._head_started and not self._force_close:
+        if self._head_started and not self.closing:
             # nginx closes without an answer too, and logs 408.
-            timeout = getattr(self._manager, "client_header_timeout", 0.0)
+            timeout = getattr(self.server, "client_header_timeout", 0.0)
             self._report(408, "client_header_timeout", None, 0, duration=timeout)
         self.force_close()
         if self.transport is not None:
@@ -199,59 +184,53 @@ class _GatewayRequestHandler(RequestHandler):
         """Feed the parser and take every request it completes, one at a time."""
         if self._parse_failed:
             return
-        messages = self._messages
-        count = self._request_count
+        messages = self.queue
+        count = self.parsed
         if self._first_data:
             self._first_data = False
             m = _HTTP09_LINE.match(data)
             if m is not None:
                 refused = http09(m.group(1).decode("latin-1"), m.group(2).decode("latin-1"))
-                messages.append((_ErrInfo(status=400, exc=refused, message=""), EMPTY_PAYLOAD))
-                self._request_count += 1
+                self.queue_error(None, 400, refused)
                 self._parse_failed = True
-                waiter = self._waiter
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(None)
+                self.wake_loop()
                 return
-        RequestHandler.data_received(self, data)
-        while self._request_count != count:
-            new = self._request_count - count
+        self.feed(data)
+        while self.parsed != count:
+            new = self.parsed - count
             for i in range(len(messages) - new, len(messages)):
                 if self._vet_at(i):
                     return
-            parser = self._parser
-            if (parser is None or self._buffer_paused or self._upgraded or self._force_close
-                    or self._close):
+            # Stop at aiohttp's queue limit (it paused the transport; draining the queue
+            # resumes it and calls us again), never merely because reading is paused: the
+            # requests already buffered in the parser would then wait for bytes that the
+            # client, having sent them all, never sends. The protocol's own queue bounds
+            # what is buffered; the parser's queue of one only stops between messages.
+            if not self.parse_more(new):
                 return
-            # The protocol's own queue bounds what is buffered (it pauses the transport);
-            # the parser's queue of one is only there to stop between messages.
-            for _ in range(new):
-                parser.message_consumed()
-            count = self._request_count
-            RequestHandler.data_received(self, b"")
+            count = self.parsed
+            self.feed(b"")
 
     def _vet_at(self, i: int) -> bool:
         """Turn a request the gateway refuses into an error; True once parsing must stop."""
-        messages = self._messages
+        messages = self.queue
         msg = messages[i][0]
-        if isinstance(msg, _ErrInfo):
+        if self.is_parse_error(msg):
             self._parse_failed = True
         else:
             refused = vet(msg)
             if refused is None:
                 return False
-            messages[i] = (_ErrInfo(status=refused.status, exc=refused, message=""),
-                           EMPTY_PAYLOAD)
+            self.queue_error(i, refused.status, refused)
             self._parse_failed = True
         while len(messages) > i + 1:
             messages.pop()
         return True
 
     def data_received(self, data: bytes) -> None:
-        busy = (bool(self._messages) or self._current_request is not None
-                or getattr(self, "_inline", None) is not None)
+        busy = bool(self.queue) or self.serving or self.busy_elsewhere()
         self._parse(data)
-        if self._messages or self._upgraded or self._payload_parser is not None:
+        if self.queue or self.past_http:
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
@@ -272,7 +251,7 @@ class _GatewayRequestHandler(RequestHandler):
     def _report(self, status: int, reason: str, refused: Refused | None, bytes_out: int, *,
                 rid: str | None = None, duration: float = 0.0) -> None:
         """An access-log line and a metric for a request refused before routing."""
-        gateway = getattr(self._manager, "gateway", None)
+        gateway = getattr(self.server, "gateway", None)
         if gateway is None:
             return
         gateway.rejected(self._client_ip(), rid or gateway.ids.next(),
@@ -288,7 +267,7 @@ class _GatewayRequestHandler(RequestHandler):
         code, reason, text = classify(exc)
         log.info("refused a request from %s: %d %s (%s)", self._client_ip(), code, reason,
                  describe(exc))
-        gateway = getattr(self._manager, "gateway", None)
+        gateway = getattr(self.server, "gateway", None)
         rid = gateway.ids.next() if gateway is not None else None
         refused = exc if isinstance(exc, Refused) else None
         if refused is not None and refused.body_only:
@@ -302,26 +281,16 @@ class _GatewayRequestHandler(RequestHandler):
         return resp
 
 
-class GatewayServer(web.Server):
+class GatewayServer(Server):
     """aiohttp's server, making the gateway's protocol for each connection."""
 
     def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], *,
                  client_header_timeout: float,
                  protocol: type[RequestHandler] = _GatewayRequestHandler,
                  gateway: Any = None, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
+        super().__init__(handler, protocol=protocol, **kwargs)
         self.client_header_timeout = client_header_timeout
-        self.protocol = protocol
         self.gateway = gateway
-
-    def __call__(self) -> RequestHandler:
-        return self.protocol(self, loop=self._loop, **self._kwargs)
-
-    def _make_request(self, message: RawRequestMessage, *args: Any, **kwargs: Any
-                      ) -> web.BaseRequest:
-        # The parser layer's refusals are answered in HTTP/1.1, whatever the client sent.
-        return super()._make_request(_ERROR_11 if message is ERROR else message, *args,
-                                     **kwargs)
 
 
 class ServerTLS:

@@ -11,16 +11,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from operator import itemgetter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gateway.errors import GatewayError
-
-if TYPE_CHECKING:
-    from gateway.chat._native import FlatRewriter
 
 __all__ = [
     "AUTH_VERSION",
@@ -66,10 +62,10 @@ _UNRESERVED = frozenset(
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
 )
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_TAILS_MAX = 4096  # cached canonical-request tails per Signer (one per distinct identity)
 _MILLISECOND = timedelta(milliseconds=1)
-_MILLIS = tuple(f"{n:03d}" for n in range(1000))
-_ENCODED = tuple(chr(b) if b in _UNRESERVED else f"%{b:02X}" for b in range(256))
+_compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+# Byte value -> its text in a normalised string (str.translate over the bytes as Latin-1).
+_ENCODED = {b: chr(b) if b in _UNRESERVED else f"%{b:02X}" for b in range(256)}
 
 
 class SigningError(GatewayError):
@@ -78,7 +74,7 @@ class SigningError(GatewayError):
 
 def normalize(s: str) -> str:
     """Percent-encode ``s`` byte by byte (UTF-8), keeping only ``A-Z a-z 0-9 - . _ ~``."""
-    return "".join(map(_ENCODED.__getitem__, s.encode("utf-8")))
+    return s.encode("utf-8").decode("latin-1").translate(_ENCODED)
 
 
 def signed_headers_line(names: Sequence[str] | Mapping[str, str]) -> str:
@@ -91,56 +87,9 @@ def auth_string_prefix(access_key: str, timestamp: str, names: Sequence[str]) ->
     return f"{AUTH_VERSION}/{access_key}/{timestamp}/{signed_headers_line(names)}"
 
 
-class _Hmac:
-    """HMAC-SHA256 with the key's inner and outer pads hashed once (RFC 2104).
-
-    ``hmac.digest`` looks the digest up in OpenSSL and hashes the padded key again on every
-    call; copying two hash states that already hold the pads costs a quarter of that.
-    """
-
-    __slots__ = ("_inner", "_outer")
-
-    def __init__(self, key: bytes) -> None:
-        if len(key) > 64:  # the SHA-256 block size
-            key = hashlib.sha256(key).digest()
-        key = key.ljust(64, b"\0")
-        self._inner = hashlib.sha256(key.translate(hmac.trans_36))
-        self._outer = hashlib.sha256(key.translate(hmac.trans_5C))
-
-    def hexdigest(self, msg: bytes) -> str:
-        inner = self._inner.copy()
-        inner.update(msg)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.hexdigest()
-
-
 def _hmac_hex(key: str, msg: str) -> str:
-    """HMAC-SHA256 for a key used once: two one-shot hashes, no HMAC object."""
-    raw = key.encode("utf-8")
-    if len(raw) > 64:
-        raw = hashlib.sha256(raw).digest()
-    raw = raw.ljust(64, b"\0")
-    inner = hashlib.sha256(raw.translate(hmac.trans_36) + msg.encode("utf-8")).digest()
-    return hashlib.sha256(raw.translate(hmac.trans_5C) + inner).hexdigest()
-
-
-@lru_cache(maxsize=4096)
-def _normalize_piece(s: str) -> str:
-    # normalize() works byte by byte, so it distributes over concatenation: the signing
-    # path normalises the payload's JSON fragments (mostly the same ones) from this cache.
-    return normalize(s)
-
-
-_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-
-
-def _json_fragment(value: object) -> str:
-    if value.__class__ is str:
-        text: str = value
-        if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
-            return f'"{text}"'  # what the encoder would write, without building it
-    return _encode_json(value)
+    """Lower-case hex of HMAC-SHA256 over UTF-8 ``key`` and ``msg``."""
+    return hmac.digest(key.encode("utf-8"), msg.encode("utf-8"), "sha256").hex()
 
 
 def signing_key(secret: str, prefix: str) -> str:
@@ -150,11 +99,12 @@ def signing_key(secret: str, prefix: str) -> str:
 
 def canonical_headers(headers: Mapping[str, str]) -> str:
     """``normalize(lower(name)) + ":" + normalize(trim(value))`` per header, sorted, ``\\n``."""
-    lines = (
-        f"{normalize(name.strip().lower())}:{normalize(value.strip())}"
-        for name, value in headers.items()
-    )
-    return "\n".join(sorted(lines))
+    return "\n".join(sorted(_header_line(name, value) for name, value in headers.items()))
+
+
+@lru_cache(maxsize=256)  # the configured names with a handful of values (mostly lengths)
+def _header_line(name: str, value: str) -> str:
+    return f"{normalize(name.strip().lower())}:{normalize(value.strip())}"
 
 
 def canonical_request(method: str, uri: str, headers: Mapping[str, str], payload: str) -> str:
@@ -208,12 +158,12 @@ def format_epoch_ms(ms: int, fmt: str = DEFAULT_TIMESTAMP_FORMAT) -> str:
     """``format_timestamp`` of the instant ``ms`` milliseconds after the epoch."""
     seconds, millis = divmod(ms, 1000)
     # {ms} is substituted after strftime; digits are inert to it.
-    return _strftime(seconds, fmt).replace("{ms}", _MILLIS[millis])
+    return _strftime(seconds, fmt).replace("{ms}", f"{millis:03d}")
 
 
 @lru_cache(maxsize=64)
 def _strftime(epoch_seconds: int, fmt: str) -> str:
-    # Many signatures share a second; strftime was a visible share of the signing path.
+    # Every signature of the same second has the same text up to {ms}; strftime is slow.
     return (_EPOCH + timedelta(seconds=epoch_seconds)).strftime(fmt)
 
 
@@ -224,9 +174,7 @@ def signed_payload(
     missing = [f for f in fields if f not in data]
     if missing:
         raise SigningError(f"payload field missing: {', '.join(missing)}")
-    return json.dumps(
-        {f: data[f] for f in fields}, ensure_ascii=False, separators=(",", ":"), allow_nan=False
-    )
+    return _compact_json({f: data[f] for f in fields})
 
 
 def default_headers(payload: str, content_type: str = DEFAULT_CONTENT_TYPE) -> dict[str, str]:
@@ -313,18 +261,9 @@ class Signer:
     """Signs payloads for one channel; holds the secret and never shows it."""
 
     __slots__ = (
-        "_fast",
-        "_field_keys",
-        "_has_length",
         "_keyed",
         "_last_key",
-        "_prefix_head",
-        "_prefix_tail",
         "_secret",
-        "_signed_line",
-        "_tails",
-        "_type_line",
-        "_values",
         "access_key",
         "content_type",
         "payload_fields",
@@ -354,32 +293,11 @@ class Signer:
         self.content_type = content_type
         self.payload_fields: tuple[str, ...] = tuple(payload_fields)
         self.timestamp_format = timestamp_format
-        # The usual configuration (the SPEC's header set, distinct fields) has a fast path
-        # with everything that does not depend on the request computed here, once.
-        names = {n.strip().lower() for n in self.signed_headers}
-        self._fast = (names <= {"content-length", "content-type"}
-                      and len(set(self.payload_fields)) == len(self.payload_fields))
-        self._signed_line = signed_headers_line(self.signed_headers)
-        self._has_length = "content-length" in names
-        self._type_line = (f"content-type:{normalize(content_type.strip())}"
-                           if "content-type" in names else None)
-        self._field_keys = tuple((f, _json_fragment(f)) for f in self.payload_fields)
-        self._keyed = _Hmac(secret_key.encode("utf-8"))
-        # authStringPrefix around its timestamp: "auth-v2/{ak}/" and "/{SignedHeaders}".
-        self._prefix_head = f"{AUTH_VERSION}/{access_key}/"
-        self._prefix_tail = f"/{self._signed_line}"
-        # (epoch ms or None, timestamp, authStringPrefix, keyed signing key) of the last
-        # signature: the key depends on the timestamp alone, so signatures made in the same
-        # millisecond share it (and, through ``sign_at``, the formatted timestamp too).
-        self._last_key: tuple[int | None, str, str, _Hmac] | None = None
-        self._tails: dict[tuple[object, ...], str] = {}
-        # The payload's values as a tuple, in one C call (itemgetter of one field gives the
-        # bare value: wrapped).
-        getter = itemgetter(*self.payload_fields) if self.payload_fields else None
-        self._values: Callable[[Mapping[str, object]], tuple[object, ...]] = (
-            (lambda data: ()) if getter is None
-            else (lambda data: (getter(data),)) if len(self.payload_fields) == 1
-            else getter)
+        # HMAC objects already keyed (hmac's copy() is its way to reuse a key): the secret,
+        # and the signing key of the last authStringPrefix, which depends on the prefix
+        # alone (access key, timestamp, header names).
+        self._keyed = hmac.new(secret_key.encode("utf-8"), digestmod=hashlib.sha256)
+        self._last_key: tuple[str, hmac.HMAC] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -408,16 +326,15 @@ class Signer:
         Values come from ``headers`` (case-insensitive) over the defaults; a configured header
         that has no value raises SigningError.
         """
-        available = {
-            k.lower(): (k, v) for k, v in default_headers(payload, self.content_type).items()
-        }
-        available.update({k.strip().lower(): (k, v) for k, v in (headers or {}).items()})
+        available = {k.lower(): v for k, v in default_headers(payload, self.content_type).items()}
+        if headers:
+            available.update({k.strip().lower(): v for k, v in headers.items()})
         chosen: dict[str, str] = {}
         for name in self.signed_headers:
-            entry = available.get(name.strip().lower())
-            if entry is None:
+            value = available.get(name.strip().lower())
+            if value is None:
                 raise SigningError(f"no value for signed header {name}")
-            chosen[name] = entry[1]
+            chosen[name] = value
         return chosen
 
     def sign_payload(
@@ -431,15 +348,17 @@ class Signer:
     ) -> str:
         """The Authorization string for ``payload`` (timestamp defaults to now)."""
         ts = self.timestamp() if timestamp is None else timestamp
-        return authorization(
-            self._secret,
-            self.access_key,
-            ts,
-            method,
-            uri,
-            self.headers_for(payload, headers),
-            payload,
-        )
+        signed = self.headers_for(payload, headers)
+        prefix = auth_string_prefix(self.access_key, ts, list(signed))
+        last = self._last_key
+        if last is None or last[0] != prefix:
+            derive = self._keyed.copy()
+            derive.update(prefix.encode("utf-8"))
+            key = derive.hexdigest().encode("ascii")  # signing_key(secret, prefix)
+            last = self._last_key = (prefix, hmac.new(key, digestmod=hashlib.sha256))
+        mac = last[1].copy()
+        mac.update(canonical_request(method, uri, signed, payload).encode("utf-8"))
+        return f"{prefix}/{mac.hexdigest()}"  # signature(signing key, canonical request)
 
     def payload_for(self, data: Mapping[str, object]) -> str:
         """The payload text of the configured fields of ``data``."""
@@ -455,103 +374,9 @@ class Signer:
         headers: Mapping[str, str] | None = None,
     ) -> str:
         """Build the payload from the configured fields of ``data`` and sign it."""
-        if self._fast and headers is None:
-            return self._sign_fields_fast(data, timestamp, method, uri)
         return self.sign_payload(
             self.payload_for(data), timestamp=timestamp, method=method, uri=uri, headers=headers
         )
-
-    def _sign_fields_fast(self, data: Mapping[str, object], timestamp: str | None,
-                          method: str, uri: str) -> str:
-        """``sign_fields`` for the default header set, equal to the general path (tested)."""
-        try:
-            values = self._values(data)
-        except KeyError as exc:
-            raise SigningError(f"payload field missing: {exc.args[0]}") from None
-        try:
-            tail = self._tails.get(values)
-        except TypeError:  # a list or an object among the values: not hashable
-            tail = None
-        if tail is None:
-            tail = self._canonical_tail(values)
-            # Only all-string keys are stored: True == 1 in a tuple, but "true" != "1" in
-            # JSON. A lookup with other types can then never match a stored key.
-            if all(v.__class__ is str for v in values):
-                if len(self._tails) >= _TAILS_MAX:
-                    self._tails.clear()
-                self._tails[values] = tail
-        ts = self.timestamp() if timestamp is None else timestamp
-        key = self._last_key
-        if key is None or key[1] != ts:
-            key = self._key_for(None, ts)
-        request = f"{method.upper()}\n{uri}\n{tail}"
-        return f"{key[2]}/{key[3].hexdigest(request.encode('utf-8'))}"
-
-    def sign_at(self, data: Mapping[str, object], ms: int, uri: str = DEFAULT_URI) -> str:
-        """``sign_fields`` for a POST at the instant ``ms`` (epoch milliseconds).
-
-        The injection path's call: positional, and within one millisecond the timestamp is
-        not even formatted again.
-        """
-        if not self._fast:
-            return self.sign_fields(data, timestamp=self.timestamp_at(ms), uri=uri)
-        try:
-            tail = self._tails.get(self._values(data))
-        except (KeyError, TypeError):  # a missing field, an unhashable value: the full path
-            tail = None
-        if tail is None:
-            return self._sign_fields_fast(data, self.timestamp_at(ms), "POST", uri)
-        key = self._last_key
-        if key is None or key[0] != ms:
-            key = self._key_for(ms, self.timestamp_at(ms))
-        request = f"POST\n{uri}\n{tail}"
-        return f"{key[2]}/{key[3].hexdigest(request.encode('utf-8'))}"
-
-    def flat_rewriter(self, tenant_space_id: str, channel_config_id: str, uri: str,
-                      max_name_length: int) -> FlatRewriter | None:
-        """The native injection rewrite (``gateway/chat/_native.c``) signing as
-        this signer, or None when it is not built or this configuration is beyond it (a
-        signed header other than Content-Length/Content-Type, a payload field that is not an
-        identity field, identity values that need JSON escaping)."""
-        if not self._fast:
-            return None
-        try:
-            from gateway.chat._native import FlatRewriter
-        except ImportError:
-            return None
-        try:
-            return FlatRewriter(
-                tenant_space_id, channel_config_id, uri, max_name_length,
-                self._secret.encode("utf-8"), self._prefix_head, self._prefix_tail,
-                self._signed_line, self._has_length, self._type_line, self.payload_fields,
-                self.timestamp_at)
-        except ValueError:
-            return None
-
-    def _key_for(self, ms: int | None, ts: str) -> tuple[int | None, str, str, _Hmac]:
-        prefix = self._prefix_head + ts + self._prefix_tail
-        # The signing key is 64 hex characters: one SHA-256 block, used as is.
-        keyed = _Hmac(self._keyed.hexdigest(prefix.encode("utf-8")).encode("ascii"))
-        key = self._last_key = (ms, ts, prefix, keyed)
-        return key
-
-    def _canonical_tail(self, values: Sequence[object]) -> str:
-        """The canonical request after its method and URI lines: it depends only on the
-        payload's values, which repeat for every page view of the same visitor."""
-        parts: list[str] = []
-        normalized: list[str] = []
-        for (_, key), raw in zip(self._field_keys, values, strict=True):
-            value = _json_fragment(raw)
-            parts.append(f"{key}:{value}")
-            normalized.append(f"{_normalize_piece(key)}%3A{_normalize_piece(value)}")
-        payload = "{" + ",".join(parts) + "}"
-        lines = [self._signed_line]
-        if self._has_length:
-            lines.append(f"content-length:{len(payload.encode('utf-8'))}")
-        if self._type_line is not None:
-            lines.append(self._type_line)
-        lines.append("%7B" + "%2C".join(normalized) + "%7D")
-        return "\n".join(lines)
 
     def verify(
         self,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from gateway.aiohttp_adapter import splice_protocol
 from gateway.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
@@ -153,11 +154,7 @@ async def splice(request: web.BaseRequest, conn: UpstreamConnection, head: bytes
         return
     transport.write(head)
     link = Splice(request, conn, idle_timeout)
-    protocol = request.protocol
-    protocol.set_parser(link)  # type: ignore[arg-type]
-    # From here on the connection carries frames, never HTTP again: drop the HTTP parser
-    # (aiohttp only consults it while no payload parser is set).
-    protocol._parser = None
+    splice_protocol(request.protocol, link)
     tail = conn.tail
     conn.tail = b""
     if tail:

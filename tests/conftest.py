@@ -17,12 +17,26 @@ import pytest
 _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+# The shared helpers assert too: their failures read like the tests' own.
+pytest.register_assert_rewrite("tests.support")
 
 from gateway.runtime import Running  # noqa: E402
+from tests.conformance.harness import PathSwitch  # noqa: E402
 from tests.support.gateway import ROUTES, GatewayFactory, GatewayStarter, build_config  # noqa: E402
 from tests.support.upstreams import Echo, run_echo  # noqa: E402
 
 pytest_plugins = ("tests.support.gateway",)
+
+
+@pytest.fixture(params=["fast", "full"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> PathSwitch:
+    """The request path that serves: ``fast`` (the lean path whenever it may) or ``full``
+    (the fast path declines everything). A module using it (``pytestmark =
+    pytest.mark.usefixtures("path")``) runs every test once on each path, as uvicorn runs
+    its protocol tests over both of its protocol implementations."""
+    switch = PathSwitch(request.param)
+    switch.install(monkeypatch)
+    return switch
 
 
 @pytest.fixture

@@ -3,19 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import json
+import logging
+import os
+import re
+import select
+import signal
 import ssl
+import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import trustme
+from ecs_logging._utils import json_dumps as ecs_json_dumps
 
-from gateway.accesslog import clean_host, clean_user_agent, split_host
+from gateway import logs
+from gateway.accesslog import AccessLog, LineWriter, clean_host, clean_user_agent, split_host
+from gateway.proxy import Exchange
+from gateway.routing import CompiledRoute, compile_route
 from gateway.runtime import serving
 from tests.support.gateway import ROUTES, build_config
+from tests.support.process import PROJECT, PYTHON
 from tests.support.rawhttp import read_response
 from tests.support.upstreams import Echo
+from tests.test_observability import TIME_RE
 
 
 def test_user_agent_is_printable_ascii_without_quotes_and_bounded() -> None:
@@ -99,3 +117,290 @@ listen:
     assert records[2]["url.domain"] == "shop.example" and "url.port" not in records[2]
     text = repr(records)
     assert "SECRET" not in text and "sid=" not in text
+
+
+# ------------------------------------------------------------------ the line's shape
+
+
+class _Trace:
+    def ids(self) -> tuple[str, str]:
+        return "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+
+
+class _TLS:
+    def version(self) -> str:
+        return "TLSv1.3"
+
+
+class _Transport:
+    def get_extra_info(self, name: str) -> object:
+        return _TLS() if name == "ssl_object" else None
+
+
+def _line(exchange: Exchange, route: CompiledRoute | None, path: str = "/app/x?q=1") -> str:
+    """The JSON line a process logging ECS to a pipe writes for ``exchange``."""
+    r, w = os.pipe()
+    handler = logs._ProcessHandler(os.fdopen(w, "w", closefd=False), "json")
+    logger = logging.getLogger("gateway.access")
+    saved = logger.handlers, logger.propagate, logger.level
+    logger.handlers, logger.propagate, logger.level = [handler], False, logging.INFO
+    try:
+        AccessLog().log_exchange("203.0.113.9", "rid-1", "POST", path, 1, 502, route,
+                                 exchange, 0.0123456)
+        assert handler.lines is not None
+        handler.lines.close()
+    finally:
+        logger.handlers, logger.propagate, logger.level = saved
+        os.close(w)
+    with os.fdopen(r, "rb") as f:
+        return f.read().decode()
+
+
+def test_json_line_is_ecs_loggings_shape_with_every_field() -> None:
+    """Parsed, the line has every field; re-serialised by ecs-logging, it is the same text
+    (same key order, same escaping), so it reads like every other line of the process."""
+    route = compile_route("/app/", "http://upstream.internal:8080/base/")
+    ex = Exchange()
+    ex.headers = {"Host": "Shop.Example:8443", "User-Agent": 'agent "x"'}
+    ex.transport = _Transport()  # type: ignore[assignment]
+    ex.trace = _Trace()  # type: ignore[assignment]
+    ex.bytes_in, ex.bytes_out, ex.upstream_status, ex.upstream_time = 4, 5, 503, 0.01
+    ex.error = "upstream said \"no\""
+    text = _line(ex, route)
+    assert text.endswith("}\n") and text.count("\n") == 1
+    doc = json.loads(text)
+    assert ecs_json_dumps(json.loads(text)) == text[:-1]
+    assert TIME_RE.match(doc.pop("@timestamp"))
+    assert doc == {
+        "log.level": "info",
+        "message": '203.0.113.9 POST /app/x HTTP/1.1 502 4/5 12.3ms host=shop.example:8443 '
+                   'ua="agent ?x?" tls=1.3 route=/app/ upstream=503@upstream.internal:8080 '
+                   "rid=rid-1 trace=0af7651916cd43dd8448eb211c80319c span=b7ad6b7169203331",
+        "client": {"ip": "203.0.113.9"},
+        "destination": {"address": "upstream.internal", "port": 8080},
+        "ecs.version": "1.6.0",
+        "error": {"message": 'upstream said "no"'},
+        "event": {"dataset": "gateway.access", "duration": 12345600},
+        "gateway": {"route": "/app/", "upstream": {"duration": 10000000, "status_code": 503}},
+        "http": {"request": {"body": {"bytes": 4}, "id": "rid-1", "method": "POST"},
+                 "response": {"body": {"bytes": 5}, "status_code": 502}, "version": "1.1"},
+        "log": {"logger": "gateway.access"},
+        "span": {"id": "b7ad6b7169203331"},
+        "tls": {"version": "1.3", "version_protocol": "tls"},
+        "trace": {"id": "0af7651916cd43dd8448eb211c80319c"},
+        "url": {"domain": "shop.example", "path": "/app/x", "port": 8443},
+        "user_agent": {"original": "agent ?x?"},
+    }
+
+
+def test_json_line_without_the_optional_fields_and_a_non_ascii_path() -> None:
+    text = _line(Exchange(), None, "/caf\u00e9/\\\"x")
+    doc = json.loads(text)
+    assert ecs_json_dumps(json.loads(text)) == text[:-1]  # ASCII with \u escapes
+    assert set(doc) == {"@timestamp", "log.level", "message", "client", "ecs.version",
+                        "event", "http", "log", "url"}
+    assert doc["url"] == {"path": "/caf\u00e9/\\\"x"}
+
+
+# ------------------------------------------------------------------ the writer
+
+
+def _pipe(size: int = 4096) -> tuple[int, int]:
+    """A pipe holding at most ``size`` bytes (the kernel rounds up to a page)."""
+    r, w = os.pipe()
+    fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, size)
+    return r, w
+
+
+def _drain(fd: int) -> bytes:
+    """Everything until every writer closed the pipe."""
+    out = bytearray()
+    while chunk := os.read(fd, 1 << 16):
+        out += chunk
+    return bytes(out)
+
+
+async def test_writer_drops_and_counts_when_nobody_reads_and_never_blocks() -> None:
+    r, w = _pipe()
+    writer = LineWriter(w, pending_limit=16 << 10, batch=4 << 10)
+    lines = [f"line {i:05d} " + "x" * 90 + "\n" for i in range(2000)]  # 200 KB in all
+    try:
+        async with asyncio.timeout(5):  # a blocking write would hang the loop here
+            for i, line in enumerate(lines):
+                writer.add(line)
+                if i % 50 == 0:
+                    await asyncio.sleep(0)  # let the loop iterate, as requests would
+        assert writer.dropped > 0
+    finally:
+        reading = asyncio.create_task(asyncio.to_thread(_drain, r))
+        await asyncio.to_thread(writer.close)
+        os.close(w)
+    got = (await reading).decode().splitlines(keepends=True)
+    os.close(r)
+    # Whole lines only, in order, and every line is either written or counted.
+    assert set(got) <= set(lines) and got == sorted(got)
+    assert len(got) + writer.dropped == len(lines)
+
+
+async def test_writer_writes_all_pending_lines_on_close() -> None:
+    r, w = _pipe()
+    writer = LineWriter(w, exit_timeout=5.0)
+    lines = [f"line {i:05d} " + "y" * 90 + "\n" for i in range(500)]  # 50 KB: the pipe fills
+    for line in lines:
+        writer.add(line)
+    await asyncio.sleep(0)
+    reading = asyncio.create_task(asyncio.to_thread(_drain, r))
+    await asyncio.to_thread(writer.close)
+    os.close(w)
+    assert (await reading).decode().splitlines(keepends=True) == lines
+    assert writer.dropped == 0
+    os.close(r)
+
+
+def test_pipe_writes_end_at_line_ends_within_pipe_buf() -> None:
+    """Several workers share one stderr: a write to a pipe is atomic only up to PIPE_BUF."""
+    r, w = os.pipe()
+    writer = LineWriter(w)
+    sizes: list[int] = []
+    real_write = os.write
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        sizes.append(len(data))
+        assert bytes(data).endswith(b"\n")
+        return real_write(fd, data)
+
+    lines = [f"{i:04d}{'z' * 300}\n" for i in range(100)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("gateway.accesslog.os.write", write)
+        for line in lines:
+            writer.add(line)  # no running loop: handed over at once
+        reading = threading.Thread(target=lambda: out.append(_drain(r)))
+        out: list[bytes] = []
+        reading.start()
+        writer.close()
+    os.close(w)
+    reading.join(5)
+    os.close(r)
+    assert out[0].decode().splitlines(keepends=True) == lines
+    assert sizes and max(sizes) <= select.PIPE_BUF
+
+
+# ------------------------------------------------------------------ a real gateway process
+
+
+@dataclass
+class PipedGateway:
+    proc: asyncio.subprocess.Process
+    log: int  # the read end of the gateway's stderr, read by nobody until ``finish``
+    url: str
+    admin_url: str
+    head: bytes  # what it wrote before listening
+
+
+async def start_piped(tmp_path: Path, echo: Echo, fmt: str = "json") -> PipedGateway:
+    conf = tmp_path / "gateway.yaml"
+    conf.write_text(f"""
+listen: {{host: 127.0.0.1, port: 0}}
+admin: {{host: 127.0.0.1, port: 0}}
+timeouts: {{shutdown_grace: 2s}}
+routes:
+  - prefix: /
+    upstream: {echo.url}/root/
+""", encoding="utf-8")
+    r, w = _pipe()
+    proc = await asyncio.create_subprocess_exec(
+        PYTHON, "-m", "gateway", "--log-format", fmt, "run", "-c", str(conf),
+        "--workers", "1", stdout=subprocess.DEVNULL, stderr=w, cwd=str(PROJECT))
+    os.close(w)
+    head = b""
+    async with asyncio.timeout(20):
+        while b"listening on" not in head:
+            chunk = await asyncio.to_thread(os.read, r, 4096)
+            assert chunk, head.decode()
+            head += chunk
+    text = head.decode()
+    listen = re.search(r"listening on (http://[^\s,\"]+)", text)
+    admin = re.search(r"admin on (http://[^\s,\"]+)", text)
+    assert listen and admin, text
+    return PipedGateway(proc, r, listen.group(1), admin.group(1), head)
+
+
+async def finish(gw: PipedGateway) -> tuple[int, list[str], int]:
+    """SIGTERM, then read the log to its end: (exit status, the access lines, the lines it
+    says it dropped)."""
+    gw.proc.send_signal(signal.SIGTERM)
+    rest = await asyncio.to_thread(_drain, gw.log)
+    os.close(gw.log)
+    async with asyncio.timeout(10):
+        code = await gw.proc.wait()
+    lines = (gw.head + rest).decode().splitlines()
+    said = re.search(r"access log: (\d+) line\(s\) dropped", "\n".join(lines))
+    access = [line for line in lines
+              if "gateway.access:" in line or '"logger":"gateway.access"}' in line]
+    return code, access, int(said.group(1)) if said else 0
+
+
+async def get_many(url: str, n: int, connections: int = 8) -> float:
+    """``n`` GETs over ``connections`` kept-alive connections; the slowest one's seconds."""
+    slowest = 0.0
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async def one(i: int) -> None:
+            nonlocal slowest
+            started = time.monotonic()
+            async with http.get(f"{url}/r{i}") as resp:
+                assert resp.status == 200
+                await resp.read()
+            slowest = max(slowest, time.monotonic() - started)
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+    return slowest
+
+
+async def dropped(gw: PipedGateway) -> float:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(gw.admin_url + "/metrics") as resp:
+            text = await resp.text()
+    m = re.search(r"^gateway_access_log_dropped_total (\S+)$", text, re.M)
+    assert m, text
+    return float(m.group(1))
+
+
+async def test_a_log_nobody_reads_drops_lines_and_requests_go_on(tmp_path: Path,
+                                                                echo: Echo) -> None:
+    gw = await start_piped(tmp_path, echo)
+    try:
+        sent = 0
+        async with asyncio.timeout(60):
+            while await dropped(gw) == 0:  # 1 MiB may wait: about 2,000 lines
+                slowest = await get_many(gw.url, 500)
+                sent += 500
+                # A stalled loop would hold every request until the log is read.
+                assert slowest < 5.0
+        assert sent <= 10_000
+        counted = await dropped(gw)
+    finally:
+        code, lines, lost = await finish(gw)
+    assert code == 0
+    # Every request is either a whole line in the log or counted as dropped (the count
+    # said at exit includes the lines still waiting when the metric was read).
+    assert 0 < counted <= lost
+    assert len(lines) + lost == sent
+    assert all(json.loads(line)["url"]["path"].startswith("/r") for line in lines)
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+async def test_sigterm_writes_every_pending_line(tmp_path: Path, echo: Echo, fmt: str) -> None:
+    gw = await start_piped(tmp_path, echo, fmt)
+    try:
+        # About 150 KB of lines for a 4 KiB pipe nobody reads yet: most of them wait in the
+        # gateway when the signal comes.
+        await get_many(gw.url, 300)
+        assert await dropped(gw) == 0
+    finally:
+        code, lines, lost = await finish(gw)
+    assert code == 0 and lost == 0
+    assert len(lines) == 300
+    paths = sorted(json.loads(line)["url"]["path"] if fmt == "json"
+                   else line.split()[6] for line in lines)
+    assert paths == sorted(f"/r{i}" for i in range(300))

@@ -21,9 +21,9 @@ from yarl import URL
 
 from gateway.boundary import ClientScripts, third_party_policy
 from gateway.config import load_config_text
-from gateway.fastpath import FastRequestHandler
 from gateway.headers import UrlMap, valid_host
 from gateway.runtime import Running, serving
+from tests.conformance.harness import PathSwitch
 from tests.support.rawhttp import RawResponse, raw_exchange
 from tests.support.upstreams import RawRecorder, UpConn, UpRequest, run_recorder
 
@@ -146,22 +146,12 @@ async def gw() -> AsyncIterator[Stack]:
         yield s
 
 
-@pytest.fixture(params=["fast", "full"])
-def path_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-              ) -> list[tuple[str, bool]]:
-    """Which request path serves a GET: the fast path (asserted by a spy) or the full one."""
-    taken: list[tuple[str, bool]] = []
-    original = FastRequestHandler._try_inline
-    fast = request.param == "fast"
-
-    def switch(self: FastRequestHandler, msg: Any, payload: Any) -> bool:
-        took = original(self, msg, payload) if fast else False
-        taken.append((getattr(msg, "path", "?"), took))
-        return took
-
-    monkeypatch.setattr(FastRequestHandler, "_try_inline", switch)
-    taken.append((request.param, fast))
-    return taken
+@pytest.fixture
+def path_mode(path: PathSwitch) -> list[tuple[str, bool]]:
+    """The fast path's decisions under the request path being tested (the ``path`` fixture
+    of tests/conftest.py), headed by the mode: a GET is served inline only on ``fast``."""
+    path.taken.append((path.name, path.name == "fast"))
+    return path.taken
 
 
 def request(path: str, *headers: str, method: str = "GET", host: str = GW_HOST,

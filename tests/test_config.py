@@ -141,6 +141,16 @@ def test_unknown_key_names_its_path() -> None:
     assert "spelling" in p.fix or "remove" in p.fix
 
 
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_removed_signing_native_names_the_fix(value: str) -> None:
+    """The native rewrite is gone: an old config says so instead of "extra field"."""
+    p = one(MINIMAL + "cec:\n  tenant_space_id: '1'\n  channel_config_id: '2'\n"
+            f"  signing: {{native: {value}}}\n")
+    assert p.path == "cec.signing"
+    assert "native" in p.message and "removed" in p.message
+    assert "delete cec.signing.native" in p.fix
+
+
 def test_bad_size_names_key_value_and_fix() -> None:
     p = one(MINIMAL + "limits: {client_max_body_size: 1mb}\n")
     assert p.path == "limits.client_max_body_size"

@@ -157,11 +157,11 @@ def test_dockerignore_sends_what_the_dockerfile_copies_and_nothing_heavy() -> No
     for source in sources:
         assert not ignored(source.rstrip("/")), source
     for kept in ("gateway/cli.py", "gateway/sandbox/static/widget.js",
-                 "gateway/demo/gateway.yaml", "gateway/chat/_native.c"):
+                 "gateway/demo/gateway.yaml", "gateway/chat/inject.py"):
         assert (ROOT / kept).exists() and not ignored(kept), kept
     for left_out in (".venv", ".venv/lib/python3.11/site-packages/aiohttp/web.py", ".git/HEAD",
                      "tests/test_cli.py", "bench/run.py", "docs/PROTOCOL.md", "deploy/k8s",
-                     "gateway/chat/_native.cpython-311-x86_64-linux-gnu.so",
+                     "gateway/chat/stale.cpython-311-x86_64-linux-gnu.so",
                      "gateway/__pycache__/cli.cpython-311.pyc", "cec_gateway.egg-info/PKG-INFO",
                      "build/lib/gateway/cli.py", "gateway.yaml"):
         assert ignored(left_out), left_out

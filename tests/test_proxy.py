@@ -21,6 +21,9 @@ from tests.support.ports import free_port
 from tests.support.rawhttp import get, raw_exchange, read_all, read_response
 from tests.support.upstreams import GZIP_BODY, Echo, echo_barrier, pattern_sha256, raw_upstream
 
+# Every test runs once on the fast path and once on the full path (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("path")
+
 CORS = ROUTES + """
 cors:
   allow_origins: [https://www.example.com]

@@ -21,6 +21,7 @@ import pytest
 
 from gateway.runtime import Running, serving
 from tests.hardening.conftest import hardening_config
+from tests.support.process import flat
 from tests.support.rawhttp import RawResponse, exchange
 from tests.support.upstreams import RawRecorder, run_recorder
 
@@ -86,8 +87,23 @@ async def gw() -> AsyncIterator[tuple[Running, RawRecorder]]:
 
 
 def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
-    return [dict(r.fields) for r in caplog.records  # type: ignore[attr-defined]
-            if r.name == "gateway.access"]
+    """The access lines' ECS fields, under short names."""
+    lines = []
+    for record in caplog.records:
+        if record.name != "gateway.access":
+            continue
+        doc = flat(record.access)  # type: ignore[attr-defined]
+        lines.append({
+            "status": doc["http.response.status_code"],
+            "method": doc["http.request.method"],
+            "path": doc["url.path"],
+            "error": doc.get("error.message", ""),
+            "request_id": doc["http.request.id"],
+            "client_ip": doc["client.ip"],
+            "bytes_out": doc["http.response.body.bytes"],
+            "all": doc,
+        })
+    return lines
 
 
 def rejected_count(running: Running, status: int, reason: str) -> float:
@@ -100,7 +116,7 @@ def rejected_count(running: Running, status: int, reason: str) -> float:
 def assert_no_secret_logged(caplog: pytest.LogCaptureFixture) -> None:
     formatter = logging.Formatter("%(name)s %(message)s")
     for record in caplog.records:
-        text = formatter.format(record) + repr(getattr(record, "fields", ""))
+        text = formatter.format(record) + repr(getattr(record, "access", ""))
         for secret in PLANTED:
             assert secret not in text, (record.name, text)
 

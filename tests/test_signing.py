@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import pickle
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -298,50 +297,6 @@ def test_signer_rejects_bad_setup() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    name=st.text(max_size=40),
-    user=st.one_of(st.text(max_size=30), st.integers(), st.none(), st.booleans()),
-    extra=st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3),
-)
-def test_fast_signing_path_equals_the_general_one(name: str, user: object,
-                                                   extra: dict[str, str]) -> None:
-    """Signer.sign_fields has a fast path for the SPEC's header set; it must never differ."""
-    signer = Signer(AK, SECRET)
-    data = {**extra, "thirdUserName": name, "thirdUserId": user,
-            "tenantSpaceId": "202007159031", "channelConfigId": "202011230001"}
-    fast = signer.sign_fields(data, timestamp=TS)
-    general = signer.sign_payload(signer.payload_for(data), timestamp=TS)
-    assert fast == general
-
-
-@settings(max_examples=300, deadline=None)
-@given(key=st.binary(max_size=200), msg=st.binary(max_size=300))
-def test_precomputed_hmac_equals_the_standard_library(key: bytes, msg: bytes) -> None:
-    """Keys shorter than, equal to and longer than the SHA-256 block (64 bytes)."""
-    keyed = signing._Hmac(key)
-    expected = hmac.new(key, msg, hashlib.sha256).hexdigest()
-    assert keyed.hexdigest(msg) == expected
-    assert keyed.hexdigest(msg) == expected  # the pads are copied, never consumed
-    text_key, text_msg = key.hex(), msg.hex()
-    assert signing._hmac_hex(text_key, text_msg) == hmac.new(
-        text_key.encode(), text_msg.encode(), hashlib.sha256).hexdigest()
-
-
-@settings(max_examples=500, deadline=None)
-@given(value=st.one_of(st.text(), st.integers(), st.none(), st.booleans(),
-                       st.floats(allow_nan=False, allow_infinity=False)))
-def test_json_fragment_equals_json_dumps(value: object) -> None:
-    """The shortcut for plain strings writes what the encoder writes (quotes, escapes)."""
-    assert signing._json_fragment(value) == json.dumps(
-        value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-
-
-@pytest.mark.parametrize("text", ['a"b', "a\\b", "tab\there", "\x7f", "é", "\u2028", ""])
-def test_json_fragment_escapes_like_json(text: str) -> None:
-    assert signing._json_fragment(text) == json.dumps(text, ensure_ascii=False)
-
-
-@settings(max_examples=300, deadline=None)
 @given(ms=st.integers(min_value=-(10**12), max_value=4 * 10**12))
 def test_timestamps_from_epoch_milliseconds(ms: int) -> None:
     """The signing path formats epoch milliseconds; it equals formatting the datetime."""
@@ -352,14 +307,26 @@ def test_timestamps_from_epoch_milliseconds(ms: int) -> None:
     assert signer.timestamp_at(ms) == signer.timestamp(when)
 
 
-def test_signing_key_shared_within_a_millisecond_only() -> None:
-    """The derived key is kept for the last timestamp; every signature still matches the
-    general path, whether it reuses that key or not."""
-    signer = Signer(AK, SECRET)
-    users = [{**DATA_1, "thirdUserId": f"user-{i}"} for i in range(3)]
-    stamps = [TS, TS, "2026-11-24T08:30:15.124Z", TS]
-    for ts in stamps:
+@pytest.mark.parametrize("signer", [
+    Signer(AK, SECRET),
+    Signer("ak 2", SECRET, signed_headers=(" content-length ",),
+           payload_fields=("channelConfigId", "tenantSpaceId", "thirdUserId"),
+           timestamp_format="%Y/%m/%d %H:%M:%S {ms}"),
+], ids=["default", "length only, compact timestamp"])
+def test_signing_key_cache_follows_the_timestamp(signer: Signer) -> None:
+    """The derived key is kept for the last timestamp: same ms, next ms, across a second,
+    back in time; every signature equals the uncached module-level computation."""
+    start = 1795509015123
+    boundary = start - start % 1000 + 999
+    steps = [start, start, start + 1, boundary, boundary + 1, boundary, start - 1,
+             start - 86_400_000, start + 1, start]
+    users = [{**DATA_1, "thirdUserId": f"user-{i}"} for i in range(2)]
+    for ms in steps:
+        ts = signer.timestamp_at(ms)
         for data in users:
-            expected = signer.sign_payload(signer.payload_for(data), timestamp=ts)
-            assert signer.sign_fields(data, timestamp=ts, uri=URI) == expected
-    assert signer.sign_fields(DATA_1, timestamp=TS, uri=URI) == EXPECTED_1
+            payload = signer.payload_for(data)
+            headers = signer.headers_for(payload)
+            expected = signing.authorization(SECRET, signer.access_key, ts, "POST", URI,
+                                             headers, payload)
+            assert signer.sign_fields(data, timestamp=ts, uri=URI) == expected, ms
+    assert Signer(AK, SECRET).sign_fields(DATA_1, timestamp=TS, uri=URI) == EXPECTED_1

@@ -16,29 +16,23 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
-from functools import partial
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 from aiohttp import hdrs, web
 
 from gateway.chat.guest import GuestCookies
 from gateway.chat.inject import (
     AUTHORIZATION,
-    USER_NAME,
-    IdentityForcer,
     InjectionError,
-    clean_user_name,
     effective_user_name,
-    read_body,
+    force_identity,
+    parse_body,
     serialize,
 )
 from gateway.chat.loader import render_loader, render_page
 from gateway.config import CecConfig
 from gateway.errors import RetryWithCookie, Unauthorized
 from gateway.signing import Signer, epoch_ms
-
-if TYPE_CHECKING:
-    from gateway.chat._native import FlatRewriter
 
 __all__ = [
     "CLIENT_SUFFIX",
@@ -93,10 +87,6 @@ class ChatIdentity(NamedTuple):
     user_name: str | None
     guest: bool
     set_cookie: str | None = None
-
-
-# ChatIdentity from a ready tuple: the NamedTuple constructor is a Python function.
-_returning_guest = partial(tuple.__new__, ChatIdentity)
 
 
 def _wall_ms() -> int:
@@ -166,7 +156,6 @@ class ChatEndpoints:
         token_for: TokenForFunc | None = None,
         sign_uri: str | None = None,
         clock: Callable[[], datetime] | None = None,
-        native: bool = True,
     ) -> None:
         self.cec = cec
         self.signer = signer
@@ -178,17 +167,6 @@ class ChatEndpoints:
         self._now_ms: Callable[[], int] = (
             (lambda: epoch_ms(clock())) if clock is not None else _wall_ms)
         self._warned_secret = False
-        self._name_limit = cec.guest.max_name_length
-        self._max_json = cec.max_json_size
-        self._forcer = IdentityForcer(cec.tenant_space_id, cec.channel_config_id, signer,
-                                      self.sign_uri)
-        # The usual body is rewritten and signed in native code when there is no token to
-        # issue; inject.py stays the reference and takes every body the native rewrite
-        # declines (``native=False``: all of them).
-        self._native = (
-            signer.flat_rewriter(cec.tenant_space_id, cec.channel_config_id, self.sign_uri,
-                                 self._name_limit)
-            if native and signer is not None and token_for is None else None)
 
     def __repr__(self) -> str:
         return (
@@ -243,7 +221,7 @@ class ChatEndpoints:
         """The guest from the ``Cookie`` header; a new one (with its cookie) when ``issue``."""
         guest_id = self.guest.read_cookie_header(cookie_header)
         if guest_id is not None:
-            return _returning_guest((guest_id, None, True, None))
+            return ChatIdentity(guest_id, None, guest=True)
         if not issue:
             return None
         guest_id = self.guest.new_id()
@@ -268,12 +246,10 @@ class ChatEndpoints:
 
     # ---------------------------------------------------------------- rewrite
 
-    async def _rewrite_object(self, request: web.BaseRequest, body: bytes, *, with_token: bool,
-                              identity: ChatIdentity | None = None
-                              ) -> tuple[dict[str, object], ChatIdentity, int]:
-        data, shape = read_body(body, self._max_json)
-        if identity is None:
-            identity = await self.resolve_identity(request)
+    async def _rewrite_object(self, request: web.BaseRequest, body: bytes, *, with_token: bool
+                              ) -> tuple[dict[str, object], ChatIdentity]:
+        data = parse_body(body, self.cec.max_json_size)
+        identity = await self.resolve_identity(request)
         assert identity is not None  # issue=True always gives one
         name = self._name_for(data, identity)
         token = None
@@ -284,26 +260,25 @@ class ChatEndpoints:
                 # the cookie (and the body) and gets its one token then.
                 raise RetryWithCookie(identity.set_cookie)
             token = await self._token_for(identity.user_id, name)
-        out = self._rewritten(request, data, shape, identity, name, token)
-        return out, identity, shape
+        out, stripped = force_identity(
+            data,
+            tenant_space_id=self.cec.tenant_space_id,
+            channel_config_id=self.cec.channel_config_id,
+            user_id=identity.user_id,
+            user_name=name,
+            signer=self.signer,
+            token=token,
+            now_ms=self._now_ms(),
+            uri=self.sign_uri,
+        )
+        if stripped:
+            self._warn_secret_once(request)
+        return out, identity
 
     def _name_for(self, data: Mapping[str, object], identity: ChatIdentity) -> str:
         """The ``thirdUserName`` to sign: the login's name, the page's, or the default."""
-        if identity.user_name is None:
-            # A guest: the page's name, cleaned, unless that leaves nothing.
-            name = clean_user_name(data.get(USER_NAME), self._name_limit)
-            if name:
-                return name
         return effective_user_name(data, identity.user_name, self.default_user_name(identity),
-                                   self._name_limit)
-
-    def _rewritten(self, request: web.BaseRequest, data: dict[str, object], shape: int,
-                   identity: ChatIdentity, name: str, token: str | None) -> dict[str, object]:
-        out, stripped = self._forcer.force(data, shape, identity.user_id, name, token,
-                                           self._now_ms())
-        if stripped:
-            self._warn_secret_once(request)
-        return out
+                                   self.cec.guest.max_name_length)
 
     async def rewrite(self, request: web.BaseRequest, body: bytes
                       ) -> tuple[bytes, list[tuple[str, str]]]:
@@ -313,64 +288,8 @@ class ChatEndpoints:
         Raises InjectionError (400) on bad input, NotLoggedIn (401) in token mode without a
         login.
         """
-        native = self._native
-        if native is not None and len(body) <= self._max_json:
-            identity = await self.resolve_identity(request)
-            assert identity is not None  # issue=True always gives one
-            done = self._native_rewrite(native, body, identity)
-            if done is not None:
-                return done, _cookie_headers(identity)
-            out, _, shape = await self._rewrite_object(request, body, with_token=True,
-                                                       identity=identity)
-        else:
-            out, identity, shape = await self._rewrite_object(request, body, with_token=True)
-        return serialize(out, shape), _cookie_headers(identity)
-
-    def _native_rewrite(self, native: FlatRewriter, body: bytes, identity: ChatIdentity
-                        ) -> bytes | None:
-        """The native rewrite for ``identity``, or None to leave the body to inject.py.
-
-        The name as ``_name_for`` chooses it: a login's name when anything is left of it
-        after cleaning, else the page's, else the default (the native side makes a guest's).
-        """
-        if identity.guest and identity.user_name is None:
-            return native.rewrite(body, identity.user_id, self._now_ms())
-        name = None
-        if identity.user_name is not None:
-            name = clean_user_name(identity.user_name, self._name_limit) or None
-        return native.rewrite(body, identity.user_id, self._now_ms(), name,
-                              None if identity.guest else identity.user_id)
-
-    @property
-    def native_rewrite(self) -> bool:
-        """The usual body is rewritten in native code (else all of it in Python)."""
-        return self._native is not None
-
-    @property
-    def rewrites_without_io(self) -> bool:
-        """Guests only and no token to issue: ``rewrite_now`` gives what ``rewrite`` would."""
-        return self._identify is None and self._token_for is None
-
-    def rewrite_now(self, request: web.BaseRequest, body: bytes
-                    ) -> tuple[bytes, list[tuple[str, str]]]:
-        """``rewrite`` for a gateway that signs for guests only, without a coroutine.
-
-        The injection path runs once per chat page view; with no identity lookup and no
-        token to issue there is nothing to wait for, so it is done in a plain call.
-        """
-        if self._identify is not None or self._token_for is not None:
-            raise RuntimeError("rewrite_now needs a guest-only gateway (no identity, no token)")
-        identity = self.guest_identity(request.headers.get(hdrs.COOKIE))
-        assert identity is not None  # issue=True always gives one
-        native = self._native
-        if native is not None and len(body) <= self._max_json:
-            done = self._native_rewrite(native, body, identity)
-            if done is not None:
-                return done, _cookie_headers(identity)
-        data, shape = read_body(body, self._max_json)
-        out = self._rewritten(request, data, shape, identity, self._name_for(data, identity),
-                              None)
-        return serialize(out, shape), _cookie_headers(identity)
+        out, identity = await self._rewrite_object(request, body, with_token=True)
+        return serialize(out), _cookie_headers(identity)
 
     # ---------------------------------------------------------------- handlers
 
@@ -382,7 +301,7 @@ class ChatEndpoints:
             return _text(404, "404 Not Found: this gateway does not sign (auth.mode token)\n")
         try:
             body = await read_limited(request, self.cec.max_json_size)
-            out, identity, _ = await self._rewrite_object(request, body, with_token=False)
+            out, identity = await self._rewrite_object(request, body, with_token=False)
         except InjectionError as exc:
             return _text(400, f"400 Bad Request: {exc}\n")
         except NotLoggedIn as exc:

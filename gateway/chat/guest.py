@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from functools import lru_cache
 from typing import Any
 
 import itsdangerous
@@ -21,36 +22,15 @@ GUEST_ID_RE = re.compile(r"^guest-[0-9a-f]{20}$")
 # RFC 6265 cookie-name token characters.
 _COOKIE_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _SALT = b"gateway.chat.guest"
-
-
-_VERIFIED_MAX = 10_000
-# Whole Cookie headers remembered with the guest id read from them: at most 4,096 of up to
-# 512 characters (2 MiB), refilled after a clear at the cost of one regex search each.
-_HEADER_CACHE_MAX = 4096
-_HEADER_CACHE_LENGTH = 512
-
-
-class _KeyCachingSigner(itsdangerous.Signer):
-    """itsdangerous derives the same key again on every sign and unsign; derive it once."""
-
-    _derived: dict[str | bytes | None, bytes]
-
-    def derive_key(self, secret_key: str | bytes | None = None) -> bytes:
-        cache: dict[str | bytes | None, bytes] | None = getattr(self, "_derived", None)
-        if cache is None:
-            cache = {}
-            self._derived = cache
-        key = cache.get(secret_key)
-        if key is None:
-            key = cache[secret_key] = super().derive_key(secret_key)
-        return key
+# A signed value is ``guest-`` + 20 hex + "." + 43 base64 characters; anything much longer
+# cannot verify, and must not fill the cache of verified values with large strings.
+_MAX_VALUE_LENGTH = 128
 
 
 class GuestCookies:
     """Reads, mints and formats the signed guest-id cookie."""
 
-    __slots__ = ("_cookie_re", "_headers", "_signer", "_verified", "cookie_name", "max_age",
-                 "secure")
+    __slots__ = ("_cookie_re", "_signer", "_verified", "cookie_name", "max_age", "secure")
 
     def __init__(
         self,
@@ -66,13 +46,14 @@ class GuestCookies:
             raise ValueError(f"{cookie_name!r} is not a valid cookie name")
         if max_age <= 0:
             raise ValueError("max_age must be positive")
-        self._signer = _KeyCachingSigner(key, salt=_SALT, digest_method=hashlib.sha256)
+        self._signer = itsdangerous.Signer(key, salt=_SALT, digest_method=hashlib.sha256)
         self.cookie_name = cookie_name
         # One "name=value" pair of a Cookie header whose name is ours (blanks around the name
         # and the value as str.strip() sees them: \s is the same Unicode whitespace).
         self._cookie_re = re.compile(r"(?:^|;)\s*" + re.escape(cookie_name) + r"\s*=([^;]*)")
-        self._verified: dict[str, str] = {}
-        self._headers: dict[str, str] = {}  # whole Cookie headers already read -> guest id
+        # A browser sends the same cookie on every request: each distinct value is verified
+        # once (an entry is only reachable by presenting that signed value again).
+        self._verified = lru_cache(maxsize=4096)(self._verify)
         self.secure = secure
         self.max_age = max_age
 
@@ -96,17 +77,9 @@ class GuestCookies:
 
     def read_value(self, value: str | None) -> str | None:
         """The guest id inside a cookie value, or None when absent, malformed or tampered."""
-        if not value:
+        if not value or len(value) > _MAX_VALUE_LENGTH:
             return None
-        known = self._verified.get(value)
-        if known is not None:
-            return known  # verified before: a browser sends the same cookie every time
-        guest_id = self._verify(value)
-        if guest_id is not None:
-            if len(self._verified) >= _VERIFIED_MAX:
-                self._verified.clear()  # bounded; refilling costs one HMAC per browser
-            self._verified[value] = guest_id
-        return guest_id
+        return self._verified(value)
 
     def _verify(self, value: str) -> str | None:
         try:
@@ -121,15 +94,10 @@ class GuestCookies:
 
         A browser may send the name twice (a stale cookie from another path or domain next to
         the current one); both are ours to check, and only a signed value counts. The header
-        is not parsed as a whole: the cookie jar parsers cost more than the whole rewrite
-        around them, and this one name is all the gateway reads.
+        is not parsed as a whole: this one name is all the gateway reads, and a malformed
+        cookie of the site's elsewhere in the header must not hide it.
         """
-        if not header:
-            return None
-        known = self._headers.get(header)
-        if known is not None:
-            return known  # a browser sends the same header until one of its cookies changes
-        if self.cookie_name not in header:
+        if not header or self.cookie_name not in header:
             return None
         match = self._cookie_re.search(header)
         while match is not None:
@@ -138,10 +106,6 @@ class GuestCookies:
                 value = value[1:-1]
             guest_id = self.read_value(value)
             if guest_id is not None:
-                if len(header) <= _HEADER_CACHE_LENGTH:
-                    if len(self._headers) >= _HEADER_CACHE_MAX:
-                        self._headers.clear()
-                    self._headers[header] = guest_id
                 return guest_id
             match = self._cookie_re.search(header, match.end())
         return None

@@ -2,43 +2,35 @@
 
 Pure: bytes in, bytes out. The page may send anything; what leaves the gateway carries the
 configured tenant and channel, the gateway-owned user id, a cleaned display name, no
-``secretKey``, and a signature computed here over exactly those values. Keys that merely look
-like an identity field (other case, full-width letters, zero-width characters, separators)
-are dropped so that no lenient parser downstream can pick them up instead of ours: the gateway
-must never become a signing oracle for another tenant, channel or user.
-
-This module is the reference. ``_native.c`` rewrites the usual body (flat,
-plain keys, no secret) in one native call and hands everything else back to it.
+``secretKey``, only the credential the gateway itself sets in this mode (the signature in
+authorization mode, the token in token mode), and a signature computed here over exactly
+those values. Keys that merely look like an identity field are dropped so that no lenient
+parser downstream can pick them up instead of ours: the gateway must never become a signing
+oracle for another tenant, channel or user.
 """
 
 from __future__ import annotations
 
 import json
-import json.encoder
-import json.scanner
 import math
-import re
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-
-import orjson
 
 from gateway.errors import BadRequest
 from gateway.signing import DEFAULT_URI, Signer, SigningError, epoch_ms
 
 __all__ = [
     "MANAGED_FIELDS",
-    "IdentityForcer",
     "InjectionError",
     "RewriteResult",
     "clean_user_name",
     "effective_user_name",
+    "fold_key",
     "force_identity",
     "parse_body",
-    "read_body",
     "rewrite_data",
     "rewrite_third_user_data",
     "serialize",
@@ -76,29 +68,31 @@ class RewriteResult:
     stripped_secret: bool
 
 
-@lru_cache(maxsize=1024)
+def fold_key(key: str) -> str:
+    """``key`` as the most lenient parser downstream could compare it (look-alike detection).
+
+    Compatibility decomposition (full-width forms, ligatures, the Kelvin sign, long s),
+    then upper case and full case folding, so that letters which only an upper-casing maps
+    onto ASCII (dotless i U+0131, as Java's ``equalsIgnoreCase`` and JavaScript's
+    ``toUpperCase`` do) fold like their ASCII twins; then only letters and digits are kept
+    (accents, zero-width and separator characters dropped, as accent-insensitive
+    collations and "normalising" parsers do).
+    """
+    # A widget sends the same few short keys on every page view; long (page-chosen) keys
+    # are folded each time rather than kept.
+    return _fold_short(key) if len(key) <= 64 else _fold(key)
+
+
 def _fold(key: str) -> str:
-    """The letters and digits of ``key`` after NFKC and case folding (look-alike detection)."""
-    folded = unicodedata.normalize("NFKC", key).casefold()
-    return "".join(c for c in folded if c.isalnum())
+    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", key).upper().casefold())
+    return "".join(c for c in text if c.isalnum())
 
 
-_FOLDED_MANAGED = {_fold(name): name for name in MANAGED_FIELDS}
-_FOLDED_SECRET = _fold(SECRET)
+_fold_short = lru_cache(maxsize=1024)(_fold)
 
 
-_KEEP, _SECRET, _LOOKALIKE = "keep", "secret", "look-alike"
-_KEEP_ALL = frozenset({_KEEP})
-
-
-@lru_cache(maxsize=1024)
-def _verdict(key: str) -> str:
-    """What happens to a top-level key: kept, dropped as a secret, dropped as a look-alike."""
-    folded = _fold(key)
-    if folded == _FOLDED_SECRET:
-        return _SECRET
-    canonical = _FOLDED_MANAGED.get(folded)
-    return _LOOKALIKE if canonical is not None and key != canonical else _KEEP
+_FOLDED_MANAGED = {fold_key(name): name for name in MANAGED_FIELDS}
+_FOLDED_SECRET = fold_key(SECRET)
 
 
 def clean_user_name(value: object, max_length: int) -> str:
@@ -149,70 +143,16 @@ def _reject_constant(name: str) -> object:
     raise InjectionError(f"JSON constant {name} is not allowed")
 
 
-# The reference codec is the standard library's; orjson does the usual body in a fifth of
-# the instructions, and is only trusted where it provably gives the same answer (below).
-# Built once: json.loads and json.dumps with options construct a new decoder or encoder
-# on every call.
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
-_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-_decode: Callable[[str], object] = _decoder.decode
-_encode: Callable[[object], str] = _encoder.encode
-_scanner = getattr(json.scanner, "c_make_scanner", None)
-_c_encoder = getattr(json.encoder, "c_make_encoder", None)
-if _scanner is not None and _c_encoder is not None:
-    # The C scanner and encoder called directly, without the Python layers of
-    # JSONDecoder.decode and JSONEncoder.encode around them.
-    # The encoder skips the cycle check (markers=None): a parsed document has no cycles.
-    _scan = _scanner(_decoder)
-    _c_encode = _c_encoder(None, _encoder.default, json.encoder.encode_basestring, None,
-                           ":", ",", False, False, False)
-    _TRAILING = re.compile(r"[ \t\n\r]*")
-
-    def _decode(text: str) -> object:
-        start = _TRAILING.match(text).end()  # type: ignore[union-attr]
-        try:
-            value, end = _scan(text, start)
-        except StopIteration as exc:
-            raise json.JSONDecodeError("Expecting value", text, exc.value) from None
-        if _TRAILING.match(text, end).end() != len(text):  # type: ignore[union-attr]
-            raise json.JSONDecodeError("Extra data", text, end)
-        return value
-
-    def _encode(value: object) -> str:
-        return "".join(_c_encode(value, 0))
-
-# Types that orjson reads and writes exactly as the json module does. Floats are not among
-# them: orjson reads an integer beyond 64 bits as a float (json keeps it exact), writes
-# infinity as null (json refuses it) and spells some exponents differently (1e-7, 1e-07).
-_EXACT = frozenset({str, int, bool, type(None)})
-_SCALARS = frozenset({str, int, float, bool, type(None)})
-# Deeper documents go to the json module, which decides alone whether they are too deep
-# (orjson reads 1,024 levels, json fewer, and orjson writes only 254).
-_EXACT_DEPTH = 64
+# A parsed document has no reference cycles to look for.
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False,
+                            check_circular=False)
 
 
-def _exact(value: object, depth: int = 0) -> bool:
-    """True when orjson reads and writes ``value`` as the json module does (see _EXACT)."""
-    cls = value.__class__
-    if cls is dict:
-        items: Iterable[object] = value.values()  # type: ignore[attr-defined]
-    elif cls is list:
-        items = value  # type: ignore[assignment]
-    else:
-        return cls in _EXACT
-    if _EXACT.issuperset(map(type, items)):
-        return True
-    return depth < _EXACT_DEPTH and all(_exact(item, depth + 1) for item in items)
-
-
-# What read_body knows about a document, so that the rewrite and serialize need not look
-# again: every value a plain scalar orjson handles exactly; exact with objects or arrays
-# inside; or anything else (read by the json module, written by it too).
-FLAT, NESTED, OTHER = 0, 1, 2
-
-
-def _parse_reference(body: bytes) -> dict[str, object]:
-    """``parse_body`` with the json module alone: the reference for every decision."""
+def parse_body(body: bytes, max_size: int) -> dict[str, object]:
+    """The JSON object in ``body``; InjectionError when too big, not UTF-8 JSON or no object."""
+    if len(body) > max_size:
+        raise InjectionError(f"thirdUserData is larger than {max_size} bytes")
     if not body.strip():
         raise InjectionError("thirdUserData is empty")
     try:
@@ -220,9 +160,7 @@ def _parse_reference(body: bytes) -> dict[str, object]:
     except UnicodeDecodeError:
         raise InjectionError("thirdUserData is not UTF-8") from None
     try:
-        data = _decode(text)
-    except InjectionError:
-        raise
+        data = _decoder.decode(text)
     except (ValueError, RecursionError):
         # ValueError covers JSONDecodeError and Python's limit on huge integer literals.
         raise InjectionError("thirdUserData is not valid JSON") from None
@@ -231,51 +169,16 @@ def _parse_reference(body: bytes) -> dict[str, object]:
     return data
 
 
-def read_body(body: bytes, max_size: int) -> tuple[dict[str, object], int]:
-    """``parse_body``, and the document's shape (FLAT, NESTED or OTHER)."""
-    if len(body) > max_size:
-        raise InjectionError(f"thirdUserData is larger than {max_size} bytes")
+def serialize(data: Mapping[str, object]) -> bytes:
+    """Compact UTF-8 JSON; InjectionError when a value cannot be written back."""
     try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return _parse_reference(body), OTHER  # rejected, or something orjson does not read
-    if data.__class__ is dict:
-        if _EXACT.issuperset(map(type, data.values())):
-            return data, FLAT
-        if _exact(data):
-            return data, NESTED
-    return _parse_reference(body), OTHER
-
-
-def parse_body(body: bytes, max_size: int) -> dict[str, object]:
-    """The JSON object in ``body``; InjectionError when too big, not UTF-8 JSON or no object.
-
-    The answer is the json module's; orjson gives it faster whenever it cannot differ.
-    """
-    return read_body(body, max_size)[0]
-
-
-def _serialize_reference(data: Mapping[str, object]) -> bytes:
-    try:
-        return _encode(data).encode("utf-8")
-    except (UnicodeEncodeError, ValueError):
+        return _encoder.encode(data).encode("utf-8")
+    except UnicodeEncodeError:
         raise InjectionError("thirdUserData holds invalid Unicode") from None
-
-
-def serialize(data: Mapping[str, object], shape: int | None = None) -> bytes:
-    """Compact UTF-8 JSON; InjectionError when a string cannot be encoded (lone surrogate).
-
-    The json module's bytes; orjson writes them faster whenever they cannot differ. ``shape``
-    is read_body's for a document that has only gained strings and integers since.
-    """
-    if shape is None:
-        shape = NESTED if _exact(data) else OTHER
-    if shape != OTHER:
-        try:
-            return orjson.dumps(data)
-        except orjson.JSONEncodeError:
-            pass  # an integer beyond 64 bits, a lone surrogate, a key that is not a string
-    return _serialize_reference(data)
+    except ValueError:
+        raise InjectionError("thirdUserData holds a number out of range") from None
+    except RecursionError:
+        raise InjectionError("thirdUserData is nested too deeply") from None
 
 
 def _strip_secrets(value: object) -> tuple[object, bool]:
@@ -284,7 +187,7 @@ def _strip_secrets(value: object) -> tuple[object, bool]:
         out: dict[str, object] = {}
         stripped = False
         for key, item in value.items():
-            if _fold(key) == _FOLDED_SECRET:
+            if fold_key(key) == _FOLDED_SECRET:
                 stripped = True
                 continue
             out[key], inner = _strip_secrets(item)
@@ -301,81 +204,25 @@ def _strip_secrets(value: object) -> tuple[object, bool]:
     return value, False
 
 
-@lru_cache(maxsize=256)
-def _all_kept(keys: tuple[str, ...]) -> bool:
-    # The same widget sends the same keys on every page view: one lookup for all of them.
-    return all(_verdict(key) is _KEEP for key in keys)
-
-
-def _unmanaged(data: Mapping[str, object], shape: int) -> tuple[dict[str, object], bool]:
+def _unmanaged(data: Mapping[str, object]) -> tuple[dict[str, object], bool]:
     """The page's keys that are neither a secret nor a look-alike, secrets removed inside."""
-    if _all_kept(tuple(data)):
-        out = dict(data)  # the usual body: nothing to drop
-        stripped = False
-    else:
-        out = {}
-        stripped = False
+    out: dict[str, object] = {}
+    stripped = False
+    try:
         for key, value in data.items():
-            verdict = _verdict(key)
-            if verdict is _KEEP:
-                out[key] = value
-            elif verdict is _SECRET:
+            folded = fold_key(key)
+            if folded == _FOLDED_SECRET:
                 stripped = True
-            # a look-alike of an identity field: never forwarded
-    if shape != FLAT and not _SCALARS.issuperset(map(type, out.values())):
-        try:
-            for key, value in out.items():
-                if value.__class__ not in _SCALARS:
-                    out[key], inner = _strip_secrets(value)
-                    stripped = stripped or inner
-        except RecursionError:
-            raise InjectionError("thirdUserData is nested too deeply") from None
+            elif _FOLDED_MANAGED.get(folded, key) != key:
+                pass  # a look-alike of an identity field: never forwarded
+            elif isinstance(value, dict | list):
+                out[key], inner = _strip_secrets(value)
+                stripped = stripped or inner
+            else:
+                out[key] = value
+    except RecursionError:
+        raise InjectionError("thirdUserData is nested too deeply") from None
     return out, stripped
-
-
-class IdentityForcer:
-    """``force_identity`` bound to one channel: what the injection path calls per request."""
-
-    __slots__ = ("channel_config_id", "signer", "tenant_space_id", "uri")
-
-    def __init__(self, tenant_space_id: str, channel_config_id: str, signer: Signer | None,
-                 uri: str = DEFAULT_URI) -> None:
-        self.tenant_space_id = tenant_space_id
-        self.channel_config_id = channel_config_id
-        self.signer = signer
-        self.uri = uri
-
-    def __repr__(self) -> str:
-        return (f"IdentityForcer(tenant={self.tenant_space_id!r},"
-                f" channel={self.channel_config_id!r}, signing={self.signer is not None})")
-
-    def force(self, data: Mapping[str, object], shape: int, user_id: str, user_name: str,
-              token: str | None, now_ms: int) -> tuple[dict[str, object], bool]:
-        """``force_identity``, positional (see there)."""
-        out, stripped = _unmanaged(data, shape)
-        # Assignment keeps the position of keys the page already sent.
-        out[USER_NAME] = user_name
-        out[USER_ID] = user_id
-        out[TENANT] = self.tenant_space_id
-        out[CHANNEL] = self.channel_config_id
-        stamp = out.get(TIMESTAMP)
-        if stamp.__class__ is not int and (
-            not isinstance(stamp, (int, float))  # a tuple: no union object built per call
-            or isinstance(stamp, bool)
-            or not math.isfinite(stamp)
-        ):
-            out[TIMESTAMP] = now_ms
-        if token is not None:
-            out[TOKEN] = token
-        signer = self.signer
-        if signer is not None:
-            try:
-                out[AUTHORIZATION] = signer.sign_at(out, now_ms, self.uri)
-            except SigningError as exc:
-                raise InjectionError(str(exc)) from None
-            except UnicodeEncodeError:
-                raise InjectionError("thirdUserData holds invalid Unicode") from None
-        return out, stripped
 
 
 def force_identity(
@@ -389,14 +236,35 @@ def force_identity(
     token: str | None,
     now_ms: int,
     uri: str = DEFAULT_URI,
-    shape: int = OTHER,
 ) -> tuple[dict[str, object], bool]:
-    """``rewrite_data`` with the final ``thirdUserName`` already chosen, time in epoch ms.
-
-    ``shape`` is read_body's for ``data`` (OTHER when unknown).
-    """
-    forcer = IdentityForcer(tenant_space_id, channel_config_id, signer, uri)
-    return forcer.force(data, shape, user_id, user_name, token, now_ms)
+    """``rewrite_data`` with the final ``thirdUserName`` already chosen, time in epoch ms."""
+    out, stripped = _unmanaged(data)
+    # Assignment keeps the position of keys the page already sent.
+    out[USER_NAME] = user_name
+    out[USER_ID] = user_id
+    out[TENANT] = tenant_space_id
+    out[CHANNEL] = channel_config_id
+    stamp = out.get(TIMESTAMP)
+    if not isinstance(stamp, int | float) or isinstance(stamp, bool) or not math.isfinite(stamp):
+        out[TIMESTAMP] = now_ms
+    # Only the credential the gateway sets in this mode reaches the CEC: a page's own
+    # signature next to an injected token (or its token next to our signature) would let
+    # the CEC pick the page's.
+    if token is None:
+        out.pop(TOKEN, None)
+    else:
+        out[TOKEN] = token
+    if signer is None:
+        out.pop(AUTHORIZATION, None)
+    else:
+        try:
+            out[AUTHORIZATION] = signer.sign_fields(
+                out, timestamp=signer.timestamp_at(now_ms), uri=uri)
+        except SigningError as exc:
+            raise InjectionError(str(exc)) from None
+        except UnicodeEncodeError:
+            raise InjectionError("thirdUserData holds invalid Unicode") from None
+    return out, stripped
 
 
 def rewrite_data(
@@ -450,7 +318,8 @@ def rewrite_third_user_data(
     - ``secretKey`` (any spelling, any depth) is removed; look-alike identity keys too;
     - ``timestamp`` is kept when numeric, else set to ``now`` in epoch milliseconds;
     - with ``signer``: ``thirdPartAuthorization`` = a signature at ``now`` for ``uri``;
-    - with ``token``: ``thirdUserToken`` = ``token``.
+      without: the page's ``thirdPartAuthorization`` is removed;
+    - with ``token``: ``thirdUserToken`` = ``token``; without: the page's is removed.
     """
     data = parse_body(body, max_size)
     out, stripped = rewrite_data(

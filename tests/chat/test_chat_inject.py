@@ -9,26 +9,28 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import unicodedata
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import SecretStr
 
-from gateway.chat import inject
 from gateway.chat.inject import (
     InjectionError,
     RewriteResult,
     clean_user_name,
     effective_user_name,
+    fold_key,
     parse_body,
     rewrite_third_user_data,
-    serialize,
 )
 from gateway.errors import BadRequest, GatewayError
+from gateway.sandbox.authv2 import AuthV2Error, AuthV2Verifier
 from gateway.signing import Signer
 
 SECRET = "aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5bC7dE9f"
@@ -358,24 +360,6 @@ def test_oracle_property(pairs: list[tuple[str, Any]], user_id: str) -> None:
     assert out["thirdUserName"] == (clean_user_name(last_name, 64) or "Guest-012345")
 
 
-_JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text()
-    | st.floats(allow_nan=False, allow_infinity=False),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
-    max_leaves=20)
-
-
-@settings(max_examples=300, deadline=None)
-@given(data=st.dictionaries(st.text(), _JSON, max_size=6),
-       pad=st.sampled_from(["", " ", "\n\t ", "\r\n"]))
-def test_parse_and_serialize_agree_with_the_json_module(data: dict[str, Any], pad: str) -> None:
-    """parse_body and serialize call json's C scanner and encoder directly: same results."""
-    text = pad + json.dumps(data, ensure_ascii=False) + pad
-    assert parse_body(text.encode(), 1 << 20) == json.loads(text)
-    assert serialize(data) == json.dumps(
-        data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
-
-
 @pytest.mark.parametrize("body", [b'{"a":1} x', b'{"a":1}{"b":2}', b" ", b'{"a":NaN}',
                                   b'{"a":Infinity}', b"[1]", b'{"a":1', b"\x0c{}"])
 def test_parse_body_refuses_what_json_loads_refuses(body: bytes) -> None:
@@ -383,75 +367,24 @@ def test_parse_body_refuses_what_json_loads_refuses(body: bytes) -> None:
         parse_body(body, 1000)
 
 
-# ------------------------------------------------------------------ orjson vs the json module
-# parse_body and serialize use orjson where it cannot differ from the json module. The
-# json module stays the reference: same value (types included: 1 is not 1.0), same error.
-
-def _outcome(fn: Any, *args: Any) -> str:
-    try:
-        return repr(fn(*args))  # repr tells 1 from 1.0 and True from 1, and shows key order
-    except InjectionError as exc:
-        return f"InjectionError: {exc}"
-
-
-_ANY_JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text()
-    | st.floats(allow_nan=False, allow_infinity=False),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
-    max_leaves=20)
-_NUMBERS = st.sampled_from([
-    "18446744073709551615", "18446744073709551616", "-9223372036854775808",
-    "-9223372036854775809", "123456789012345678901234567890", "1e400", "-1e400", "1e-7",
-    "1E2", "-0", "-0.0", "0.1", "5e-324", "1" * 5000, "NaN", "Infinity", "01", "1.", ".5",
+@pytest.mark.parametrize(("value", "written"), [
+    ("2**70", b"1180591620717411303424"), ("-9223372036854775809", b"-9223372036854775809"),
+    ("1e-7", b"1e-07"), ("1.5", b"1.5"), ("-0", b"0"), ("[1,{\"b\":null}]", b'[1,{"b":null}]'),
 ])
+def test_numbers_and_nesting_are_written_back_as_read(value: str, written: bytes) -> None:
+    """Integers beyond 64 bits stay exact; other values come back in the json module's spelling."""
+    literal = str(2**70) if value == "2**70" else value
+    out = rewrite('{"a":' + literal + "}").body
+    assert b'{"a":' + written + b"," in out
 
 
-@settings(max_examples=400, deadline=None)
-@given(data=st.dictionaries(st.text(), _ANY_JSON, max_size=6),
-       pad=st.sampled_from(["", " ", "\n\t ", "\r\n", "\x0c", "\ufeff"]))
-def test_read_body_gives_the_json_module_answer(data: dict[str, Any], pad: str) -> None:
-    for ascii_only in (False, True):  # \u escapes (surrogates among them) and raw UTF-8
-        text = pad + json.dumps(data, ensure_ascii=ascii_only) + pad
-        body = text.encode("utf-8", "surrogatepass")
-        assert _outcome(parse_body, body, 1 << 20) == _outcome(
-            inject._parse_reference, body)
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.text(max_size=4), _NUMBERS), max_size=4))
-def test_read_body_numbers_as_the_json_module(pairs: list[tuple[str, str]]) -> None:
-    """Integers beyond 64 bits stay exact; infinities, NaN and bad literals as json says."""
-    body = ("{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in pairs) + "}").encode()
-    assert _outcome(parse_body, body, 1 << 20) == _outcome(inject._parse_reference, body)
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=60))
-def test_read_body_on_arbitrary_bytes(junk: bytes) -> None:
-    for body in (junk, b'{"a":' + junk + b"}", b'{"a":"' + junk + b'"}'):
-        assert _outcome(parse_body, body, 1 << 20) == _outcome(inject._parse_reference, body)
-
-
-@settings(max_examples=400, deadline=None)
-@given(data=st.dictionaries(st.text(), _ANY_JSON, max_size=6))
-def test_serialize_writes_the_json_module_bytes(data: dict[str, Any]) -> None:
-    """Floats (1e-07, not 1e-7), big integers and lone surrogates included."""
-    reference = _outcome(inject._serialize_reference, data)
-    assert _outcome(serialize, data) == reference
-    assert _outcome(serialize, data, inject.OTHER) == reference
-
-
-@pytest.mark.parametrize("value", [1e-7, 1e16, float("inf"), 2**64, -(2**63) - 1, "\ud800",
-                                   [1.5], {"x": [2**70]}])
-def test_serialize_edge_values(value: object) -> None:
-    data = {"a": value}
-    assert _outcome(serialize, data) == _outcome(inject._serialize_reference, data)
-
-
-@pytest.mark.parametrize("depth", [63, 64, 65, 200, 254, 255, 900, 1024, 1025, 5000])
-def test_deep_documents_are_read_or_refused_like_the_json_module(depth: int) -> None:
-    body = b'{"a":' + b"[" * depth + b"]" * depth + b"}"
-    assert _outcome(parse_body, body, 1 << 20) == _outcome(inject._parse_reference, body)
+@pytest.mark.parametrize(("body", "reason"), [
+    (b'{"a":1e400}', "out of range"), (b'{"a":-1e999}', "out of range"),
+    (b'{"a":"\\ud800"}', "invalid Unicode"),
+])
+def test_values_that_cannot_be_written_back_are_a_400(body: bytes, reason: str) -> None:
+    with pytest.raises(InjectionError, match=reason):
+        rewrite(body)
 
 
 @pytest.mark.parametrize("depth", [900, 990, 1024])
@@ -466,9 +399,215 @@ def test_deep_documents_give_a_400_not_a_crash(depth: int) -> None:
         assert json.loads(result.body)["thirdUserId"] == USER
 
 
-def test_shape_of_what_read_body_returns() -> None:
-    assert inject.read_body(b'{"a":1,"b":"x","c":null,"d":true}', 100)[1] == inject.FLAT
-    assert inject.read_body(b'{"a":[1,{"b":2}]}', 100)[1] == inject.NESTED
-    assert inject.read_body(b'{"a":1.5}', 100)[1] == inject.OTHER
-    assert inject.read_body(b'{"a":18446744073709551616}', 100) == (
-        {"a": 18446744073709551616}, inject.OTHER)
+# ------------------------------------------------------------------ body cases
+
+REFUSED = {
+    "array": b"[]", "string": b'"x"', "number": b"1", "truncated value": b'{"a":"b"',
+    "truncated after colon": b'{"a":', "truncated key": b'{"a', "two objects": b"{}{}",
+    "trailing comma": b'{"a":1,}', "leading zero": b'{"a":01}', "raw control": b'{"a":"\x01"}',
+    "raw newline in key": b'{"a\nb":1}', "overlong UTF-8": b'{"a":"\xc0\xaf"}',
+    "encoded surrogate": b'{"a":"\xed\xa0\x80"}', "cut UTF-8": b'{"a":"\xe4\xb8"}',
+    "invalid byte in key": b'{"\xff":1}', "form feed after": b'{"a":1}\f',
+    "vertical tab": b"{\v}", "no-break space": b"{}\xc2\xa0", "comment": b'{"a":1} //',
+    "lone surrogate escape": b'{"a":"\\ud800"}',
+}
+
+
+@pytest.mark.parametrize("body", REFUSED.values(), ids=REFUSED.keys())
+def test_refused_bodies(body: bytes) -> None:
+    with pytest.raises(InjectionError):
+        rewrite(body)
+
+
+def test_empty_object_gets_every_forced_field_in_order() -> None:
+    out = decode(rewrite(b" {\n} "))
+    assert list(out) == ["thirdUserName", "thirdUserId", "tenantSpaceId", "channelConfigId",
+                         "timestamp", "thirdPartAuthorization"]
+    assert_forced(out, "Guest-012345")
+    assert out["timestamp"] == NOW_MS
+
+
+def test_page_keys_keep_their_position() -> None:
+    body = '{"timestamp":1,"thirdPartAuthorization":"forged","a":"b","thirdUserId":"evil"}'
+    out = decode(rewrite(body))
+    assert list(out) == ["timestamp", "thirdPartAuthorization", "a", "thirdUserId",
+                         "thirdUserName", "tenantSpaceId", "channelConfigId"]
+    assert out["timestamp"] == 1
+    assert_forced(out, "Guest-012345")
+
+
+@pytest.mark.parametrize("stamp", ["0", "1700000000000", "-5", "123456789012345678"])
+def test_integer_timestamp_is_kept(stamp: str) -> None:
+    assert decode(rewrite('{"timestamp":' + stamp + "}"))["timestamp"] == int(stamp)
+
+
+@pytest.mark.parametrize("stamp", ['"2020-01-01"', '""', "true", "false", "null", "[1]"])
+def test_other_timestamp_is_replaced_in_place(stamp: str) -> None:
+    out = decode(rewrite('{"a":1,"timestamp":' + stamp + ',"b":2}'))
+    assert out["timestamp"] == NOW_MS
+    assert list(out)[:3] == ["a", "timestamp", "b"]
+
+
+@pytest.mark.parametrize(("name", "want"), [
+    ("  Alice  ", "Alice"), ("ab cd ef", "ab cd"), ("abcde f", "abcde"), ("     ", "Guest-"),
+    ("", "Guest-"), (" a ", "a"),
+])
+def test_names_are_cut_to_the_limit_then_trimmed(name: str, want: str) -> None:
+    out = decode(rewrite(json.dumps({"thirdUserName": name}), max_name_length=6))
+    assert out["thirdUserName"] == want
+
+
+def test_user_id_that_cannot_be_encoded_is_a_400() -> None:
+    with pytest.raises(InjectionError):
+        rewrite("{}", user_id="guest-\ud800")
+
+
+# ------------------------------------------------------------------ credentials per mode
+# Only the credential the gateway sets reaches the CEC (issue 13): in authorization mode the
+# page's token is removed, in token mode the page's signature.
+
+PAGE_CREDENTIALS = '{"thirdPartAuthorization":"page-signature","thirdUserToken":"page-token"}'
+
+
+def test_authorization_mode_removes_the_page_token() -> None:
+    out = decode(rewrite(PAGE_CREDENTIALS))
+    assert "thirdUserToken" not in out
+    assert_forced(out, "Guest-012345")
+
+
+def test_token_mode_removes_the_page_signature() -> None:
+    out = decode(rewrite(PAGE_CREDENTIALS, signer=None, token="tok-1"))
+    assert "thirdPartAuthorization" not in out
+    assert out["thirdUserToken"] == "tok-1"
+
+
+def test_both_credentials_set_when_the_gateway_has_both() -> None:
+    out = decode(rewrite(PAGE_CREDENTIALS, token="tok-1"))
+    assert out["thirdUserToken"] == "tok-1"
+    assert_forced(out, "Guest-012345")
+
+
+def test_neither_credential_when_the_gateway_sets_none() -> None:
+    out = decode(rewrite(PAGE_CREDENTIALS, signer=None))
+    assert "thirdPartAuthorization" not in out and "thirdUserToken" not in out
+
+
+# ------------------------------------------------------------------ look-alike keys
+
+MANAGED = ("thirdUserName", "thirdUserId", "tenantSpaceId", "channelConfigId",
+           "thirdPartAuthorization", "thirdUserToken")
+
+
+def _look_alikes(name: str) -> list[str]:
+    """Spellings of ``name`` that a lenient parser (Java equalsIgnoreCase, JS toUpperCase,
+    NFKC, accent- or separator-insensitive matching) could map onto it."""
+    out = [name.lower(), name.upper(), name[0].upper() + name[1:], fullwidth(name),
+           name[:5] + "\u200b" + name[5:], name[:5] + "_" + name[5:], name + " ",
+           name[:3] + "\u00ad" + name[3:], name + "\U000e0041", name + "\u200b" * 80]
+    for ascii_char, tricks in {"i": ("\u0131", "\u0130"), "s": ("\u017f",), "k": ("\u212a",),
+                               "a": ("\u00e0", "a\u0301", "\U0001d41a")}.items():
+        for trick in tricks:
+            for variant in (name, name.lower()):
+                at = variant.lower().find(ascii_char)
+                if at >= 0:
+                    out.append(variant[:at] + trick + variant[at + 1:])
+    return [k for k in dict.fromkeys(out) if k != name]
+
+
+LOOK_ALIKE_CASES = [(name, alike) for name in (*MANAGED, "secretKey")
+                    for alike in _look_alikes(name)]
+
+
+def test_every_managed_field_has_tricky_look_alikes() -> None:
+    """The table reaches every field with the letters Unicode case mapping tricks on."""
+    tricks = {"\u0131", "\u017f", "\u212a"}
+    covered = {name for name, alike in LOOK_ALIKE_CASES if tricks & set(alike)}
+    assert covered == {*MANAGED, "secretKey"}
+
+
+@pytest.mark.parametrize(("name", "alike"), LOOK_ALIKE_CASES,
+                         ids=[repr(a) for _, a in LOOK_ALIKE_CASES])
+def test_look_alike_keys_never_reach_the_cec(name: str, alike: str) -> None:
+    for signer, token in ((Signer(CHANNEL, SECRET), None), (None, "tok-1")):
+        result = rewrite(json.dumps({alike: "999", "a": 1}), signer=signer, token=token)
+        out = decode(result)
+        assert alike not in out, f"{alike!r} ({name}) forwarded"
+        assert out["a"] == 1
+        assert "999" not in json.dumps(out)
+        if name == "secretKey":
+            assert result.stripped_secret
+
+
+def _lenient_images(c: str) -> set[str]:
+    """What case mapping and compatibility normalisation turn ``c`` into, letters and
+    digits only."""
+    forms = (c.upper(), c.lower(), c.casefold(), c.upper().lower(),
+             unicodedata.normalize("NFKC", c), unicodedata.normalize("NFKD", c))
+    return {"".join(ch for ch in unicodedata.normalize("NFKD", f) if ch.isalnum())
+            for f in forms}
+
+
+def test_fold_key_agrees_with_every_ascii_case_mapping() -> None:
+    """Every code point that some case mapping or normalisation turns into ASCII letters or
+    digits folds exactly to them (U+0131 to i, U+017F to s, U+212A to k, ...)."""
+    wrong = []
+    ascii_alnum = re.compile("[0-9A-Za-z]")
+    for cp in range(0x110000):
+        if 0xD800 <= cp <= 0xDFFF:
+            continue
+        c = chr(cp)
+        probe = c.upper() + c.lower() + c.casefold() + unicodedata.normalize("NFKD", c)
+        if not ascii_alnum.search(probe):
+            continue  # nothing ASCII can come out of it (fast path of this test)
+        for image in _lenient_images(c):
+            if image and image.isascii() and fold_key(c) != image.lower():
+                wrong.append((hex(cp), image, fold_key(c)))
+    assert not wrong, wrong[:20]
+    assert fold_key("th\u0131rdUserId") == fold_key("thirdUserId")
+
+
+# ------------------------------------------------------------------ the CEC's verifier
+# The sandbox's verifier (gateway/sandbox/authv2.py) shares no code with gateway.signing:
+# whatever the page sends, the forwarded body verifies there for the forced identity.
+
+SIGNERS = {
+    "default": Signer(CHANNEL, SECRET),
+    "type only, two fields reordered": Signer(
+        "ak-1", SECRET, signed_headers=("Content-Type",),
+        content_type="application/json; charset=utf-8",
+        payload_fields=("thirdUserId", "thirdUserName")),
+    "length only, three fields": Signer(
+        "ak-2", SECRET, signed_headers=("Content-Length",),
+        payload_fields=("channelConfigId", "tenantSpaceId", "thirdUserId")),
+}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(label=st.sampled_from(sorted(SIGNERS)),
+       pairs=st.lists(st.tuples(hostile_keys, json_values), max_size=6),
+       name=st.text(max_size=80), user=st.text(max_size=20),
+       now_ms=st.integers(946_684_800_000, 4_102_444_800_000))
+def test_forwarded_body_verifies_with_the_sandbox_verifier(
+        label: str, pairs: list[tuple[str, Any]], name: str, user: str, now_ms: int) -> None:
+    signer = SIGNERS[label]
+    pairs.append(("thirdUserName", name))
+    body = "{" + ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in pairs) + "}"
+    uid = "guest-" + user.encode().hex()[:20]
+    now = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=now_ms)
+    try:
+        out = decode(rewrite(body, signer=signer, user_id=uid, now=now))
+    except InjectionError:
+        assert "\\ud" in body.lower()  # only a lone surrogate cannot be written back
+        return
+    verifier = AuthV2Verifier(
+        access_key=signer.access_key, secret_key=SecretStr(SECRET),
+        signed_headers=signer.signed_headers, content_type=signer.content_type,
+        payload_fields=signer.payload_fields, clock=lambda: now_ms / 1000)
+    parsed = verifier.verify(out["thirdPartAuthorization"], method="POST", uri=URI, body=out)
+    assert parsed.timestamp == signer.timestamp_at(now_ms)
+    assert (out["thirdUserId"], out["tenantSpaceId"], out["channelConfigId"]) == (
+        uid, TENANT, CHANNEL)
+    with pytest.raises(AuthV2Error) as refused:
+        verifier.verify(out["thirdPartAuthorization"], method="POST", uri=URI,
+                        body={**out, "thirdUserId": uid + "x"})
+    assert refused.value.reason == "signature"

@@ -1,5 +1,6 @@
 """Fixtures for the conformance suite: a scripted raw upstream, a gateway in front of it,
-and the request path (fast or full) every test runs on.
+and the request path (fast or full, the ``path`` fixture of tests/conftest.py) every test
+runs on.
 
 The gateway runs in the test's event loop with a read timeout (5 s) longer than the client's
 patience (3 s): an exchange that stalls fails the test instead of turning into a 504.
@@ -31,14 +32,6 @@ def conformance_config(upstream: str, **limits: Any) -> Config:
     if limits:
         tree["limits"] = limits
     return load_config_text(yaml.safe_dump(tree), env={})
-
-
-@pytest.fixture(params=["fast", "full"])
-def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> PathSwitch:
-    """Every conformance test runs on both request paths."""
-    switch = PathSwitch(request.param)
-    switch.install(monkeypatch)
-    return switch
 
 
 @pytest.fixture

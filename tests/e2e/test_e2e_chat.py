@@ -10,8 +10,10 @@ the sandbox's refusals (signature, timestamp, replay, token) at the HTTP level, 
 from __future__ import annotations
 
 import json
+import os
 import re
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -19,7 +21,14 @@ import aiohttp
 import pytest
 
 from gateway.signing import Signer
-from tests.e2e.conftest import CHANNEL, DOCS, TENANT, XSS_NAME, Stack, run_stack
+from tests.e2e.conftest import (
+    CHANNEL,
+    SCREENSHOTS_ENV,
+    TENANT,
+    XSS_NAME,
+    Stack,
+    run_stack,
+)
 
 expect = pytest.importorskip("playwright.async_api").expect
 
@@ -105,7 +114,7 @@ def assert_quiet(*watches: Any) -> None:
 # ---------------------------------------------------------------- the flows
 
 
-async def test_authorization_mode_in_chromium(open_page: Any) -> None:
+async def test_authorization_mode_in_chromium(open_page: Any, tmp_path: Path) -> None:
     async with run_stack("authorization") as stack:
         agent_ctx, agent, agent_watch = await open_page()
         await agent_sign_in(agent, stack)
@@ -121,8 +130,10 @@ async def test_authorization_mode_in_chromium(open_page: Any) -> None:
         await exchange(visitor, agent, "Hello, I need help with my order.",
                        "Sure! What is the order number?")
         await rate(visitor, agent, 4, "Quick and friendly")
-        await visitor.screenshot(path=str(DOCS / "widget.png"))
-        await agent.screenshot(path=str(DOCS / "agent-console.png"))
+        shots = Path(os.environ.get(SCREENSHOTS_ENV) or tmp_path)
+        await visitor.screenshot(path=str(shots / "widget.png"))
+        await agent.screenshot(path=str(shots / "agent-console.png"))
+        assert (shots / "widget.png").stat().st_size > 0
 
         # The vendor guide's page, with a hostile display name in thirdUserName.
         ctx2, guide, guide_watch = await open_page()

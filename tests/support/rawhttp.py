@@ -218,3 +218,13 @@ class KeepAlive:
         self.writer.close()
         with contextlib.suppress(ConnectionError):
             await self.writer.wait_closed()
+
+
+async def read_response_head_and_body(reader: asyncio.StreamReader, limit_s: float = 5.0
+                                      ) -> tuple[bytes, bytes]:
+    """One Content-Length framed response as raw bytes (head, body), without waiting for the
+    connection to close; for tests that assert on the exact head bytes."""
+    async with asyncio.timeout(limit_s):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(parse_head(head).header("Content-Length") or 0)
+        return head, await reader.readexactly(length)
