@@ -127,12 +127,14 @@ def prepare(work: Path, target: Target) -> list[str]:
 
 
 def function_sources(module_file: Path) -> dict[str, str]:
-    tree = ast.parse(module_file.read_text("utf-8"))
     text = module_file.read_text("utf-8")
+    lines = text.splitlines()
     found: dict[str, str] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and "__mutmut_" in node.name:
-            found[node.name] = ast.get_source_segment(text, node) or ""
+    for node in ast.parse(text).body:
+        for fn in [node, *(node.body if isinstance(node, ast.ClassDef) else [])]:
+            if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) and "__mutmut_" in fn.name:
+                # By line numbers: ast.get_source_segment rescans the file on every call.
+                found[fn.name] = "\n".join(lines[fn.lineno - 1:fn.end_lineno])
     return found
 
 
