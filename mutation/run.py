@@ -236,8 +236,11 @@ def mutate(module: str, jobs: int, only: Sequence[str] = ()) -> Report:
         # that the tests reach the trampolined module at all.
         fresh = calls_itself_at_import(ROOT / target.path)
         results = run_many(work, cmd[3:], ["fail", *names], timeout, jobs, fresh)
-        if results.pop("fail") != "killed":
-            sys.exit(f"{module}: the tests never call the mutated module")
+        sanity = results.pop("fail")
+        if sanity != "killed":
+            # Reported, not fatal: the mutants' results are still worth reading.
+            print(f"{module}: WARNING the forced failure was {sanity}, not killed: check that "
+                  "the selected tests call the mutated module", flush=True)
         for name in names:
             status = results[name]
             if status == "error":
