@@ -49,11 +49,13 @@ TARGETS: dict[str, Target] = {
                                              "tests/test_boundary_tables.py")),
     "routing": Target("gateway/routing.py", ("tests/test_routing.py",
                                              "tests/test_routing_traversal.py")),
-    # The unit parts of test_boundary.py (the rest starts gateways on sockets).
+    # The unit parts of test_boundary.py (the rest starts gateways on sockets). Not
+    # test_boundary_redirects.py: its 1,500-example property takes a minute per mutant; the
+    # redirect tables in test_boundary_tables.py stand in for it here.
     "boundary": Target("gateway/boundary.py", (
+        "tests/test_boundary_tables.py",
         "tests/test_boundary.py::test_upstream_cookie", "tests/test_boundary.py::test_set_cookie",
-        "tests/test_boundary.py::test_client_scripts", "tests/test_boundary.py::test_valid_host",
-        "tests/test_boundary_redirects.py", "tests/test_boundary_tables.py")),
+        "tests/test_boundary.py::test_client_scripts", "tests/test_boundary.py::test_valid_host")),
     "cors": Target("gateway/cors.py", ("tests/test_cors.py", "tests/test_cors_tables.py")),
     # The clock-driven unit file first (it kills most mutants in milliseconds); the other
     # runs the same guard on a real redis-server, which is what reaches RedisCounters.
@@ -125,12 +127,14 @@ def prepare(work: Path, target: Target) -> list[str]:
 
 
 def function_sources(module_file: Path) -> dict[str, str]:
-    tree = ast.parse(module_file.read_text("utf-8"))
     text = module_file.read_text("utf-8")
+    lines = text.splitlines()
     found: dict[str, str] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and "__mutmut_" in node.name:
-            found[node.name] = ast.get_source_segment(text, node) or ""
+    for node in ast.parse(text).body:
+        for fn in [node, *(node.body if isinstance(node, ast.ClassDef) else [])]:
+            if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) and "__mutmut_" in fn.name:
+                # By line numbers: ast.get_source_segment rescans the file on every call.
+                found[fn.name] = "\n".join(lines[fn.lineno - 1:fn.end_lineno])
     return found
 
 
@@ -232,12 +236,18 @@ def mutate(module: str, jobs: int, only: Sequence[str] = ()) -> Report:
         # that the tests reach the trampolined module at all.
         fresh = calls_itself_at_import(ROOT / target.path)
         results = run_many(work, cmd[3:], ["fail", *names], timeout, jobs, fresh)
-        if results.pop("fail") != "killed":
-            sys.exit(f"{module}: the tests never call the mutated module")
+        sanity = results.pop("fail")
+        if sanity not in ("killed", "error"):
+            # Reported, not fatal: the mutants' results are still worth reading.
+            print(f"{module}: WARNING the forced failure was {sanity}, not killed: check that "
+                  "the selected tests call the mutated module", flush=True)
         for name in names:
             status = results[name]
             if status == "error":
-                sys.exit(f"{module}: pytest could not run {name} (selection error)")
+                # The clean run proved the selection; under this mutant a test module failed
+                # to import (it calls the mutated code at import time), so pytest found none
+                # of the selected node ids: the mutant broke the tests, it is killed.
+                status = "killed"
             if status == "survived" and name in equivalent:
                 status = "equivalent"
             key = name.rsplit(".", 1)[1]

@@ -115,6 +115,8 @@ def test_tables_only_the_third_partys_cookies_reach_it(connection: Sequence[str]
     raw = [(b"Cookie", b"SESSION=site; ccmessaging-token=t"),
            (b"cookie", b"__cec_a=1; locale=en; __cec_=x; other=2")]
     sent = up(CEC, raw, connection)
+    assert sent.startswith(b"GET /x HTTP/1.1\r\nHost: cec.example.com\r\n")
+    assert b"\r\nX-Real-IP: 198.51.100.7\r\n" in sent
     assert sent.count(b"Cookie: ") == 1
     assert b"Cookie: ccmessaging-token=t; a=1; locale=en\r\n" in sent
     assert b"site" not in sent and b"other" not in sent

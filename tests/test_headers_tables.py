@@ -265,6 +265,7 @@ def test_url_map_origins(upstream: str, origins: tuple[str, ...], host: str) -> 
     ("/p/", "/sc/", "/sc/a", "/p/a"), ("/p/", "/sc/", "/sc/", "/p/"),
     ("/p/", "/sc/", "/sc", "/p"), ("/", "/sc/", "/sc", "/"), ("/p/", "/sc/", "/scx", None),
     ("/p/", "/sc/", "/other", None), ("/p/", "/sc", "/sc", "/p/"), ("/p", "/sc/", "/sc", "/p"),
+    ("//", "/sc/", "/sc", "/"),
 ])
 def test_map_path(prefix: str, upstream_path: str, path: str, mapped: str | None) -> None:
     urls = UrlMap(prefix, upstream_path, ("https://cec",), "cec")

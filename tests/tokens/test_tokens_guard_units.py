@@ -8,16 +8,20 @@ import asyncio
 import hashlib
 
 import pytest
+from pydantic import SecretStr
 
+from gateway.config import TokenConfig, TokenGuard
 from gateway.tokens.guard import (
     Guard,
     MemoryCounters,
     _ms,
     address_key,
+    guard_from_config,
     open_counters,
     open_guard,
     user_key,
 )
+from gateway.tokens.store import TokenBackendUnavailable
 
 
 class Clock:
@@ -267,3 +271,51 @@ def test_units_open_guard_on_memory() -> None:
                        "max_concurrency=5)")
     run(g.ping())
     run(g.close())
+
+
+def test_units_guard_from_config_takes_every_setting() -> None:
+    cfg = TokenConfig(signing_key=SecretStr("s" * 32), api_key=SecretStr("k" * 24),
+                      store="memory", guard=TokenGuard(max_failures=4, window=7.0, lockout=9.0),
+                      rate_limit="11/minute", max_concurrency=13)
+    g = guard_from_config(cfg)
+    assert repr(g) == ("Guard(max_failures=4, window=7s, lockout=9s, rate=11/60s, "
+                       "max_concurrency=13)")
+    run(g.close())
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"max_failures": 0}, r"^max_failures must be at least 1$"),
+    ({"max_concurrency": 0}, r"^max_concurrency must be at least 1$"),
+])
+def test_units_bad_argument_messages(kw: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        guard(Clock(), **kw)
+
+
+def test_units_unlock_messages_and_unknown_names() -> None:
+    g = guard(Clock())
+
+    async def go() -> None:
+        with pytest.raises(ValueError, match=r"^unlock a 'user' or an 'address'$"):
+            await g.unlock("users", "u")
+        # Nothing counted yet: unlocking is still an answer, not an error.
+        assert await g.unlock("user", "never-failed")
+        assert await g.unlock("address", "10.0.0.77")
+
+    run(go())
+
+
+def test_units_redis_counters_name_no_url_and_fail_closed() -> None:
+    # Port 1 on loopback: refused at once, no server needed. The URL carries a password.
+    counters = open_counters("redis://:hunter2@127.0.0.1:1/0")
+    assert repr(counters) == "RedisCounters()"
+
+    async def go() -> None:
+        for call in (counters.hit("k", 1, 1.0, 1.0), counters.peek("k"), counters.clear("k"),
+                     counters.ping()):
+            with pytest.raises(TokenBackendUnavailable, match=r"^guard: \w*Error\b") as info:
+                await call
+            assert "hunter2" not in str(info.value) and "None" not in str(info.value)
+        await counters.close()
+
+    run(go())
