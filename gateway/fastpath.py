@@ -147,8 +147,7 @@ class FastRequestHandler(_GatewayRequestHandler):
                 or "\\" in path or "#" in raw_path):
             return False
         gw = self.gateway
-        if (path in gw.ext.endpoints or gw.ext.scripts.looks_like(path)
-                or gw.routes.redirect_for(path) is not None):
+        if path in gw.ext.endpoints or gw.ext.scripts.looks_like(path):
             return False
         headers = msg.headers
         if "Origin" in headers or "Expect" in headers:

@@ -149,7 +149,11 @@ class ForwardingPolicy:
         return (*(cors or ()), *_VARY_ORIGIN)
 
     def route(self, path: str, query: str) -> tuple[CompiledRoute, str] | None:
-        """The route for a normalised path and the upstream target it maps to."""
+        """The route for a normalised path and the upstream target it maps to; None also
+        for `/prefix` of a `/prefix/` route, which is answered with a redirect, never proxied
+        (as nginx does, even when a shorter route such as the site's `/` matches it)."""
+        if self.routes.redirect_for(path) is not None:
+            return None
         route = self.routes.match(path)
         if route is None:
             return None
