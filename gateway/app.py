@@ -9,14 +9,14 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from yarl import URL
 
 from gateway.accesslog import AccessLog, clean_host, clean_user_agent
 from gateway.boundary import ClientScripts, OwnPages, compile_policies
-from gateway.config import Config
+from gateway.config import POOL_KEYS, Config
 from gateway.cors import CorsPolicy
 from gateway.errors import BadRequest, ClientBodyTimeout, GatewayError, RetryWithCookie
 from gateway.headers import Forwarded, TrustedProxies, valid_host
@@ -37,7 +37,7 @@ from gateway.proxy import (
     response_header_bytes,
 )
 from gateway.routing import CompiledRoute, RouteTable, compile_route, normalize_path
-from gateway.upstream import UpstreamPool
+from gateway.upstream import PoolLimits, UpstreamPool
 from gateway.websocket import Splice, splice
 
 if TYPE_CHECKING:
@@ -98,6 +98,18 @@ class Extensions:
     scripts: ClientScripts = field(default_factory=lambda: ClientScripts(()))
 
 
+def pool_limits(config: Config) -> dict[tuple[str, int, bool], PoolLimits]:
+    """Each upstream's pool limits, from the routes to it (config.py checks that they agree)."""
+    found: dict[tuple[str, int, bool], dict[str, Any]] = {}
+    for route in config.routes:
+        values = found.setdefault(route.upstream_key, {})
+        for key in POOL_KEYS:
+            value = getattr(route, key)
+            if value is not None:
+                values[key] = value
+    return {key: PoolLimits(**values) for key, values in found.items()}
+
+
 class RequestIds:
     """Unique request ids without a uuid4 per request: a random process prefix and a counter."""
 
@@ -133,6 +145,8 @@ class Gateway:
         self.pool = pool or UpstreamPool(connect_timeout=config.timeouts.connect,
                                          tick=min(1.0, max(0.05, read / 5)) if read else 1.0,
                                          max_header_size=config.limits.max_upstream_header_size)
+        for key, limits in pool_limits(config).items():
+            self.pool.configure(key, limits)
         self.proxy = Proxy(self.pool, ProxySettings(
             read_timeout=config.timeouts.read,
             client_body_timeout=config.timeouts.client_body,

@@ -46,6 +46,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CSP_SOURCE = re.compile(r"[^\s;,]+")
 
+POOL_KEYS = ("max_connections", "max_idle", "idle_timeout", "queue_timeout")
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -112,6 +115,13 @@ class Route(_Model):
     third_party: bool | None = None
     forward_cookies: list[str] = []  # to a third party, besides ccmessaging-token
     forward_credentials: bool = False  # Authorization / Proxy-Authorization to a third party
+    # The upstream's connection pool (gateway/upstream.py PoolLimits), per upstream like
+    # nginx's `upstream { keepalive }`: routes to the same host:port share these. None: not
+    # set on this route (another route to the upstream may set it, else the default).
+    max_connections: int | None = Field(None, ge=1)
+    max_idle: int | None = Field(None, ge=0)
+    idle_timeout: Duration | None = None
+    queue_timeout: Duration | None = None
 
     @field_validator("forward_cookies")
     @classmethod
@@ -161,9 +171,29 @@ class Route(_Model):
             )
         return v
 
+    @model_validator(mode="after")
+    def _pool_keys_fit(self) -> Route:
+        cap = self.max_connections
+        if cap is not None and self.max_idle is not None and self.max_idle > cap:
+            raise ValueError(f"max_idle ({self.max_idle}) is over max_connections ({cap}): "
+                             "idle connections count as open ones; fix: lower max_idle to "
+                             f"at most {cap}, or raise max_connections")
+        if self.queue_timeout is not None and cap is None:
+            raise ValueError("queue_timeout applies only when requests queue, at "
+                             "max_connections; fix: set max_connections, or remove "
+                             "queue_timeout")
+        return self
+
     @property
     def url(self) -> URL:
         return URL(self.upstream)
+
+    @property
+    def upstream_key(self) -> tuple[str, int, bool]:
+        """The pool key of the upstream (gateway/routing.py ``Upstream.key``)."""
+        url = self.url
+        assert url.host is not None and url.port is not None
+        return url.host, url.port, url.scheme == "https"
 
 
 class Cors(_Model):
@@ -512,6 +542,25 @@ class Config(_Model):
                 raise ValueError(
                     f"prefix {route.prefix!r} appears twice; fix: keep one route per prefix")
             seen.add(route.prefix)
+        return v
+
+    @field_validator("routes")
+    @classmethod
+    def _one_pool_per_upstream(cls, v: list[Route]) -> list[Route]:
+        # One pool per upstream host:port (nginx: one `keepalive` per upstream block), so
+        # its limits are set once: on one route, or alike on every route to it.
+        first: dict[tuple[tuple[str, int, bool], str], tuple[int, Any]] = {}
+        for i, route in enumerate(v):
+            for key in POOL_KEYS:
+                value = getattr(route, key)
+                if value is None:
+                    continue
+                j, earlier = first.setdefault((route.upstream_key, key), (i, value))
+                if earlier != value:
+                    raise ValueError(
+                        f"routes[{i}].{key} and routes[{j}].{key} differ, but both routes "
+                        "go to the same upstream host and port, which has one connection "
+                        f"pool; fix: set {key} on one of them only, or the same on both")
         return v
 
     @field_validator("pid_file")

@@ -4,8 +4,9 @@ aiohttp's connection loop creates a Task, a ``BaseRequest``, a ``StreamWriter`` 
 response object for every request; for a proxy hop that only moves bytes, that machinery
 costs more than the proxying. ``FastRequestHandler`` is aiohttp's per-connection protocol
 with one addition: when aiohttp's loop is idle (parked on its waiter) and the next parsed
-request is a body-less GET/HEAD for a proxy route with a pooled upstream connection ready,
-the request is forwarded from ``data_received`` itself and the answer written from the
+request is a body-less GET/HEAD for a proxy route, the request is forwarded from
+``data_received`` itself over an idle pooled upstream connection (or, when none is idle, over
+one a small task opens or queues for, as the full path would) and the answer written from the
 upstream's callback. Everything else (bodies, WebSockets, CORS, the gateway's endpoints,
 pipelined requests behind a slow one, errors and retries) goes through aiohttp's loop and
 ``app.Gateway.handle`` as before, so the two paths never answer out of order.
@@ -28,7 +29,7 @@ from gateway.policy import error_answer, log_error, render_error
 from gateway.proxy import Exchange, cut_off, drain_client, framed_last, response_head
 from gateway.routing import CompiledRoute
 from gateway.server import _GatewayRequestHandler
-from gateway.upstream import Body, Response, UpstreamConnection
+from gateway.upstream import Body, InvalidResponse, Response, UpstreamConnection
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -42,10 +43,11 @@ class _Inline:
     """One request in flight on the fast path."""
 
     __slots__ = ("client_ip", "conn", "ex", "extras", "head", "head_request", "keep_alive",
-                 "method", "minor", "raw_path", "rid", "route", "start", "version")
+                 "method", "minor", "opening", "raw_path", "rid", "route", "start", "version")
 
-    def __init__(self, conn: UpstreamConnection, route: CompiledRoute, msg: RawRequestMessage,
-                 ex: Exchange, rid: str, client_ip: str, start: float, head: bytes) -> None:
+    def __init__(self, conn: UpstreamConnection | None, route: CompiledRoute,
+                 msg: RawRequestMessage, ex: Exchange, rid: str, client_ip: str, start: float,
+                 head: bytes) -> None:
         self.conn = conn
         self.head = head
         self.route = route
@@ -60,6 +62,8 @@ class _Inline:
         self.client_ip = client_ip
         self.start = start
         self.extras: Sequence[tuple[str, str]] = ()
+        # Opening (or queueing for) the upstream connection: cancelled if the client leaves.
+        self.opening: asyncio.Task[None] | None = None
 
 
 class FastRequestHandler(_GatewayRequestHandler):
@@ -120,7 +124,10 @@ class FastRequestHandler(_GatewayRequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         inline = self._inline
         if inline is not None:
-            inline.conn.abort()
+            if inline.opening is not None:
+                inline.opening.cancel()  # the pool gives back its slot or its connection
+            if inline.conn is not None:
+                inline.conn.abort()
             self._done(inline, 499, error="client went away")
         super().connection_lost(exc)
 
@@ -161,8 +168,6 @@ class FastRequestHandler(_GatewayRequestHandler):
             return False
         route, target = routed
         conn = gw.pool.acquire_idle(route.upstream)
-        if conn is None:
-            return False
         # From here on, the request is the policy's, exactly as on the full path.
         start = time.perf_counter()  # durations only: the loop clock may tick in whole ms
         peer = self._peer_ip
@@ -182,25 +187,51 @@ class FastRequestHandler(_GatewayRequestHandler):
         inline = _Inline(conn, route, msg, ex, rid, fwd.client_ip, start, bytes(head))
         inline.extras = policy.proxied_extras(None)
         self._inline = inline
-        conn.start_cb(inline.head, method=msg.method, read_timeout=gw.proxy.settings.read_timeout,
+        if conn is None:
+            # None idle: open one (or queue for one at max_connections) in a small task.
+            # `_inline` is already set, so pipelined requests wait behind this one.
+            inline.opening = self.event_loop.create_task(self._open(inline))
+            inline.opening.add_done_callback(_log_task_error)
+        else:
+            self._send(inline, conn)
+        return True
+
+    def _send(self, inline: _Inline, conn: UpstreamConnection) -> None:
+        inline.conn = conn
+        conn.start_cb(inline.head, method=inline.method,
+                      read_timeout=self.gateway.proxy.settings.read_timeout,
                       on_head=partial(self._on_head, inline))
         conn.arm_read_timeout()
-        return True
+
+    async def _open(self, inline: _Inline) -> None:
+        """A new upstream connection for ``inline``, then the request on it. (Cancelled by
+        ``connection_lost`` if the client leaves meanwhile.)"""
+        try:
+            conn = await self.gateway.pool.acquire(inline.route.upstream)
+        except UpstreamError as exc:
+            inline.opening = None
+            self._write_error(inline, exc)
+            return
+        inline.opening = None
+        self._send(inline, conn)
 
     def _on_head(self, inline: _Inline, message: Response | None,
                  payload: Body | None, exc: UpstreamError | None) -> None:
         if self._inline is not inline:
             return  # the client went away meanwhile
+        conn = inline.conn
+        assert conn is not None
         if exc is not None or message is None or payload is None:
-            inline.conn.abort()
+            conn.abort()
             if (isinstance(exc, UpstreamError) and not isinstance(exc, UpstreamTimeout)
-                    and not inline.ex.retried):
+                    and not inline.ex.retried
+                    and (conn.reused or not isinstance(exc, InvalidResponse))):
                 # Nothing reached the client yet and GET/HEAD are idempotent: retry once on
-                # a fresh connection (the fast path only ever uses pooled ones: typically
-                # one the upstream had closed, or one with stray bytes from before).
+                # a fresh connection (as the full path does: typically a pooled one the
+                # upstream had closed, or one with stray bytes from before).
                 inline.ex.retried = True
-                task = self.event_loop.create_task(self._retry(inline))
-                task.add_done_callback(_log_task_error)
+                inline.opening = self.event_loop.create_task(self._retry(inline))
+                inline.opening.add_done_callback(_log_task_error)
                 return
             self._write_error(inline, exc if exc is not None else UpstreamError("no answer"))
             return
@@ -217,15 +248,17 @@ class FastRequestHandler(_GatewayRequestHandler):
             date=self.gateway.proxy.date)
         inline.keep_alive = keep_alive
         transport = self.transport
+        conn = inline.conn
+        assert conn is not None
         if transport is None or transport.is_closing():
-            inline.conn.abort()
+            conn.abort()
             self._done(inline, 499, error="client went away")
             return
         if no_body or payload.done:
             data = b"" if no_body else payload.take()
             ex.bytes_out = len(data)
             transport.write(head + (framed_last(data) if rechunk else data))
-            inline.conn.finish(reusable=not message.should_close)
+            conn.finish(reusable=not message.should_close)
             self._done(inline, message.code)
             return
         transport.write(head)
@@ -260,6 +293,7 @@ class FastRequestHandler(_GatewayRequestHandler):
             inline.ex.error = str(exc) or "client went away"
         finally:
             inline.ex.bytes_out = out
+            assert inline.conn is not None
             inline.conn.finish(reusable=ok and not message.should_close)
             if not ok:
                 if transport is not None:
@@ -270,6 +304,7 @@ class FastRequestHandler(_GatewayRequestHandler):
 
     async def _retry(self, inline: _Inline) -> None:
         gw = self.gateway
+        inline.conn = None
         try:
             conn = await gw.pool.acquire(inline.route.upstream, fresh=True)
             inline.conn = conn
@@ -278,16 +313,21 @@ class FastRequestHandler(_GatewayRequestHandler):
             conn.arm_read_timeout()
             message, payload = await fut
         except UpstreamError as exc:
-            inline.conn.abort()
+            inline.opening = None
+            if inline.conn is not None:
+                inline.conn.abort()
             self._write_error(inline, exc)
             return
+        inline.opening = None
         if self._inline is inline:
             self._respond(inline, message, payload)
         else:
-            inline.conn.abort()
+            conn.abort()
 
     def _write_error(self, inline: _Inline, exc: UpstreamError) -> None:
         """The policy's answer to ``exc``, as the full path gives it (gateway/policy.py)."""
+        if self._inline is not inline:
+            return  # the client went away meanwhile: its line is written already
         inline.ex.error = exc.error_field()
         log_error(log, inline.route, inline.rid, exc, log_fields(inline.ex))
         answer = error_answer(exc)
