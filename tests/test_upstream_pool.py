@@ -1,0 +1,257 @@
+"""The upstream pool sized to the work, through a real gateway and a real recording upstream:
+idle connections kept up to the concurrency served, ``max_connections`` with a queue, the
+queue timeout, idle expiry, and the lean path opening a connection when none is idle.
+
+Every test runs on both request paths (the ``path`` fixture); where the lean path is meant to
+serve, the test checks that it did and that ``Gateway.handle`` (the full path) never ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from gateway.app import Gateway
+from gateway.config import load_config_text
+from gateway.runtime import Running
+from tests.conformance.harness import PathSwitch
+from tests.support.gateway import GatewayStarter
+from tests.support.rawhttp import RawResponse, exchange, get
+from tests.support.upstreams import RawRecorder, UpConn, UpRequest, fixed_response, run_recorder
+
+pytestmark = pytest.mark.usefixtures("path")
+
+Behaviour = Callable[[UpRequest, UpConn, asyncio.StreamWriter], Awaitable[bool]]
+
+
+@pytest.fixture
+def full_path_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The raw path of every request ``Gateway.handle`` (the full path) served."""
+    calls: list[str] = []
+    original = Gateway.handle
+
+    async def spy(self: Gateway, request: Any) -> Any:
+        calls.append(request.raw_path)
+        return await original(self, request)
+
+    monkeypatch.setattr(Gateway, "handle", spy)
+    return calls
+
+
+async def start(start_gateway: GatewayStarter, upstream: str, **route: Any) -> Running:
+    keys = "".join(f"\n    {k}: {v}" for k, v in route.items())
+    return await start_gateway(load_config_text(f"""
+listen: {{host: 127.0.0.1, port: 0}}
+access_log: false
+timeouts: {{connect: 5s, read: 10s}}
+routes:
+  - prefix: /
+    upstream: {upstream}/{keys}
+""", env={}))
+
+
+async def fetch(gw: Running, target: str) -> RawResponse:
+    answers, _ = await exchange(gw.port, get(target), limit_s=10.0)
+    assert len(answers) == 1, answers
+    return answers[0]
+
+
+def lean_as_expected(path: PathSwitch, full_path_calls: list[str], marker: str) -> None:
+    """On the fast path, every request with ``marker`` was served lean, none by the full path;
+    on the full path, none was served lean."""
+    mine = [taken for p, taken in path.taken if marker in p]
+    assert mine, path.taken[-5:]
+    if path.name == "fast":
+        assert all(mine), path.taken[-10:]
+        assert not [p for p in full_path_calls if marker in p], full_path_calls[-10:]
+    else:
+        assert not any(mine)
+
+
+def gated(rec: RawRecorder, gate: asyncio.Event, *, hold_for: str = "") -> Behaviour:
+    """Answers a request whose target contains ``hold_for`` only once ``gate`` is set."""
+    async def behave(req: UpRequest, conn: UpConn, writer: asyncio.StreamWriter) -> bool:
+        if hold_for in req.target:
+            async with asyncio.timeout(10):
+                await gate.wait()
+        writer.write(fixed_response(req, len(conn.requests)))
+        await writer.drain()
+        return True
+
+    return behave
+
+
+async def until(check: Callable[[], bool], limit: float = 5.0) -> None:
+    """Wait for a state of the pool (which has no event of its own) to come true."""
+    async with asyncio.timeout(limit):
+        while not check():
+            await asyncio.sleep(0.01)
+
+
+async def test_cold_pool_requests_are_served_lean(
+        start_gateway: GatewayStarter, path: PathSwitch, full_path_calls: list[str]) -> None:
+    """No idle connection (a new gateway, then more requests at once than it has
+    connections): the lean path opens one instead of handing the request to the full path."""
+    async with run_recorder() as rec:
+        gw = await start(start_gateway, rec.url)
+        first = await fetch(gw, "/cold/first")
+        assert first.status == 200 and first.body == b"up:1:GET /cold/first\n"
+        answers = await asyncio.gather(*(fetch(gw, f"/cold/{i}") for i in range(20)))
+        assert sorted(a.status for a in answers) == [200] * 20
+        assert all(a.body.endswith(b"GET /cold/%d\n" % i) for i, a in enumerate(answers))
+        lean_as_expected(path, full_path_calls, "/cold/")
+        assert len(rec.requests) == 21
+        assert gw.gateway.pool.stats()["opened"] == len(rec.conns)
+
+
+async def test_idle_connections_follow_the_concurrency_served(
+        start_gateway: GatewayStarter, path: PathSwitch, full_path_calls: list[str]) -> None:
+    """300 requests in flight at once leave 300 idle connections (no fixed cap of 256),
+    and the next 300 at once reuse them all: no new upstream connection."""
+    n = 300
+    async with run_recorder() as rec:
+        gate = asyncio.Event()
+        rec.behaviour = gated(rec, gate)
+        gw = await start(start_gateway, rec.url)
+        pool = gw.gateway.pool
+        for round_ in (1, 2):
+            gate.clear()
+            before = len(rec.requests)
+            answers = asyncio.gather(*(fetch(gw, f"/crowd{round_}/{i}") for i in range(n)))
+            await rec.wait_requests(before + n, limit=15.0)  # all n in flight at once
+            gate.set()
+            assert sorted(a.status for a in await answers) == [200] * n
+            await until(lambda: pool.stats()["idle"] == n)
+            assert len(rec.conns) == n, round_
+        lean_as_expected(path, full_path_calls, "/crowd")
+
+
+async def test_max_connections_queues_and_answers_everyone(
+        start_gateway: GatewayStarter, path: PathSwitch, full_path_calls: list[str]) -> None:
+    """40 requests at once with max_connections 3: the upstream never holds more than 3
+    connections, no request is refused, and each is answered with its own response."""
+    in_flight = 0
+    peak = 0
+
+    async def slow(req: UpRequest, conn: UpConn, writer: asyncio.StreamWriter) -> bool:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        writer.write(fixed_response(req, len(conn.requests)))
+        await writer.drain()
+        return True
+
+    async with run_recorder(slow) as rec:
+        gw = await start(start_gateway, rec.url, max_connections=3, queue_timeout="10s")
+        answers = await asyncio.gather(*(fetch(gw, f"/capped/{i}") for i in range(40)))
+        assert [a.status for a in answers] == [200] * 40
+        assert all(a.body.endswith(b"GET /capped/%d\n" % i) for i, a in enumerate(answers))
+        assert len(rec.requests) == 40
+        assert len(rec.conns) <= 3 and peak <= 3, (len(rec.conns), peak)
+        assert peak == 3  # the cap was reached: the queue was used
+        lean_as_expected(path, full_path_calls, "/capped/")
+
+
+async def test_queue_timeout_answers_504(start_gateway: GatewayStarter, path: PathSwitch,
+                                         full_path_calls: list[str]) -> None:
+    """At max_connections, a request that waited queue_timeout for a connection gets the
+    gateway's 504; the request holding the connection is still answered."""
+    async with run_recorder() as rec:
+        gate = asyncio.Event()
+        rec.behaviour = gated(rec, gate, hold_for="/held")
+        gw = await start(start_gateway, rec.url, max_connections=1, queue_timeout="200ms")
+        held = asyncio.ensure_future(fetch(gw, "/held"))
+        await rec.wait_requests(1)
+        began = time.monotonic()
+        late = await fetch(gw, "/queued")
+        assert late.status == 504, late
+        assert late.body == b"504 Gateway Timeout: the upstream did not answer in time\n"
+        assert time.monotonic() - began >= 0.19
+        gate.set()
+        assert (await held).status == 200
+        assert [r.target for r in rec.requests] == ["/held"]  # the queued one never went
+        assert len(rec.conns) == 1
+        lean_as_expected(path, full_path_calls, "/queued")
+
+
+async def test_idle_connections_close_after_idle_timeout(
+        start_gateway: GatewayStarter, path: PathSwitch, full_path_calls: list[str]) -> None:
+    async with run_recorder() as rec:
+        gw = await start(start_gateway, rec.url, idle_timeout="300ms")
+        pool = gw.gateway.pool
+        assert (await fetch(gw, "/once")).status == 200
+        idle_from = time.monotonic()
+        assert pool.stats()["idle"] == 1
+        async with asyncio.timeout(5):
+            while not rec.conns[0].closed:
+                rec.arrived.clear()
+                await rec.arrived.wait()  # set again when a connection ends
+        assert time.monotonic() - idle_from >= 0.25
+        assert pool.stats() == {"open": 0, "idle": 0, "waiting": 0, "opened": 1}
+        # The next request opens a new connection, on the lean path too.
+        assert (await fetch(gw, "/again")).status == 200
+        assert len(rec.conns) == 2
+        lean_as_expected(path, full_path_calls, "/again")
+
+
+async def test_max_idle_caps_what_stays_idle(start_gateway: GatewayStarter, path: PathSwitch
+                                             ) -> None:
+    async with run_recorder() as rec:
+        gate = asyncio.Event()
+        rec.behaviour = gated(rec, gate)
+        gw = await start(start_gateway, rec.url, max_idle=2)
+        answers = asyncio.gather(*(fetch(gw, f"/few/{i}") for i in range(5)))
+        await rec.wait_requests(5)
+        gate.set()
+        assert [a.status for a in await answers] == [200] * 5
+        assert gw.gateway.pool.stats()["idle"] == 2
+        await until(lambda: sum(not c.closed for c in rec.conns) == 2)
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_connect_refused_is_502_on_either_path(
+        start_gateway: GatewayStarter, path: PathSwitch, full_path_calls: list[str]) -> None:
+    gw = await start(start_gateway, f"http://127.0.0.1:{closed_port()}")
+    answer = await fetch(gw, "/refused")
+    assert answer.status == 502, answer
+    assert answer.body == b"502 Bad Gateway: the upstream could not be reached\n"
+    assert gw.gateway.pool.stats()["open"] == 0
+    lean_as_expected(path, full_path_calls, "/refused")
+
+
+async def test_client_leaving_while_queued_gives_up_its_place(
+        start_gateway: GatewayStarter, path: PathSwitch) -> None:
+    """A client that goes away while its request waits for a connection takes nothing with
+    it: its request is never sent, and the one connection serves the next client."""
+    async with run_recorder() as rec:
+        gate = asyncio.Event()
+        rec.behaviour = gated(rec, gate, hold_for="/held")
+        gw = await start(start_gateway, rec.url, max_connections=1, queue_timeout="10s")
+        pool = gw.gateway.pool
+        held = asyncio.ensure_future(fetch(gw, "/held"))
+        await rec.wait_requests(1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(get("/gone"))
+        await until(lambda: pool.stats()["waiting"] == 1)
+        writer.close()
+        await until(lambda: pool.stats()["waiting"] == 0)
+        gate.set()
+        assert (await held).status == 200
+        after = await fetch(gw, "/after")
+        assert after.status == 200
+        assert [r.target for r in rec.requests] == ["/held", "/after"]
+        assert len(rec.conns) == 1
+        assert pool.stats()["open"] == 1
