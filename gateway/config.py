@@ -171,18 +171,24 @@ class Route(_Model):
             )
         return v
 
-    @model_validator(mode="after")
-    def _pool_keys_fit(self) -> Route:
-        cap = self.max_connections
-        if cap is not None and self.max_idle is not None and self.max_idle > cap:
-            raise ValueError(f"max_idle ({self.max_idle}) is over max_connections ({cap}): "
-                             "idle connections count as open ones; fix: lower max_idle to "
-                             f"at most {cap}, or raise max_connections")
-        if self.queue_timeout is not None and cap is None:
+    @field_validator("max_idle")
+    @classmethod
+    def _idle_within_cap(cls, v: int | None, info: ValidationInfo) -> int | None:
+        cap = info.data.get("max_connections")
+        if v is not None and cap is not None and v > cap:
+            raise ValueError(f"max_idle ({v}) is over max_connections ({cap}): idle "
+                             "connections count as open ones; fix: lower max_idle to at "
+                             f"most {cap}, or raise max_connections")
+        return v
+
+    @field_validator("queue_timeout")
+    @classmethod
+    def _queue_needs_cap(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and info.data.get("max_connections") is None:
             raise ValueError("queue_timeout applies only when requests queue, at "
                              "max_connections; fix: set max_connections, or remove "
                              "queue_timeout")
-        return self
+        return v
 
     @property
     def url(self) -> URL:

@@ -264,3 +264,25 @@ def test_init_writes_the_sample_that_check_accepts(tmp_path: Path) -> None:
     assert checked.returncode == 0, checked.stderr
     unset = run_cli("check", "-c", str(target), env={"PATH": "/usr/bin:/bin"})
     assert unset.returncode == 2 and "CEC_SECRET_KEY is not set" in unset.stderr
+
+
+def test_check_and_run_refuse_disagreeing_pool_keys_alike(tmp_path: Path) -> None:
+    """Two routes to one upstream share its pool: different limits for it are refused by
+    `check` and by `run` (before it listens), with the same words."""
+    conf = write(tmp_path, """
+listen: {host: 127.0.0.1, port: 0}
+routes:
+  - prefix: /a/
+    upstream: http://127.0.0.1:3000/a/
+    max_connections: 8
+  - prefix: /b/
+    upstream: http://127.0.0.1:3000/b/
+    max_connections: 16
+""")
+    checked = run_cli("check", "-c", str(conf))
+    ran = run_cli("run", "-c", str(conf))
+    for out in (checked, ran):
+        assert out.returncode != 0
+        assert "routes[1].max_connections and routes[0].max_connections differ" in out.stderr
+        assert "fix: set max_connections on one of them only, or the same on both" in out.stderr
+        assert "Traceback" not in out.stderr

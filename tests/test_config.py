@@ -323,3 +323,51 @@ def test_config_is_frozen() -> None:
     cfg = load_config_text(MINIMAL, env={})
     with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen-instance error
         cfg.listen.port = 1  # type: ignore[misc]
+
+
+POOL = """
+routes:
+  - prefix: /a/
+    upstream: http://127.0.0.1:3000/a/
+    {a}
+  - prefix: /b/
+    upstream: http://127.0.0.1:3000/b/
+    {b}
+"""
+
+
+def test_pool_keys_per_route_load() -> None:
+    cfg = load_config_text(POOL.format(a="max_connections: 8", b="idle_timeout: 2s"), env={})
+    assert cfg.routes[0].max_connections == 8 and cfg.routes[0].idle_timeout is None
+    assert cfg.routes[1].idle_timeout == 2.0 and cfg.routes[1].max_idle is None
+
+
+def test_routes_to_one_upstream_may_not_disagree_on_its_pool() -> None:
+    p = one(POOL.format(a="max_connections: 8", b="max_connections: 9"))
+    assert p.path == "routes"
+    assert "routes[1].max_connections and routes[0].max_connections differ" in p.message
+    assert "same upstream" in p.message
+    assert "set max_connections on one of them only, or the same on both" in p.fix
+    # The same value twice, or different upstreams, are fine.
+    load_config_text(POOL.format(a="max_connections: 8", b="max_connections: 8"), env={})
+    load_config_text(POOL.format(a="max_connections: 8", b="max_connections: 9").replace(
+        ":3000/b/", ":3001/b/"), env={})
+
+
+def test_max_idle_over_max_connections_names_the_fix() -> None:
+    p = one(POOL.format(a="max_connections: 4\n    max_idle: 5", b=""))
+    assert p.path == "routes[0].max_idle"
+    assert "max_idle (5) is over max_connections (4)" in p.message
+    assert p.fix == "lower max_idle to at most 4, or raise max_connections"
+
+
+def test_queue_timeout_needs_max_connections() -> None:
+    p = one(POOL.format(a="queue_timeout: 1s", b=""))
+    assert p.path == "routes[0].queue_timeout" and "max_connections" in p.message
+    assert p.fix == "set max_connections, or remove queue_timeout"
+
+
+@pytest.mark.parametrize("bad", ["max_connections: 0", "max_idle: -1", "idle_timeout: soon"])
+def test_bad_pool_values_name_their_key(bad: str) -> None:
+    p = one(POOL.format(a=bad, b=""))
+    assert p.path == f"routes[0].{bad.split(':')[0]}"

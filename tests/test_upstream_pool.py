@@ -89,7 +89,7 @@ def gated(rec: RawRecorder, gate: asyncio.Event, *, hold_for: str = "") -> Behav
 async def until(check: Callable[[], bool], limit: float = 5.0) -> None:
     """Wait for a state of the pool (which has no event of its own) to come true."""
     async with asyncio.timeout(limit):
-        while not check():
+        while not check():  # noqa: ASYNC110 (the pool has no event to wait on)
             await asyncio.sleep(0.01)
 
 
@@ -243,7 +243,7 @@ async def test_client_leaving_while_queued_gives_up_its_place(
         pool = gw.gateway.pool
         held = asyncio.ensure_future(fetch(gw, "/held"))
         await rec.wait_requests(1)
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         writer.write(get("/gone"))
         await until(lambda: pool.stats()["waiting"] == 1)
         writer.close()
