@@ -198,6 +198,11 @@ class FastRequestHandler(_GatewayRequestHandler):
 
     def _send(self, inline: _Inline, conn: UpstreamConnection) -> None:
         inline.conn = conn
+        if conn.transport is None or conn.transport.is_closing():
+            # Lost between being handed over and this task running: retried like any
+            # connection the upstream closed.
+            self._on_head(inline, None, None, UpstreamError("upstream closed the connection"))
+            return
         conn.start_cb(inline.head, method=inline.method,
                       read_timeout=self.gateway.proxy.settings.read_timeout,
                       on_head=partial(self._on_head, inline))

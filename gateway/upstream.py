@@ -894,6 +894,8 @@ class UpstreamPool:
             raise UpstreamError(
                 f"cannot connect to {up.host}:{up.port}: {exc.strerror or exc}"
             ) from None
+        if proto.transport is None:  # lost before this coroutine resumed
+            raise UpstreamError(f"{up.host}:{up.port} closed the connection at once")
         self._all.add(proto)
         self.opened += 1
         return proto
