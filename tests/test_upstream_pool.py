@@ -255,3 +255,27 @@ async def test_client_leaving_while_queued_gives_up_its_place(
         assert [r.target for r in rec.requests] == ["/held", "/after"]
         assert len(rec.conns) == 1
         assert pool.stats()["open"] == 1
+
+
+async def test_drain_waits_for_requests_queued_for_a_connection(
+        start_gateway: GatewayStarter, path: PathSwitch, full_path_calls: list[str]) -> None:
+    """A graceful stop while one request holds the only connection and another waits for
+    it: both are answered, the second over the connection the first gave back."""
+    async with run_recorder() as rec:
+        gate = asyncio.Event()
+        rec.behaviour = gated(rec, gate, hold_for="/held")
+        gw = await start(start_gateway, rec.url, max_connections=1, queue_timeout="10s")
+        pool = gw.gateway.pool
+        held = asyncio.ensure_future(fetch(gw, "/held"))
+        await rec.wait_requests(1)
+        queued = asyncio.ensure_future(fetch(gw, "/drained"))
+        await until(lambda: pool.stats()["waiting"] == 1)
+        stopping = asyncio.ensure_future(gw.runtime.stop())
+        await asyncio.sleep(0)  # the stop has begun: no new connections accepted
+        gate.set()
+        assert (await held).status == 200
+        drained = await queued
+        assert drained.status == 200 and drained.body == b"up:2:GET /drained\n"
+        await stopping
+        assert len(rec.conns) == 1
+        lean_as_expected(path, full_path_calls, "/drained")
