@@ -181,15 +181,6 @@ class Route(_Model):
                              f"most {cap}, or raise max_connections")
         return v
 
-    @field_validator("queue_timeout")
-    @classmethod
-    def _queue_needs_cap(cls, v: float | None, info: ValidationInfo) -> float | None:
-        if v is not None and info.data.get("max_connections") is None:
-            raise ValueError("queue_timeout applies only when requests queue, at "
-                             "max_connections; fix: set max_connections, or remove "
-                             "queue_timeout")
-        return v
-
     @property
     def url(self) -> URL:
         return URL(self.upstream)
@@ -567,6 +558,17 @@ class Config(_Model):
                         f"routes[{i}].{key} and routes[{j}].{key} differ, but both routes "
                         "go to the same upstream host and port, which has one connection "
                         f"pool; fix: set {key} on one of them only, or the same on both")
+        for (upstream, key), (i, value) in first.items():
+            j, cap = first.get((upstream, "max_connections"), (i, None))
+            if key == "queue_timeout" and cap is None:
+                raise ValueError(
+                    f"routes[{i}].queue_timeout applies only when requests queue, at "
+                    "max_connections, which no route to that upstream sets; fix: set "
+                    "max_connections, or remove queue_timeout")
+            if key == "max_idle" and cap is not None and value > cap:
+                raise ValueError(
+                    f"routes[{i}].max_idle is over routes[{j}].max_connections, for the same "
+                    "upstream; fix: lower max_idle to at most max_connections")
         return v
 
     @field_validator("pid_file")

@@ -361,10 +361,21 @@ def test_max_idle_over_max_connections_names_the_fix() -> None:
     assert p.fix == "lower max_idle to at most 4, or raise max_connections"
 
 
+def test_max_idle_over_the_cap_another_route_sets_is_refused() -> None:
+    p = one(POOL.format(a="max_connections: 4", b="max_idle: 5"))
+    assert p.path == "routes"
+    assert "routes[1].max_idle is over routes[0].max_connections" in p.message
+    assert p.fix == "lower max_idle to at most max_connections"
+
+
 def test_queue_timeout_needs_max_connections() -> None:
     p = one(POOL.format(a="queue_timeout: 1s", b=""))
-    assert p.path == "routes[0].queue_timeout" and "max_connections" in p.message
+    assert p.path == "routes"
+    assert "routes[0].queue_timeout applies only when requests queue" in p.message
     assert p.fix == "set max_connections, or remove queue_timeout"
+    # max_connections on another route to the same upstream is enough.
+    cfg = load_config_text(POOL.format(a="queue_timeout: 1s", b="max_connections: 2"), env={})
+    assert cfg.routes[0].queue_timeout == 1.0
 
 
 @pytest.mark.parametrize("bad", ["max_connections: 0", "max_idle: -1", "idle_timeout: soon"])
