@@ -70,8 +70,9 @@ class CrowdRelease:
     """Counts open connections; gives memory back once a crowd of them has closed."""
 
     def __init__(self, *, crowd: int = CROWD, follow_ups: tuple[float, ...] = FOLLOW_UPS,
-                 trim: Trim | None = None) -> None:
+                 every: float = 1.0, trim: Trim | None = None) -> None:
         self.crowd = crowd
+        self.every = every  # how often to look whether the crowd went
         self.follow_ups = follow_ups
         self.trim = trim if trim is not None else Trim()
         self.open = 0
@@ -85,7 +86,7 @@ class CrowdRelease:
         if self.open > self.peak:
             self.peak = self.open
             if self.peak >= self.crowd and self._handle is None:
-                self._arm(1.0)
+                self._arm(self.every)
         if self._step and self.open >= self.crowd:
             self._step = 0  # a new crowd: its own follow-ups once it goes
 
@@ -100,7 +101,7 @@ class CrowdRelease:
         if self._step == 0:
             if self.peak - self.open < self.crowd:
                 if self.peak >= self.crowd:
-                    self._arm(1.0)  # the crowd is still here
+                    self._arm(self.every)  # the crowd is still here
                 return
             self._step = 1
         self.release()
@@ -112,7 +113,7 @@ class CrowdRelease:
         else:
             self._step = 0
             if self.peak >= self.crowd:
-                self._arm(1.0)
+                self._arm(self.every)
 
     def release(self) -> None:
         gc.collect()
