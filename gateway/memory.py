@@ -90,7 +90,10 @@ class CrowdRelease:
             if self.peak >= self.crowd and self._handle is None:
                 self._arm(self.every)
         if self._step and self.open >= self.crowd:
-            self._step = 0  # a new crowd: its own follow-ups once it goes
+            # A new crowd: watch it from now on; its own follow-ups once it goes.
+            self._step = 0
+            self.close()
+            self._arm(self.every)
 
     def closed(self) -> None:
         self.open -= 1

@@ -117,3 +117,26 @@ def test_a_crowd_that_stays_is_left_alone() -> None:
         crowd.close()
 
     asyncio.run(scenario())
+
+
+def test_a_new_crowd_during_the_follow_ups_is_watched_at_once() -> None:
+    calls: list[int] = []
+
+    async def scenario() -> None:
+        crowd = CrowdRelease(crowd=4, follow_ups=(0.0, 600.0), every=30.0)
+        crowd.release = lambda: calls.append(crowd.open)  # type: ignore[method-assign]
+        loop = asyncio.get_running_loop()
+        for _ in range(5):
+            crowd.opened()
+        for _ in range(5):
+            crowd.closed()
+        crowd._check()
+        assert calls == [0]
+        assert crowd._handle is not None and crowd._handle.when() > loop.time() + 500
+        for _ in range(4):
+            crowd.opened()
+        # The next look is the usual interval away, not the long follow-up.
+        assert crowd._handle is not None and crowd._handle.when() < loop.time() + 31
+        crowd.close()
+
+    asyncio.run(scenario())
