@@ -316,7 +316,7 @@ def crowd_memory(procs: Procs, tmp: Path, origin_port: int, conns: int, *, secon
         out["peak_kib"] = max(hwm_kib(pid), rss_kib(pid))
         # wrk has exited: its connections close as the gateway reads their ends.
         _settle(lambda: fd_count(pid) <= base_fds + conns // 20, 10.0)
-        out["clients_closed_kib"] = _lowest_rss(pid, 3.0)
+        out["clients_closed_kib"] = _lowest_rss(pid, 5.0)
         out["upstream_fds_after_clients"] = max(0, fd_count(pid) - base_fds)
         if out["upstream_fds_after_clients"] > 64:
             waited = _settle(lambda: fd_count(pid) <= base_fds + 64, 45.0)
