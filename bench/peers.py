@@ -28,6 +28,7 @@ import resource
 import shutil
 import statistics
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +40,14 @@ from common import (
     PROJECT_DIR,
     Procs,
     cpu_seconds,
+    fd_count,
     free_port,
     gateway_argv,
     gateway_config_yaml,
+    hwm_kib,
     process_tree,
+    reset_hwm,
+    rss_kib,
     venv_python,
     wait_port,
 )
@@ -78,6 +83,7 @@ class PeerRun:
     cpu_us: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)  # crowd_memory's readings
 
     def median(self, table: dict[str, dict[str, list[float]]], load: str, key: str
                ) -> float | None:
@@ -253,7 +259,100 @@ def run(procs: Procs, tmp: Path, origin_port: int, sink_port: int, *, rounds: in
             log(f"peers: round {r + 1}/{rounds} {load} done")
     for peer in peers:
         procs.stop(peer.proc)
+    crowd = dict(res.loads).get("get5000")
+    if "gateway" in names and crowd is not None:
+        res.memory = crowd_memory(procs, tmp, origin_port, crowd, seconds=seconds, wrk=wrk,
+                                  log=log)
     return res
+
+
+# RSS after a 5,000-connection crowd is back within this of its level before (issue 18).
+CROWD_TARGET_MIB = 20.0
+
+
+def _settle(until: Callable[[], bool], limit: float) -> float:
+    """Wait (at most ``limit`` seconds) until ``until()``; the seconds waited."""
+    start = time.monotonic()
+    while not until() and time.monotonic() - start < limit:
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def _lowest_rss(pid: int, seconds: float) -> int:
+    """The lowest RSS over ``seconds``: the gateway gives memory back about a second after
+    the connections go (gateway/memory.py), so one early reading would miss it."""
+    low = rss_kib(pid)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.2)
+        low = min(low, rss_kib(pid))
+    return low
+
+
+def crowd_memory(procs: Procs, tmp: Path, origin_port: int, conns: int, *, seconds: int,
+                 wrk: Callable[..., dict[str, Any]], log: Callable[[str], None]
+                 ) -> dict[str, Any]:
+    """A fresh one-worker gateway's RSS before a ``conns``-connection ``GET /1k.bin`` load,
+    at its peak (VmHWM), once the clients have closed, and once the upstream connections
+    the crowd left idle in the pool have expired (up to 45 s; skipped when the pool
+    already let them go). Readings in KiB."""
+    port = free_port()
+    cfg = tmp / "gateway-crowd.yaml"
+    cfg.write_text(gateway_config_yaml(
+        port, [{"prefix": "/", "upstream": f"http://127.0.0.1:{origin_port}/"}]))
+    proc = _start(procs, "gateway-crowd", port, gateway_argv(cfg))
+    pid = proc.pid
+    url = f"http://127.0.0.1:{port}/1k.bin"
+    try:
+        wrk(url, conns=64, seconds=1, threads=1)  # lazy imports, the pool's first connections
+        time.sleep(0.5)
+        base_fds = fd_count(pid)
+        out: dict[str, Any] = {"connections": conns, "before_kib": rss_kib(pid)}
+        reset_hwm(pid)
+        log(f"memory: {conns} connections through a fresh gateway")
+        result = wrk(url, conns=conns, seconds=seconds, threads=1)
+        out["requests"] = result.get("requests", 0)
+        out["errors"] = result.get("errors", 0)
+        out["peak_kib"] = max(hwm_kib(pid), rss_kib(pid))
+        # wrk has exited: its connections close as the gateway reads their ends.
+        _settle(lambda: fd_count(pid) <= base_fds + conns // 20, 10.0)
+        out["clients_closed_kib"] = _lowest_rss(pid, 5.0)
+        out["upstream_fds_after_clients"] = max(0, fd_count(pid) - base_fds)
+        if out["upstream_fds_after_clients"] > 64:
+            waited = _settle(lambda: fd_count(pid) <= base_fds + 64, 45.0)
+            out["idle_expired_after_s"] = round(waited, 1)
+            out["idle_expired_kib"] = _lowest_rss(pid, 5.0)
+    finally:
+        procs.stop(proc)
+    return out
+
+
+def memory_lines(mem: dict[str, Any]) -> list[str]:
+    if not mem:
+        return []
+    before = mem["before_kib"]
+
+    def row(label: str, key: str) -> str:
+        kib = mem[key]
+        grew = (kib - before) / 1024
+        judged = ""
+        if key not in ("peak_kib", "before_kib"):
+            judged = " met" if grew <= CROWD_TARGET_MIB else " MISSED"
+        return f"| {label} | {kib / 1024:,.1f} | {grew:+,.1f}{judged} |"
+
+    lines = [f"gateway RSS around a {mem['connections']:,}-connection crowd (one worker, "
+             f"{mem['requests']:,} requests; target: back within {CROWD_TARGET_MIB:.0f} MiB "
+             "of before):",
+             "| when | RSS MiB | vs before MiB |", "|---|---:|---:|",
+             row("before", "before_kib"), row("peak", "peak_kib"),
+             row("clients closed", "clients_closed_kib")]
+    if "idle_expired_kib" in mem:
+        lines.append(row(f"pool idle expired ({mem['idle_expired_after_s']} s later)",
+                         "idle_expired_kib"))
+    else:
+        lines.append(f"(upstream pool: {mem['upstream_fds_after_clients']} connections left "
+                     "idle after the crowd, nothing to wait for)")
+    return lines
 
 
 def versions() -> dict[str, str]:
@@ -302,6 +401,9 @@ def table(res: PeerRun) -> str:
             _f(res.ratio(res.rps, load, "gateway/on", "caddy/on"), 2),
             _f(growth, 2),
         ]) + " |")
+    if res.memory:
+        lines.append("")
+        lines += memory_lines(res.memory)
     if res.notes:
         lines.append("")
         lines += [f"note: {n}" for n in dict.fromkeys(res.notes)]
@@ -311,4 +413,4 @@ def table(res: PeerRun) -> str:
 def to_json(res: PeerRun) -> dict[str, Any]:
     return {"rounds": res.rounds, "seconds": res.seconds, "loads": res.loads,
             "rps": res.rps, "cpu_us_per_request": res.cpu_us, "notes": res.notes,
-            "versions": res.versions}
+            "versions": res.versions, "memory": res.memory}

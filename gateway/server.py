@@ -38,6 +38,7 @@ from gateway.aiohttp_adapter import (
     Server,
 )
 from gateway.config import Config
+from gateway.memory import CrowdRelease
 from gateway.policy import error_response
 from gateway.tls import server_context
 
@@ -160,6 +161,9 @@ class _GatewayRequestHandler(Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        crowd: CrowdRelease | None = getattr(self.server, "crowd", None)
+        if crowd is not None:
+            crowd.opened()
         self._arm_header_timer(head_started=False)
 
     def _arm_header_timer(self, head_started: bool = True) -> None:
@@ -242,6 +246,9 @@ class _GatewayRequestHandler(Protocol):
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+        crowd: CrowdRelease | None = getattr(self.server, "crowd", None)
+        if crowd is not None:
+            crowd.closed()
         super().connection_lost(exc)
 
     def _client_ip(self) -> str:
@@ -291,6 +298,8 @@ class GatewayServer(Server):
         super().__init__(handler, protocol=protocol, **kwargs)
         self.client_header_timeout = client_header_timeout
         self.gateway = gateway
+        # Memory goes back to the system once a crowd of connections has closed.
+        self.crowd = CrowdRelease()
 
 
 class ServerTLS:
@@ -386,6 +395,7 @@ class Listener:
         # Idle keep-alive connections close now; busy ones after their current response.
         self.server.pre_shutdown()
         await self.server.shutdown(grace)
+        self.server.crowd.close()
         if self._aserver is not None:
             await self._aserver.wait_closed()
 

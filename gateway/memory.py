@@ -1,0 +1,137 @@
+"""Giving memory back to the system once a crowd of connections has gone.
+
+A few thousand client connections at once leave a worker's RSS tens of MiB above where it
+started, long after they closed, although the Python objects are gone: CPython keeps freed
+objects on its free lists, and one such object left in a 1 MiB pymalloc arena keeps the
+whole arena mapped; glibc's malloc keeps freed heap pages (parser buffers, transports)
+until something asks for them back. Neither is a leak (the next crowd reuses the space),
+but an operator sizing a host sees the peak stay.
+
+So, when the open connection count has dropped well below its peak (the crowd went),
+``CrowdRelease`` runs one full ``gc.collect()`` (it also empties the free lists, letting
+arenas go) and then glibc's ``malloc_trim(0)``, and again a few times later, when the
+upstream pool's idle connections from the crowd have expired. Nothing runs while
+connections stay few, and never more often than once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import gc
+import logging
+import sys
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("gateway.memory")
+
+# A crowd: at least this many connections open at once; it went when at most a quarter of
+# them remain (a full gc pass with thousands of connections open would stall them all).
+CROWD = 256
+# Seconds after the crowd went at which memory is given back again: what the crowd left in
+# the upstream pool is only freed when those idle connections expire (30 s by default).
+FOLLOW_UPS = (1.0, 8.0, 32.0, 128.0)
+
+
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    # malloc_trim is glibc's: it returns freed pages anywhere in the heap to the system
+    # (free() alone only shrinks the top of the heap). Other C libraries (musl, macOS) do
+    # not have it; there the gc pass still runs and this step is skipped.
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    result: Callable[[int], int] = trim
+    return result
+
+
+class Trim:
+    """``malloc_trim(0)`` where the C library has it; ``available`` says whether it does."""
+
+    def __init__(self, find: Callable[[], Callable[[int], int] | None] = _libc_malloc_trim
+                 ) -> None:
+        self._trim = find()
+
+    @property
+    def available(self) -> bool:
+        return self._trim is not None
+
+    def __call__(self) -> bool:
+        """True when memory was returned to the system."""
+        return bool(self._trim(0)) if self._trim is not None else False
+
+
+class CrowdRelease:
+    """Counts open connections; gives memory back once a crowd of them has closed."""
+
+    def __init__(self, *, crowd: int = CROWD, follow_ups: tuple[float, ...] = FOLLOW_UPS,
+                 every: float = 1.0, trim: Trim | None = None) -> None:
+        self.crowd = crowd
+        self.every = every  # how often to look whether the crowd went
+        self.follow_ups = follow_ups
+        self.trim = trim if trim is not None else Trim()
+        self.open = 0
+        self.peak = 0
+        self.releases = 0
+        self._handle: asyncio.TimerHandle | None = None
+        self._step = 0  # index into follow_ups once the crowd went
+
+    def opened(self) -> None:
+        self.open += 1
+        if self.open > self.peak:
+            self.peak = self.open
+            if self.peak >= self.crowd and self._handle is None:
+                self._arm(self.every)
+        if self._step and self.open >= self.crowd:
+            # A new crowd: watch it from now on; its own follow-ups once it goes.
+            self._step = 0
+            self.close()
+            self._arm(self.every)
+
+    def closed(self) -> None:
+        self.open -= 1
+
+    def _arm(self, delay: float) -> None:
+        self._handle = asyncio.get_running_loop().call_later(delay, self._check)
+
+    def _check(self) -> None:
+        self._handle = None
+        if self._step == 0:
+            if self.open * 4 > self.peak:
+                if self.peak >= self.crowd:
+                    self._arm(self.every)  # more than a quarter of the crowd is still here
+                return
+            self._step = 1
+        self.release()
+        self.peak = self.open
+        if self._step < len(self.follow_ups):
+            wait = self.follow_ups[self._step] - self.follow_ups[self._step - 1]
+            self._step += 1
+            self._arm(wait)
+        else:
+            self._step = 0
+            if self.peak >= self.crowd:
+                self._arm(self.every)
+
+    def release(self) -> None:
+        started = time.perf_counter()
+        gc.collect()
+        collected = time.perf_counter()
+        trimmed = self.trim()
+        self.releases += 1
+        log.debug("gave memory back after a crowd (%d connections open): gc %.1f ms, "
+                  "malloc_trim %.1f ms (%s)", self.open, (collected - started) * 1000,
+                  (time.perf_counter() - collected) * 1000,
+                  "returned pages" if trimmed else "nothing returned or unavailable")
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None

@@ -1,0 +1,142 @@
+"""Memory given back after a crowd: counted from real client connections to a real gateway;
+malloc_trim degrades to nothing where the C library lacks it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import pytest
+
+from gateway.memory import CrowdRelease, Trim, _libc_malloc_trim
+from tests.support.gateway import ROUTES, GatewayStarter, build_config
+from tests.support.process import wait_for
+from tests.support.upstreams import Echo
+
+
+class CountingTrim(Trim):
+    def __init__(self) -> None:
+        super().__init__(find=lambda: None)
+        self.calls = 0
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return False
+
+
+def test_trim_without_malloc_trim_does_nothing() -> None:
+    trim = Trim(find=lambda: None)
+    assert not trim.available
+    assert trim() is False
+
+
+def test_malloc_trim_is_looked_up_only_on_linux(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert _libc_malloc_trim() is None
+
+
+def _glibc() -> bool:
+    try:
+        return bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (ValueError, OSError):
+        return False
+
+
+@pytest.mark.skipif(not _glibc(), reason="malloc_trim is glibc's")
+def test_trim_calls_glibc() -> None:
+    trim = Trim()
+    assert trim.available
+    trim()  # returns whether pages went back; either answer is fine, it must not raise
+
+
+async def _open(port: int, n: int) -> list[asyncio.StreamWriter]:
+    writers = []
+    for _ in range(n):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writers.append(writer)
+    return writers
+
+
+async def _close(writers: list[asyncio.StreamWriter]) -> None:
+    for writer in writers:
+        writer.close()
+    for writer in writers:
+        await writer.wait_closed()
+
+
+async def test_memory_is_given_back_once_a_crowd_of_connections_closes(
+        start_gateway: GatewayStarter, echo: Echo) -> None:
+    running = await start_gateway(build_config(ROUTES, echo))
+    server = running.listener.server
+    trim = CountingTrim()
+    crowd = server.crowd = CrowdRelease(crowd=6, follow_ups=(0.0, 0.2), every=0.05, trim=trim)
+    port = running.listener.address[1]
+
+    few = await _open(port, 5)
+    await wait_for(lambda: crowd.open == 5)
+    # Fewer than a crowd: nothing is even scheduled.
+    assert crowd._handle is None
+    await _close(few)
+    await wait_for(lambda: crowd.open == 0)
+    assert crowd.releases == 0
+
+    many = await _open(port, 8)
+    await wait_for(lambda: crowd.open == 8)
+    assert crowd.peak == 8
+    assert crowd._handle is not None  # watching; while they stay, no release
+    await _close(many[:1])
+    await wait_for(lambda: crowd.open == 7)
+    await _close(many[1:])
+    await wait_for(lambda: crowd.releases >= 1)
+    assert crowd.open == 0
+    assert trim.calls >= 1
+    # And once more when the follow-up comes (the pool's idle connections by then expired).
+    await wait_for(lambda: crowd.releases == 2)
+    await wait_for(lambda: crowd._handle is None)
+    assert trim.calls == 2
+
+
+def test_a_crowd_that_stays_is_left_alone() -> None:
+    calls: list[int] = []
+
+    async def scenario() -> None:
+        crowd = CrowdRelease(crowd=4, follow_ups=(0.0,), every=60.0)
+        crowd.release = lambda: calls.append(crowd.open)  # type: ignore[method-assign]
+        for _ in range(6):
+            crowd.opened()
+        crowd.closed()  # 5 of 6 stay
+        crowd._check()
+        assert calls == []
+        assert crowd._handle is not None  # looks again later
+        for _ in range(4):
+            crowd.closed()  # 1 left: the crowd went
+        crowd._check()
+        assert calls == [1]
+        assert crowd.peak == 1
+        crowd.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_new_crowd_during_the_follow_ups_is_watched_at_once() -> None:
+    calls: list[int] = []
+
+    async def scenario() -> None:
+        crowd = CrowdRelease(crowd=4, follow_ups=(0.0, 600.0), every=30.0)
+        crowd.release = lambda: calls.append(crowd.open)  # type: ignore[method-assign]
+        loop = asyncio.get_running_loop()
+        for _ in range(5):
+            crowd.opened()
+        for _ in range(5):
+            crowd.closed()
+        crowd._check()
+        assert calls == [0]
+        assert crowd._handle is not None and crowd._handle.when() > loop.time() + 500
+        for _ in range(4):
+            crowd.opened()
+        # The next look is the usual interval away, not the long follow-up.
+        assert crowd._handle is not None and crowd._handle.when() < loop.time() + 31
+        crowd.close()
+
+    asyncio.run(scenario())
