@@ -674,6 +674,12 @@ class UpstreamConnection(asyncio.Protocol):
                     self._fail(UpstreamError(f"upstream closed mid-response{reason}"))
         if self.tunnel is not None:
             self.tunnel(b"")
+        # The exchange's objects point back at this connection: break the cycle so that a
+        # lost connection (and an error with its traceback) is freed now, not at the next
+        # full collection.
+        self._reader = None
+        self._head = None
+        self._on_head = None
 
     def _fail(self, exc: UpstreamError) -> None:
         on_head = self._on_head
