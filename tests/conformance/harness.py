@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.fastpath import FastRequestHandler
+from tests.support.rawhttp import RawResponse, read_response
 
 MARK = b"RUN?"
 WARM_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nwarm"
@@ -180,62 +181,24 @@ async def scripted_upstream() -> AsyncIterator[ScriptedUpstream]:
 # ------------------------------------------------------------------ the client side
 
 
-@dataclass
-class Answer:
-    raw: bytes  # every byte the client received
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def all(self, name: str) -> list[str]:
-        lname = name.lower()
-        return [v for k, v in self.headers if k.lower() == lname]
-
-
-async def fetch(port: int, data: bytes, *, head: bool = False, limit_s: float = 3.0) -> Answer:
-    """One request on a new connection; the final answer framed strictly by its headers."""
+async def fetch(port: int, data: bytes, *, head: bool = False, limit_s: float = 3.0
+                ) -> RawResponse:
+    """One request on a new connection: the final answer, whole by its own framing; ``raw``
+    holds every byte received (interim answers too)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    raw = bytearray()
+    raw = b""
     try:
         writer.write(data)
         async with asyncio.timeout(limit_s):
             while True:
-                block = await reader.readuntil(b"\r\n\r\n")
-                raw += block
-                lines = block[:-4].decode("latin-1").split("\r\n")
-                status = int(lines[0].split(" ")[1])
-                headers = [(k, v.strip()) for k, _, v in (x.partition(":") for x in lines[1:])]
-                if status >= 200:
+                answer = await read_response(reader, head_request=head)
+                assert answer is not None and answer.complete, (answer, raw)
+                raw += answer.raw
+                if answer.status >= 200:
                     break
-            answer = Answer(b"", status, headers, b"")
-            te = [v.lower() for v in answer.all("Transfer-Encoding")]
-            cl = answer.all("Content-Length")
-            body = bytearray()
-            if head or status in (204, 304):
-                pass
-            elif te:
-                assert te == ["chunked"], te
-                while True:
-                    size_line = await reader.readuntil(b"\r\n")
-                    raw += size_line
-                    size = int(size_line[:-2], 16)
-                    chunk = await reader.readexactly(size + 2)
-                    raw += chunk
-                    assert chunk.endswith(b"\r\n")
-                    if size == 0:
-                        break
-                    body += chunk[:-2]
-            elif cl:
-                assert len(cl) == 1, cl
-                body += await reader.readexactly(int(cl[0]))
-                raw += body
-            else:
-                body += await reader.read()
-                raw += body
     finally:
         writer.close()
-    answer.raw = bytes(raw)
-    answer.body = bytes(body)
+    answer.raw = raw
     return answer
 
 
@@ -274,7 +237,7 @@ async def warm(port: int) -> None:
     assert b"RUN" not in answer.raw, answer.raw  # nothing of an earlier exchange
 
 
-def check(case: Case, answer: Answer, run: int) -> None:
+def check(case: Case, answer: RawResponse, run: int) -> None:
     where = f"{case.id}, run {run}: {answer.raw[:600]!r}"
     assert answer.status == case.status, where
     if case.body is not None:
