@@ -336,6 +336,11 @@ class UpRequest(Headers):
     headers: list[tuple[str, str]]
     body: bytes
     raw: bytes  # the exact bytes of this request, head and body
+    seq: int = 0  # order of arrival over all connections
+
+    @property
+    def head(self) -> bytes:
+        return self.raw[:self.raw.index(b"\r\n\r\n") + 4]
 
 
 @dataclass
@@ -388,6 +393,7 @@ class RawRecorder:
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     writers: set[asyncio.StreamWriter] = field(default_factory=set)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    received: int = 0  # requests framed so far, over all connections
 
     @property
     def url(self) -> str:
@@ -425,6 +431,12 @@ class RawRecorder:
                 await self.arrived.wait()
         return self.requests
 
+    async def wait_closed(self, conn: UpConn, limit: float = 3.0) -> None:
+        async with asyncio.timeout(limit):
+            while not conn.closed:
+                self.arrived.clear()
+                await self.arrived.wait()
+
     # -------------------------------------------------------------- serving
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -448,6 +460,8 @@ class RawRecorder:
                     break
                 if req is None:
                     break
+                req.seq = self.received
+                self.received += 1
                 conn.requests.append(req)
                 self.arrived.set()
                 seq += 1
@@ -563,8 +577,10 @@ async def _read_chunked(reader: asyncio.StreamReader, conn: UpConn) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def run_recorder(behaviour: Behaviour | None = None) -> AsyncIterator[RawRecorder]:
-    rec = RawRecorder(behaviour=behaviour)
+async def run_recorder(behaviour: Behaviour | None = None, rec: RawRecorder | None = None
+                       ) -> AsyncIterator[RawRecorder]:
+    """Serve ``rec`` (a new recorder answering with ``behaviour``) until the context ends."""
+    rec = rec or RawRecorder(behaviour=behaviour)
     server = await asyncio.start_server(rec._serve, "127.0.0.1", 0, limit=MAX_HEAD)
     rec.port = server.sockets[0].getsockname()[1]
     try:
