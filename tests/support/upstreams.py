@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import gzip
 import hashlib
+import json
 import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -342,6 +343,17 @@ class UpRequest(Headers):
     def head(self) -> bytes:
         return self.raw[:self.raw.index(b"\r\n\r\n") + 4]
 
+    @property
+    def path(self) -> str:
+        return self.target.partition("?")[0]
+
+    @property
+    def query(self) -> str:
+        return self.target.partition("?")[2]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
 
 @dataclass
 class UpConn:
@@ -406,6 +418,9 @@ class RawRecorder:
     @property
     def errors(self) -> list[str]:
         return [f"conn {c.index}: {c.error}" for c in self.conns if c.error]
+
+    def posts_to(self, path: str) -> list[UpRequest]:
+        return [r for r in self.requests if r.method == "POST" and r.path == path]
 
     def raw_bytes(self) -> bytes:
         return b"".join(bytes(c.raw) for c in self.conns)
