@@ -144,11 +144,7 @@ timeouts: {shutdown_grace: 10s}
     loop = asyncio.get_running_loop()
     async with aiohttp.ClientSession() as http:
         slow = asyncio.ensure_future(http.get(gw.url + "/app/do/slow?delay=1.5"))
-        for _ in range(100):  # wait until the request has reached the upstream
-            if echo.seen:
-                break
-            await asyncio.sleep(0.02)
-        assert echo.seen, "the slow request never arrived"
+        await wait_for(lambda: bool(echo.seen), what="the slow request upstream")
         start = loop.time()
         gw.proc.send_signal(signal.SIGTERM)
         await wait_for(lambda: not port_accepts(gw.port), what="the listener to close")

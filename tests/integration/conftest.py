@@ -40,7 +40,6 @@ from tests.redis_server import RedisServer, redis_or_fail  # noqa: E402
 from tests.support.gateway import GatewayStarter  # noqa: E402
 from tests.support.upstreams import RawRecorder, UpConn, UpRequest, run_recorder, serve  # noqa: E402
 
-PROJECT = Path(_ROOT)
 # A known secret, 43 characters of [A-Za-z0-9]: tests search for these bytes in everything.
 SECRET = "KnownSecretValueForTests0123456789abcdefXYZ"
 SPEC_SECRET = "aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5bC7dE9f"

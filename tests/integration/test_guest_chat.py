@@ -7,11 +7,9 @@ auth-v2 implementation, itself checked against the SPEC vectors first.
 
 from __future__ import annotations
 
+import asyncio
 import json
-import os
 import re
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,7 +20,6 @@ from yarl import URL
 from tests.integration.conftest import (
     CHANNEL,
     NEW_CLIENT,
-    PROJECT,
     SECRET,
     SPEC_SECRET,
     TENANT,
@@ -37,6 +34,7 @@ from tests.integration.conftest import (
     third_user_data,
     verify_authorization,
 )
+from tests.support.process import clean_env, gateway_cli
 from tests.support.upstreams import RawRecorder
 
 VECTOR_TS = "2026-11-24T08:30:15.123Z"
@@ -354,19 +352,14 @@ async def test_hostile_display_name_is_escaped(
     assert verify_authorization(body["thirdPartAuthorization"], hostile, "u-42")
 
 
-def test_sign_cli_spec_vector_1() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "CEC_SECRET_KEY"}
-    cmd = [sys.executable, "-m", "gateway", "sign", "--access-key", CHANNEL,
-           "--timestamp", VECTOR_TS, "--payload", VECTOR_1]
-    with_secret, without = (
-        subprocess.Popen(cmd, env=e, cwd=PROJECT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-        for e in ({**env, "CEC_SECRET_KEY": SPEC_SECRET}, env))
-    out, err = with_secret.communicate(timeout=60)
-    assert with_secret.returncode == 0, err
+async def test_sign_cli_spec_vector_1() -> None:
+    args = ("sign", "--access-key", CHANNEL, "--timestamp", VECTOR_TS, "--payload", VECTOR_1)
+    (code, out, err), (code_without, out_without, err_without) = await asyncio.gather(
+        gateway_cli(*args, env={**clean_env(), "CEC_SECRET_KEY": SPEC_SECRET}),
+        gateway_cli(*args, env=clean_env()))
+    assert code == 0, err
     assert out.strip() == VECTOR_1_AUTH
     assert SPEC_SECRET not in err
     # Without the secret in the environment: refused, with a hint, and nothing printed.
-    out, err = without.communicate(timeout=60)
-    assert without.returncode != 0
-    assert out == "" and "CEC_SECRET_KEY" in err
+    assert code_without != 0
+    assert out_without == "" and "CEC_SECRET_KEY" in err_without

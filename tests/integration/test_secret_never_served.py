@@ -10,9 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +19,6 @@ import pytest
 from tests.integration.conftest import (
     CONTEXT,
     NEW_CLIENT,
-    PROJECT,
     SECRET,
     TOKEN_KEY,
     VALIDATE,
@@ -34,6 +30,7 @@ from tests.integration.conftest import (
     token_config,
 )
 from tests.support.ports import free_port
+from tests.support.process import clean_env, gateway_cli
 from tests.support.upstreams import RawRecorder
 
 NEEDLES = (SECRET.encode(), SECRET.lower().encode(), SECRET[:20].encode(), SECRET[-20:].encode())
@@ -142,26 +139,18 @@ async def test_no_answer_carries_the_secret(
         assert leaks(repr(obj).encode()) == [], type(obj)
 
 
-def _check_all(runs: list[tuple[Path, str | None]]) -> list[tuple[int, str]]:
-    """``gateway check -c CONF`` for each (config, CEC_SECRET_KEY), run side by side.
+async def _check_all(runs: list[tuple[Path, str | None]]) -> list[tuple[int, str]]:
+    """``gateway check -c CONF`` for each (config, CEC_SECRET_KEY), run side by side:
+    (exit code, stdout + stderr) for each."""
+    def env(secret: str | None) -> dict[str, str]:
+        return clean_env() if secret is None else {**clean_env(), "CEC_SECRET_KEY": secret}
 
-    Returns (exit code, stdout + stderr) for each.
-    """
-    base = {k: v for k, v in os.environ.items() if k != "CEC_SECRET_KEY"}
-    procs = []
-    for config, secret in runs:
-        env = dict(base) if secret is None else {**base, "CEC_SECRET_KEY": secret}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "gateway", "check", "-c", str(config)], env=env,
-            cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=60)
-        results.append((proc.returncode, out + err))
-    return results
+    results = await asyncio.gather(*(gateway_cli("check", "-c", str(config), env=env(secret))
+                                     for config, secret in runs))
+    return [(code, out + err) for code, out, err in results]
 
 
-def test_gateway_check_never_prints_the_secret(cec: RawRecorder, site: Site,
+async def test_gateway_check_never_prints_the_secret(cec: RawRecorder, site: Site,
                                                tmp_path: Path) -> None:
     conf = tmp_path / "gateway.yaml"
     conf.write_text(guest_config(cec, site), encoding="utf-8")
@@ -172,7 +161,7 @@ def test_gateway_check_never_prints_the_secret(cec: RawRecorder, site: Site,
         "secret_key: ${CEC_SECRET_KEY}", "secret_key_file: cec.secret").replace(
         "locale: en", "locale: fr"), encoding="utf-8")
     bad = [SECRET + "9", SECRET[:-1] + "!"]
-    good, *refused = _check_all([(conf, SECRET), *((conf, b) for b in bad),
+    good, *refused = await _check_all([(conf, SECRET), *((conf, b) for b in bad),
                                  (conf_file, None)])
 
     assert good[0] == 0, good[1]
