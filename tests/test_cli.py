@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from tests.support.gateway import ROUTES
-from tests.support.ports import free_port
+from tests.support.ports import busy_port, free_port
 from tests.support.process import (
     port_accepts,
     run_cli,
@@ -103,10 +102,7 @@ def test_run_with_bad_config_does_not_start(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_run_on_a_busy_port_fails_cleanly(tmp_path: Path, workers: str) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen(1)
-        port = busy.getsockname()[1]
+    with busy_port() as port:
         conf = write(tmp_path, f"listen: {{host: 127.0.0.1, port: {port}}}\n"
                                "routes:\n  - {prefix: /, upstream: 'http://127.0.0.1:1/'}\n")
         out = run_cli("run", "-c", str(conf), "--workers", workers)

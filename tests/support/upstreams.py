@@ -45,8 +45,22 @@ def pattern_sha256(n: int) -> str:
     return h.hexdigest()
 
 
+class Target:
+    """The path and the query of a request's ``target``."""
+
+    target: str
+
+    @property
+    def path(self) -> str:
+        return self.target.partition("?")[0]
+
+    @property
+    def query(self) -> str:
+        return self.target.partition("?")[2]
+
+
 @dataclass
-class Seen(Headers):
+class Seen(Headers, Target):
     """One request as the echo upstream received it."""
 
     method: str
@@ -56,14 +70,6 @@ class Seen(Headers):
     sha256: str
     peer_port: int
     version: str
-
-    @property
-    def path(self) -> str:
-        return self.target.partition("?")[0]
-
-    @property
-    def query(self) -> str:
-        return self.target.partition("?")[2]
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -328,7 +334,7 @@ class StrictParseError(Exception):
 
 
 @dataclass
-class UpRequest(Headers):
+class UpRequest(Headers, Target):
     """One request as the recording upstream framed it."""
 
     method: str
@@ -342,14 +348,6 @@ class UpRequest(Headers):
     @property
     def head(self) -> bytes:
         return self.raw[:self.raw.index(b"\r\n\r\n") + 4]
-
-    @property
-    def path(self) -> str:
-        return self.target.partition("?")[0]
-
-    @property
-    def query(self) -> str:
-        return self.target.partition("?")[2]
 
     def json(self) -> Any:
         return json.loads(self.body)
