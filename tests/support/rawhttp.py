@@ -232,9 +232,9 @@ class KeepAlive:
 
 async def read_response_head_and_body(reader: asyncio.StreamReader, limit_s: float = 5.0
                                       ) -> tuple[bytes, bytes]:
-    """One Content-Length framed response as raw bytes (head, body), without waiting for the
-    connection to close; for tests that assert on the exact head bytes."""
+    """One response as raw bytes (head, body), without waiting for the connection to close;
+    for tests that assert on the exact head bytes."""
     async with asyncio.timeout(limit_s):
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int(parse_head(head).header("Content-Length") or 0)
-        return head, await reader.readexactly(length)
+        resp = await read_response(reader)
+    assert resp is not None and resp.complete, resp
+    return resp.raw[:resp.raw.index(b"\r\n\r\n") + 4], resp.body
