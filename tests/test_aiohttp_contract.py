@@ -16,6 +16,7 @@ import pytest
 from gateway.runtime import serving
 from tests.conformance.harness import PathSwitch
 from tests.support.gateway import ROUTES, GatewayFactory, build_config
+from tests.support.process import wait_for
 from tests.support.rawhttp import get, raw_exchange, read_all, read_response_head_and_body
 from tests.support.upstreams import Echo
 
@@ -129,11 +130,7 @@ async def test_shutdown_drains_a_request_in_flight(echo: Echo, path: PathSwitch)
         await warm(gw.host, gw.port)
         reader, writer = await asyncio.open_connection(gw.host, gw.port)
         writer.write(KEEP_ALIVE % b"/app/do/slow?delay=0.6")
-        for _ in range(500):  # until the slow request reached the upstream (the recorder)
-            if len(echo.seen) == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert len(echo.seen) == 2
+        await wait_for(lambda: len(echo.seen) == 2, what="the slow request upstream")
         closing = asyncio.ensure_future(ctx.__aexit__(None, None, None))
         head, body = await read_response_head_and_body(reader)
         assert head.startswith(b"HTTP/1.1 200 ")

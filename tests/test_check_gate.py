@@ -7,10 +7,8 @@ never the secret: the Redis password here is the marker ``pa/ss-SECRET``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,8 +17,8 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 
 from gateway.cli import main
+from tests.support.process import launch_gateway
 
-PYTHON = sys.executable
 SECRET = "pa/ss-SECRET"  # a password with a '/', pasted unencoded into the URL
 
 BASE = """
@@ -129,37 +127,25 @@ def check(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     return code, captured.out + captured.err
 
 
+async def run_all(configs: dict[str, str], d: Path) -> dict[str, tuple[Path, int, str]]:
+    """name -> (config path, run exit or 0 once it listened, run output): `gateway run` as
+    the real process it is in production, all in parallel."""
+    async def run(name: str, text: str) -> tuple[Path, int, str]:
+        gw = await launch_gateway(text, d, name=name.replace(" ", "-").replace(",", ""))
+        listened = await gw.listening(60)
+        code = await gw.stop()
+        assert gw.config is not None
+        return gw.config, 0 if listened else code, gw.log_text()
+
+    results = await asyncio.gather(*(run(name, text) for name, text in configs.items()))
+    return dict(zip(configs, results, strict=True))
+
+
 def verdicts(configs: dict[str, str], d: Path, capsys: pytest.CaptureFixture[str]
              ) -> dict[str, tuple[int, str, int, str]]:
     """name -> (check exit, check output, run exit or 0 once it listened, run output)."""
-    paths = {}
-    runs = {}
-    for name, text in configs.items():
-        path = paths[name] = d / (name.replace(" ", "-").replace(",", "") + ".yaml")
-        path.write_text(text)
-        # `gateway run` as the real process it is in production, all in parallel.
-        runs[name] = subprocess.Popen(
-            [PYTHON, "-m", "gateway", "run", "-c", str(path), "--workers", "1"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(d))
-    out = {}
-    deadline = time.monotonic() + 60
-    for name, proc in runs.items():
-        # Either it exits (refused) or it logs that it listens (accepted); then stop it.
-        assert proc.stdout is not None
-        lines = []
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline().decode()
-            if not line:
-                break
-            lines.append(line)
-            if "listening on" in line:
-                proc.terminate()
-                break
-        proc.communicate(timeout=30)
-        text = "".join(lines)
-        code = 0 if "listening on" in text else proc.returncode
-        out[name] = (*check(paths[name], capsys), code, text)
-    return out
+    runs = asyncio.run(run_all(configs, d))
+    return {name: (*check(path, capsys), code, text) for name, (path, code, text) in runs.items()}
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from tests.support.gateway import ROUTES
-from tests.support.ports import free_port
+from tests.support.ports import busy_port, free_port
 from tests.support.process import (
     port_accepts,
     run_cli,
@@ -103,10 +102,7 @@ def test_run_with_bad_config_does_not_start(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_run_on_a_busy_port_fails_cleanly(tmp_path: Path, workers: str) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen(1)
-        port = busy.getsockname()[1]
+    with busy_port() as port:
         conf = write(tmp_path, f"listen: {{host: 127.0.0.1, port: {port}}}\n"
                                "routes:\n  - {prefix: /, upstream: 'http://127.0.0.1:1/'}\n")
         out = run_cli("run", "-c", str(conf), "--workers", workers)
@@ -144,11 +140,7 @@ timeouts: {shutdown_grace: 10s}
     loop = asyncio.get_running_loop()
     async with aiohttp.ClientSession() as http:
         slow = asyncio.ensure_future(http.get(gw.url + "/app/do/slow?delay=1.5"))
-        for _ in range(100):  # wait until the request has reached the upstream
-            if echo.seen:
-                break
-            await asyncio.sleep(0.02)
-        assert echo.seen, "the slow request never arrived"
+        await wait_for(lambda: bool(echo.seen), what="the slow request upstream")
         start = loop.time()
         gw.proc.send_signal(signal.SIGTERM)
         await wait_for(lambda: not port_accepts(gw.port), what="the listener to close")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 
 from gateway.logs import EcsFormatter
+from tests.support.ports import busy_port
 from tests.support.process import PROJECT, PYTHON, flat, run_cli
 
 
@@ -50,10 +50,7 @@ def test_bad_config_start_is_json_from_the_first_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_busy_port_is_json_too(tmp_path: Path, workers: str) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen(1)
-        port = busy.getsockname()[1]
+    with busy_port() as port:
         conf = tmp_path / "gateway.yaml"
         conf.write_text(f"listen: {{host: 127.0.0.1, port: {port}}}\n"
                         "routes:\n  - {prefix: /, upstream: 'http://127.0.0.1:1/'}\n")
@@ -119,10 +116,7 @@ def test_logged_exception_keeps_every_frame() -> None:
 
 
 def test_busy_admin_port_with_workers_says_which_port(tmp_path: Path) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen(1)
-        admin = busy.getsockname()[1]
+    with busy_port() as admin:
         conf = tmp_path / "gateway.yaml"
         conf.write_text(f"listen: {{host: 127.0.0.1, port: 0}}\n"
                         f"admin: {{host: 127.0.0.1, port: {admin}}}\n"

@@ -18,6 +18,7 @@ import pytest
 
 from tests.support.gateway import ROUTES, GatewayFactory, body_json
 from tests.support.ports import free_port
+from tests.support.process import wait_for
 from tests.support.rawhttp import get, raw_exchange, read_all, read_response
 from tests.support.upstreams import GZIP_BODY, Echo, echo_barrier, pattern_sha256, raw_upstream
 
@@ -690,7 +691,7 @@ async def test_access_log_line(gateway: GatewayFactory, caplog: pytest.LogCaptur
     gw = await gateway()
     with caplog.at_level(logging.INFO, logger="gateway.access"):
         await raw_exchange(gw.host, gw.port, get("/app/logged?token=SECRET"))
-        await asyncio.sleep(0.05)
+        await wait_for(lambda: any(r.name == "gateway.access" for r in caplog.records))
     lines = [r for r in caplog.records if r.name == "gateway.access"]
     assert len(lines) == 1
     msg = lines[0].getMessage()

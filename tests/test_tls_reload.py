@@ -29,6 +29,16 @@ def write_pair(ca: trustme.CA, cert: Path, key: Path) -> None:
     key.write_bytes(leaf.private_key_pem.bytes())
 
 
+def tls_config(echo: Echo, ca: trustme.CA, cert: Path, key: Path) -> str:
+    """A TLS listener serving a pair ``ca`` issued, written to cert and key, in front of echo."""
+    write_pair(ca, cert, key)
+    return f"""
+routes: [{{prefix: /, upstream: "{echo.url}/"}}]
+listen: {{host: 127.0.0.1, port: 0, tls: {{cert_file: "{cert}", key_file: "{key}"}}}}
+timeouts: {{shutdown_grace: 1s}}
+"""
+
+
 def trusting(ca: trustme.CA) -> ssl.SSLContext:
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
@@ -65,12 +75,7 @@ async def test_reload_serves_the_new_pair_and_keeps_open_connections(
         echo: Echo, tmp_path: Path, pair_paths: tuple[Path, Path]) -> None:
     old_ca, new_ca = trustme.CA(), trustme.CA()
     cert, key = pair_paths
-    write_pair(old_ca, cert, key)
-    text = f"""
-routes: [{{prefix: /, upstream: "{echo.url}/"}}]
-listen: {{host: 127.0.0.1, port: 0, tls: {{cert_file: "{cert}", key_file: "{key}"}}}}
-timeouts: {{shutdown_grace: 1s}}
-"""
+    text = tls_config(echo, old_ca, cert, key)
     conf = tmp_path / "gateway.yaml"
     conf.write_text(text)
     cfg = build_config(text, echo)
@@ -114,12 +119,7 @@ async def test_gateway_reload_command_reloads_the_certificate(
         echo: Echo, tmp_path: Path, pair_paths: tuple[Path, Path]) -> None:
     old_ca, new_ca = trustme.CA(), trustme.CA()
     cert, key = pair_paths
-    write_pair(old_ca, cert, key)
-    text = f"""
-routes: [{{prefix: /, upstream: "{echo.url}/"}}]
-listen: {{host: 127.0.0.1, port: 0, tls: {{cert_file: "{cert}", key_file: "{key}"}}}}
-timeouts: {{shutdown_grace: 1s}}
-"""
+    text = tls_config(echo, old_ca, cert, key)
     gw = await start_gateway_process(text, tmp_path)
     try:
         r1, w1 = await handshake(gw.port, old_ca)

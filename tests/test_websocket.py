@@ -10,6 +10,7 @@ import pytest
 
 from tests.support.gateway import ROUTES, GatewayFactory
 from tests.support.ports import free_port
+from tests.support.process import wait_for
 from tests.support.upstreams import Echo
 
 
@@ -58,10 +59,7 @@ async def test_client_close_code_reaches_upstream(gateway: GatewayFactory,
     await ws.send_str("x")
     assert await ws.receive_str(timeout=3) == "echo:x"
     await ws.close(code=4002, message=b"leaving")
-    for _ in range(50):
-        if echo.ws_closed:
-            break
-        await asyncio.sleep(0.05)
+    await wait_for(lambda: bool(echo.ws_closed), what="the upstream's close")
     assert echo.ws_closed == [4002]
 
 

@@ -12,26 +12,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import yaml
 
-from gateway.config import Config, load_config_text
+from gateway.config import Config
 from gateway.runtime import Running
 from tests.conformance.harness import PathSwitch, ScriptedUpstream, scripted_upstream
+from tests.hardening.conftest import hardening_config
 from tests.support.gateway import GatewayStarter
 
 
 def conformance_config(upstream: str, **limits: Any) -> Config:
-    tree: dict[str, Any] = {
-        "listen": {"host": "127.0.0.1", "port": 0},
-        "timeouts": {"connect": "2s", "read": "5s", "client_header": "2s",
-                     "client_body": "2s", "send": "2s", "keepalive": "10s",
-                     "shutdown_grace": "1s"},
-        "access_log": False,
-        "routes": [{"prefix": "/", "upstream": upstream}],
-    }
-    if limits:
-        tree["limits"] = limits
-    return load_config_text(yaml.safe_dump(tree), env={})
+    timeouts = {"connect": "2s", "read": "5s", "client_header": "2s", "client_body": "2s",
+                "send": "2s", "keepalive": "10s"}
+    return hardening_config(upstream, timeouts=timeouts, **({"limits": limits} if limits else {}))
 
 
 @pytest.fixture

@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.fastpath import FastRequestHandler
+from tests.support.rawhttp import RawResponse, read_response
+from tests.support.upstreams import RawRecorder, UpConn, UpRequest, run_recorder
 
 MARK = b"RUN?"
 WARM_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nwarm"
@@ -67,175 +69,76 @@ class Case:
 
 
 @dataclass
-class UpRequest:
-    seq: int  # order of arrival over all connections
-    method: bytes
-    target: bytes
-    head: bytes
-    body: bytes
-
-
-@dataclass
-class UpConn:
-    index: int
-    raw: bytearray = field(default_factory=bytearray)
-    requests: list[UpRequest] = field(default_factory=list)
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-@dataclass
-class ScriptedUpstream:
-    """Answers ``/warm`` with a fixed 200 and any other request with ``case.writes``."""
+class ScriptedUpstream(RawRecorder):
+    """The recording upstream answering ``/warm`` with a fixed 200 and any other request
+    with ``case.writes``."""
 
     case: Case | None = None
-    port: int = 0
-    conns: list[UpConn] = field(default_factory=list)
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
     since: int = 0  # where() looks at requests from this seq on (the current case)
-    received: int = 0
     written: int = 0  # bytes of case answers written so far (drained to the socket)
-    writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    busy_until: dict[int, float] = field(default_factory=dict)  # per connection
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
+    def __post_init__(self) -> None:
+        self.behaviour = self._answer
 
     def where(self, marker: bytes) -> list[int]:
         """Indexes of the connections that received a request carrying ``marker``."""
         return [c.index for c in self.conns for r in c.requests
-                if marker in r.target and r.seq >= self.since]
+                if marker.decode() in r.target and r.seq >= self.since]
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = UpConn(len(self.conns))
-        self.conns.append(conn)
+    async def _answer(self, req: UpRequest, conn: UpConn, writer: asyncio.StreamWriter
+                      ) -> bool:
         loop = asyncio.get_running_loop()
-        busy_until = 0.0
-        self.writers.add(writer)
-        try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    break
-                conn.raw += head
-                line = head.split(b"\r\n", 1)[0]
-                method, target, _ = line.split(b" ", 2)
-                m = re.search(rb"\r\ncontent-length: *([0-9]+)\r\n", head.lower())
-                body = await reader.readexactly(int(m[1])) if m else b""
-                conn.raw += body
-                conn.requests.append(UpRequest(self.received, method, target, head, body))
-                self.received += 1
-                self.arrived.set()
-                if busy_until > loop.time():
-                    await asyncio.sleep(busy_until - loop.time())
-                if target.endswith(b"/warm"):
-                    writer.write(WARM_ANSWER)
-                    await writer.drain()
-                    continue
-                assert self.case is not None
-                run = _RUN.search(target)
-                mark = b"RUN" + (run[1] if run else b"?")
-                # The marker may be cut by a split: replace it in the whole, cut the same.
-                whole = b"".join(self.case.writes).replace(MARK, mark)
-                at = 0
-                for i, chunk in enumerate(self.case.writes):
-                    if i and self.case.gap:
-                        await asyncio.sleep(self.case.gap)
-                    writer.write(whole[at:at + len(chunk)])
-                    at += len(chunk)
-                    await writer.drain()
-                    self.written += len(chunk)
-                if self.case.close:
-                    break
-                # A handler still running (e.g. streaming a body a HEAD answer omits):
-                # the next request on this connection is answered after it.
-                busy_until = loop.time() + self.case.busy
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self.writers.discard(writer)
-            writer.close()
-            with contextlib.suppress(Exception):
-                # Whatever the gateway sent after the answer, then its close (or ours).
-                async with asyncio.timeout(2):
-                    conn.raw += await reader.read()
-            conn.closed.set()
+        if (busy := self.busy_until.get(conn.index, 0.0) - loop.time()) > 0:
+            await self.pause(busy)
+        if req.target.endswith("/warm"):
+            writer.write(WARM_ANSWER)
+            await writer.drain()
+            return True
+        assert self.case is not None
+        run = _RUN.search(req.target.encode("latin-1"))
+        mark = b"RUN" + (run[1] if run else b"?")
+        # The marker may be cut by a split: replace it in the whole, cut the same.
+        whole = b"".join(self.case.writes).replace(MARK, mark)
+        at = 0
+        for i, chunk in enumerate(self.case.writes):
+            if i and self.case.gap:
+                await asyncio.sleep(self.case.gap)
+            writer.write(whole[at:at + len(chunk)])
+            at += len(chunk)
+            await writer.drain()
+            self.written += len(chunk)
+        # A handler still running (e.g. streaming a body a HEAD answer omits): the next
+        # request on this connection is answered after it.
+        self.busy_until[conn.index] = loop.time() + self.case.busy
+        return not self.case.close
 
 
-@contextlib.asynccontextmanager
-async def scripted_upstream() -> AsyncIterator[ScriptedUpstream]:
-    up = ScriptedUpstream()
-    server = await asyncio.start_server(up._serve, "127.0.0.1", 0)
-    up.port = server.sockets[0].getsockname()[1]
-    try:
-        yield up
-    finally:
-        server.close()
-        for writer in list(up.writers):
-            writer.transport.abort()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(server.wait_closed(), 1.0)
+def scripted_upstream() -> contextlib.AbstractAsyncContextManager[ScriptedUpstream]:
+    return run_recorder(rec=ScriptedUpstream())
 
 
 # ------------------------------------------------------------------ the client side
 
 
-@dataclass
-class Answer:
-    raw: bytes  # every byte the client received
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def all(self, name: str) -> list[str]:
-        lname = name.lower()
-        return [v for k, v in self.headers if k.lower() == lname]
-
-
-async def fetch(port: int, data: bytes, *, head: bool = False, limit_s: float = 3.0) -> Answer:
-    """One request on a new connection; the final answer framed strictly by its headers."""
+async def fetch(port: int, data: bytes, *, head: bool = False, limit_s: float = 3.0
+                ) -> RawResponse:
+    """One request on a new connection: the final answer, whole by its own framing; ``raw``
+    holds every byte received (interim answers too)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    raw = bytearray()
+    raw = b""
     try:
         writer.write(data)
         async with asyncio.timeout(limit_s):
             while True:
-                block = await reader.readuntil(b"\r\n\r\n")
-                raw += block
-                lines = block[:-4].decode("latin-1").split("\r\n")
-                status = int(lines[0].split(" ")[1])
-                headers = [(k, v.strip()) for k, _, v in (x.partition(":") for x in lines[1:])]
-                if status >= 200:
+                answer = await read_response(reader, head_request=head)
+                assert answer is not None and answer.complete, (answer, raw)
+                raw += answer.raw
+                if answer.status >= 200:
                     break
-            answer = Answer(b"", status, headers, b"")
-            te = [v.lower() for v in answer.all("Transfer-Encoding")]
-            cl = answer.all("Content-Length")
-            body = bytearray()
-            if head or status in (204, 304):
-                pass
-            elif te:
-                assert te == ["chunked"], te
-                while True:
-                    size_line = await reader.readuntil(b"\r\n")
-                    raw += size_line
-                    size = int(size_line[:-2], 16)
-                    chunk = await reader.readexactly(size + 2)
-                    raw += chunk
-                    assert chunk.endswith(b"\r\n")
-                    if size == 0:
-                        break
-                    body += chunk[:-2]
-            elif cl:
-                assert len(cl) == 1, cl
-                body += await reader.readexactly(int(cl[0]))
-                raw += body
-            else:
-                body += await reader.read()
-                raw += body
     finally:
         writer.close()
-    answer.raw = bytes(raw)
-    answer.body = bytes(body)
+    answer.raw = raw
     return answer
 
 
@@ -274,7 +177,7 @@ async def warm(port: int) -> None:
     assert b"RUN" not in answer.raw, answer.raw  # nothing of an earlier exchange
 
 
-def check(case: Case, answer: Answer, run: int) -> None:
+def check(case: Case, answer: RawResponse, run: int) -> None:
     where = f"{case.id}, run {run}: {answer.raw[:600]!r}"
     assert answer.status == case.status, where
     if case.body is not None:
@@ -307,8 +210,7 @@ async def run_case(case: Case, port: int, up: ScriptedUpstream, path: PathSwitch
             first_conn = up.conns[seen[-1]]
             if not case.reused:
                 # The gateway must close a connection the upstream broke framing on.
-                async with asyncio.timeout(3):
-                    await first_conn.closed.wait()
+                await up.wait_closed(first_conn)
                 await warm(port)  # a clean pooled connection again, for the fast path
         else:
             if case.reused:
@@ -324,12 +226,13 @@ async def run_case(case: Case, port: int, up: ScriptedUpstream, path: PathSwitch
     assert b"RUN1" not in answers[1].raw, (case.id, answers[1].raw)
     assert b"RUN2" not in answers[0].raw, (case.id, answers[0].raw)
     # What the upstream received: the client's request line, and the case's facts.
-    method, target, _ = case.request.split(b"\r\n", 1)[0].split(b" ", 2)
+    method, target, _ = case.request.decode("latin-1").split("\r\n", 1)[0].split(" ", 2)
+    assert not up.errors, (case.id, up.errors)  # every request forwarded is well-formed
     for run in (1, 2):
-        marker = b"RUN%d" % run
+        marker = f"RUN{run}"
         for req in (r for c in up.conns for r in c.requests
                     if marker in r.target and r.seq >= up.since):
-            assert (req.method, req.target.replace(marker, MARK)) == (method, target), req.head
+            assert (req.method, req.target.replace(marker, "RUN?")) == (method, target), req.raw
             assert req.head.endswith(b"\r\n\r\n") and b"\r\nHost: " in req.head, req.head
             for fact in case.upstream_has:
                 assert fact in req.head, (case.id, fact, req.head)

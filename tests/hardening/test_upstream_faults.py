@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -17,6 +16,7 @@ import pytest
 
 from tests.hardening.conftest import GatewayStarter
 from tests.hardening.test_smuggling import get
+from tests.support.ports import busy_port
 from tests.support.process import wait_for
 from tests.support.rawhttp import RawResponse, exchange, read_response
 from tests.support.upstreams import RawRecorder, UpConn, UpRequest
@@ -63,9 +63,7 @@ PATHS = {
 
 
 async def test_refused_is_502(start_gateway: GatewayStarter) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # bound, not listening: connections are refused
+    with busy_port(listen=False) as port:  # connections are refused
         running = await start_gateway(f"http://127.0.0.1:{port}/")
         for data in (get(), PATHS["full_post"]()):
             resp, _, took = await timed_exchange(running.port, data)

@@ -1,7 +1,7 @@
 """End-to-end fixtures: the real gateway on real sockets, with stand-ins for its neighbours.
 
-- ``cec``: an upstream standing in for the CEC. It records every request it receives (method,
-  path, query, headers, raw body, parsed JSON) and answers the chat scripts with JavaScript.
+- ``cec``: the recording upstream (tests/support/upstreams.py) standing in for the CEC; it
+  answers the chat scripts with JavaScript showing the body it was sent.
 - ``site``: a tiny enterprise site; ``GET /api/me`` answers ``{"userId","userName"}`` for a
   known ``sid=`` session cookie and 401 otherwise; other paths answer a small HTML page.
 - ``redis``: a real redis-server on a free loopback port (``tests/redis_server.py``).
@@ -16,6 +16,7 @@ builders, constants) as ``tests.integration.conftest``.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -29,7 +30,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from multidict import CIMultiDict
 
 _ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:
@@ -38,9 +38,8 @@ if _ROOT not in sys.path:
 from gateway.runtime import Running  # noqa: E402
 from tests.redis_server import RedisServer, redis_or_fail  # noqa: E402
 from tests.support.gateway import GatewayStarter  # noqa: E402
-from tests.support.upstreams import serve  # noqa: E402
+from tests.support.upstreams import RawRecorder, UpConn, UpRequest, run_recorder, serve  # noqa: E402
 
-PROJECT = Path(_ROOT)
 # A known secret, 43 characters of [A-Za-z0-9]: tests search for these bytes in everything.
 SECRET = "KnownSecretValueForTests0123456789abcdefXYZ"
 SPEC_SECRET = "aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5bC7dE9f"
@@ -106,38 +105,17 @@ def verify_authorization(auth: str, user_name: str, user_id: str, *, secret: str
 # ------------------------------------------------------------------ the CEC stand-in
 
 
-@dataclass
-class Received:
-    """One request as the CEC stand-in received it."""
-
-    method: str
-    path: str
-    query: str
-    headers: CIMultiDict[str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-@dataclass
-class Upstream:
-    url: str
-    seen: list[Received] = field(default_factory=list)
-
-    def posts_to(self, path: str) -> list[Received]:
-        return [r for r in self.seen if r.method == "POST" and r.path == path]
-
-
-async def _cec_handler(up: Upstream, request: web.BaseRequest) -> web.StreamResponse:
-    body = await request.read()
-    up.seen.append(Received(request.method, request.path, request.query_string,
-                            CIMultiDict(request.headers), body))
-    if request.path.endswith(".js"):
-        # The real CEC answers script text; this one shows what it was sent, as a JS string.
-        text = "window.__cecReceived = " + json.dumps(body.decode("utf-8", "replace")) + ";\n"
-        return web.Response(text=text, content_type="application/javascript")
-    return web.json_response({"path": request.path})
+async def _cec_answer(req: UpRequest, conn: UpConn, writer: asyncio.StreamWriter) -> bool:
+    # The real CEC answers script text; this one shows what it was sent, as a JS string.
+    if req.path.endswith(".js"):
+        text = "window.__cecReceived = " + json.dumps(req.body.decode("utf-8", "replace")) + ";\n"
+        body, ctype = text.encode(), b"application/javascript; charset=utf-8"
+    else:
+        body, ctype = json.dumps({"path": req.path}).encode(), b"application/json; charset=utf-8"
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: %b\r\nContent-Length: %d\r\n\r\n%b"
+                 % (ctype, len(body), b"" if req.method == "HEAD" else body))
+    await writer.drain()
+    return True
 
 
 # ------------------------------------------------------------------ the enterprise site
@@ -161,10 +139,8 @@ async def _site_handler(site: Site, request: web.BaseRequest) -> web.StreamRespo
 
 
 @pytest.fixture
-async def cec() -> AsyncIterator[Upstream]:
-    up = Upstream("")
-    async with serve(lambda r: _cec_handler(up, r)) as port:
-        up.url = f"http://127.0.0.1:{port}"
+async def cec() -> AsyncIterator[RawRecorder]:
+    async with run_recorder(_cec_answer) as up:
         yield up
 
 
@@ -186,7 +162,7 @@ def redis() -> Iterator[RedisServer]:
 # ------------------------------------------------------------------ configurations
 
 
-def guest_config(cec: Upstream, site: Site, *, extra: str = "", cec_extra: str = "",
+def guest_config(cec: RawRecorder, site: Site, *, extra: str = "", cec_extra: str = "",
                  port: int = 0) -> str:
     """Authorization (guest) mode: /service-cloud/ to the CEC stand-in, / to the site."""
     return f"""
@@ -210,11 +186,14 @@ cec:
 """
 
 
-def token_config(cec: Upstream, site: Site, *, store: str = "memory", fallback: bool = False,
+def token_config(cec: RawRecorder | str, site: Site, *, store: str = "memory",
+                 fallback: bool = False,
                  guard: str = "{max_failures: 50, window: 1m, lockout: 30s}",
                  allow_from: str = "[127.0.0.1/32]", trusted: str = "[]", port: int = 0,
                  identity_source: str = "url", workers: bool = False) -> str:
-    """Token mode, identity from the site's /api/me (called directly, with the visitor's cookie)."""
+    """Token mode, identity from the site's /api/me (called directly, with the visitor's cookie);
+    ``cec``: the CEC stand-in or its base URL."""
+    cec_url = cec if isinstance(cec, str) else cec.url
     identity = (f"{{source: url, url: {{url: '{site.url}/api/me', cache_ttl: 0}}"
                 f"{', fallback: guest' if fallback else ''}}}"
                 if identity_source == "url" else "{source: guest}")
@@ -224,7 +203,7 @@ trusted_proxies: {trusted}
 timeouts: {{shutdown_grace: 1s, connect: 2s, read: 5s}}
 routes:
   - prefix: {CONTEXT}/
-    upstream: {cec.url}{CONTEXT}/
+    upstream: {cec_url}{CONTEXT}/
   - prefix: /
     upstream: {site.url}/
 cec:

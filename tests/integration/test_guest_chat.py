@@ -7,11 +7,9 @@ auth-v2 implementation, itself checked against the SPEC vectors first.
 
 from __future__ import annotations
 
+import asyncio
 import json
-import os
 import re
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,7 +20,6 @@ from yarl import URL
 from tests.integration.conftest import (
     CHANNEL,
     NEW_CLIENT,
-    PROJECT,
     SECRET,
     SPEC_SECRET,
     TENANT,
@@ -30,7 +27,6 @@ from tests.integration.conftest import (
     BrowserFactory,
     GatewayStarter,
     Site,
-    Upstream,
     guest_config,
     guest_id_of,
     spec_payload,
@@ -38,6 +34,8 @@ from tests.integration.conftest import (
     third_user_data,
     verify_authorization,
 )
+from tests.support.process import clean_env, gateway_cli
+from tests.support.upstreams import RawRecorder
 
 VECTOR_TS = "2026-11-24T08:30:15.123Z"
 VECTOR_1 = ('{"thirdUserName":"Tom","thirdUserId":"10010001","tenantSpaceId":"202007159031",'
@@ -69,12 +67,12 @@ async def _post(session: aiohttp.ClientSession, url: str, data: Any = None, *,
 
 
 @pytest.fixture
-async def gw(start_gateway: GatewayStarter, cec: Upstream, site: Site) -> Any:
+async def gw(start_gateway: GatewayStarter, cec: RawRecorder, site: Site) -> Any:
     return await start_gateway(guest_config(cec, site))
 
 
 async def test_injection_forces_identity_signs_and_sets_cookie(
-        gw: Any, cec: Upstream, browser: BrowserFactory) -> None:
+        gw: Any, cec: RawRecorder, browser: BrowserFactory) -> None:
     b = browser()
     before = datetime.now(UTC)
     sent = third_user_data(thirdUserName="  Alice \t", tenantSpaceId="999999999999",
@@ -95,7 +93,7 @@ async def test_injection_forces_identity_signs_and_sets_cookie(
 
     [got] = cec.posts_to(NEW_CLIENT)
     assert got.query == "&t=123"
-    assert int(got.headers["Content-Length"]) == len(got.body)
+    assert int(got.header("Content-Length")) == len(got.body)
     body = got.json()
     assert body["tenantSpaceId"] == TENANT
     assert body["channelConfigId"] == CHANNEL
@@ -117,7 +115,7 @@ async def test_injection_forces_identity_signs_and_sets_cookie(
 
 
 async def test_guest_cookie_stable_per_browser_and_distinct_across_browsers(
-        gw: Any, cec: Upstream, browser: BrowserFactory) -> None:
+        gw: Any, cec: RawRecorder, browser: BrowserFactory) -> None:
     first, second = browser(), browser()
     s1, _, r1 = await _post(first, gw.url, third_user_data())
     s2, _, r2 = await _post(first, gw.url, third_user_data())
@@ -132,7 +130,7 @@ async def test_guest_cookie_stable_per_browser_and_distinct_across_browsers(
 
 
 async def test_tampered_guest_cookie_gets_a_new_id(
-        gw: Any, cec: Upstream, browser: BrowserFactory) -> None:
+        gw: Any, cec: RawRecorder, browser: BrowserFactory) -> None:
     b = browser()
     async with b.post(gw.url + NEW_CLIENT, json=third_user_data(),
                       headers={"Cookie": "cec_guest=guest-00000000000000000000.forged"}) as resp:
@@ -144,7 +142,7 @@ async def test_tampered_guest_cookie_gets_a_new_id(
 
 
 async def test_user_name_default_trim_and_limit(
-        gw: Any, cec: Upstream, browser: BrowserFactory) -> None:
+        gw: Any, cec: RawRecorder, browser: BrowserFactory) -> None:
     b = browser()
     await _post(b, gw.url, third_user_data(thirdUserName=None))
     await _post(b, gw.url, third_user_data(thirdUserName="   "))
@@ -172,7 +170,7 @@ async def test_user_name_default_trim_and_limit(
      "\uff43hannelConfigId": "888888888888", "thirdUser\u200bId": "victim-user"},
     {"thirdUserId": ["victim-user"], "tenantSpaceId": {"x": 1}},
 ])
-async def test_not_a_signing_oracle(gw: Any, cec: Upstream, browser: BrowserFactory,
+async def test_not_a_signing_oracle(gw: Any, cec: RawRecorder, browser: BrowserFactory,
                                     asked: dict[str, Any]) -> None:
     b = browser()
     for path in (NEW_CLIENT, "/gateway/authorization"):
@@ -204,14 +202,14 @@ async def test_not_a_signing_oracle(gw: Any, cec: Upstream, browser: BrowserFact
     "/service-cloud/webclient/chat_client/js/./newThirdPartyClient.js",
 ])
 async def test_other_spellings_of_the_script_path_are_rewritten_too(
-        gw: Any, cec: Upstream, browser: BrowserFactory, path: str) -> None:
+        gw: Any, cec: RawRecorder, browser: BrowserFactory, path: str) -> None:
     # The CEC may normalise, decode or drop path parameters before serving the script: a
     # spelling the gateway does not recognise would forward the page's identity unsigned.
     b = browser()
     status, text, _ = await _post(b, gw.url, third_user_data(thirdUserId="victim-user",
                                                              secretKey=SECRET), path=path)
     assert status == 200, text
-    [got] = cec.seen
+    [got] = cec.requests
     body = got.json()
     assert body["thirdUserId"] == guest_id_of(b) != "victim-user"
     assert "secretKey" not in body
@@ -225,13 +223,13 @@ async def test_other_spellings_of_the_script_path_are_rewritten_too(
     "/service-cloud/webclient;x=1/chat_client/js/newThirdPartyClient.js",
 ])
 async def test_spellings_the_cec_may_read_as_the_script_are_refused(
-        gw: Any, cec: Upstream, browser: BrowserFactory, path: str) -> None:
+        gw: Any, cec: RawRecorder, browser: BrowserFactory, path: str) -> None:
     # The CEC may decode or drop path parameters before serving the script: only the exact
     # path is rewritten, so every other spelling is refused and nothing reaches the CEC.
     b = browser()
     status, _, _ = await _post(b, gw.url, third_user_data(thirdUserId="victim-user"), path=path)
     assert status == 404
-    assert cec.seen == []
+    assert cec.requests == []
 
 
 @pytest.mark.parametrize("raw", [
@@ -245,16 +243,16 @@ async def test_spellings_the_cec_may_read_as_the_script_are_refused(
 ], ids=["broken", "empty", "array", "string", "nan", "not-utf8", "over-16k"])
 @pytest.mark.parametrize("path", [NEW_CLIENT + "?&t=1", "/gateway/authorization"])
 async def test_bad_json_is_400_and_nothing_forwarded(
-        gw: Any, cec: Upstream, browser: BrowserFactory, raw: bytes, path: str) -> None:
+        gw: Any, cec: RawRecorder, browser: BrowserFactory, raw: bytes, path: str) -> None:
     status, text, _ = await _post(browser(), gw.url, raw=raw, path=path)
     assert status == 400, text
     assert text.startswith("400 Bad Request")
     assert len(text) < 200
-    assert cec.seen == []
+    assert cec.requests == []
 
 
 async def test_oversized_streamed_body_is_400_and_nothing_forwarded(
-        gw: Any, cec: Upstream, browser: BrowserFactory) -> None:
+        gw: Any, cec: RawRecorder, browser: BrowserFactory) -> None:
     async def chunks() -> Any:  # no Content-Length: chunked, the limit is found while reading
         yield b'{"thirdUserName": "'
         for _ in range(20):
@@ -263,11 +261,11 @@ async def test_oversized_streamed_body_is_400_and_nothing_forwarded(
 
     async with browser().post(gw.url + NEW_CLIENT, data=chunks()) as resp:
         assert resp.status == 400
-    assert cec.seen == []
+    assert cec.requests == []
 
 
 async def test_authorization_endpoint_answers_signature_over_forced_identity(
-        gw: Any, cec: Upstream, browser: BrowserFactory) -> None:
+        gw: Any, cec: RawRecorder, browser: BrowserFactory) -> None:
     b = browser()
     status, text, resp = await _post(b, gw.url, third_user_data(thirdUserName=" Page User "),
                                      path="/gateway/authorization")
@@ -277,7 +275,7 @@ async def test_authorization_endpoint_answers_signature_over_forced_identity(
     guest_id = guest_id_of(b)
     assert guest_id is not None
     assert verify_authorization(text, "Page User", guest_id)
-    assert cec.seen == []  # answered by the gateway itself
+    assert cec.requests == []  # answered by the gateway itself
 
     # The page then posts with that signature; the gateway re-signs for the same guest.
     status, _, _ = await _post(b, gw.url, third_user_data(thirdUserName=" Page User ",
@@ -323,7 +321,7 @@ async def test_loader_and_page_served(gw: Any, browser: BrowserFactory) -> None:
 
 
 async def test_hostile_display_name_is_escaped(
-        start_gateway: GatewayStarter, cec: Upstream, site: Site,
+        start_gateway: GatewayStarter, cec: RawRecorder, site: Site,
         browser: BrowserFactory) -> None:
     hostile = '"</script><img src=x onerror=alert(1)>'
     site.sessions["s1"] = ("u-42", hostile)
@@ -354,19 +352,14 @@ async def test_hostile_display_name_is_escaped(
     assert verify_authorization(body["thirdPartAuthorization"], hostile, "u-42")
 
 
-def test_sign_cli_spec_vector_1() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "CEC_SECRET_KEY"}
-    cmd = [sys.executable, "-m", "gateway", "sign", "--access-key", CHANNEL,
-           "--timestamp", VECTOR_TS, "--payload", VECTOR_1]
-    with_secret, without = (
-        subprocess.Popen(cmd, env=e, cwd=PROJECT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-        for e in ({**env, "CEC_SECRET_KEY": SPEC_SECRET}, env))
-    out, err = with_secret.communicate(timeout=60)
-    assert with_secret.returncode == 0, err
+async def test_sign_cli_spec_vector_1() -> None:
+    args = ("sign", "--access-key", CHANNEL, "--timestamp", VECTOR_TS, "--payload", VECTOR_1)
+    (code, out, err), (code_without, out_without, err_without) = await asyncio.gather(
+        gateway_cli(*args, env={**clean_env(), "CEC_SECRET_KEY": SPEC_SECRET}),
+        gateway_cli(*args, env=clean_env()))
+    assert code == 0, err
     assert out.strip() == VECTOR_1_AUTH
     assert SPEC_SECRET not in err
     # Without the secret in the environment: refused, with a hint, and nothing printed.
-    out, err = without.communicate(timeout=60)
-    assert without.returncode != 0
-    assert out == "" and "CEC_SECRET_KEY" in err
+    assert code_without != 0
+    assert out_without == "" and "CEC_SECRET_KEY" in err_without

@@ -10,9 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +19,19 @@ import pytest
 from tests.integration.conftest import (
     CONTEXT,
     NEW_CLIENT,
-    PROJECT,
     SECRET,
     TOKEN_KEY,
     VALIDATE,
     BrowserFactory,
     GatewayStarter,
     Site,
-    Upstream,
     guest_config,
     third_user_data,
     token_config,
 )
 from tests.support.ports import free_port
+from tests.support.process import clean_env, gateway_cli
+from tests.support.upstreams import RawRecorder
 
 NEEDLES = (SECRET.encode(), SECRET.lower().encode(), SECRET[:20].encode(), SECRET[-20:].encode())
 
@@ -43,7 +40,7 @@ def leaks(data: bytes) -> list[bytes]:
     return [n for n in NEEDLES if n in data]
 
 
-def _config(cec: Upstream, site: Site) -> str:
+def _config(cec: RawRecorder, site: Site) -> str:
     # No catch-all route (so 404 exists), a dead route (502), a small body limit (413), and
     # a token section so the callback's own error answers are part of the search too.
     dead = free_port()
@@ -73,7 +70,7 @@ async def _raw(port: int, data: bytes) -> bytes:
 
 
 async def test_no_answer_carries_the_secret(
-        start_gateway: GatewayStarter, cec: Upstream, site: Site, browser: BrowserFactory,
+        start_gateway: GatewayStarter, cec: RawRecorder, site: Site, browser: BrowserFactory,
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     gw = await start_gateway(_config(cec, site))
@@ -129,9 +126,9 @@ async def test_no_answer_carries_the_secret(
     for name, data in served.items():
         assert leaks(data) == [], name
     # Nor did the gateway forward it: the CEC was sent no secret, in no header, in no body.
-    assert cec.seen
-    for got in cec.seen:
-        wire = "".join(f"{k}: {v}\n" for k, v in got.headers.items()).encode() + got.body
+    assert cec.requests
+    for got in cec.requests:
+        wire = "".join(f"{k}: {v}\n" for k, v in got.headers).encode() + got.body
         assert leaks(wire) == [], got.path
     # The logs: the stripped secretKey is reported, its value is not.
     assert "secretKey" in caplog.text
@@ -142,26 +139,18 @@ async def test_no_answer_carries_the_secret(
         assert leaks(repr(obj).encode()) == [], type(obj)
 
 
-def _check_all(runs: list[tuple[Path, str | None]]) -> list[tuple[int, str]]:
-    """``gateway check -c CONF`` for each (config, CEC_SECRET_KEY), run side by side.
+async def _check_all(runs: list[tuple[Path, str | None]]) -> list[tuple[int, str]]:
+    """``gateway check -c CONF`` for each (config, CEC_SECRET_KEY), run side by side:
+    (exit code, stdout + stderr) for each."""
+    def env(secret: str | None) -> dict[str, str]:
+        return clean_env() if secret is None else {**clean_env(), "CEC_SECRET_KEY": secret}
 
-    Returns (exit code, stdout + stderr) for each.
-    """
-    base = {k: v for k, v in os.environ.items() if k != "CEC_SECRET_KEY"}
-    procs = []
-    for config, secret in runs:
-        env = dict(base) if secret is None else {**base, "CEC_SECRET_KEY": secret}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "gateway", "check", "-c", str(config)], env=env,
-            cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=60)
-        results.append((proc.returncode, out + err))
-    return results
+    results = await asyncio.gather(*(gateway_cli("check", "-c", str(config), env=env(secret))
+                                     for config, secret in runs))
+    return [(code, out + err) for code, out, err in results]
 
 
-def test_gateway_check_never_prints_the_secret(cec: Upstream, site: Site,
+async def test_gateway_check_never_prints_the_secret(cec: RawRecorder, site: Site,
                                                tmp_path: Path) -> None:
     conf = tmp_path / "gateway.yaml"
     conf.write_text(guest_config(cec, site), encoding="utf-8")
@@ -172,7 +161,7 @@ def test_gateway_check_never_prints_the_secret(cec: Upstream, site: Site,
         "secret_key: ${CEC_SECRET_KEY}", "secret_key_file: cec.secret").replace(
         "locale: en", "locale: fr"), encoding="utf-8")
     bad = [SECRET + "9", SECRET[:-1] + "!"]
-    good, *refused = _check_all([(conf, SECRET), *((conf, b) for b in bad),
+    good, *refused = await _check_all([(conf, SECRET), *((conf, b) for b in bad),
                                  (conf_file, None)])
 
     assert good[0] == 0, good[1]
@@ -187,7 +176,7 @@ def test_gateway_check_never_prints_the_secret(cec: Upstream, site: Site,
 
 
 async def test_secret_not_served_in_token_mode_pages(
-        start_gateway: GatewayStarter, cec: Upstream, site: Site,
+        start_gateway: GatewayStarter, cec: RawRecorder, site: Site,
         browser: BrowserFactory) -> None:
     # A deployment may keep the CEC secret configured while running token mode.
     text = token_config(cec, site, fallback=True).replace(
@@ -202,4 +191,4 @@ async def test_secret_not_served_in_token_mode_pages(
     async with b.post(gw.url + NEW_CLIENT, json=third_user_data(secretKey=SECRET)) as resp:
         assert resp.status == 200
         assert leaks(await resp.read()) == []
-    assert leaks(cec.seen[-1].body) == []
+    assert leaks(cec.requests[-1].body) == []

@@ -30,7 +30,6 @@ from tests.integration.conftest import (
     BrowserFactory,
     GatewayStarter,
     Site,
-    Upstream,
     guest_id_of,
     third_user_data,
     token_config,
@@ -38,6 +37,7 @@ from tests.integration.conftest import (
 from tests.redis_server import RedisServer
 from tests.support.ports import free_port
 from tests.support.process import clean_env, gateway_process
+from tests.support.upstreams import RawRecorder
 
 SUCCESS = {"retCode": 0, "message": "validate success"}
 CONTEXT_SCRIPT = "/service-cloud/webclient/chat_client/js/cobrowseCommon.js"
@@ -73,7 +73,7 @@ async def issue(session: aiohttp.ClientSession, base: str, user_id: str, user_na
 
 
 async def test_logged_in_visitor_gets_site_identity_and_a_token_that_validates(
-        start_gateway: GatewayStarter, cec: Upstream, site: Site,
+        start_gateway: GatewayStarter, cec: RawRecorder, site: Site,
         browser: BrowserFactory) -> None:
     site.sessions["sess-a"] = ("u-1001", "Alice Zhang")
     gw = await start_gateway(token_config(cec, site))
@@ -85,7 +85,7 @@ async def test_logged_in_visitor_gets_site_identity_and_a_token_that_validates(
     assert status == 200, text
     assert any("sid=sess-a" in c for c in site.me_calls)
     [got] = cec.posts_to(CLIENT)
-    assert int(got.headers["Content-Length"]) == len(got.body)
+    assert int(got.header("Content-Length")) == len(got.body)
     body = got.json()
     assert (body["thirdUserId"], body["thirdUserName"]) == ("u-1001", "Alice Zhang")
     assert (body["tenantSpaceId"], body["channelConfigId"]) == (TENANT, CHANNEL)
@@ -118,7 +118,7 @@ async def test_logged_in_visitor_gets_site_identity_and_a_token_that_validates(
 
 
 async def test_anonymous_visitor_gets_401_and_nothing_is_forwarded(
-        start_gateway: GatewayStarter, cec: Upstream, site: Site,
+        start_gateway: GatewayStarter, cec: RawRecorder, site: Site,
         browser: BrowserFactory) -> None:
     site.sessions["sess-a"] = ("u-1001", "Alice")
     gw = await start_gateway(token_config(cec, site))
@@ -129,17 +129,17 @@ async def test_anonymous_visitor_gets_401_and_nothing_is_forwarded(
             status, text = await inject(b, gw.url, path=path)
             assert status == 401, text
             assert "log in" in text.lower()
-    assert cec.seen == []
+    assert cec.requests == []
     # A header claiming an identity is not an identity.
     async with anonymous.post(gw.url + CLIENT, json=third_user_data(),
                               headers={"X-User-Id": "u-1001", "X-Forwarded-User": "u-1001",
                                        "Authorization": "Bearer u-1001"}) as resp:
         assert resp.status == 401
-    assert cec.seen == []
+    assert cec.requests == []
 
 
 async def test_anonymous_visitor_falls_back_to_guest(
-        start_gateway: GatewayStarter, cec: Upstream, site: Site,
+        start_gateway: GatewayStarter, cec: RawRecorder, site: Site,
         browser: BrowserFactory) -> None:
     gw = await start_gateway(token_config(cec, site, fallback=True))
     b = browser()
@@ -159,12 +159,12 @@ async def test_anonymous_visitor_falls_back_to_guest(
     assert answer == SUCCESS
     # Without a valid guest cookie (a page posting before the loader ran, a flood): a 307
     # to the same target with a new guest cookie; no token minted, nothing forwarded.
-    before = len(cec.seen)
+    before = len(cec.requests)
     async with browser().post(f"{gw.url}{CLIENT}?&t=1", json=third_user_data(),
                               allow_redirects=False) as resp:
         assert resp.status == 307 and resp.headers["Location"] == f"{CLIENT}?&t=1"
         assert "cec_guest=" in resp.headers["Set-Cookie"]
-    assert len(cec.seen) == before
+    assert len(cec.requests) == before
     # A browser follows it with the cookie, and chats as that guest.
     follower = browser()
     assert (await inject(follower, gw.url))[0] == 200
@@ -172,7 +172,7 @@ async def test_anonymous_visitor_falls_back_to_guest(
 
 
 async def test_each_wrong_field_is_refused_alike(
-        start_gateway: GatewayStarter, cec: Upstream, site: Site,
+        start_gateway: GatewayStarter, cec: RawRecorder, site: Site,
         browser: BrowserFactory) -> None:
     gw = await start_gateway(token_config(cec, site))
     b = browser()
@@ -204,7 +204,7 @@ async def test_each_wrong_field_is_refused_alike(
 
 
 async def test_issue_and_revoke_with_the_api_key(
-        start_gateway: GatewayStarter, cec: Upstream, site: Site,
+        start_gateway: GatewayStarter, cec: RawRecorder, site: Site,
         browser: BrowserFactory) -> None:
     gw = await start_gateway(token_config(cec, site))
     b = browser()
@@ -232,7 +232,7 @@ async def test_issue_and_revoke_with_the_api_key(
 
 
 async def test_allow_list_refuses_loopback_when_not_listed(
-        start_gateway: GatewayStarter, cec: Upstream, site: Site,
+        start_gateway: GatewayStarter, cec: RawRecorder, site: Site,
         browser: BrowserFactory) -> None:
     gw = await start_gateway(token_config(cec, site, allow_from="[10.0.0.0/8]"))
     b = browser()
@@ -247,7 +247,7 @@ async def test_allow_list_refuses_loopback_when_not_listed(
 
 
 async def test_allow_list_uses_the_real_client_address(
-        start_gateway: GatewayStarter, cec: Upstream, site: Site,
+        start_gateway: GatewayStarter, cec: RawRecorder, site: Site,
         browser: BrowserFactory) -> None:
     # 127.0.0.1 is a trusted proxy (a load balancer); 127.0.0.2 is an ordinary client.
     # Both connect for real, from their own source addresses.
@@ -286,7 +286,7 @@ async def test_allow_list_uses_the_real_client_address(
 
 
 async def test_wrong_tokens_past_the_allowance_never_refuse_a_correct_token(
-        start_gateway: GatewayStarter, cec: Upstream, site: Site,
+        start_gateway: GatewayStarter, cec: RawRecorder, site: Site,
         browser: BrowserFactory, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     gw = await start_gateway(token_config(
@@ -313,7 +313,7 @@ async def test_wrong_tokens_past_the_allowance_never_refuse_a_correct_token(
 
 
 async def test_redis_down_fails_closed_while_proxying_continues(
-        start_gateway: GatewayStarter, cec: Upstream, site: Site, browser: BrowserFactory,
+        start_gateway: GatewayStarter, cec: RawRecorder, site: Site, browser: BrowserFactory,
         redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
     site.sessions["sess-r"] = ("u-31", "Ida")
     gw = await start_gateway(token_config(cec, site, store=redis.url))
@@ -354,7 +354,7 @@ async def gateway_url(config_text: str, workdir: Path) -> AsyncIterator[str]:
 
 
 async def test_two_gateway_processes_share_tokens_and_guess_counts_through_redis(
-        cec: Upstream, site: Site, browser: BrowserFactory, redis: RedisServer,
+        cec: RawRecorder, site: Site, browser: BrowserFactory, redis: RedisServer,
         tmp_path: Path) -> None:
     site.sessions["sess-2"] = ("u-77", "Jun")
     guard = "{max_failures: 3, window: 1m, lockout: 30s}"

@@ -29,7 +29,6 @@ from tests.integration.conftest import (
     BrowserFactory,
     GatewayStarter,
     Site,
-    Upstream,
     third_user_data,
     token_config,
 )
@@ -38,6 +37,7 @@ from tests.redis_server import RedisServer
 from tests.support.admin import metric
 from tests.support.ports import free_port
 from tests.support.process import clean_env, gateway_cli
+from tests.support.upstreams import RawRecorder
 
 SUCCESS = {"retCode": 0, "message": "validate success"}
 # The defaults of token.guard and token.rate_limit: the attack is run against them.
@@ -81,7 +81,7 @@ async def test_bogus_validations_through_the_cec_leave_real_users_chat_working(
     site.sessions.update({"sess-a": ("u-1001", "Alice Zhang"), "sess-b": ("u-1002", "Bob Li")})
     port = free_port()
     async with sandbox_cec(f"http://127.0.0.1:{port}{VALIDATE}") as cec_url:
-        cec = Upstream(cec_url.removesuffix("/service-cloud"))
+        cec = cec_url.removesuffix("/service-cloud")
         gw = await start_gateway(token_config(cec, site, guard=DEFAULT_GUARD, port=port)
                                  .replace("rate_limit: 1000/second", "rate_limit: 50/second"))
         alice, bob, attacker = browser(), browser(), browser()
@@ -120,7 +120,7 @@ async def test_bogus_validations_through_the_cec_leave_real_users_chat_working(
 
 
 async def test_two_processes_on_one_redis_keep_the_bounds_under_100_concurrent_guesses(
-        cec: Upstream, site: Site, redis: RedisServer, tmp_path: Path) -> None:
+        cec: RawRecorder, site: Site, redis: RedisServer, tmp_path: Path) -> None:
     config = token_config(cec, site, store=redis.url, guard=DEFAULT_GUARD, workers=True)
     config = config.replace("rate_limit: 1000/second",
                             "rate_limit: 1000/second\n  max_concurrency: 500")
@@ -176,7 +176,7 @@ async def test_two_processes_on_one_redis_keep_the_bounds_under_100_concurrent_g
 
 
 async def test_unlock_through_the_admin_listener_with_a_memory_store(
-        start_gateway: GatewayStarter, cec: Upstream, site: Site, tmp_path: Path) -> None:
+        start_gateway: GatewayStarter, cec: RawRecorder, site: Site, tmp_path: Path) -> None:
     admin_port = free_port()
     admin_key = "admin-key-0123456789abcdef-test"
     config = token_config(cec, site, guard="{max_failures: 2, window: 1m, lockout: 10m}") + (
@@ -215,7 +215,7 @@ async def test_unlock_through_the_admin_listener_with_a_memory_store(
 
 
 async def test_unlock_endpoint_is_off_without_an_admin_key(
-        start_gateway: GatewayStarter, cec: Upstream, site: Site) -> None:
+        start_gateway: GatewayStarter, cec: RawRecorder, site: Site) -> None:
     admin_port = free_port()
     gw = await start_gateway(token_config(cec, site)
                              + f"admin: {{host: 127.0.0.1, port: {admin_port}}}\n")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Iterator
 
 
 def free_ports(n: int, *, pair_first: bool = False) -> list[int]:
@@ -34,3 +36,14 @@ def free_ports(n: int, *, pair_first: bool = False) -> list[int]:
 def free_port() -> int:
     """One free loopback port (nothing listens on it once this returns)."""
     return free_ports(1)[0]
+
+
+@contextlib.contextmanager
+def busy_port(*, listen: bool = True) -> Iterator[int]:
+    """A loopback port held by someone else until the context ends: listening (a server
+    there already), or only bound (``listen=False``: connections to it are refused)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        if listen:
+            busy.listen(1)
+        yield int(busy.getsockname()[1])

@@ -1,9 +1,10 @@
 """The gateway as a process: start it, wait for it, read its log, stop it; and waiting in general.
 
-``start_gateway_process`` runs ``python -m gateway [--log-format F] run -c FILE [args]`` in its
-own process group with stdout and stderr in a file, and waits for the "listening on ..."
-line, so the public and the admin address are known even with port 0. ``gateway_process``
-is the same as a context that always stops it. ``gateway_cli``/``run_cli`` run one command.
+``launch_gateway`` runs ``python -m gateway [--log-format F] run -c FILE [args]`` in its
+own process group with stdout and stderr in a file; ``start_gateway_process`` also waits
+for the "listening on ..." line, so the public and the admin address are known even with
+port 0. ``gateway_process`` is the same as a context that always stops it.
+``gateway_cli``/``run_cli`` run one command.
 """
 
 from __future__ import annotations
@@ -161,6 +162,24 @@ class GatewayProcess:
         assert self.proc.returncode is not None
         return self.proc.returncode
 
+    async def listening(self, within: float = 30.0) -> bool:
+        """True once it logs "listening on ..." (``url``/``admin_url`` then known); False when
+        it exits first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while loop.time() < deadline:
+            text = self.log_text()
+            m = _LISTEN_RE.search(text)
+            if m:
+                admin = _ADMIN_RE.search(text)
+                self.url, self.admin_url = m.group(1), admin.group(1) if admin else None
+                return True
+            if self.proc.returncode is not None:
+                return False
+            await asyncio.sleep(0.03)
+        raise AssertionError(f"neither listening nor exited within {within}s:\n"
+                             f"{self.log_text()}")
+
     async def kill(self) -> None:
         """Last resort in a test's cleanup: the whole process group."""
         if self.proc.returncode is None:
@@ -169,13 +188,15 @@ class GatewayProcess:
             await self.proc.wait()
 
 
-async def start_gateway_process(config_text: str, workdir: Path, *run_args: str,
-                                log_format: str | None = None, name: str = "gateway",
-                                env: dict[str, str] | None = None, one_worker: bool = True
-                                ) -> GatewayProcess:
-    """Start a gateway process (own process group) and wait until it listens.
+async def launch_gateway(config_text: str, workdir: Path, *run_args: str,
+                         log_format: str | None = None, name: str = "gateway",
+                         env: dict[str, str] | None = None, one_worker: bool = True,
+                         command: tuple[str, ...] = (PYTHON, "-m", "gateway"),
+                         cwd: Path = PROJECT) -> GatewayProcess:
+    """Start a gateway process (own process group) without waiting for it: see ``listening``.
 
-    ``run_args`` default to ``--workers 1`` (``one_worker=False``: the config's choice).
+    ``run_args`` default to ``--workers 1`` (``one_worker=False``: the config's choice);
+    ``command``: how the gateway is invoked (the installed console script, say).
     """
     os.makedirs(workdir, exist_ok=True)
     conf = workdir / f"{name}.yaml"
@@ -185,24 +206,19 @@ async def start_gateway_process(config_text: str, workdir: Path, *run_args: str,
     args = run_args or (("--workers", "1") if one_worker else ())
     with log.open("wb") as sink:
         proc = await asyncio.create_subprocess_exec(
-            PYTHON, "-m", "gateway", *fmt, "run", "-c", str(conf), *args,
-            stdout=sink, stderr=sink, cwd=str(PROJECT), env=env, start_new_session=True)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 30
-    while loop.time() < deadline:
-        text = log.read_text(encoding="utf-8", errors="replace")
-        m = _LISTEN_RE.search(text)
-        if m:
-            admin = _ADMIN_RE.search(text)
-            return GatewayProcess(proc, m.group(1), log, admin.group(1) if admin else None,
-                                  conf)
-        if proc.returncode is not None:
-            break
-        await asyncio.sleep(0.03)
-    if proc.returncode is None:
-        proc.kill()
-    await proc.wait()
-    raise AssertionError(f"the gateway did not start:\n{log.read_text()}")
+            *command, *fmt, "run", "-c", str(conf), *args,
+            stdout=sink, stderr=sink, cwd=str(cwd), env=env, start_new_session=True)
+    return GatewayProcess(proc, "", log, None, conf)
+
+
+async def start_gateway_process(config_text: str, workdir: Path, *run_args: str,
+                                **kwargs: Any) -> GatewayProcess:
+    """``launch_gateway`` and wait until it listens; a gateway that exits first fails the test."""
+    gw = await launch_gateway(config_text, workdir, *run_args, **kwargs)
+    if not await gw.listening():
+        await gw.kill()
+        raise AssertionError(f"the gateway did not start:\n{gw.log_text()}")
+    return gw
 
 
 @contextlib.asynccontextmanager

@@ -36,6 +36,7 @@ class RawResponse(Headers):
     reason: str = ""
     version: str = "HTTP/1.1"
     complete: bool = True  # the body arrived whole by its own framing
+    raw: bytes = b""  # every byte of it as it came (read_response)
 
 
 def parse_head(head: bytes) -> RawResponse:
@@ -112,8 +113,10 @@ async def read_response(reader: asyncio.StreamReader, *, head_request: bool = Fa
         raise AssertionError(f"connection closed inside a response head: {exc.partial!r}"
                              ) from None
     resp = parse_head(head)
+    raw = bytearray(head)
     code = resp.status
     if head_request or code in (204, 304) or 100 <= code < 200:
+        resp.raw = bytes(raw)
         return resp
     te = (resp.header("Transfer-Encoding") or "").lower()
     cl = resp.header("Content-Length")
@@ -122,13 +125,17 @@ async def read_response(reader: asyncio.StreamReader, *, head_request: bool = Fa
             body = bytearray()
             while True:
                 size_line = await reader.readuntil(b"\r\n")
+                raw += size_line
                 size = int(size_line[:-2].split(b";")[0], 16)
                 if size == 0:
-                    while (await reader.readuntil(b"\r\n")) != b"\r\n":
-                        pass
+                    while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
+                        raw += line
+                    raw += line
                     break
-                body += await reader.readexactly(size + 2)
-                body = body[:-2]
+                chunk = await reader.readexactly(size + 2)
+                raw += chunk
+                assert chunk.endswith(b"\r\n"), f"chunk data not followed by CRLF: {raw!r}"
+                body += chunk[:-2]
             resp.body = bytes(body)
         elif cl is not None:
             resp.body = await reader.readexactly(int(cl))
@@ -137,6 +144,9 @@ async def read_response(reader: asyncio.StreamReader, *, head_request: bool = Fa
     except (asyncio.IncompleteReadError, ConnectionError) as exc:
         resp.complete = False
         resp.body = getattr(exc, "partial", b"")
+    if te != "chunked":
+        raw += resp.body
+    resp.raw = bytes(raw)
     return resp
 
 
@@ -222,9 +232,9 @@ class KeepAlive:
 
 async def read_response_head_and_body(reader: asyncio.StreamReader, limit_s: float = 5.0
                                       ) -> tuple[bytes, bytes]:
-    """One Content-Length framed response as raw bytes (head, body), without waiting for the
-    connection to close; for tests that assert on the exact head bytes."""
+    """One response as raw bytes (head, body), without waiting for the connection to close;
+    for tests that assert on the exact head bytes."""
     async with asyncio.timeout(limit_s):
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int(parse_head(head).header("Content-Length") or 0)
-        return head, await reader.readexactly(length)
+        resp = await read_response(reader)
+    assert resp is not None and resp.complete, resp
+    return resp.raw[:resp.raw.index(b"\r\n\r\n") + 4], resp.body

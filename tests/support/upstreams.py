@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import gzip
 import hashlib
+import json
 import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -44,8 +45,22 @@ def pattern_sha256(n: int) -> str:
     return h.hexdigest()
 
 
+class Target:
+    """The path and the query of a request's ``target``."""
+
+    target: str
+
+    @property
+    def path(self) -> str:
+        return self.target.partition("?")[0]
+
+    @property
+    def query(self) -> str:
+        return self.target.partition("?")[2]
+
+
 @dataclass
-class Seen(Headers):
+class Seen(Headers, Target):
     """One request as the echo upstream received it."""
 
     method: str
@@ -55,14 +70,6 @@ class Seen(Headers):
     sha256: str
     peer_port: int
     version: str
-
-    @property
-    def path(self) -> str:
-        return self.target.partition("?")[0]
-
-    @property
-    def query(self) -> str:
-        return self.target.partition("?")[2]
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -327,7 +334,7 @@ class StrictParseError(Exception):
 
 
 @dataclass
-class UpRequest(Headers):
+class UpRequest(Headers, Target):
     """One request as the recording upstream framed it."""
 
     method: str
@@ -336,6 +343,14 @@ class UpRequest(Headers):
     headers: list[tuple[str, str]]
     body: bytes
     raw: bytes  # the exact bytes of this request, head and body
+    seq: int = 0  # order of arrival over all connections
+
+    @property
+    def head(self) -> bytes:
+        return self.raw[:self.raw.index(b"\r\n\r\n") + 4]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
 
 
 @dataclass
@@ -388,6 +403,7 @@ class RawRecorder:
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     writers: set[asyncio.StreamWriter] = field(default_factory=set)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    received: int = 0  # requests framed so far, over all connections
 
     @property
     def url(self) -> str:
@@ -400,6 +416,9 @@ class RawRecorder:
     @property
     def errors(self) -> list[str]:
         return [f"conn {c.index}: {c.error}" for c in self.conns if c.error]
+
+    def posts_to(self, path: str) -> list[UpRequest]:
+        return [r for r in self.requests if r.method == "POST" and r.path == path]
 
     def raw_bytes(self) -> bytes:
         return b"".join(bytes(c.raw) for c in self.conns)
@@ -425,6 +444,12 @@ class RawRecorder:
                 await self.arrived.wait()
         return self.requests
 
+    async def wait_closed(self, conn: UpConn, limit: float = 3.0) -> None:
+        async with asyncio.timeout(limit):
+            while not conn.closed:
+                self.arrived.clear()
+                await self.arrived.wait()
+
     # -------------------------------------------------------------- serving
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -448,6 +473,8 @@ class RawRecorder:
                     break
                 if req is None:
                     break
+                req.seq = self.received
+                self.received += 1
                 conn.requests.append(req)
                 self.arrived.set()
                 seq += 1
@@ -563,8 +590,10 @@ async def _read_chunked(reader: asyncio.StreamReader, conn: UpConn) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def run_recorder(behaviour: Behaviour | None = None) -> AsyncIterator[RawRecorder]:
-    rec = RawRecorder(behaviour=behaviour)
+async def run_recorder(behaviour: Behaviour | None = None, rec: RawRecorder | None = None
+                       ) -> AsyncIterator[RawRecorder]:
+    """Serve ``rec`` (a new recorder answering with ``behaviour``) until the context ends."""
+    rec = rec or RawRecorder(behaviour=behaviour)
     server = await asyncio.start_server(rec._serve, "127.0.0.1", 0, limit=MAX_HEAD)
     rec.port = server.sockets[0].getsockname()[1]
     try:

@@ -34,6 +34,15 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
+@pytest.fixture(params=["memory", "redis"])
+def backend_url(request: pytest.FixtureRequest) -> str:
+    """Each test once on the memory store and once on a fresh redis-server: its URL."""
+    if request.param == "memory":
+        return "memory"
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server.url
+
+
 def make_cfg(**overrides: Any) -> TokenConfig:
     """A TokenConfig with test-sized limits; keyword arguments override fields."""
     values: dict[str, Any] = {

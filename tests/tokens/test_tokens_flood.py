@@ -8,6 +8,7 @@ from collections import Counter
 import aiohttp
 from aiohttp.test_utils import RawTestServer
 
+from tests.support.process import wait_for
 from tests.tokens.conftest import GatewayFactory, issue_token, post_validate, validate_body
 
 
@@ -42,10 +43,7 @@ async def test_concurrency_limit(make_gateway: GatewayFactory, http: aiohttp.Cli
     )
     await writer.drain()
     try:
-        for _ in range(100):
-            if gw.guard.active:
-                break
-            await asyncio.sleep(0.01)
+        await wait_for(lambda: gw.guard.active > 0, what="the validation in flight")
         assert gw.guard.active == 1
         status, body, headers = await post_validate(http, gw, validate_body(token))
         assert status == 503 and body["retCode"] != 0 and headers["Retry-After"] == "1"

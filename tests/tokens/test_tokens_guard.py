@@ -14,16 +14,8 @@ from tests.redis_server import RedisServer
 GuardFactory = Callable[..., Guard]
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def guard_url(request: pytest.FixtureRequest) -> str:
-    if request.param == "memory":
-        return "memory"
-    server: RedisServer = request.getfixturevalue("redis_server")
-    return server.url
-
-
 @pytest.fixture
-async def make(guard_url: str) -> AsyncIterator[GuardFactory]:
+async def make(backend_url: str) -> AsyncIterator[GuardFactory]:
     made: list[Guard] = []
 
     def factory(**kw: object) -> Guard:
@@ -35,7 +27,7 @@ async def make(guard_url: str) -> AsyncIterator[GuardFactory]:
             "max_concurrency": 4,
         }
         args.update(kw)
-        g = open_guard(guard_url, **args)  # type: ignore[arg-type]
+        g = open_guard(backend_url, **args)  # type: ignore[arg-type]
         made.append(g)
         return g
 

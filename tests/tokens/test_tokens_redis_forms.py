@@ -27,6 +27,7 @@ from gateway.config import TokenRedis, load_config_text
 from gateway.tokens import TokenBackendUnavailable
 from tests.redis_server import RedisServer
 from tests.support.ports import free_port
+from tests.support.process import wait_for
 from tests.tokens.conftest import (
     API_KEY,
     GatewayFactory,
@@ -164,15 +165,6 @@ async def info(port: int, section: str = "replication") -> dict[str, str]:
     return {str(k): str(v) for k, v in raw.items()}
 
 
-async def until(check: object, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if await check():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture
 async def sentinel_setup(tmp_path: Path) -> AsyncIterator[tuple[RedisServer, RedisServer, int]]:
     """A primary, its replica (link up) and one redis-sentinel watching `mymaster`."""
@@ -180,7 +172,7 @@ async def sentinel_setup(tmp_path: Path) -> AsyncIterator[tuple[RedisServer, Red
         async def linked() -> bool:
             return (await info(rep.port)).get("master_link_status") == "up"
 
-        await until(linked, 15, "the replica to sync")
+        await wait_for(linked, 15, 0.1, "the replica to sync")
         port = free_port()
         conf = tmp_path / "sentinel.conf"
         conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
@@ -199,7 +191,7 @@ async def sentinel_setup(tmp_path: Path) -> AsyncIterator[tuple[RedisServer, Red
                 finally:
                     await client.aclose()
 
-            await until(knows_replica, 20, "sentinel to discover the replica")
+            await wait_for(knows_replica, 20, 0.1, "sentinel to discover the replica")
             yield primary, rep, port
         finally:
             proc.terminate()
@@ -239,7 +231,7 @@ async def test_sentinel_failover_mid_run_keeps_tokens_and_service(
             await asyncio.sleep(0.02)
 
     runner = asyncio.create_task(traffic())
-    await until(lambda: asyncio.sleep(0, len(outcomes) >= 3), 10, "traffic before failover")
+    await wait_for(lambda: len(outcomes) >= 3, 10, 0.1, "traffic before failover")
     sentinel = aioredis.Redis(port=sentinel_port)
     try:
         await sentinel.execute_command("SENTINEL", "FAILOVER", "mymaster")
@@ -249,13 +241,12 @@ async def test_sentinel_failover_mid_run_keeps_tokens_and_service(
             return bool(addr) and int(addr[1]) == replica.port and \
                 (await info(replica.port)).get("role") == "master"
 
-        await until(promoted, 30, "sentinel to promote the replica")
+        await wait_for(promoted, 30, 0.1, "sentinel to promote the replica")
     finally:
         await sentinel.aclose()
     switched = time.monotonic()
-    await until(lambda: asyncio.sleep(0, sum(
-        1 for t, s in outcomes if t > switched and s == 200) >= 5), 20,
-        "traffic to succeed after the failover")
+    await wait_for(lambda: sum(1 for t, s in outcomes if t > switched and s == 200) >= 5,
+                   20, 0.1, "traffic to succeed after the failover")
     stop.set()
     await runner
 

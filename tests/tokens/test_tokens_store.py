@@ -24,17 +24,9 @@ from tests.redis_server import RedisServer
 KEY = b"k" * 32
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store_url(request: pytest.FixtureRequest) -> str:
-    if request.param == "memory":
-        return "memory"
-    server: RedisServer = request.getfixturevalue("redis_server")
-    return server.url
-
-
 @pytest.fixture
-async def store(store_url: str) -> AsyncIterator[TokenStore]:
-    s = open_store(store_url, KEY, 60)
+async def store(backend_url: str) -> AsyncIterator[TokenStore]:
+    s = open_store(backend_url, KEY, 60)
     yield s
     await s.close()
 
@@ -90,8 +82,8 @@ async def test_tokens_are_unique(store: TokenStore) -> None:
     assert len(tokens) == 50
 
 
-async def test_expiry(store_url: str) -> None:
-    s = open_store(store_url, KEY, 0.3)
+async def test_expiry(backend_url: str) -> None:
+    s = open_store(backend_url, KEY, 0.3)
     try:
         issued = await s.issue("u1", "Tom", "t1")
         assert await s.check(issued.token, "u1", "Tom", "t1")
@@ -123,8 +115,8 @@ async def test_token_for_reuses_a_valid_token(store: TokenStore) -> None:
     assert await store.check(fresh.token, "u1", "Tom", "t1")
 
 
-async def test_token_for_reuses_until_close_to_expiry(store_url: str) -> None:
-    s = open_store(store_url, KEY, 1.0)  # renewed when less than 0.1 s is left
+async def test_token_for_reuses_until_close_to_expiry(backend_url: str) -> None:
+    s = open_store(backend_url, KEY, 1.0)  # renewed when less than 0.1 s is left
     try:
         first = await s.token_for("u1", "Tom", "t1")
         await asyncio.sleep(0.6)  # past half its life: still the same token
@@ -137,8 +129,8 @@ async def test_token_for_reuses_until_close_to_expiry(store_url: str) -> None:
         await s.close()
 
 
-async def test_token_for_keeps_one_token_per_user_id(store_url: str) -> None:
-    s = open_store(store_url, KEY, 60)
+async def test_token_for_keeps_one_token_per_user_id(backend_url: str) -> None:
+    s = open_store(backend_url, KEY, 60)
     try:
         api = await s.issue("u1", "Tom", "t1")  # the issuing API's token is left alone
         first = await s.token_for("u1", "Tom", "t1")
@@ -156,9 +148,9 @@ async def test_token_for_keeps_one_token_per_user_id(store_url: str) -> None:
         await s.close()
 
 
-async def test_store_cap_refuses_and_counts(store_url: str) -> None:
+async def test_store_cap_refuses_and_counts(backend_url: str) -> None:
     full: list[int] = []
-    s = open_store(store_url, KEY, 0.5, max_tokens=3, on_full=lambda: full.append(1))
+    s = open_store(backend_url, KEY, 0.5, max_tokens=3, on_full=lambda: full.append(1))
     try:
         made = [await s.issue(f"u{n}", "n", "t1") for n in range(3)]
         with pytest.raises(TokenStoreFull):
