@@ -20,23 +20,19 @@ from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from gateway.aiohttp_adapter import EMPTY_PAYLOAD, RawRequestMessage, StreamReader
-from gateway.errors import UpstreamError, UpstreamTimeout
-from gateway.headers import valid_host
+from gateway.aiohttp_adapter import RawRequestMessage, StreamReader
+from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
 from gateway.logs import log_fields
-from gateway.policy import error_answer, log_error, render_error
+from gateway.policy import EMPTY_BODY_FRAMING, IDEMPOTENT, error_answer, log_error, render_error
 from gateway.proxy import Exchange, cut_off, drain_client, framed_last, response_head
 from gateway.routing import CompiledRoute
 from gateway.server import _GatewayRequestHandler
 from gateway.upstream import Body, Response, UpstreamConnection
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.app import Gateway, Rewriter
 
 log = logging.getLogger("gateway.fastpath")
-
-_FAST_METHODS = frozenset({"GET", "HEAD"})
-
 
 class _Inline:
     """One request in flight on the fast path."""
@@ -137,29 +133,17 @@ class FastRequestHandler(_GatewayRequestHandler):
     # ------------------------------------------------------------------ the fast path
 
     def _try_inline(self, msg: Any, payload: StreamReader) -> bool:
-        if (payload is not EMPTY_PAYLOAD or msg.__class__ is not RawRequestMessage
-                or msg.method not in _FAST_METHODS or msg.upgrade):
-            return False
-        raw_path: str = msg.path
-        path, _, query = raw_path.partition("?")
-        # Anything unusual in the path is normalised (or refused) by the full path.
-        if (not path.startswith("/") or "%" in path or "/." in path or "//" in path
-                or "\\" in path or "#" in raw_path):
-            return False
+        if msg.__class__ is not RawRequestMessage:
+            return False  # a refusal the parser layer queued
         gw = self.gateway
-        if path in gw.ext.endpoints or gw.ext.scripts.looks_like(path):
-            return False
-        headers = msg.headers
-        if "Origin" in headers or "Expect" in headers:
-            return False
-        host = headers.get("Host")
-        if not host or not valid_host(host):
-            return False  # the full path answers 400
         policy = gw.policy
-        routed = policy.route(path, query)
-        if routed is None:
+        headers = msg.headers
+        lean = policy.lean(msg.method, msg.path, headers)
+        if lean is None:
             return False
-        route, target = routed
+        route, target, length, rewriter = lean
+        if length and not (payload.is_eof() and payload.total_bytes == length):
+            return False  # the body is still on its way: the full path streams it
         conn = gw.pool.acquire_idle(route.upstream)
         if conn is None:
             return False
@@ -169,6 +153,7 @@ class FastRequestHandler(_GatewayRequestHandler):
         if peer is None:
             name = self.peername
             peer = self._peer_ip = name[0] if isinstance(name, tuple) else ""
+        host: str = headers["Host"]  # the policy checked it
         fwd, rid, https = policy.client(peer, headers, host,
                                         headers.getall("X-Forwarded-For", ()))
         ex = Exchange()
@@ -177,15 +162,54 @@ class FastRequestHandler(_GatewayRequestHandler):
         ex.transport = self.transport
         if gw.tracing is not None:
             ex.trace = gw.tracing.begin(headers, peer)
+        body, body_type, refused = self._body(msg, payload, length, rewriter, ex)
         head = policy.upstream_head(route, msg.method, target, msg.raw_headers, host, fwd, rid,
-                                    headers.getall("Connection", ()), trace=ex.trace)
+                                    headers.getall("Connection", ()), trace=ex.trace,
+                                    framing=_framing(msg.method, length, body),
+                                    body_type=body_type)
+        if body:
+            head += body
         inline = _Inline(conn, route, msg, ex, rid, fwd.client_ip, start, bytes(head))
         inline.extras = policy.proxied_extras(None)
+        if ex.extra_response_headers:
+            inline.extras = (*ex.extra_response_headers, *inline.extras)
         self._inline = inline
+        if refused is not None:
+            # Answered once this request has left aiohttp's queue (the caller takes it).
+            self.event_loop.call_soon(self._refuse, inline, refused)
+            return True
         conn.start_cb(inline.head, method=msg.method, read_timeout=gw.proxy.settings.read_timeout,
                       on_head=partial(self._on_head, inline))
         conn.arm_read_timeout()
         return True
+
+    def _body(self, msg: RawRequestMessage, payload: StreamReader, length: int,
+              rewriter: Rewriter | None, ex: Exchange
+              ) -> tuple[bytes, str | None, GatewayError | None]:
+        """(the body to forward, its new type, or the error to answer instead): the client's
+        body, already complete in memory, or the rewriter's version of it (the chat
+        injection, exactly as the full path runs it: gateway/app.py)."""
+        body = payload.read_nowait(-1) if length else b""
+        ex.bytes_in = len(body)
+        if rewriter is None:
+            return body, None, None
+        assert rewriter.now is not None  # the policy passes synchronous rewriters only
+        try:
+            body, extra = rewriter.now(msg.headers, body)
+        except GatewayError as exc:
+            return b"", None, exc
+        if rewriter.signs:
+            self.gateway.metrics.signatures += 1
+        ex.extra_response_headers.extend(extra)
+        ex.bytes_in = len(body)
+        return body, rewriter.content_type, None
+
+    def _refuse(self, inline: _Inline, exc: GatewayError) -> None:
+        """The answer to a request refused before anything reached the upstream."""
+        if self._inline is not inline:
+            return  # the client went away meanwhile (its connection was dropped with it)
+        self.gateway.pool.release(inline.conn)  # unused: as clean as it was
+        self._write_error(inline, exc)
 
     def _on_head(self, inline: _Inline, message: Response | None,
                  payload: Body | None, exc: UpstreamError | None) -> None:
@@ -194,10 +218,11 @@ class FastRequestHandler(_GatewayRequestHandler):
         if exc is not None or message is None or payload is None:
             inline.conn.abort()
             if (isinstance(exc, UpstreamError) and not isinstance(exc, UpstreamTimeout)
-                    and not inline.ex.retried):
-                # Nothing reached the client yet and GET/HEAD are idempotent: retry once on
-                # a fresh connection (the fast path only ever uses pooled ones: typically
-                # one the upstream had closed, or one with stray bytes from before).
+                    and not inline.ex.retried and inline.method in IDEMPOTENT):
+                # Nothing reached the client yet and the method is idempotent (never a POST,
+                # as on the full path): retry once on a fresh connection (the fast path only
+                # ever uses pooled ones: typically one the upstream had closed, or one with
+                # stray bytes from before).
                 inline.ex.retried = True
                 task = self.event_loop.create_task(self._retry(inline))
                 task.add_done_callback(_log_task_error)
@@ -286,7 +311,7 @@ class FastRequestHandler(_GatewayRequestHandler):
         else:
             inline.conn.abort()
 
-    def _write_error(self, inline: _Inline, exc: UpstreamError) -> None:
+    def _write_error(self, inline: _Inline, exc: GatewayError) -> None:
         """The policy's answer to ``exc``, as the full path gives it (gateway/policy.py)."""
         inline.ex.error = exc.error_field()
         log_error(log, inline.route, inline.rid, exc, log_fields(inline.ex))
@@ -319,6 +344,15 @@ class FastRequestHandler(_GatewayRequestHandler):
         self.keep_alive_from_now()
         if self.queue:
             self._pump()
+
+
+def _framing(method: str, length: int, body: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    """The body's framing header for the upstream, as the full path sends it (proxy.py)."""
+    if length or body:
+        return ((b"Content-Length", b"%d" % len(body)),)
+    if method in EMPTY_BODY_FRAMING:
+        return ((b"Content-Length", b"0"),)
+    return ()
 
 
 def _log_task_error(task: asyncio.Task[None]) -> None:
