@@ -189,7 +189,16 @@ class FastRequestHandler(_GatewayRequestHandler):
         """(the body to forward, its new type, or the error to answer instead): the client's
         body, already complete in memory, or the rewriter's version of it (the chat
         injection, exactly as the full path runs it: gateway/app.py)."""
-        body = payload.read_nowait(-1) if length else b""
+        body = b""
+        if length:
+            # Reading lets aiohttp resume parsing (it re-enters data_received): hide its
+            # loop's waiter meanwhile, so this request is not offered to either path again.
+            waiter = self.hide_waiter()
+            try:
+                body = payload.read_nowait(-1)
+            finally:
+                if waiter is not None:
+                    self.restore_waiter(waiter)
         ex.bytes_in = len(body)
         if rewriter is None:
             return body, None, None
