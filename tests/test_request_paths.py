@@ -9,10 +9,18 @@ make a test pass.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
 from gateway.policy import LEAN_BODY_MAX
+from tests.chat.test_chat_endpoints import (
+    CHANNEL,
+    NEW_CLIENT,
+    SECRET,
+    TENANT,
+    independent_verify,
+)
 from tests.conformance.harness import PathSwitch
 from tests.support.gateway import ROUTES, GatewayFactory, GatewayStarter
 from tests.support.rawhttp import (
@@ -267,3 +275,48 @@ async def test_post_is_not_retried_on_a_stale_pooled_connection(
         seen = [r.target for r in rec.requests]
     assert seen.count("/stale-GET") == 2 and seen.count("/stale-POST") == 1, seen
     served_as_expected(path, "/stale-POST")
+
+
+CHAT = f"""
+cec:
+  tenant_space_id: "{TENANT}"
+  channel_config_id: "{CHANNEL}"
+  auth: {{mode: authorization, secret_key: "{SECRET}"}}
+  guest: {{cookie_key: "guest-cookie-key-0123456789abcdef"}}
+"""
+
+
+async def test_chat_post_is_rewritten_alike_on_both_paths(start_gateway: GatewayStarter,
+                                                         path: PathSwitch) -> None:
+    """A guest's chat-open POST (identity from the signed cookie, no I/O) is rewritten by the
+    same function on either path: identity forced, signature valid, cookie issued once; a
+    bad body is answered 400 by the one error writer."""
+    page = json.dumps({"thirdUserName": "Ann", "thirdUserId": "admin", "locale": "en",
+                       "tenantSpaceId": "999"}).encode()
+    async with run_recorder() as rec:
+        client = await through(start_gateway, rec, CHAT)
+        try:
+            first = await client.request("POST", NEW_CLIENT + "?t=1", body=page)
+            cookie = (first.header("Set-Cookie") or "").split(";")[0]
+            again = await client.request("POST", NEW_CLIENT + "?t=2", f"Cookie: {cookie}",
+                                         body=page)
+            bad = await client.request("POST", NEW_CLIENT + "?t=3", f"Cookie: {cookie}",
+                                       body=b"{not json")
+        finally:
+            await client.close()
+        reqs = rec.assert_clean(at_most=3)
+    assert first.status == 200 and again.status == 200
+    assert cookie and again.header("Set-Cookie") is None
+    assert bad.status == 400 and bad.body.startswith(b"400 Bad Request: ")
+    assert bad.header("Server") == "cec-gateway" and bad.header("X-Request-ID")
+    sent = [json.loads(r.body) for r in reqs[1:]]
+    guest = sent[0]["thirdUserId"]
+    assert guest.startswith("guest-") and sent[1]["thirdUserId"] == guest
+    for r, fields in zip(reqs[1:], sent, strict=True):
+        assert r.header("Content-Length") == str(len(r.body))
+        assert r.header("Content-Type") == "application/json;charset=UTF-8"
+        assert fields["tenantSpaceId"] == TENANT and fields["channelConfigId"] == CHANNEL
+        assert fields["thirdUserName"] == "Ann" and fields["locale"] == "en"
+        assert independent_verify(fields["thirdPartAuthorization"], name="Ann", user_id=guest)
+    served_as_expected(path, "?t=1")
+    served_as_expected(path, "?t=3")
