@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from gateway.aiohttp_adapter import RawRequestMessage, StreamReader
-from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
+from gateway.errors import ClientBodyTimeout, GatewayError, UpstreamError, UpstreamTimeout
+from gateway.headers import Forwarded
 from gateway.logs import log_fields
 from gateway.policy import EMPTY_BODY_FRAMING, IDEMPOTENT, error_answer, log_error, render_error
 from gateway.proxy import Exchange, cut_off, drain_client, framed_last, response_head
@@ -58,8 +59,24 @@ class _Inline:
         self.extras: Sequence[tuple[str, str]] = ()
 
 
+class _BodyWait:
+    """The rest of a small request body awaited by the fast path."""
+
+    __slots__ = ("last", "payload", "seen", "send", "timer", "total")
+
+    def __init__(self, payload: StreamReader, send: Callable[[], None], now: float,
+                 total: bool) -> None:
+        self.payload = payload
+        self.send = send
+        self.last = now  # when body bytes last arrived (the start, for a ``total`` deadline)
+        self.seen = payload.total_bytes
+        self.total = total
+        self.timer: asyncio.TimerHandle | None = None
+
+
 class FastRequestHandler(_GatewayRequestHandler):
     _inline: _Inline | None = None
+    _body_wait: _BodyWait | None = None
     _drained: asyncio.Future[None] | None = None
     _peer_ip: str | None = None
 
@@ -86,6 +103,8 @@ class FastRequestHandler(_GatewayRequestHandler):
         finally:
             if waiter is not None:
                 self.restore_waiter(waiter)
+        if self._body_wait is not None:
+            self._body_arrived(self._body_wait)
         if queue or self.past_http:
             if self._header_timer is not None:
                 self._header_timer.cancel()
@@ -114,6 +133,11 @@ class FastRequestHandler(_GatewayRequestHandler):
             self.take()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        wait = self._body_wait
+        if wait is not None:
+            self._body_wait = None
+            if wait.timer is not None:
+                wait.timer.cancel()
         inline = self._inline
         if inline is not None:
             inline.conn.abort()
@@ -142,8 +166,6 @@ class FastRequestHandler(_GatewayRequestHandler):
         if lean is None:
             return False
         route, target, length, rewriter = lean
-        if length and not (payload.is_eof() and payload.total_bytes == length):
-            return False  # the body is still on its way: the full path streams it
         conn = gw.pool.acquire_idle(route.upstream)
         if conn is None:
             return False
@@ -162,26 +184,91 @@ class FastRequestHandler(_GatewayRequestHandler):
         ex.transport = self.transport
         if gw.tracing is not None:
             ex.trace = gw.tracing.begin(headers, peer)
-        body, body_type, refused = self._body(msg, payload, length, rewriter, ex)
-        head = policy.upstream_head(route, msg.method, target, msg.raw_headers, host, fwd, rid,
-                                    headers.getall("Connection", ()), trace=ex.trace,
-                                    framing=_framing(msg.method, length, body),
-                                    body_type=body_type)
-        if body:
-            head += body
-        inline = _Inline(conn, route, msg, ex, rid, fwd.client_ip, start, bytes(head))
+        inline = _Inline(conn, route, msg, ex, rid, fwd.client_ip, start, b"")
         inline.extras = policy.proxied_extras(None)
+        self._inline = inline
+        send = partial(self._send, inline, msg, payload, target, host, fwd, length, rewriter)
+        if length and not payload.is_eof():
+            # The body is still on its way: the request is this path's now, sent upstream
+            # whole once the body is here (so an upstream never sees a cut-off request).
+            self._await_body(payload, send, total=rewriter is not None)
+            return True
+        send(now=False)
+        return True
+
+    def _send(self, inline: _Inline, msg: RawRequestMessage, payload: StreamReader,
+              target: str, host: str, fwd: Forwarded, length: int, rewriter: Rewriter | None,
+              *, now: bool = True) -> None:
+        """Head and body to the upstream in one write (or the refusal of the body)."""
+        ex = inline.ex
+        body, body_type, refused = self._body(msg, payload, length, rewriter, ex)
         if ex.extra_response_headers:
             inline.extras = (*ex.extra_response_headers, *inline.extras)
-        self._inline = inline
         if refused is not None:
-            # Answered once this request has left aiohttp's queue (the caller takes it).
-            self.event_loop.call_soon(self._refuse, inline, refused)
-            return True
-        conn.start_cb(inline.head, method=msg.method, read_timeout=gw.proxy.settings.read_timeout,
+            if now:
+                self._refuse(inline, refused)
+            else:  # answered once this request has left aiohttp's queue (the caller takes it)
+                self.event_loop.call_soon(self._refuse, inline, refused)
+            return
+        head = self.gateway.policy.upstream_head(
+            inline.route, msg.method, target, msg.raw_headers, host, fwd, inline.rid,
+            msg.headers.getall("Connection", ()), trace=ex.trace,
+            framing=_framing(msg.method, length, body), body_type=body_type)
+        if body:
+            head += body
+        inline.head = bytes(head)
+        conn = inline.conn
+        if conn.transport is None or conn.transport.is_closing():
+            # The pooled connection closed while the body arrived; nothing was sent on it,
+            # so a fresh one is safe whatever the method.
+            conn.abort()
+            task = self.event_loop.create_task(self._retry(inline))
+            task.add_done_callback(_log_task_error)
+            return
+        conn.start_cb(inline.head, method=msg.method,
+                      read_timeout=self.gateway.proxy.settings.read_timeout,
                       on_head=partial(self._on_head, inline))
         conn.arm_read_timeout()
-        return True
+
+    # ------------------------------------------------------------------ a body on its way
+
+    def _await_body(self, payload: StreamReader, send: Callable[[], None], *,
+                    total: bool) -> None:
+        """Wait for the rest of a (small, Content-Length) body, as the full path reads it:
+        at most ``timeouts.client_body`` between two reads (``total``: for the whole body,
+        as a rewritten body is read)."""
+        timeout = self.gateway.proxy.settings.client_body_timeout
+        wait = _BodyWait(payload, send, self.event_loop.time(), total)
+        if timeout:
+            wait.timer = self.event_loop.call_later(timeout, self._body_timer, wait)
+        self._body_wait = wait
+
+    def _body_arrived(self, wait: _BodyWait) -> None:
+        """After each read while a body is awaited (from ``data_received``)."""
+        if not wait.payload.is_eof():
+            if not wait.total and wait.payload.total_bytes != wait.seen:
+                wait.seen = wait.payload.total_bytes
+                wait.last = self.event_loop.time()
+            return
+        self._body_wait = None
+        if wait.timer is not None:
+            wait.timer.cancel()
+        wait.send()
+
+    def _body_timer(self, wait: _BodyWait) -> None:
+        if self._body_wait is not wait:
+            return
+        loop = self.event_loop
+        timeout = self.gateway.proxy.settings.client_body_timeout
+        due = wait.last + timeout
+        if due > loop.time():
+            wait.timer = loop.call_at(due, self._body_timer, wait)
+            return
+        self._body_wait = None
+        inline = self._inline
+        if inline is not None:
+            inline.ex.bytes_in = wait.payload.total_bytes
+            self._refuse(inline, ClientBodyTimeout("client body timeout"))
 
     def _body(self, msg: RawRequestMessage, payload: StreamReader, length: int,
               rewriter: Rewriter | None, ex: Exchange
@@ -217,7 +304,9 @@ class FastRequestHandler(_GatewayRequestHandler):
         """The answer to a request refused before anything reached the upstream."""
         if self._inline is not inline:
             return  # the client went away meanwhile (its connection was dropped with it)
-        self.gateway.pool.release(inline.conn)  # unused: as clean as it was
+        conn = inline.conn
+        if conn.transport is not None and not conn.transport.is_closing():
+            self.gateway.pool.release(conn)  # unused: as clean as it was
         self._write_error(inline, exc)
 
     def _on_head(self, inline: _Inline, message: Response | None,

@@ -150,8 +150,8 @@ async def test_small_post_body_is_forwarded_byte_exact(start_gateway: GatewaySta
 
 async def test_body_split_across_writes_arrives_whole(start_gateway: GatewayStarter,
                                                       path: PathSwitch) -> None:
-    """A body that is still arriving when the head is parsed streams on the full path, on
-    both paths; the upstream gets it whole."""
+    """A body still arriving when the head is parsed: the lean path waits for it and sends
+    it whole, the full path streams it; the upstream gets it whole either way."""
     body = b"0123456789abcdef" * 256
     async with run_recorder() as rec:
         client = await through(start_gateway, rec)
@@ -169,7 +169,7 @@ async def test_body_split_across_writes_arrives_whole(start_gateway: GatewayStar
         reqs = rec.assert_clean(at_most=2)
     assert resp is not None and resp.status == 200
     assert reqs[-1].target == "/split" and reqs[-1].body == body
-    assert not path.served_fast("/split")
+    served_as_expected(path, "/split")
 
 
 async def test_body_above_the_lean_threshold_streams(start_gateway: GatewayStarter,
@@ -199,7 +199,7 @@ async def test_client_closing_mid_body_never_reaches_upstream_as_complete(
         await recorder_barrier(gw_port, rec)
         # Whatever reached the upstream of /cut was cut off, never framed as a request.
         assert [r.target for r in rec.requests if r.target == "/cut"] == []
-    assert not path.served_fast("/cut")
+    served_as_expected(path, "/cut")
 
 
 async def test_body_over_client_max_body_size_is_413(start_gateway: GatewayStarter,
@@ -230,7 +230,9 @@ async def test_body_timeout_is_408(start_gateway: GatewayStarter, path: PathSwit
             await client.close()
     assert resp is not None and resp.status == 408
     assert resp.body == b"408 Request Timeout\n"
-    assert not path.served_fast("/slow")
+    assert resp.header("Connection") == "close" and resp.header("Server") == "cec-gateway"
+    assert [r.target for r in rec.requests] == ["/warm"]  # nothing of it forwarded whole
+    served_as_expected(path, "/slow")
 
 
 async def test_pipelined_post_then_get_answer_in_order(start_gateway: GatewayStarter,
@@ -251,6 +253,29 @@ async def test_pipelined_post_then_get_answer_in_order(start_gateway: GatewaySta
     assert [r.body for r in reqs[1:]] == [b"one" * 100, b"", b"three"]
     served_as_expected(path, "/first")
     served_as_expected(path, "/third")
+
+
+async def test_body_completed_with_a_pipelined_get_behind_it(start_gateway: GatewayStarter,
+                                                              path: PathSwitch) -> None:
+    """The write that completes a body also carries the next request: both are answered,
+    in order."""
+    async with run_recorder() as rec:
+        client = await through(start_gateway, rec)
+        try:
+            data = post("/late", b"L" * 3000)
+            client.writer.write(data[:-1000])
+            await client.writer.drain()
+            await asyncio.sleep(0.05)
+            client.writer.write(data[-1000:] + b"GET /next HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+            answers = [await asyncio.wait_for(read_response(client.reader), 5)
+                       for _ in range(2)]
+        finally:
+            await client.close()
+        reqs = rec.assert_clean(at_most=3)
+    assert [a.body.split(b":", 2)[2] if a else None for a in answers] == [
+        b"POST /late\n", b"GET /next\n"]
+    assert reqs[1].body == b"L" * 3000
+    served_as_expected(path, "/late")
 
 
 async def test_post_is_not_retried_on_a_stale_pooled_connection(
@@ -320,3 +345,23 @@ async def test_chat_post_is_rewritten_alike_on_both_paths(start_gateway: Gateway
         assert independent_verify(fields["thirdPartAuthorization"], name="Ann", user_id=guest)
     served_as_expected(path, "?t=1")
     served_as_expected(path, "?t=3")
+
+
+async def test_body_timeout_counts_silence_not_the_whole_upload(
+        start_gateway: GatewayStarter, path: PathSwitch) -> None:
+    """``timeouts.client_body`` is the longest silence between two reads of a body, as
+    nginx's client_body_timeout: a body that keeps arriving is not cut off."""
+    async with run_recorder() as rec:
+        client = await through(start_gateway, rec, "timeouts: {client_body: 400ms}\n")
+        try:
+            data = post("/steady", b"s" * 400)
+            client.writer.write(data[:-400])
+            for i in range(4):
+                await asyncio.sleep(0.15)
+                client.writer.write(data[len(data) - 400 + 100 * i:][:100])
+            resp = await asyncio.wait_for(read_response(client.reader), 5)
+        finally:
+            await client.close()
+    assert resp is not None and resp.status == 200
+    assert rec.requests[-1].body == b"s" * 400
+    served_as_expected(path, "/steady")
