@@ -1,14 +1,18 @@
-"""The hot path: plain proxied GET/HEAD requests served without a task or a request object.
+"""The hot path: plain proxied requests served without a task or a request object.
 
 aiohttp's connection loop creates a Task, a ``BaseRequest``, a ``StreamWriter`` and a
 response object for every request; for a proxy hop that only moves bytes, that machinery
 costs more than the proxying. ``FastRequestHandler`` is aiohttp's per-connection protocol
 with one addition: when aiohttp's loop is idle (parked on its waiter) and the next parsed
-request is a body-less GET/HEAD for a proxy route with a pooled upstream connection ready,
-the request is forwarded from ``data_received`` itself and the answer written from the
-upstream's callback. Everything else (bodies, WebSockets, CORS, the gateway's endpoints,
-pipelined requests behind a slow one, errors and retries) goes through aiohttp's loop and
-``app.Gateway.handle`` as before, so the two paths never answer out of order.
+request is one the forwarding policy lets the lean path take (``ForwardingPolicy.lean``:
+a proxied request with no body or a small Content-Length one, the guest chat POST whose
+rewrite needs no I/O) and a pooled upstream connection is ready, the request is forwarded
+from ``data_received`` itself and the answer written from the upstream's callback. A body
+still arriving is awaited here (``timeouts.client_body`` between reads) and sent with the
+head in one write. Everything else (large or chunked bodies, WebSockets, CORS, the
+gateway's own endpoints, pipelined requests behind a slow one, errors and retries) goes
+through aiohttp's loop and ``app.Gateway.handle`` as before, so the two paths never answer
+out of order.
 """
 
 from __future__ import annotations
