@@ -129,19 +129,30 @@ class FastRequestHandler(_GatewayRequestHandler):
             except Exception as exc:  # odd input the fast path did not foresee: full path
                 # The class only: an exception's text may quote the client's headers.
                 log.debug("fast path declined a request (%s)", type(exc).__name__)
-                self._inline = None
+                self._drop_unsent()
                 inlined = False
             if not inlined:
                 waiter.set_result(None)
                 return
             self.take()
 
-    def connection_lost(self, exc: BaseException | None) -> None:
+    def _stop_body_wait(self) -> None:
         wait = self._body_wait
         if wait is not None:
             self._body_wait = None
             if wait.timer is not None:
                 wait.timer.cancel()
+
+    def _drop_unsent(self) -> None:
+        """Forget a request this path took up but never sent (nor its awaited body)."""
+        self._stop_body_wait()
+        inline = self._inline
+        if inline is not None:
+            self._inline = None
+            inline.conn.abort()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_body_wait()
         inline = self._inline
         if inline is not None:
             inline.conn.abort()
@@ -254,9 +265,7 @@ class FastRequestHandler(_GatewayRequestHandler):
                 wait.seen = wait.payload.total_bytes
                 wait.last = self.event_loop.time()
             return
-        self._body_wait = None
-        if wait.timer is not None:
-            wait.timer.cancel()
+        self._stop_body_wait()
         wait.send()
 
     def _body_timer(self, wait: _BodyWait) -> None:
