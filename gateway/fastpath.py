@@ -202,13 +202,14 @@ class FastRequestHandler(_GatewayRequestHandler):
         inline = _Inline(conn, route, msg, ex, rid, fwd.client_ip, start, b"")
         inline.extras = policy.proxied_extras(None)
         self._inline = inline
-        send = partial(self._send, inline, msg, payload, target, host, fwd, length, rewriter)
         if length and not payload.is_eof():
             # The body is still on its way: the request is this path's now, sent upstream
             # whole once the body is here (so an upstream never sees a cut-off request).
-            self._await_body(payload, send, total=rewriter is not None)
+            self._await_body(payload, partial(self._send, inline, msg, payload, target, host,
+                                              fwd, length, rewriter),
+                             total=rewriter is not None)
             return True
-        send(now=False)
+        self._send(inline, msg, payload, target, host, fwd, length, rewriter, now=False)
         return True
 
     def _send(self, inline: _Inline, msg: RawRequestMessage, payload: StreamReader,
