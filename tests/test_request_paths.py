@@ -327,16 +327,26 @@ async def test_chat_post_is_rewritten_alike_on_both_paths(start_gateway: Gateway
                                          body=page)
             bad = await client.request("POST", NEW_CLIENT + "?t=3", f"Cookie: {cookie}",
                                        body=b"{not json")
+            big = await client.request("POST", NEW_CLIENT + "?t=4", f"Cookie: {cookie}",
+                                       body=b"{" + b" " * 17000 + b"}")
+            data = post(NEW_CLIENT + "?t=5", page, f"Cookie: {cookie}")
+            client.writer.write(data[:-20])
+            await client.writer.drain()
+            await asyncio.sleep(0.05)
+            client.writer.write(data[-20:])
+            split = await asyncio.wait_for(read_response(client.reader), 5)
         finally:
             await client.close()
-        reqs = rec.assert_clean(at_most=3)
+        reqs = rec.assert_clean(at_most=4)
     assert first.status == 200 and again.status == 200
     assert cookie and again.header("Set-Cookie") is None
     assert bad.status == 400 and bad.body.startswith(b"400 Bad Request: ")
     assert bad.header("Server") == "cec-gateway" and bad.header("X-Request-ID")
+    assert big.status == 400 and big.body == b"400 Bad Request: JSON body is over 16384 bytes\n"
+    assert split is not None and split.status == 200
     sent = [json.loads(r.body) for r in reqs[1:]]
     guest = sent[0]["thirdUserId"]
-    assert guest.startswith("guest-") and sent[1]["thirdUserId"] == guest
+    assert guest.startswith("guest-") and sent[1]["thirdUserId"] == sent[2]["thirdUserId"] == guest
     for r, fields in zip(reqs[1:], sent, strict=True):
         assert r.header("Content-Length") == str(len(r.body))
         assert r.header("Content-Type") == "application/json;charset=UTF-8"
@@ -345,6 +355,8 @@ async def test_chat_post_is_rewritten_alike_on_both_paths(start_gateway: Gateway
         assert independent_verify(fields["thirdPartAuthorization"], name="Ann", user_id=guest)
     served_as_expected(path, "?t=1")
     served_as_expected(path, "?t=3")
+    served_as_expected(path, "?t=5")
+    assert not path.served_fast("?t=4")  # over the rewriter's limit: the full path's 400
 
 
 async def test_body_timeout_counts_silence_not_the_whole_upload(
