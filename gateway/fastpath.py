@@ -200,7 +200,8 @@ class FastRequestHandler(_GatewayRequestHandler):
         if gw.tracing is not None:
             ex.trace = gw.tracing.begin(headers, peer)
         inline = _Inline(conn, route, msg, ex, rid, fwd.client_ip, start, b"")
-        inline.extras = policy.proxied_extras(None)
+        origin = headers.get("Origin")  # a browser's every POST carries one
+        inline.extras = policy.proxied_extras(policy.cors_headers(origin) if origin else None)
         self._inline = inline
         if length and not payload.is_eof():
             # The body is still on its way: the request is this path's now, sent upstream

@@ -148,9 +148,10 @@ class ForwardingPolicy:
 
         The full path takes everything that needs normalising, refusing or answering by the
         gateway (odd paths, an invalid Host, the gateway's own endpoints and client-script
-        spellings, redirects, CORS, ``Expect``, upgrades, chunked or large bodies, a body
-        rewrite that must wait for an identity or a token). Both paths answer alike; this
-        only picks the cheaper one.
+        spellings, redirects, CORS preflights (OPTIONS is not a lean method), ``Expect``,
+        upgrades, chunked or large bodies, a body rewrite that must wait for an identity or
+        a token). Both paths answer alike (an ``Origin`` gets ``cors_headers`` on either);
+        this only picks the cheaper one.
         """
         if method not in _LEAN_METHODS:
             return None
@@ -159,8 +160,7 @@ class ForwardingPolicy:
         if (not path.startswith("/") or "%" in path or "/." in path or "//" in path
                 or "\\" in path or "#" in raw_path):
             return None
-        if ("Origin" in headers or "Expect" in headers or "Upgrade" in headers
-                or "Transfer-Encoding" in headers):
+        if "Expect" in headers or "Upgrade" in headers or "Transfer-Encoding" in headers:
             return None
         host = headers.get("Host")
         if not host or not valid_host(host):

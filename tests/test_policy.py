@@ -143,7 +143,7 @@ def _h(*pairs: tuple[str, str]) -> CIMultiDict[str]:
     ("POST", "/app/x", _h(("Content-Length", str(32 * 1024 + 1))), None),  # 413 on the full path
     ("POST", "/app/x", _h(("Transfer-Encoding", "chunked")), None),
     ("POST", "/app/x", _h(("Content-Length", "5"), ("Expect", "100-continue")), None),
-    ("GET", "/app/x", _h(("Origin", "https://a.example")), None),  # CORS: the full path
+    ("GET", "/app/x", _h(("Origin", "https://a.example")), ("/up/x", 0)),  # CORS on both
     ("GET", "/app/x", _h(("Upgrade", "websocket")), None),
     ("OPTIONS", "/app/x", _h(), None),
     ("CONNECT", "/app/x", _h(), None),

@@ -377,3 +377,22 @@ async def test_body_timeout_counts_silence_not_the_whole_upload(
     assert resp is not None and resp.status == 200
     assert rec.requests[-1].body == b"s" * 400
     served_as_expected(path, "/steady")
+
+
+@pytest.mark.parametrize(("origin", "allowed"), [
+    ("https://www.example.com", True), ("https://evil.example", False)])
+async def test_cross_origin_post_gets_the_same_cors_answer(
+        start_gateway: GatewayStarter, path: PathSwitch, origin: str, allowed: bool) -> None:
+    """A browser's POST always carries Origin: both paths add the policy's CORS headers (and
+    ``Vary: Origin``) to the proxied answer."""
+    async with run_recorder() as rec:
+        client = await through(start_gateway, rec,
+                               "cors: {allow_origins: [https://www.example.com]}\n")
+        try:
+            resp = await client.request("POST", "/cors", f"Origin: {origin}", body=b"{}")
+        finally:
+            await client.close()
+    assert resp.status == 200
+    assert resp.all("Access-Control-Allow-Origin") == ([origin] if allowed else [])
+    assert "Origin" in ",".join(resp.all("Vary"))
+    served_as_expected(path, "/cors")
