@@ -33,6 +33,11 @@ tests/test_aiohttp_contract.py pins the behaviours, on both request paths.
   ``BaseProtocol`` (wait for a slow client's socket to drain).
 - ``web.Server``: ``_kwargs``, ``_loop`` (to build the protocol), ``_make_request``
   (``ERROR``, the stand-in request of a parse failure) and ``web_protocol.ERROR``.
+- A request body (the message's payload ``StreamReader``, public API: ``is_eof``,
+  ``total_bytes``, ``read_nowait``) is fed while the request is parsed; reading it calls
+  ``resume_reading()``, which re-enters ``data_received(b"")`` (the fast path hides the
+  waiter around its read). Its buffer pauses reading only past twice ``_read_bufsize``
+  (64 KiB by default), above the largest body the fast path holds.
 """
 
 from __future__ import annotations

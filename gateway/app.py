@@ -7,7 +7,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +49,8 @@ Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 # Rewrites a request body before it is forwarded (the chat injection); returns the new
 # body and extra response headers (e.g. the guest cookie).
 BodyRewriter = Callable[[web.BaseRequest, bytes], Awaitable[tuple[bytes, list[tuple[str, str]]]]]
+# (the request's headers, body) -> the same, synchronously.
+SyncBodyRewriter = Callable[[Mapping[str, str], bytes], tuple[bytes, list[tuple[str, str]]]]
 
 
 
@@ -85,6 +87,9 @@ class Rewriter:
     rewrite: BodyRewriter
     content_type: str  # the rewritten body's type, replacing the page's
     signs: bool = False  # each rewrite makes an auth-v2 signature (counted in the metrics)
+    # The same rewrite when it needs no I/O (guests from the signed cookie): what ``rewrite``
+    # itself runs then, callable without a request object, so the lean path can take it.
+    now: SyncBodyRewriter | None = None
 
 
 @dataclass
@@ -153,7 +158,6 @@ class Gateway:
             max_body=config.limits.client_max_body_size,
             send_timeout=config.timeouts.send,
         ))
-        self.ext = extensions or Extensions()
         self.access = AccessLog(enabled=config.access_log)
         self.ws_idle = config.timeouts.websocket_idle
         self.metrics_hook: Callable[[str, str], None] = self.metrics.token_event
@@ -165,12 +169,24 @@ class Gateway:
         self.ids = RequestIds()
         self.policy = ForwardingPolicy(routes=self.routes, trusted=self.trusted,
                                        scheme=self.scheme, public_https=self.public_https,
-                                       cors=self.cors, next_id=self.ids.next)
+                                       cors=self.cors, next_id=self.ids.next,
+                                       max_body=config.limits.client_max_body_size)
+        self.ext = extensions or Extensions()
         self.tracing: Tracing | None = None
         if config.tracing is not None:  # the SDK is imported only when it is used
             from gateway.tracing import Tracing
 
             self.tracing = Tracing(config.tracing, self.trusted)
+
+    @property
+    def ext(self) -> Extensions:
+        return self._ext
+
+    @ext.setter
+    def ext(self, ext: Extensions) -> None:
+        # The policy decides what reaches the gateway's own endpoints and rewriters.
+        self._ext = ext
+        self.policy.ext = ext
 
     def finished(self, client_ip: str, rid: str, method: str, raw_path: str, minor: int,
                  status: int, route: CompiledRoute | None, ex: Exchange, duration: float

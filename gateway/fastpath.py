@@ -1,15 +1,19 @@
-"""The hot path: plain proxied GET/HEAD requests served without a task or a request object.
+"""The hot path: plain proxied requests served without a task or a request object.
 
 aiohttp's connection loop creates a Task, a ``BaseRequest``, a ``StreamWriter`` and a
 response object for every request; for a proxy hop that only moves bytes, that machinery
 costs more than the proxying. ``FastRequestHandler`` is aiohttp's per-connection protocol
 with one addition: when aiohttp's loop is idle (parked on its waiter) and the next parsed
-request is a body-less GET/HEAD for a proxy route, the request is forwarded from
-``data_received`` itself over an idle pooled upstream connection (or, when none is idle, over
-one a small task opens or queues for, as the full path would) and the answer written from the
-upstream's callback. Everything else (bodies, WebSockets, CORS, the gateway's endpoints,
-pipelined requests behind a slow one, errors and retries) goes through aiohttp's loop and
-``app.Gateway.handle`` as before, so the two paths never answer out of order.
+request is one the forwarding policy lets the lean path take (``ForwardingPolicy.lean``:
+a proxied request with no body or a small Content-Length one, the guest chat POST whose
+rewrite needs no I/O), the request is forwarded from ``data_received`` itself over an idle
+pooled upstream connection (or, when none is idle, one a small task opens or queues for, as
+the full path would) and the answer written from the upstream's callback. A body still
+arriving is awaited here (``timeouts.client_body`` between reads) and sent with the head in
+one write; no upstream connection is held while it arrives. Everything else (large or
+chunked bodies, WebSockets, preflights, the gateway's own endpoints, pipelined requests
+behind a slow one) goes through aiohttp's loop and ``app.Gateway.handle`` as before, so the
+two paths never answer out of order.
 """
 
 from __future__ import annotations
@@ -17,27 +21,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from gateway.aiohttp_adapter import EMPTY_PAYLOAD, RawRequestMessage, StreamReader
-from gateway.errors import UpstreamError, UpstreamTimeout
-from gateway.headers import valid_host
+from gateway.aiohttp_adapter import RawRequestMessage, StreamReader
+from gateway.errors import ClientBodyTimeout, GatewayError, UpstreamError, UpstreamTimeout
+from gateway.headers import Forwarded
 from gateway.logs import log_fields
-from gateway.policy import error_answer, log_error, render_error
+from gateway.policy import EMPTY_BODY_FRAMING, IDEMPOTENT, error_answer, log_error, render_error
 from gateway.proxy import Exchange, cut_off, drain_client, framed_last, response_head
 from gateway.routing import CompiledRoute
 from gateway.server import _GatewayRequestHandler
 from gateway.upstream import Body, InvalidResponse, Response, UpstreamConnection
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.app import Gateway, Rewriter
 
 log = logging.getLogger("gateway.fastpath")
-
-_FAST_METHODS = frozenset({"GET", "HEAD"})
-
 
 class _Inline:
     """One request in flight on the fast path."""
@@ -66,8 +67,24 @@ class _Inline:
         self.opening: asyncio.Task[None] | None = None
 
 
+class _BodyWait:
+    """The rest of a small request body awaited by the fast path."""
+
+    __slots__ = ("last", "payload", "seen", "send", "timer", "total")
+
+    def __init__(self, payload: StreamReader, send: Callable[[], None], now: float,
+                 total: bool) -> None:
+        self.payload = payload
+        self.send = send
+        self.last = now  # when body bytes last arrived (the start, for a ``total`` deadline)
+        self.seen = payload.total_bytes
+        self.total = total
+        self.timer: asyncio.TimerHandle | None = None
+
+
 class FastRequestHandler(_GatewayRequestHandler):
     _inline: _Inline | None = None
+    _body_wait: _BodyWait | None = None
     _drained: asyncio.Future[None] | None = None
     _peer_ip: str | None = None
 
@@ -94,6 +111,8 @@ class FastRequestHandler(_GatewayRequestHandler):
         finally:
             if waiter is not None:
                 self.restore_waiter(waiter)
+        if self._body_wait is not None:
+            self._body_arrived(self._body_wait)
         if queue or self.past_http:
             if self._header_timer is not None:
                 self._header_timer.cancel()
@@ -114,14 +133,33 @@ class FastRequestHandler(_GatewayRequestHandler):
             except Exception as exc:  # odd input the fast path did not foresee: full path
                 # The class only: an exception's text may quote the client's headers.
                 log.debug("fast path declined a request (%s)", type(exc).__name__)
-                self._inline = None
+                self._drop_unsent()
                 inlined = False
             if not inlined:
                 waiter.set_result(None)
                 return
             self.take()
 
+    def _stop_body_wait(self) -> None:
+        wait = self._body_wait
+        if wait is not None:
+            self._body_wait = None
+            if wait.timer is not None:
+                wait.timer.cancel()
+
+    def _drop_unsent(self) -> None:
+        """Forget a request this path took up but never sent (nor its awaited body)."""
+        self._stop_body_wait()
+        inline = self._inline
+        if inline is not None:
+            self._inline = None
+            if inline.opening is not None:
+                inline.opening.cancel()
+            if inline.conn is not None:
+                inline.conn.abort()
+
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_body_wait()
         inline = self._inline
         if inline is not None:
             if inline.opening is not None:
@@ -144,36 +182,22 @@ class FastRequestHandler(_GatewayRequestHandler):
     # ------------------------------------------------------------------ the fast path
 
     def _try_inline(self, msg: Any, payload: StreamReader) -> bool:
-        if (payload is not EMPTY_PAYLOAD or msg.__class__ is not RawRequestMessage
-                or msg.method not in _FAST_METHODS or msg.upgrade):
-            return False
-        raw_path: str = msg.path
-        path, _, query = raw_path.partition("?")
-        # Anything unusual in the path is normalised (or refused) by the full path.
-        if (not path.startswith("/") or "%" in path or "/." in path or "//" in path
-                or "\\" in path or "#" in raw_path):
-            return False
+        if msg.__class__ is not RawRequestMessage:
+            return False  # a refusal the parser layer queued
         gw = self.gateway
-        if path in gw.ext.endpoints or gw.ext.scripts.looks_like(path):
-            return False
-        headers = msg.headers
-        if "Origin" in headers or "Expect" in headers:
-            return False
-        host = headers.get("Host")
-        if not host or not valid_host(host):
-            return False  # the full path answers 400
         policy = gw.policy
-        routed = policy.route(path, query)
-        if routed is None:
+        headers = msg.headers
+        lean = policy.lean(msg.method, msg.path, headers)
+        if lean is None:
             return False
-        route, target = routed
-        conn = gw.pool.acquire_idle(route.upstream)
+        route, target, length, rewriter = lean
         # From here on, the request is the policy's, exactly as on the full path.
         start = time.perf_counter()  # durations only: the loop clock may tick in whole ms
         peer = self._peer_ip
         if peer is None:
             name = self.peername
             peer = self._peer_ip = name[0] if isinstance(name, tuple) else ""
+        host: str = headers["Host"]  # the policy checked it
         fwd, rid, https = policy.client(peer, headers, host,
                                         headers.getall("X-Forwarded-For", ()))
         ex = Exchange()
@@ -182,26 +206,62 @@ class FastRequestHandler(_GatewayRequestHandler):
         ex.transport = self.transport
         if gw.tracing is not None:
             ex.trace = gw.tracing.begin(headers, peer)
-        head = policy.upstream_head(route, msg.method, target, msg.raw_headers, host, fwd, rid,
-                                    headers.getall("Connection", ()), trace=ex.trace)
-        inline = _Inline(conn, route, msg, ex, rid, fwd.client_ip, start, bytes(head))
-        inline.extras = policy.proxied_extras(None)
+        inline = _Inline(None, route, msg, ex, rid, fwd.client_ip, start, b"")
+        origin = headers.get("Origin")  # a browser's every POST carries one
+        inline.extras = policy.proxied_extras(policy.cors_headers(origin) if origin else None)
         self._inline = inline
+        if length and not payload.is_eof():
+            # The body is still on its way: the request is this path's now, sent upstream
+            # whole once the body is here (so an upstream never sees a cut-off request).
+            self._await_body(payload, partial(self._send, inline, msg, payload, target, host,
+                                              fwd, length, rewriter),
+                             total=rewriter is not None)
+            return True
+        self._send(inline, msg, payload, target, host, fwd, length, rewriter, now=False)
+        return True
+
+    def _send(self, inline: _Inline, msg: RawRequestMessage, payload: StreamReader,
+              target: str, host: str, fwd: Forwarded, length: int, rewriter: Rewriter | None,
+              *, now: bool = True) -> None:
+        """Head and body to the upstream in one write (or the refusal of the body)."""
+        ex = inline.ex
+        body, body_type, refused = self._body(msg, payload, length, rewriter, ex)
+        if ex.extra_response_headers:
+            inline.extras = (*ex.extra_response_headers, *inline.extras)
+        if refused is not None:
+            if now:
+                self._refuse(inline, refused)
+            else:  # answered once this request has left aiohttp's queue (the caller takes it)
+                self.event_loop.call_soon(self._refuse, inline, refused)
+            return
+        head = self.gateway.policy.upstream_head(
+            inline.route, msg.method, target, msg.raw_headers, host, fwd, inline.rid,
+            msg.headers.getall("Connection", ()), trace=ex.trace,
+            framing=_framing(msg.method, length, body), body_type=body_type)
+        if body:
+            head += body
+        inline.head = bytes(head)
+        conn = self.gateway.pool.acquire_idle(inline.route.upstream)
         if conn is None:
             # None idle: open one (or queue for one at max_connections) in a small task.
             # `_inline` is already set, so pipelined requests wait behind this one.
             inline.opening = self.event_loop.create_task(self._open(inline))
             inline.opening.add_done_callback(_log_task_error)
-        else:
-            self._send(inline, conn)
-        return True
+            return
+        self._start(inline, conn)
 
-    def _send(self, inline: _Inline, conn: UpstreamConnection) -> None:
+    def _start(self, inline: _Inline, conn: UpstreamConnection) -> None:
         inline.conn = conn
         if conn.transport is None or conn.transport.is_closing():
-            # Lost between being handed over and this task running: retried like any
-            # connection the upstream closed.
-            self._on_head(inline, None, None, UpstreamError("upstream closed the connection"))
+            # Lost between being handed over and this task running. Nothing was sent on it,
+            # so a fresh connection is safe whatever the method.
+            conn.abort()
+            if inline.ex.retried:
+                self._write_error(inline, UpstreamError("upstream closed the connection"))
+                return
+            inline.ex.retried = True
+            inline.opening = self.event_loop.create_task(self._retry(inline))
+            inline.opening.add_done_callback(_log_task_error)
             return
         conn.start_cb(inline.head, method=inline.method,
                       read_timeout=self.gateway.proxy.settings.read_timeout,
@@ -218,7 +278,82 @@ class FastRequestHandler(_GatewayRequestHandler):
             self._write_error(inline, exc)
             return
         inline.opening = None
-        self._send(inline, conn)
+        self._start(inline, conn)
+
+    # ------------------------------------------------------------------ a body on its way
+
+    def _await_body(self, payload: StreamReader, send: Callable[[], None], *,
+                    total: bool) -> None:
+        """Wait for the rest of a (small, Content-Length) body, as the full path reads it:
+        at most ``timeouts.client_body`` between two reads (``total``: for the whole body,
+        as a rewritten body is read)."""
+        timeout = self.gateway.proxy.settings.client_body_timeout
+        wait = _BodyWait(payload, send, self.event_loop.time(), total)
+        if timeout:
+            wait.timer = self.event_loop.call_later(timeout, self._body_timer, wait)
+        self._body_wait = wait
+
+    def _body_arrived(self, wait: _BodyWait) -> None:
+        """After each read while a body is awaited (from ``data_received``)."""
+        if not wait.payload.is_eof():
+            if not wait.total and wait.payload.total_bytes != wait.seen:
+                wait.seen = wait.payload.total_bytes
+                wait.last = self.event_loop.time()
+            return
+        self._stop_body_wait()
+        wait.send()
+
+    def _body_timer(self, wait: _BodyWait) -> None:
+        if self._body_wait is not wait:
+            return
+        loop = self.event_loop
+        timeout = self.gateway.proxy.settings.client_body_timeout
+        due = wait.last + timeout
+        if due > loop.time():
+            wait.timer = loop.call_at(due, self._body_timer, wait)
+            return
+        self._body_wait = None
+        inline = self._inline
+        if inline is not None:
+            inline.ex.bytes_in = wait.payload.total_bytes
+            self._refuse(inline, ClientBodyTimeout("client body timeout"))
+
+    def _body(self, msg: RawRequestMessage, payload: StreamReader, length: int,
+              rewriter: Rewriter | None, ex: Exchange
+              ) -> tuple[bytes, str | None, GatewayError | None]:
+        """(the body to forward, its new type, or the error to answer instead): the client's
+        body, already complete in memory, or the rewriter's version of it (the chat
+        injection, exactly as the full path runs it: gateway/app.py)."""
+        body = b""
+        if length:
+            # Reading lets aiohttp resume parsing (it re-enters data_received): hide its
+            # loop's waiter meanwhile, so this request is not offered to either path again.
+            waiter = self.hide_waiter()
+            try:
+                body = payload.read_nowait(-1)
+            finally:
+                if waiter is not None:
+                    self.restore_waiter(waiter)
+        ex.bytes_in = len(body)
+        if rewriter is None:
+            return body, None, None
+        assert rewriter.now is not None  # the policy passes synchronous rewriters only
+        try:
+            body, extra = rewriter.now(msg.headers, body)
+        except GatewayError as exc:
+            return b"", None, exc
+        if rewriter.signs:
+            self.gateway.metrics.signatures += 1
+        ex.extra_response_headers.extend(extra)
+        ex.bytes_in = len(body)
+        return body, rewriter.content_type, None
+
+    def _refuse(self, inline: _Inline, exc: GatewayError) -> None:
+        """The answer to a request refused before anything reached the upstream."""
+        if self._inline is not inline:
+            return  # the client went away meanwhile (its connection was dropped with it)
+        # (Refused before an upstream connection was taken: nothing to give back.)
+        self._write_error(inline, exc)
 
     def _on_head(self, inline: _Inline, message: Response | None,
                  payload: Body | None, exc: UpstreamError | None) -> None:
@@ -229,11 +364,11 @@ class FastRequestHandler(_GatewayRequestHandler):
         if exc is not None or message is None or payload is None:
             conn.abort()
             if (isinstance(exc, UpstreamError) and not isinstance(exc, UpstreamTimeout)
-                    and not inline.ex.retried
+                    and not inline.ex.retried and inline.method in IDEMPOTENT
                     and (conn.reused or not isinstance(exc, InvalidResponse))):
-                # Nothing reached the client yet and GET/HEAD are idempotent: retry once on
-                # a fresh connection (as the full path does: typically a pooled one the
-                # upstream had closed, or one with stray bytes from before).
+                # Nothing reached the client yet and the method is idempotent (never a POST,
+                # as on the full path): retry once on a fresh connection (typically a pooled
+                # one the upstream had closed, or one with stray bytes from before).
                 inline.ex.retried = True
                 inline.opening = self.event_loop.create_task(self._retry(inline))
                 inline.opening.add_done_callback(_log_task_error)
@@ -329,7 +464,7 @@ class FastRequestHandler(_GatewayRequestHandler):
         else:
             conn.abort()
 
-    def _write_error(self, inline: _Inline, exc: UpstreamError) -> None:
+    def _write_error(self, inline: _Inline, exc: GatewayError) -> None:
         """The policy's answer to ``exc``, as the full path gives it (gateway/policy.py)."""
         if self._inline is not inline:
             return  # the client went away meanwhile: its line is written already
@@ -364,6 +499,15 @@ class FastRequestHandler(_GatewayRequestHandler):
         self.keep_alive_from_now()
         if self.queue:
             self._pump()
+
+
+def _framing(method: str, length: int, body: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    """The body's framing header for the upstream, as the full path sends it (proxy.py)."""
+    if length or body:
+        return ((b"Content-Length", b"%d" % len(body)),)
+    if method in EMPTY_BODY_FRAMING:
+        return ((b"Content-Length", b"0"),)
+    return ()
 
 
 def _log_task_error(task: asyncio.Task[None]) -> None:

@@ -126,5 +126,6 @@ async def install_features(config: Config, gateway: Gateway, stack: AsyncExitSta
         ext.endpoints[cec.authorization_path] = authorization_and_count
     for path in chat.rewrite_paths():
         ext.rewriters[path] = Rewriter(cec.max_json_size, chat.rewrite, cec.signing.content_type,
-                                       signs=signer is not None)
+                                       signs=signer is not None,
+                                       now=chat.rewrite_now if chat.synchronous else None)
     return ext

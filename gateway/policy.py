@@ -6,7 +6,7 @@ request id, the route and the upstream target, the request head the upstream get
 route's trust boundary, gateway/boundary.py, filters it), the extra response headers
 (CORS and ``Vary: Origin``), and the answer to every error. The full path
 (gateway/app.py, gateway/proxy.py) and the fast path (gateway/fastpath.py) both call it;
-the fast path only decides *whether* it may serve a request, never *how*.
+the fast path only asks ``lean`` *whether* it may serve a request, never decides *how*.
 
 Errors are answered from data (gateway/errors.py): ``error_answer`` turns an exception
 into status, text, headers and whether to close; ``error_response`` is that answer for
@@ -27,14 +27,34 @@ from aiohttp import web
 from gateway.boundary import SERVER
 from gateway.cors import CorsPolicy
 from gateway.errors import GatewayError
-from gateway.headers import Forwarded, TrustedProxies, forwarded_for, upstream_request_head
+from gateway.headers import (
+    Forwarded,
+    TrustedProxies,
+    forwarded_for,
+    upstream_request_head,
+    valid_host,
+)
 from gateway.routing import CompiledRoute, RouteTable
 
 if TYPE_CHECKING:
+    from gateway.app import Extensions, Rewriter
     from gateway.tracing import RequestTrace
 
 Header = tuple[str, str]
 _VARY_ORIGIN: tuple[Header, ...] = (("Vary", "Origin"),)
+# The largest request body the lean path holds in memory and forwards in one write; larger
+# ones stream on the full path (as nginx buffers small bodies and spools the rest). A
+# constant, not a setting: it only picks the path, never changes an answer, and stays below
+# aiohttp's read buffer (64 KiB low water, 128 KiB high), so such a body never pauses reading.
+LEAN_BODY_MAX = 64 * 1024
+# The methods the lean path forwards (with a Content-Length body or none); others, and
+# every request the checks in ``ForwardingPolicy.lean`` refuse, take the full path.
+_LEAN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
+# The full path sends ``Content-Length: 0`` for these when they come without a body.
+EMPTY_BODY_FRAMING = frozenset({"POST", "PUT", "PATCH"})
+# Replayed once on a fresh connection when a pooled one failed before any answer
+# (RFC 9110 9.2.2 idempotent methods; never a POST or PATCH).
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _REASONS = {400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
             408: b"Request Timeout", 413: b"Content Too Large", 502: b"Bad Gateway",
             503: b"Service Unavailable", 504: b"Gateway Timeout"}
@@ -106,13 +126,64 @@ class ForwardingPolicy:
     """What the gateway does with a proxied request; see the module docstring."""
 
     def __init__(self, *, routes: RouteTable, trusted: TrustedProxies, scheme: str,
-                 public_https: bool, cors: CorsPolicy, next_id: Callable[[], str]) -> None:
+                 public_https: bool, cors: CorsPolicy, next_id: Callable[[], str],
+                 max_body: int = 0) -> None:
         self.routes = routes
         self.trusted = trusted
         self.scheme = scheme
         self.public_https = public_https
         self.cors = cors
         self.next_id = next_id
+        # A body the lean path may take: small, and never one the full path answers 413.
+        self.lean_body_max = min(LEAN_BODY_MAX, max_body) if max_body else LEAN_BODY_MAX
+        # The gateway's own paths and body rewriters (gateway/app.py sets them with the
+        # features): what ``lean`` leaves to the full path.
+        self.ext: Extensions | None = None
+
+    def lean(self, method: str, raw_path: str, headers: Mapping[str, str]
+             ) -> tuple[CompiledRoute, str, int, Rewriter | None] | None:
+        """Whether the lean path (gateway/fastpath.py) may forward this request as it is:
+        (route, upstream target, body length, the body's rewriter) when nothing about it
+        needs the full path's answers, else None.
+
+        The full path takes everything that needs normalising, refusing or answering by the
+        gateway (odd paths, an invalid Host, the gateway's own endpoints and client-script
+        spellings, redirects, CORS preflights (OPTIONS is not a lean method), ``Expect``,
+        upgrades, chunked or large bodies, a body rewrite that must wait for an identity or
+        a token). Both paths answer alike (an ``Origin`` gets ``cors_headers`` on either);
+        this only picks the cheaper one.
+        """
+        if method not in _LEAN_METHODS:
+            return None
+        path, _, query = raw_path.partition("?")
+        # Anything unusual in the path is normalised (or refused) by the full path.
+        if (not path.startswith("/") or "%" in path or "/." in path or "//" in path
+                or "\\" in path or "#" in raw_path):
+            return None
+        if "Expect" in headers or "Upgrade" in headers or "Transfer-Encoding" in headers:
+            return None
+        host = headers.get("Host")
+        if not host or not valid_host(host):
+            return None  # the full path answers 400
+        length = 0
+        declared = headers.get("Content-Length")
+        if declared is not None:
+            length = int(declared)  # the parser accepted it: digits only
+            if length > self.lean_body_max:
+                return None  # streamed, or answered 413, by the full path
+        rewriter = None
+        ext = self.ext
+        if ext is not None:
+            if path in ext.endpoints or ext.scripts.refusal(method, path) is not None:
+                return None  # the gateway's own answer (an endpoint, or 404/405)
+            if method == "POST" and ext.rewriters:
+                rewriter = ext.rewriters.get(path)
+                if rewriter is not None and (rewriter.now is None or length > rewriter.max_size):
+                    return None  # an identity to wait for, or a 400 to answer
+        routed = self.route(path, query)
+        if routed is None:
+            return None
+        return routed[0], routed[1], length, rewriter
 
     def client(self, peer: str, headers: Mapping[str, str], host: str,
                xff: Sequence[str]) -> tuple[Forwarded, str, bool]:

@@ -19,7 +19,7 @@ from gateway.aiohttp_adapter import HttpVersion, HttpVersion11, drain
 from gateway.boundary import RESPONSE_HEADERS
 from gateway.errors import ClientBodyError, PayloadTooLarge, UpstreamError, UpstreamTimeout
 from gateway.headers import HOP_BY_HOP, Forwarded, extra_hop_by_hop
-from gateway.policy import ForwardingPolicy
+from gateway.policy import EMPTY_BODY_FRAMING, IDEMPOTENT, ForwardingPolicy
 from gateway.routing import CompiledRoute
 from gateway.upstream import Body, InvalidResponse, Response, UpstreamConnection, UpstreamPool
 
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.proxy")
 
-_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _SPECIAL = HOP_BY_HOP | RESPONSE_HEADERS  # dropped or rewritten on the way to the client
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -149,7 +148,7 @@ class Proxy:
             if streaming and request.headers.get("Expect", "").lower() == "100-continue":
                 assert request.transport is not None
                 request.transport.write(_CONTINUE)
-        elif method in ("POST", "PUT", "PATCH"):
+        elif method in EMPTY_BODY_FRAMING:
             framing.append((b"Content-Length", b"0"))
         head = ForwardingPolicy.upstream_head(route, method, target, request.raw_headers,
                                               request.host, fwd, request_id,
@@ -159,7 +158,7 @@ class Proxy:
         if body:
             head += body
         # A replay is safe only for idempotent methods whose body we still hold.
-        attempts = 2 if (method in _IDEMPOTENT and not streaming) else 1
+        attempts = 2 if (method in IDEMPOTENT and not streaming) else 1
         started = time.perf_counter()  # a duration: the loop clock may tick in whole ms
         for attempt in range(attempts):
             conn = await self.pool.acquire(up, fresh=attempt > 0)

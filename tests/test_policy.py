@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import pytest
+from aiohttp import web
+from multidict import CIMultiDict
 
+from gateway.app import Extensions, Gateway, Rewriter
+from gateway.boundary import ClientScripts
+from gateway.config import load_config_text
 from gateway.errors import (
     BadRequest,
     ClientBodyError,
@@ -19,7 +25,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamTLSError,
 )
-from gateway.policy import answer_response, error_answer, render_error
+from gateway.policy import ForwardingPolicy, Header, answer_response, error_answer, render_error
 
 
 @pytest.mark.parametrize(("exc", "status", "body", "close"), [
@@ -87,3 +93,91 @@ def test_the_fast_path_bytes_are_the_same_answer(keep_alive: bool, head_request:
         assert connection == b"close"
     else:
         assert connection == (b"keep-alive" if minor == 0 else None)
+
+
+# ------------------------------------------------------------------ which path may serve
+
+SCRIPT = "/service-cloud/webclient/chat_client/js/newThirdPartyClient.js"
+OTHER_SCRIPT = "/service-cloud/webclient/chat_client/js/thirdPartyClient.js"
+
+
+def _sync_rewrite(headers: Mapping[str, str], body: bytes) -> tuple[bytes, list[Header]]:
+    return body, []
+
+
+async def _async_rewrite(request: web.BaseRequest, body: bytes) -> tuple[bytes, list[Header]]:
+    return body, []
+
+
+async def _own(request: web.BaseRequest) -> web.StreamResponse:
+    return web.Response()
+
+
+def lean_policy(*, synchronous: bool = True) -> ForwardingPolicy:
+    config = load_config_text("""
+listen: {host: 127.0.0.1, port: 0}
+limits: {client_max_body_size: 32k}
+routes:
+  - prefix: /app/
+    upstream: http://127.0.0.1:1/up/
+  - prefix: /
+    upstream: http://127.0.0.1:1/root/
+""", env={})
+    gw = Gateway(config)
+    rw = Rewriter(100, _async_rewrite, "application/json",
+                  now=_sync_rewrite if synchronous else None)
+    gw.ext = Extensions(endpoints={"/own": _own}, rewriters={SCRIPT: rw},
+                        scripts=ClientScripts((SCRIPT, OTHER_SCRIPT)))
+    return gw.policy
+
+
+def _h(*pairs: tuple[str, str]) -> CIMultiDict[str]:
+    return CIMultiDict((("Host", "gw.test"), *pairs))
+
+
+@pytest.mark.parametrize(("method", "target", "headers", "expected"), [
+    ("GET", "/app/x?q=1", _h(), ("/up/x?q=1", 0)),
+    ("HEAD", "/x", _h(), ("/root/x", 0)),
+    ("POST", "/app/x", _h(("Content-Length", "4096")), ("/up/x", 4096)),
+    ("PUT", "/app/x", _h(("Content-Length", "0")), ("/up/x", 0)),
+    ("POST", "/app/x", _h(("Content-Length", str(32 * 1024 + 1))), None),  # 413 on the full path
+    ("POST", "/app/x", _h(("Transfer-Encoding", "chunked")), None),
+    ("POST", "/app/x", _h(("Content-Length", "5"), ("Expect", "100-continue")), None),
+    ("GET", "/app/x", _h(("Origin", "https://a.example")), ("/up/x", 0)),  # CORS on both
+    ("GET", "/app/x", _h(("Upgrade", "websocket")), None),
+    ("OPTIONS", "/app/x", _h(), None),
+    ("CONNECT", "/app/x", _h(), None),
+    ("GET", "/app/x", CIMultiDict(), None),  # no Host: 400 on the full path
+    ("GET", "/app/x", CIMultiDict(Host="bad host"), None),
+    ("GET", "/app/../x", _h(), None),  # everything to normalise or refuse: the full path
+    ("GET", "/app//x", _h(), None),
+    ("GET", "/app/%2e%2e/x", _h(), None),
+    ("GET", "/app\\x", _h(), None),
+    ("GET", "/app/x#frag", _h(), None),
+    ("GET", "*", _h(), None),
+    ("GET", "/app", _h(), None),  # answered with a redirect to /app/
+    ("GET", "/own", _h(), None),  # the gateway's own endpoint
+    ("POST", SCRIPT.upper(), _h(("Content-Length", "2")), None),  # another spelling: 404
+    ("GET", SCRIPT, _h(), None),  # 405
+])
+def test_lean_path_is_offered_only_plain_requests(
+        method: str, target: str, headers: CIMultiDict[str],
+        expected: tuple[str, int] | None) -> None:
+    lean = lean_policy().lean(method, target, headers)
+    if expected is None:
+        assert lean is None
+    else:
+        assert lean is not None
+        assert (lean[1], lean[2], lean[3]) == (*expected, None)
+
+
+def test_lean_path_takes_a_rewrite_only_when_it_needs_no_io() -> None:
+    headers = _h(("Content-Length", "50"))
+    lean = lean_policy().lean("POST", SCRIPT + "?t=1", headers)
+    assert lean is not None and lean[3] is not None and lean[3].now is _sync_rewrite
+    assert lean_policy(synchronous=False).lean("POST", SCRIPT, headers) is None
+    # Over the rewriter's own limit: its 400 comes from the full path.
+    assert lean_policy().lean("POST", SCRIPT, _h(("Content-Length", "101"))) is None
+    # The other client script has no rewriter here: proxied as it is.
+    other = lean_policy().lean("POST", OTHER_SCRIPT, headers)
+    assert other is not None and other[3] is None

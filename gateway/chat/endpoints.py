@@ -235,23 +235,28 @@ class ChatEndpoints:
             return "Guest-" + identity.user_id.removeprefix("guest-")[:6]
         return identity.user_id
 
-    def _warn_secret_once(self, request: web.BaseRequest) -> None:
+    def _warn_secret_once(self, path: str) -> None:
         if not self._warned_secret:
             self._warned_secret = True
             log.warning(
                 "a page sent a secretKey field to %s; it was removed and not forwarded "
                 "(remove the secret from the page: the gateway signs server-side)",
-                request.path,
+                path,
             )
 
     # ---------------------------------------------------------------- rewrite
+
+    @property
+    def synchronous(self) -> bool:
+        """The rewrite needs no I/O: no identity hook to ask and no token to mint (the
+        visitor is a guest from the signed cookie), so ``rewrite_now`` is the rewrite."""
+        return self._identify is None and self._token_for is None
 
     async def _rewrite_object(self, request: web.BaseRequest, body: bytes, *, with_token: bool
                               ) -> tuple[dict[str, object], ChatIdentity]:
         data = parse_body(body, self.cec.max_json_size)
         identity = await self.resolve_identity(request)
         assert identity is not None  # issue=True always gives one
-        name = self._name_for(data, identity)
         token = None
         if with_token and self._token_for is not None:
             if identity.set_cookie is not None:
@@ -259,21 +264,26 @@ class ChatEndpoints:
                 # for it, so cookie-less floods store nothing. A browser follows the 307 with
                 # the cookie (and the body) and gets its one token then.
                 raise RetryWithCookie(identity.set_cookie)
-            token = await self._token_for(identity.user_id, name)
+            token = await self._token_for(identity.user_id, self._name_for(data, identity))
+        return self._forced(data, identity, token, request.path), identity
+
+    def _forced(self, data: dict[str, object], identity: ChatIdentity, token: str | None,
+                path: str) -> dict[str, object]:
+        """``data`` with the identity forced and signed (or the token set)."""
         out, stripped = force_identity(
             data,
             tenant_space_id=self.cec.tenant_space_id,
             channel_config_id=self.cec.channel_config_id,
             user_id=identity.user_id,
-            user_name=name,
+            user_name=self._name_for(data, identity),
             signer=self.signer,
             token=token,
             now_ms=self._now_ms(),
             uri=self.sign_uri,
         )
         if stripped:
-            self._warn_secret_once(request)
-        return out, identity
+            self._warn_secret_once(path)
+        return out
 
     def _name_for(self, data: Mapping[str, object], identity: ChatIdentity) -> str:
         """The ``thirdUserName`` to sign: the login's name, the page's, or the default."""
@@ -288,7 +298,20 @@ class ChatEndpoints:
         Raises InjectionError (400) on bad input, NotLoggedIn (401) in token mode without a
         login.
         """
+        if self.synchronous:
+            return self.rewrite_now(request.headers, body)
         out, identity = await self._rewrite_object(request, body, with_token=True)
+        return serialize(out), _cookie_headers(identity)
+
+    def rewrite_now(self, headers: Mapping[str, str], body: bytes
+                    ) -> tuple[bytes, list[tuple[str, str]]]:
+        """``rewrite`` for a guest from the ``Cookie`` header (``synchronous`` configs): one
+        function for both request paths, the lean one calling it without a request object.
+        """
+        data = parse_body(body, self.cec.max_json_size)
+        identity = self.guest_identity(headers.get(hdrs.COOKIE))
+        assert identity is not None  # issue=True always gives one
+        out = self._forced(data, identity, None, self.sign_uri)
         return serialize(out), _cookie_headers(identity)
 
     # ---------------------------------------------------------------- handlers
