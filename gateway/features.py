@@ -127,5 +127,5 @@ async def install_features(config: Config, gateway: Gateway, stack: AsyncExitSta
     for path in chat.rewrite_paths():
         ext.rewriters[path] = Rewriter(cec.max_json_size, chat.rewrite, cec.signing.content_type,
                                        signs=signer is not None,
-                                       now=chat.rewrite_now if chat.synchronous else None)
+                                       now=chat.rewrite_guest if chat.synchronous else None)
     return ext

@@ -249,7 +249,7 @@ class ChatEndpoints:
     @property
     def synchronous(self) -> bool:
         """The rewrite needs no I/O: no identity hook to ask and no token to mint (the
-        visitor is a guest from the signed cookie), so ``rewrite_now`` is the rewrite."""
+        visitor is a guest from the signed cookie), so ``rewrite_guest`` is the rewrite."""
         return self._identify is None and self._token_for is None
 
     async def _rewrite_object(self, request: web.BaseRequest, body: bytes, *, with_token: bool
@@ -299,12 +299,12 @@ class ChatEndpoints:
         login.
         """
         if self.synchronous:
-            return self.rewrite_now(request.headers, body)
+            return self.rewrite_guest(request.headers, body)
         out, identity = await self._rewrite_object(request, body, with_token=True)
         return serialize(out), _cookie_headers(identity)
 
-    def rewrite_now(self, headers: Mapping[str, str], body: bytes
-                    ) -> tuple[bytes, list[tuple[str, str]]]:
+    def rewrite_guest(self, headers: Mapping[str, str], body: bytes
+                      ) -> tuple[bytes, list[tuple[str, str]]]:
         """``rewrite`` for a guest from the ``Cookie`` header (``synchronous`` configs): one
         function for both request paths, the lean one calling it without a request object.
         """
