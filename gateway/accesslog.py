@@ -36,7 +36,7 @@ import select
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING
 
@@ -240,25 +240,35 @@ class _Clock:
         self._second = -1
         self._utc = ""
         self._local = ""
+        # The last whole stamp of each kind: many lines share a millisecond under load.
+        self._utc_ms = self._local_ms = -1
+        self._utc_line = self._local_line = ""
 
     def _now(self) -> int:
-        now = time.time()
-        second = int(now)
+        """Now in whole milliseconds; the date parts are formatted again each new second."""
+        ms = int(time.time() * 1000)
+        second = ms // 1000
         if second != self._second:
             self._second = second
             self._utc = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
             self._local = time.strftime(TEXT_TIME_FORMAT, time.localtime(second))
-        return int((now - second) * 1000)
+        return ms
 
     def utc(self) -> str:
         """ECS ``@timestamp``: UTC, milliseconds."""
         ms = self._now()
-        return f"{self._utc}{ms:03d}Z"
+        if ms != self._utc_ms:
+            self._utc_ms = ms
+            self._utc_line = f"{self._utc}{ms % 1000:03d}Z"
+        return self._utc_line
 
     def local(self) -> str:
         """logging's ``%(asctime)s``: local time, milliseconds after a comma."""
         ms = self._now()
-        return f"{self._local},{ms:03d}"
+        if ms != self._local_ms:
+            self._local_ms = ms
+            self._local_line = f"{self._local},{ms % 1000:03d}"
+        return self._local_line
 
 
 _q = encode_basestring_ascii  # a str as a quoted JSON string (C)
@@ -272,6 +282,26 @@ class AccessLog:
         self._writer = process_writer() if handler is not None else None
         self._json = self._writer is not None and handler is not None and handler.shape == "json"
         self._clock = _Clock()
+        # The last raw User-Agent and Host and how they are logged: a run of requests from
+        # one client repeats them, and cleaning is a regex each. (Two strings, replaced on
+        # every change: nothing of one visitor outlives the next line.)
+        self._ua: tuple[str | None, str | None] = (None, None)
+        self._host: tuple[str | None, str | None] = (None, None)
+
+    def _clean(self, headers: Mapping[str, str] | None) -> tuple[str | None, str | None]:
+        if headers is None:
+            return None, None
+        raw_ua = headers.get("User-Agent")
+        last_ua, user_agent = self._ua
+        if raw_ua != last_ua:
+            user_agent = clean_user_agent(raw_ua)
+            self._ua = (raw_ua, user_agent)
+        raw_host = headers.get("Host")
+        last_host, host = self._host
+        if raw_host != last_host:
+            host = clean_host(raw_host)
+            self._host = (raw_host, host)
+        return user_agent, host
 
     def log_exchange(self, client_ip: str, request_id: str, method: str, raw_path: str,
                      minor: int, status: int, route: CompiledRoute | None, ex: Exchange,
@@ -279,9 +309,7 @@ class AccessLog:
         if not self.enabled or not access_logger.isEnabledFor(logging.INFO):
             return
         path = raw_path.partition("?")[0]
-        headers = ex.headers
-        user_agent = clean_user_agent(headers.get("User-Agent")) if headers is not None else None
-        host = clean_host(headers.get("Host")) if headers is not None else None
+        user_agent, host = self._clean(ex.headers)
         tls = tls_version(ex)
         trace = ex.trace
         ids = trace.ids() if trace is not None else None

@@ -156,6 +156,37 @@ def _line(exchange: Exchange, route: CompiledRoute | None, path: str = "/app/x?q
         return f.read().decode()
 
 
+def test_each_line_logs_its_own_request_user_agent_and_host() -> None:
+    """Consecutive lines from one process log each request's own User-Agent and Host (the
+    cleaned values of the previous line are reused only when the raw value is the same)."""
+    r, w = os.pipe()
+    handler = logs._ProcessHandler(os.fdopen(w, "w", closefd=False), "text")
+    logger = logging.getLogger("gateway.access")
+    saved = logger.handlers, logger.propagate, logger.level
+    logger.handlers, logger.propagate, logger.level = [handler], False, logging.INFO
+    access = AccessLog()
+    seen = [("a.example", "agent-1"), ("a.example", "agent-1"), ("B.example", "agent-1"),
+            ("B.example", "agent\n2"), (None, None), ("a.example", "agent-1")]
+    try:
+        for host, agent in seen:
+            ex = Exchange()
+            ex.headers = {k: v for k, v in (("Host", host), ("User-Agent", agent)) if v}
+            access.log_exchange("203.0.113.9", "rid", "GET", "/x", 1, 200, None, ex, 0.001)
+        assert handler.lines is not None
+        handler.lines.close()
+    finally:
+        logger.handlers, logger.propagate, logger.level = saved
+        os.close(w)
+    with os.fdopen(r, "rb") as f:
+        lines = f.read().decode().splitlines()
+    logged = [(re.search(r" host=(\S+)", line).group(1),  # type: ignore[union-attr]
+               re.search(r' ua="([^"]*)"', line).group(1))  # type: ignore[union-attr]
+              for line in lines]
+    assert logged == [("a.example", "agent-1"), ("a.example", "agent-1"),
+                      ("b.example", "agent-1"), ("b.example", "agent?2"), ("-", "-"),
+                      ("a.example", "agent-1")]
+
+
 def test_json_line_is_ecs_loggings_shape_with_every_field() -> None:
     """Parsed, the line has every field; re-serialised by ecs-logging, it is the same text
     (same key order, same escaping), so it reads like every other line of the process."""
