@@ -261,8 +261,13 @@ class Signer:
     """Signs payloads for one channel; holds the secret and never shows it."""
 
     __slots__ = (
+        "_canonical_head",
         "_keyed",
         "_last_key",
+        "_payload_end",
+        "_payload_keys",
+        "_prefix_head",
+        "_prefix_tail",
         "_secret",
         "access_key",
         "content_type",
@@ -298,6 +303,18 @@ class Signer:
         # alone (access key, timestamp, header names).
         self._keyed = hmac.new(secret_key.encode("utf-8"), digestmod=hashlib.sha256)
         self._last_key: tuple[str, hmac.HMAC] | None = None
+        # The constant parts of authStringPrefix, of the payload (each field's JSON name with
+        # the separator before it, as is and normalised) and of the canonical request (per
+        # method, URI and payload length: the content lengths of a widget's bodies are few).
+        self._prefix_head = f"{AUTH_VERSION}/{access_key}/"
+        self._prefix_tail = "/" + signed_headers_line(self.signed_headers)
+        keys = []
+        for i, field in enumerate(dict.fromkeys(self.payload_fields)):
+            key_text = ("," if i else "{") + _compact_json(field) + ":"
+            keys.append((field, key_text, normalize(key_text)))
+        self._payload_keys: tuple[tuple[str, str, str], ...] = tuple(keys)
+        self._payload_end = ("}", "%7D") if keys else ("{}", "%7B%7D")
+        self._canonical_head = lru_cache(maxsize=256)(self._head)
 
     def __repr__(self) -> str:
         return (
@@ -326,7 +343,11 @@ class Signer:
         Values come from ``headers`` (case-insensitive) over the defaults; a configured header
         that has no value raises SigningError.
         """
-        available = {k.lower(): v for k, v in default_headers(payload, self.content_type).items()}
+        return self._chosen(len(payload.encode("utf-8")), headers)
+
+    def _chosen(self, length: int, headers: Mapping[str, str] | None) -> dict[str, str]:
+        """``headers_for`` a payload of ``length`` UTF-8 bytes."""
+        available = {"content-length": str(length), "content-type": self.content_type}
         if headers:
             available.update({k.strip().lower(): v for k, v in headers.items()})
         chosen: dict[str, str] = {}
@@ -347,18 +368,7 @@ class Signer:
         headers: Mapping[str, str] | None = None,
     ) -> str:
         """The Authorization string for ``payload`` (timestamp defaults to now)."""
-        ts = self.timestamp() if timestamp is None else timestamp
-        signed = self.headers_for(payload, headers)
-        prefix = auth_string_prefix(self.access_key, ts, list(signed))
-        last = self._last_key
-        if last is None or last[0] != prefix:
-            derive = self._keyed.copy()
-            derive.update(prefix.encode("utf-8"))
-            key = derive.hexdigest().encode("ascii")  # signing_key(secret, prefix)
-            last = self._last_key = (prefix, hmac.new(key, digestmod=hashlib.sha256))
-        mac = last[1].copy()
-        mac.update(canonical_request(method, uri, signed, payload).encode("utf-8"))
-        return f"{prefix}/{mac.hexdigest()}"  # signature(signing key, canonical request)
+        return self._sign(payload, normalize(payload), timestamp, method, uri, headers)
 
     def payload_for(self, data: Mapping[str, object]) -> str:
         """The payload text of the configured fields of ``data``."""
@@ -374,9 +384,55 @@ class Signer:
         headers: Mapping[str, str] | None = None,
     ) -> str:
         """Build the payload from the configured fields of ``data`` and sign it."""
-        return self.sign_payload(
-            self.payload_for(data), timestamp=timestamp, method=method, uri=uri, headers=headers
-        )
+        missing = [f for f, _, _ in self._payload_keys if f not in data]
+        if missing:
+            raise SigningError(f"payload field missing: {', '.join(missing)}")
+        # The payload is compact JSON of a flat object, and normalize() works byte by byte:
+        # the payload's normalised text is the concatenation of its pieces' normalised texts,
+        # and only the values' pieces are new on each call.
+        text: list[str] = []
+        normalized: list[str] = []
+        for field, key_text, key_normalized in self._payload_keys:
+            value = _compact_json(data[field])
+            text += (key_text, value)
+            normalized += (key_normalized, normalize(value))
+        text.append(self._payload_end[0])
+        normalized.append(self._payload_end[1])
+        return self._sign("".join(text), "".join(normalized), timestamp, method, uri, headers)
+
+    def _sign(
+        self,
+        payload: str,
+        normalized: str,
+        timestamp: str | None,
+        method: str,
+        uri: str,
+        headers: Mapping[str, str] | None,
+    ) -> str:
+        """``prefix/signature`` over ``payload``, whose normalised text is ``normalized``."""
+        ts = self.timestamp() if timestamp is None else timestamp
+        length = len(payload.encode("utf-8"))
+        if headers:
+            head = canonical_request(method, uri, self._chosen(length, headers), "")
+        else:
+            head = self._canonical_head(method, uri, length)
+        prefix = f"{self._prefix_head}{ts}{self._prefix_tail}"
+        last = self._last_key
+        if last is None or last[0] != prefix:
+            derive = self._keyed.copy()
+            derive.update(prefix.encode("utf-8"))
+            key = derive.hexdigest().encode("ascii")  # signing_key(secret, prefix)
+            last = self._last_key = (prefix, hmac.new(key, digestmod=hashlib.sha256))
+        mac = last[1].copy()
+        mac.update(head.encode("utf-8"))
+        if payload:
+            mac.update(b"\n")
+            mac.update(normalized.encode("ascii"))
+        return f"{prefix}/{mac.hexdigest()}"  # signature(signing key, canonical request)
+
+    def _head(self, method: str, uri: str, length: int) -> str:
+        # The canonical request up to the payload, for the default header values.
+        return canonical_request(method, uri, self._chosen(length, None), "")
 
     def verify(
         self,
