@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -61,6 +62,8 @@ DEFAULT_URI = "/service-cloud/webclient/chat_client/js/newThirdPartyClient.js"
 _UNRESERVED = frozenset(
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
 )
+# Any character normalize() encodes: everything but the unreserved ones (any non-ASCII too).
+_RESERVED = re.compile(r"[^A-Za-z0-9\-._~]")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLISECOND = timedelta(milliseconds=1)
 _compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
@@ -74,6 +77,8 @@ class SigningError(GatewayError):
 
 def normalize(s: str) -> str:
     """Percent-encode ``s`` byte by byte (UTF-8), keeping only ``A-Z a-z 0-9 - . _ ~``."""
+    if _RESERVED.search(s) is None:
+        return s  # nothing to encode (ids, digits): the scan is far cheaper than translate
     return s.encode("utf-8").decode("latin-1").translate(_ENCODED)
 
 
@@ -393,9 +398,15 @@ class Signer:
         text: list[str] = []
         normalized: list[str] = []
         for field, key_text, key_normalized in self._payload_keys:
-            value = _compact_json(data[field])
-            text += (key_text, value)
-            normalized += (key_normalized, normalize(value))
+            value = data[field]
+            if type(value) is str and _RESERVED.search(value) is None:
+                # JSON escapes none of these characters: only the quotes need encoding.
+                text += (key_text, '"', value, '"')
+                normalized += (key_normalized, "%22", value, "%22")
+            else:
+                value_text = _compact_json(value)
+                text += (key_text, value_text)
+                normalized += (key_normalized, normalize(value_text))
         text.append(self._payload_end[0])
         normalized.append(self._payload_end[1])
         return self._sign("".join(text), "".join(normalized), timestamp, method, uri, headers)
