@@ -8,7 +8,6 @@ an operator must be able to adjust them without a code change.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import re
@@ -267,13 +266,13 @@ class Signer:
 
     __slots__ = (
         "_canonical_head",
-        "_keyed",
         "_last_key",
         "_payload_end",
         "_payload_keys",
         "_prefix_head",
         "_prefix_tail",
         "_secret",
+        "_secret_bytes",
         "access_key",
         "content_type",
         "payload_fields",
@@ -303,11 +302,10 @@ class Signer:
         self.content_type = content_type
         self.payload_fields: tuple[str, ...] = tuple(payload_fields)
         self.timestamp_format = timestamp_format
-        # HMAC objects already keyed (hmac's copy() is its way to reuse a key): the secret,
-        # and the signing key of the last authStringPrefix, which depends on the prefix
-        # alone (access key, timestamp, header names).
-        self._keyed = hmac.new(secret_key.encode("utf-8"), digestmod=hashlib.sha256)
-        self._last_key: tuple[str, hmac.HMAC] | None = None
+        # The signing key of the last authStringPrefix, which depends on the prefix alone
+        # (access key, timestamp, header names): signatures of the same millisecond share it.
+        self._secret_bytes = secret_key.encode("utf-8")
+        self._last_key: tuple[str, bytes] | None = None
         # The constant parts of authStringPrefix, of the payload (each field's JSON name with
         # the separator before it, as is and normalised) and of the canonical request (per
         # method, URI and payload length: the content lengths of a widget's bodies are few).
@@ -430,16 +428,10 @@ class Signer:
         prefix = f"{self._prefix_head}{ts}{self._prefix_tail}"
         last = self._last_key
         if last is None or last[0] != prefix:
-            derive = self._keyed.copy()
-            derive.update(prefix.encode("utf-8"))
-            key = derive.hexdigest().encode("ascii")  # signing_key(secret, prefix)
-            last = self._last_key = (prefix, hmac.new(key, digestmod=hashlib.sha256))
-        mac = last[1].copy()
-        mac.update(head.encode("utf-8"))
-        if payload:
-            mac.update(b"\n")
-            mac.update(normalized.encode("ascii"))
-        return f"{prefix}/{mac.hexdigest()}"  # signature(signing key, canonical request)
+            key = hmac.digest(self._secret_bytes, prefix.encode("utf-8"), "sha256").hex()
+            last = self._last_key = (prefix, key.encode("ascii"))  # signing_key(secret, prefix)
+        canonical = f"{head}\n{normalized}" if payload else head
+        return f"{prefix}/{hmac.digest(last[1], canonical.encode('utf-8'), 'sha256').hex()}"
 
     def _head(self, method: str, uri: str, length: int) -> str:
         # The canonical request up to the payload, for the default header values.
