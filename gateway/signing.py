@@ -8,9 +8,9 @@ an operator must be able to adjust them without a code change.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -61,6 +61,8 @@ DEFAULT_URI = "/service-cloud/webclient/chat_client/js/newThirdPartyClient.js"
 _UNRESERVED = frozenset(
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
 )
+# Any character normalize() encodes: everything but the unreserved ones (any non-ASCII too).
+_RESERVED = re.compile(r"[^A-Za-z0-9\-._~]")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLISECOND = timedelta(milliseconds=1)
 _compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
@@ -74,6 +76,8 @@ class SigningError(GatewayError):
 
 def normalize(s: str) -> str:
     """Percent-encode ``s`` byte by byte (UTF-8), keeping only ``A-Z a-z 0-9 - . _ ~``."""
+    if _RESERVED.search(s) is None:
+        return s  # nothing to encode (ids, digits): the scan is far cheaper than translate
     return s.encode("utf-8").decode("latin-1").translate(_ENCODED)
 
 
@@ -261,9 +265,14 @@ class Signer:
     """Signs payloads for one channel; holds the secret and never shows it."""
 
     __slots__ = (
-        "_keyed",
+        "_canonical_head",
         "_last_key",
+        "_payload_end",
+        "_payload_keys",
+        "_prefix_head",
+        "_prefix_tail",
         "_secret",
+        "_secret_bytes",
         "access_key",
         "content_type",
         "payload_fields",
@@ -293,11 +302,22 @@ class Signer:
         self.content_type = content_type
         self.payload_fields: tuple[str, ...] = tuple(payload_fields)
         self.timestamp_format = timestamp_format
-        # HMAC objects already keyed (hmac's copy() is its way to reuse a key): the secret,
-        # and the signing key of the last authStringPrefix, which depends on the prefix
-        # alone (access key, timestamp, header names).
-        self._keyed = hmac.new(secret_key.encode("utf-8"), digestmod=hashlib.sha256)
-        self._last_key: tuple[str, hmac.HMAC] | None = None
+        # The signing key of the last authStringPrefix, which depends on the prefix alone
+        # (access key, timestamp, header names): signatures of the same millisecond share it.
+        self._secret_bytes = secret_key.encode("utf-8")
+        self._last_key: tuple[str, bytes] | None = None
+        # The constant parts of authStringPrefix, of the payload (each field's JSON name with
+        # the separator before it, as is and normalised) and of the canonical request (per
+        # method, URI and payload length: the content lengths of a widget's bodies are few).
+        self._prefix_head = f"{AUTH_VERSION}/{access_key}/"
+        self._prefix_tail = "/" + signed_headers_line(self.signed_headers)
+        keys = []
+        for i, field in enumerate(dict.fromkeys(self.payload_fields)):
+            key_text = ("," if i else "{") + _compact_json(field) + ":"
+            keys.append((field, key_text, normalize(key_text)))
+        self._payload_keys: tuple[tuple[str, str, str], ...] = tuple(keys)
+        self._payload_end = ("}", "%7D") if keys else ("{}", "%7B%7D")
+        self._canonical_head = lru_cache(maxsize=256)(self._head)
 
     def __repr__(self) -> str:
         return (
@@ -326,7 +346,11 @@ class Signer:
         Values come from ``headers`` (case-insensitive) over the defaults; a configured header
         that has no value raises SigningError.
         """
-        available = {k.lower(): v for k, v in default_headers(payload, self.content_type).items()}
+        return self._chosen(len(payload.encode("utf-8")), headers)
+
+    def _chosen(self, length: int, headers: Mapping[str, str] | None) -> dict[str, str]:
+        """``headers_for`` a payload of ``length`` UTF-8 bytes."""
+        available = {"content-length": str(length), "content-type": self.content_type}
         if headers:
             available.update({k.strip().lower(): v for k, v in headers.items()})
         chosen: dict[str, str] = {}
@@ -347,18 +371,7 @@ class Signer:
         headers: Mapping[str, str] | None = None,
     ) -> str:
         """The Authorization string for ``payload`` (timestamp defaults to now)."""
-        ts = self.timestamp() if timestamp is None else timestamp
-        signed = self.headers_for(payload, headers)
-        prefix = auth_string_prefix(self.access_key, ts, list(signed))
-        last = self._last_key
-        if last is None or last[0] != prefix:
-            derive = self._keyed.copy()
-            derive.update(prefix.encode("utf-8"))
-            key = derive.hexdigest().encode("ascii")  # signing_key(secret, prefix)
-            last = self._last_key = (prefix, hmac.new(key, digestmod=hashlib.sha256))
-        mac = last[1].copy()
-        mac.update(canonical_request(method, uri, signed, payload).encode("utf-8"))
-        return f"{prefix}/{mac.hexdigest()}"  # signature(signing key, canonical request)
+        return self._sign(payload, normalize(payload), timestamp, method, uri, headers)
 
     def payload_for(self, data: Mapping[str, object]) -> str:
         """The payload text of the configured fields of ``data``."""
@@ -374,9 +387,55 @@ class Signer:
         headers: Mapping[str, str] | None = None,
     ) -> str:
         """Build the payload from the configured fields of ``data`` and sign it."""
-        return self.sign_payload(
-            self.payload_for(data), timestamp=timestamp, method=method, uri=uri, headers=headers
-        )
+        missing = [f for f, _, _ in self._payload_keys if f not in data]
+        if missing:
+            raise SigningError(f"payload field missing: {', '.join(missing)}")
+        # The payload is compact JSON of a flat object, and normalize() works byte by byte:
+        # the payload's normalised text is the concatenation of its pieces' normalised texts,
+        # and only the values' pieces are new on each call.
+        text: list[str] = []
+        normalized: list[str] = []
+        for field, key_text, key_normalized in self._payload_keys:
+            value = data[field]
+            if type(value) is str and _RESERVED.search(value) is None:
+                # JSON escapes none of these characters: only the quotes need encoding.
+                text += (key_text, '"', value, '"')
+                normalized += (key_normalized, "%22", value, "%22")
+            else:
+                value_text = _compact_json(value)
+                text += (key_text, value_text)
+                normalized += (key_normalized, normalize(value_text))
+        text.append(self._payload_end[0])
+        normalized.append(self._payload_end[1])
+        return self._sign("".join(text), "".join(normalized), timestamp, method, uri, headers)
+
+    def _sign(
+        self,
+        payload: str,
+        normalized: str,
+        timestamp: str | None,
+        method: str,
+        uri: str,
+        headers: Mapping[str, str] | None,
+    ) -> str:
+        """``prefix/signature`` over ``payload``, whose normalised text is ``normalized``."""
+        ts = self.timestamp() if timestamp is None else timestamp
+        length = len(payload.encode("utf-8"))
+        if headers:
+            head = canonical_request(method, uri, self._chosen(length, headers), "")
+        else:
+            head = self._canonical_head(method, uri, length)
+        prefix = f"{self._prefix_head}{ts}{self._prefix_tail}"
+        last = self._last_key
+        if last is None or last[0] != prefix:
+            key = hmac.digest(self._secret_bytes, prefix.encode("utf-8"), "sha256").hex()
+            last = self._last_key = (prefix, key.encode("ascii"))  # signing_key(secret, prefix)
+        canonical = f"{head}\n{normalized}" if payload else head
+        return f"{prefix}/{hmac.digest(last[1], canonical.encode('utf-8'), 'sha256').hex()}"
+
+    def _head(self, method: str, uri: str, length: int) -> str:
+        # The canonical request up to the payload, for the default header values.
+        return canonical_request(method, uri, self._chosen(length, None), "")
 
     def verify(
         self,

@@ -215,7 +215,7 @@ def _unmanaged(data: Mapping[str, object]) -> tuple[dict[str, object], bool]:
                 stripped = True
             elif _FOLDED_MANAGED.get(folded, key) != key:
                 pass  # a look-alike of an identity field: never forwarded
-            elif isinstance(value, dict | list):
+            elif isinstance(value, (dict, list)):
                 out[key], inner = _strip_secrets(value)
                 stripped = stripped or inner
             else:
@@ -245,7 +245,7 @@ def force_identity(
     out[TENANT] = tenant_space_id
     out[CHANNEL] = channel_config_id
     stamp = out.get(TIMESTAMP)
-    if not isinstance(stamp, int | float) or isinstance(stamp, bool) or not math.isfinite(stamp):
+    if not isinstance(stamp, (int, float)) or isinstance(stamp, bool) or not math.isfinite(stamp):
         out[TIMESTAMP] = now_ms
     # Only the credential the gateway sets in this mode reaches the CEC: a page's own
     # signature next to an injected token (or its token next to our signature) would let
