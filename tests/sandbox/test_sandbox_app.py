@@ -14,7 +14,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import CHANNEL, NEW_CLIENT_PATH, SECRET, TENANT, settings, signed_body
 
 from gateway.sandbox.app import (
     COOKIE_NAME,
@@ -27,6 +26,7 @@ from gateway.sandbox.app import (
     start_sandbox,
 )
 from gateway.sandbox.settings import SandboxSettings
+from tests.support.sandbox import CHANNEL, NEW_CLIENT_PATH, SECRET, TENANT, settings, signed_body
 
 Factory = Callable[..., Awaitable[TestServer]]
 CP = "/service-cloud"

@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import settings, wait_for
 from pydantic import SecretStr
 
 from gateway.sandbox.chat import ChatError, ChatHub, Visitor
 from gateway.sandbox.settings import AgentAccount, WorkingHours
+from tests.support.process import wait_for
+from tests.support.sandbox import settings
 
 Events = list[dict[str, Any]]
 
@@ -284,7 +285,7 @@ async def test_idle_session_ends(hubs: list[ChatHub]) -> None:
     hub.visitor_message(TOM, "still here")  # activity pushes the deadline out
     await asyncio.sleep(0.06)
     assert session.state == "active"
-    await wait_for(lambda: session.state == "ended", limit=1.0)
+    await wait_for(lambda: session.state == "ended", within=1.0)
     assert session.end_reason == "timeout"
     assert "bye for now" in texts(visitor, "system")
     assert {"type": "ended", "chat": session.id, "reason": "timeout"} in agent

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import SECRET
 from pydantic import ValidationError
 
 from gateway.errors import ConfigError
 from gateway.sandbox.settings import SandboxSettings, WorkingHours, load_sandbox_settings
+from tests.support.sandbox import SECRET
 
 
 def test_defaults() -> None:

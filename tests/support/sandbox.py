@@ -1,11 +1,10 @@
-"""Shared helpers for the sandbox tests."""
+"""Shared values and helpers of the sandbox tests (a module, not a conftest: test files import
+it by its full name, which cannot be confused with another folder's conftest)."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import time
-from collections.abc import Callable
 from typing import Any
 
 from pydantic import SecretStr
@@ -48,13 +47,3 @@ def signed_body(name: str = "Tom", user_id: str = "10010001", *, now: float | No
         payload=payload)
     body.update({"locale": "en", "mapService": "tencent", "timestamp": 1})
     return body
-
-
-async def wait_for(predicate: Callable[[], bool], limit: float = 1.5) -> None:
-    """Poll until ``predicate()`` holds; fail the test after ``limit`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
