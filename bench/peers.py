@@ -84,6 +84,7 @@ class PeerRun:
     notes: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)  # crowd_memory's readings
+    crowd_factor: int = 1  # legs of the 1,000+ connection loads are this many times longer
 
     def median(self, table: dict[str, dict[str, list[float]]], load: str, key: str
                ) -> float | None:
@@ -216,8 +217,13 @@ def nofile_plan(loads: list[tuple[str, int]], note: Callable[[str], None]
 
 def run(procs: Procs, tmp: Path, origin_port: int, sink_port: int, *, rounds: int,
         seconds: int, wrk: Callable[..., dict[str, Any]], log: Callable[[str], None],
-        names: tuple[str, ...] = PROXIES, loads: tuple[str, ...] = LOAD_NAMES) -> PeerRun:
-    res = PeerRun(rounds, seconds, [])
+        names: tuple[str, ...] = PROXIES, loads: tuple[str, ...] = LOAD_NAMES,
+        crowd_factor: int = 1) -> PeerRun:
+    """Every load through every proxy. ``crowd_factor``: the legs with 1,000 connections or
+    more last that many times ``seconds``, so that they measure keep-alive connections at
+    work rather than the connections being set up (at 5,000 connections a 5 s leg is about
+    four requests per connection)."""
+    res = PeerRun(rounds, seconds, [], crowd_factor=crowd_factor)
     res.loads = nofile_plan([x for x in LOADS if x[0] in loads], res.notes.append)
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     res.notes.append(f"open-file limit {soft} for every process (raised to the hard limit)")
@@ -242,7 +248,8 @@ def run(procs: Procs, tmp: Path, origin_port: int, sink_port: int, *, rounds: in
                     pids = process_tree(peer.proc.pid)
                     before = cpu_seconds(pids)
                     out = wrk(f"http://127.0.0.1:{peer.port}{path}", conns=conns,
-                              seconds=seconds, threads=1,
+                              seconds=seconds * (crowd_factor if conns >= 1000 else 1),
+                              threads=1,
                               script=lua if load == "post4k" else None)
                     used = cpu_seconds(pids) - before
                     if out.get("errors") or out.get("non2xx"):
@@ -372,7 +379,10 @@ def _f(v: float | None, digits: int = 0) -> str:
 
 def table(res: PeerRun) -> str:
     keys = [f"{p}/{m}" for m in ("on", "off") for p in PROXIES] + ["gateway/json"]
-    lines = [f"peers: {res.rounds} round(s) of {res.seconds} s per leg, wrk -t1, one worker each",
+    crowd = (f" ({res.seconds * res.crowd_factor} s at 1,000 connections and more)"
+             if res.crowd_factor > 1 else "")
+    lines = [f"peers: {res.rounds} round(s) of {res.seconds} s per leg{crowd}, wrk -t1, "
+             "one worker each",
              "| load | " + " | ".join(keys) + " |",
              "|---|" + "---:|" * len(keys)]
     for load, conns in res.loads:
@@ -411,6 +421,7 @@ def table(res: PeerRun) -> str:
 
 
 def to_json(res: PeerRun) -> dict[str, Any]:
-    return {"rounds": res.rounds, "seconds": res.seconds, "loads": res.loads,
+    return {"rounds": res.rounds, "seconds": res.seconds, "crowd_factor": res.crowd_factor,
+            "loads": res.loads,
             "rps": res.rps, "cpu_us_per_request": res.cpu_us, "notes": res.notes,
             "versions": res.versions, "memory": res.memory}

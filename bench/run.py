@@ -764,6 +764,10 @@ def main() -> int:
                         help="with the peers comparison: which proxies (comma-separated)")
     parser.add_argument("--loads", default=",".join(peers.LOAD_NAMES),
                         help="with the peers comparison: which loads (comma-separated)")
+    parser.add_argument("--crowd-factor", type=int, default=3,
+                        help="peers: legs at 1,000 connections and more last this many times "
+                             "longer, to measure kept-alive connections rather than their "
+                             "setup (default 3; 1: the same length as the others)")
     parser.add_argument("--seconds", type=int,
                         help="seconds per wrk leg (default 5; 2 with --quick)")
     args = parser.parse_args()
@@ -812,7 +816,8 @@ def main() -> int:
             peer_run = peers.run(bench.procs, tmp, origin_port, sink_port, rounds=plan.rounds,
                                  seconds=plan.wrk_seconds, wrk=wrk, log=log,
                                  names=tuple(args.peers.split(",")),
-                                 loads=tuple(args.loads.split(",")))
+                                 loads=tuple(args.loads.split(",")),
+                                 crowd_factor=args.crowd_factor)
             bench.info["peers"] = peers.to_json(peer_run)
             bench.info["peers_table"] = peers.table(peer_run).splitlines()
     finally:
