@@ -137,16 +137,15 @@ class _Transport:
         return _TLS() if name == "ssl_object" else None
 
 
-def _line(exchange: Exchange, route: CompiledRoute | None, path: str = "/app/x?q=1") -> str:
-    """The JSON line a process logging ECS to a pipe writes for ``exchange``."""
+def _logged(shape: str, write: Callable[[AccessLog], None]) -> str:
+    """What a process logging ``shape`` to a pipe writes while ``write`` logs exchanges."""
     r, w = os.pipe()
-    handler = logs._ProcessHandler(os.fdopen(w, "w", closefd=False), "json")
+    handler = logs._ProcessHandler(os.fdopen(w, "w", closefd=False), shape)
     logger = logging.getLogger("gateway.access")
     saved = logger.handlers, logger.propagate, logger.level
     logger.handlers, logger.propagate, logger.level = [handler], False, logging.INFO
     try:
-        AccessLog().log_exchange("203.0.113.9", "rid-1", "POST", path, 1, 502, route,
-                                 exchange, 0.0123456)
+        write(AccessLog())
         assert handler.lines is not None
         handler.lines.close()
     finally:
@@ -156,29 +155,25 @@ def _line(exchange: Exchange, route: CompiledRoute | None, path: str = "/app/x?q
         return f.read().decode()
 
 
+def _line(exchange: Exchange, route: CompiledRoute | None, path: str = "/app/x?q=1") -> str:
+    """The JSON line a process logging ECS to a pipe writes for ``exchange``."""
+    return _logged("json", lambda access: access.log_exchange(
+        "203.0.113.9", "rid-1", "POST", path, 1, 502, route, exchange, 0.0123456))
+
+
 def test_each_line_logs_its_own_request_user_agent_and_host() -> None:
     """Consecutive lines from one process log each request's own User-Agent and Host (the
     cleaned values of the previous line are reused only when the raw value is the same)."""
-    r, w = os.pipe()
-    handler = logs._ProcessHandler(os.fdopen(w, "w", closefd=False), "text")
-    logger = logging.getLogger("gateway.access")
-    saved = logger.handlers, logger.propagate, logger.level
-    logger.handlers, logger.propagate, logger.level = [handler], False, logging.INFO
-    access = AccessLog()
     seen = [("a.example", "agent-1"), ("a.example", "agent-1"), ("B.example", "agent-1"),
             ("B.example", "agent\n2"), (None, None), ("a.example", "agent-1")]
-    try:
+
+    def write(access: AccessLog) -> None:
         for host, agent in seen:
             ex = Exchange()
             ex.headers = {k: v for k, v in (("Host", host), ("User-Agent", agent)) if v}
             access.log_exchange("203.0.113.9", "rid", "GET", "/x", 1, 200, None, ex, 0.001)
-        assert handler.lines is not None
-        handler.lines.close()
-    finally:
-        logger.handlers, logger.propagate, logger.level = saved
-        os.close(w)
-    with os.fdopen(r, "rb") as f:
-        lines = f.read().decode().splitlines()
+
+    lines = _logged("text", write).splitlines()
     logged = [(re.search(r" host=(\S+)", line).group(1),  # type: ignore[union-attr]
                re.search(r' ua="([^"]*)"', line).group(1))  # type: ignore[union-attr]
               for line in lines]

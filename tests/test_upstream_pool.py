@@ -21,6 +21,7 @@ from gateway.config import load_config_text
 from gateway.runtime import Running
 from tests.conformance.harness import PathSwitch
 from tests.support.gateway import GatewayStarter
+from tests.support.process import wait_for
 from tests.support.rawhttp import RawResponse, exchange, get
 from tests.support.upstreams import RawRecorder, UpConn, UpRequest, fixed_response, run_recorder
 
@@ -86,11 +87,21 @@ def gated(rec: RawRecorder, gate: asyncio.Event, *, hold_for: str = "") -> Behav
     return behave
 
 
-async def until(check: Callable[[], bool], limit: float = 5.0) -> None:
+async def until(check: Callable[[], bool]) -> None:
     """Wait for a state of the pool (which has no event of its own) to come true."""
-    async with asyncio.timeout(limit):
-        while not check():  # noqa: ASYNC110 (the pool has no event to wait on)
-            await asyncio.sleep(0.01)
+    await wait_for(check, what="the pool's state")
+
+
+async def one_connection_held(start_gateway: GatewayStarter, rec: RawRecorder
+                              ) -> tuple[Running, asyncio.Event, asyncio.Future[RawResponse]]:
+    """A gateway allowed one connection to ``rec``, held by a request to ``/held`` until the
+    returned event is set."""
+    gate = asyncio.Event()
+    rec.behaviour = gated(rec, gate, hold_for="/held")
+    gw = await start(start_gateway, rec.url, max_connections=1, queue_timeout="10s")
+    held = asyncio.ensure_future(fetch(gw, "/held"))
+    await rec.wait_requests(1)
+    return gw, gate, held
 
 
 async def test_cold_pool_requests_are_served_lean(
@@ -237,12 +248,8 @@ async def test_client_leaving_while_queued_gives_up_its_place(
     """A client that goes away while its request waits for a connection takes nothing with
     it: its request is never sent, and the one connection serves the next client."""
     async with run_recorder() as rec:
-        gate = asyncio.Event()
-        rec.behaviour = gated(rec, gate, hold_for="/held")
-        gw = await start(start_gateway, rec.url, max_connections=1, queue_timeout="10s")
+        gw, gate, held = await one_connection_held(start_gateway, rec)
         pool = gw.gateway.pool
-        held = asyncio.ensure_future(fetch(gw, "/held"))
-        await rec.wait_requests(1)
         _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         writer.write(get("/gone"))
         await until(lambda: pool.stats()["waiting"] == 1)
@@ -262,12 +269,8 @@ async def test_drain_waits_for_requests_queued_for_a_connection(
     """A graceful stop while one request holds the only connection and another waits for
     it: both are answered, the second over the connection the first gave back."""
     async with run_recorder() as rec:
-        gate = asyncio.Event()
-        rec.behaviour = gated(rec, gate, hold_for="/held")
-        gw = await start(start_gateway, rec.url, max_connections=1, queue_timeout="10s")
+        gw, gate, held = await one_connection_held(start_gateway, rec)
         pool = gw.gateway.pool
-        held = asyncio.ensure_future(fetch(gw, "/held"))
-        await rec.wait_requests(1)
         queued = asyncio.ensure_future(fetch(gw, "/drained"))
         await until(lambda: pool.stats()["waiting"] == 1)
         stopping = asyncio.ensure_future(gw.runtime.stop())
