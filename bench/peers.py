@@ -254,7 +254,8 @@ def run(procs: Procs, tmp: Path, origin_port: int, sink_port: int, *, rounds: in
                     used = cpu_seconds(pids) - before
                     if out.get("errors") or out.get("non2xx"):
                         res.notes.append(f"round {r + 1} {load} {peer.key}: {out['errors']} "
-                                         f"socket errors, {out['non2xx']} non-2xx of "
+                                         f"socket errors {out.get('error_kinds', {})}, "
+                                         f"{out['non2xx']} non-2xx of "
                                          f"{out['requests']} requests")
                     if out.get("rps") is None or not out.get("requests"):
                         res.notes.append(f"round {r + 1} {load} {peer.key}: no result "

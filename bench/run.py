@@ -173,6 +173,8 @@ def wrk(url: str, *, conns: int, seconds: int, threads: int = 2, latency: bool =
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if m:
         result["errors"] = sum(int(g) for g in m.groups())
+        result["error_kinds"] = dict(zip(("connect", "read", "write", "timeout"),
+                                         (int(g) for g in m.groups()), strict=True))
     for pct, value, unit in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s|m)\s*$", out,
                                        flags=re.M):
         result[f"p{pct}_ms"] = float(value) * _UNIT_MS[unit]
