@@ -61,6 +61,10 @@ TARGETS: dict[str, Target] = {
     # runs the same guard on a real redis-server, which is what reaches RedisCounters.
     "guard": Target("gateway/tokens/guard.py", ("tests/tokens/test_tokens_guard_units.py",
                                                 "tests/tokens/test_tokens_guard.py")),
+    # The request policy: its pure unit files (tests/test_request_paths.py pins the same
+    # answers on sockets, seconds per run, so it is left out here).
+    "policy": Target("gateway/policy.py", ("tests/test_policy.py",
+                                           "tests/test_policy_tables.py")),
     "signing": Target("gateway/signing.py", ("tests/test_signing.py",)),
     "inject": Target("gateway/chat/inject.py", ("tests/chat/test_chat_inject_tables.py",
                                                 "tests/chat/test_chat_inject.py")),
