@@ -53,7 +53,7 @@ TARGETS: dict[str, Target] = {
     # test_boundary_redirects.py: its 1,500-example property takes a minute per mutant; the
     # redirect tables in test_boundary_tables.py stand in for it here.
     "boundary": Target("gateway/boundary.py", (
-        "tests/test_boundary_tables.py",
+        "tests/test_boundary_tables.py", "tests/test_boundary_compile_tables.py",
         "tests/test_boundary.py::test_upstream_cookie", "tests/test_boundary.py::test_set_cookie",
         "tests/test_boundary.py::test_client_scripts", "tests/test_boundary.py::test_valid_host")),
     "cors": Target("gateway/cors.py", ("tests/test_cors.py", "tests/test_cors_tables.py")),

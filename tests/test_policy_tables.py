@@ -29,6 +29,7 @@ from gateway.headers import Forwarded, TrustedProxies
 from gateway.policy import (
     ErrorAnswer,
     ForwardingPolicy,
+    answer_response,
     error_answer,
     error_response,
     log_error,
@@ -316,6 +317,15 @@ def test_render_error_headers_of_the_answer_are_sent() -> None:
     assert b"\r\nSet-Cookie: cec_guest=abc; Path=/\r\n" in data
     assert b"\r\nCache-Control: no-store\r\n" in data
     assert data.endswith(b"\r\n\r\n")  # HEAD: no body
+
+
+def test_answer_response_carries_the_answers_headers() -> None:
+    resp = answer_response(error_answer(RetryWithCookie("cec_guest=abc; Path=/",
+                                                        location="/sc/x?y=1")))
+    assert resp.status == 307
+    assert resp.headers["Location"] == "/sc/x?y=1"
+    assert resp.headers["Set-Cookie"] == "cec_guest=abc; Path=/"
+    assert resp.headers["Cache-Control"] == "no-store"
 
 
 def test_render_error_close_answer_closes_even_a_keep_alive_connection() -> None:
