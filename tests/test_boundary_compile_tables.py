@@ -5,13 +5,23 @@ Refresh values (ports, IPv6 literals, userinfo, quotes); cookie pairs with "=" i
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
 import yaml
+from aiohttp import web
 from yarl import URL
 
-from gateway.boundary import ClientScripts, RoutePolicy, compile_policies, third_party_policy
+from gateway.boundary import (
+    ClientScripts,
+    OwnPages,
+    RoutePolicy,
+    compile_policies,
+    rewrite_location,
+    rewrite_refresh,
+    third_party_policy,
+)
 from gateway.config import Config, load_config_text
 from gateway.headers import UrlMap
 from gateway.routing import CompiledRoute, compile_route
@@ -317,3 +327,144 @@ def test_client_script_spellings(path: str, looks: bool) -> None:
     assert SCRIPTS.looks_like(path) is looks
     assert (SCRIPTS.refusal("POST", path) is not None) is (
         looks and path != "/service-cloud/webclient/chat_client/js/newThirdPartyClient.js")
+
+
+# ------------------------------------------------------------------ edges the first run left
+
+V6D = UrlMap.for_route("/v6/", URL("http://[2001:db8::1]/app/"))
+V6DP = third_party_policy("v6d", "/v6/", V6D)
+BARE = UrlMap.for_route("/sc/", URL("https://cec.example.com/"))
+BAREP = third_party_policy("bare", "/sc/", BARE)
+
+
+@pytest.mark.parametrize(("policy", "urls", "value", "https", "expected"), [
+    # the query/fragment starts at the first "?" or "#": what follows never joins the path
+    (CEC, URLS, "https://cec.example.com/service-cloud/x?/../../y?z", False,
+     "/service-cloud/x?/../../y?z"),
+    (CEC, URLS, "https://cec.example.com/service-cloud/x#/../../y#z", False,
+     "/service-cloud/x#/../../y#z"),
+    (CEC, URLS, "//Xevil.example/x", False, "http://Xevil.example/x"),
+    # text after a bracketed host that is not a port: not the upstream
+    (V6DP, V6D, "http://[2001:db8::1]x/app/x", False, "http://[2001:db8::1]x/app/x"),
+    (V6DP, V6D, "http://[2001:db8::1]/app/x", False, "/v6/x"),
+    (ROOT, ROOT_URLS, "https://cec.example.com/app//Xa", False, "/Xa"),
+    # "http:x" is relative on an http page only
+    (CEC, URLS, "http:x", False, "x"),
+    (CEC, URLS, "https:x", True, "x"),
+    (CEC, URLS, "http:x", True, "http:x"),
+    (CEC, URLS, "http:a:b", False, "./a:b"),
+    (CEC, URLS, "http: x", False, "./ x"),
+    (BAREP, BARE, "https://cec.example.com?q", False, "/sc/?q"),
+    (BAREP, BARE, "https://cec.example.com", False, "/sc/"),
+    (CEC, URLS, "HTTPS://evil.example/x?a\\b", False, "HTTPS://evil.example/x?a\\b"),
+])
+def test_location_edges(policy: RoutePolicy, urls: UrlMap, value: str, https: bool,
+                        expected: str) -> None:
+    assert loc(policy, urls, value, https) == expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("; url=https://cec.example.com/service-cloud/r",
+     "; url=https://cec.example.com/service-cloud/r"),  # no time: ignored by browsers
+    ("X1; url=https://cec.example.com/service-cloud/r",
+     "X1; url=https://cec.example.com/service-cloud/r"),
+    ("1.25;url=https://cec.example.com/service-cloud/r", "1.25;url=/service-cloud/r"),
+    ("1X https://cec.example.com/service-cloud/r", "1X https://cec.example.com/service-cloud/r"),
+    ("1 ", "1 "),
+    ("1 Xhttps://cec.example.com/service-cloud/r", "1 Xhttps://cec.example.com/service-cloud/r"),
+    ("0; url=X//evil.example/xX", "0; url=X//evil.example/xX"),
+    ("0; url='https://cec.example.com/service-cloud/a'/../../b",
+     "0; url='/service-cloud/a'/../../b"),
+    ("0; url='https://cec.example.com/service-cloud/a'/../../b'",
+     "0; url='/service-cloud/a'/../../b'"),
+    ("1; url='https://cec.example.com/service-cloud", "1; url='/service-cloud"),
+    ("1; url='//evil.example/x", "1; url='https://evil.example/x"),
+])
+def test_refresh_edges(value: str, expected: str) -> None:
+    out = CEC.response_value(b"refresh", value.encode(), URLS, True)
+    assert out is not None and out.decode() == expected
+
+
+def test_rewrite_helpers_default_to_an_http_page() -> None:
+    assert rewrite_location("//evil.example/x", URLS) == "http://evil.example/x"
+    assert rewrite_location("//evil.example/x", URLS, True) == "https://evil.example/x"
+    assert rewrite_location("https://cec.example.com/service-cloud/a", URLS) == "/service-cloud/a"
+    assert rewrite_refresh("0; url=//evil.example/x", URLS) == "0; url=http://evil.example/x"
+    assert rewrite_refresh("0; url=//evil.example/x", URLS, True) == (
+        "0; url=https://evil.example/x")
+    assert rewrite_refresh("0; url=https://cec.example.com/service-cloud/a", URLS) == (
+        "0; url=/service-cloud/a")
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("\x0ba=1", "__cec_\x0ba=1"), ("Xa=1", "__cec_Xa=1"),
+])
+def test_set_cookie_name_trims_only_spaces_and_tabs(text: str, expected: str) -> None:
+    assert CEC.set_cookie(text, URLS, False) == expected
+
+
+def test_set_cookie_path_through_response_value() -> None:
+    out = CEC.response_value(b"set-cookie", b"a=1; Path=/service-cloud/x; Domain=cec.example.com",
+                             URLS, True)
+    assert out == b"__cec_a=1; Path=/service-cloud/x; Secure"
+
+
+def test_cookie_path_base_of_a_prefix_ending_in_x() -> None:
+    urls = UrlMap.for_route("/chatX/", URL("https://cec.example.com/chatX/"))
+    policy = third_party_policy("x", "/chatX/", urls)
+    assert policy.set_cookie("a=1; Path=x", urls, False) == "__cec_a=1; Path=/chatX"
+
+
+def test_refused_cookies_are_counted_and_each_name_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    counted: list[str] = []
+    policy = third_party_policy("cec-route", "/service-cloud/", URLS,
+                                refused_cookies=["SESSION"], counted=counted.append)
+    with caplog.at_level(logging.WARNING, logger="gateway.boundary"):
+        assert policy.set_cookie("SESSION=x", URLS, False) is None
+        assert policy.set_cookie("SESSION=y", URLS, False) is None
+        assert policy.set_cookie("=nameless", URLS, False) is None
+    assert counted == ["cec-route"] * 3
+    assert policy.stats.refused == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        "route cec-route: refused a Set-Cookie for 'SESSION' (the name belongs to the site or "
+        "the gateway); the browser never gets it",
+        "route cec-route: refused a Set-Cookie for '' (a cookie without a name); the browser "
+        "never gets it"]
+
+
+def test_refused_cookie_names_logged_are_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    names = [f"n{i}" for i in range(102)]
+    policy = third_party_policy("r", "/service-cloud/", URLS, refused_cookies=names)
+    with caplog.at_level(logging.WARNING, logger="gateway.boundary"):
+        for name in names:
+            assert policy.set_cookie(f"{name}=1", URLS, False) is None
+    assert len(caplog.records) == 100
+    assert policy.stats.refused == 102
+
+
+@pytest.mark.parametrize(("path", "looks"), [
+    ("/service-cloud/webclient/chat_client/js/newThirdPartyClient.js%ff", False),
+    ("/service-cloud/webclient/chat_client/js/newThirdPartyClient.jsX", False),
+    ("/service-cloud/webclient/chat_client/js/newThirdPartyClient.js%2e", True),
+])
+def test_client_script_spellings_more(path: str, looks: bool) -> None:
+    assert SCRIPTS.looks_like(path) is looks
+
+
+def test_own_pages_on_a_streamed_answer() -> None:
+    pages = OwnPages.build()
+    plain = web.StreamResponse()
+    pages.apply(plain)
+    assert plain.headers["Server"] == "cec-gateway"
+    assert plain.headers["X-Content-Type-Options"] == "nosniff"
+    assert "Content-Security-Policy" not in plain.headers
+    html = web.StreamResponse(headers={"Content-Type": "text/html; charset=utf-8"})
+    pages.apply(html)
+    assert "frame-ancestors 'self'" in html.headers["Content-Security-Policy"]
+    assert html.headers["X-Frame-Options"] == "SAMEORIGIN"
+
+
+def test_own_page_csp_keeps_its_last_character() -> None:
+    pages = OwnPages.build(csp="img-src https://cdn.example/X;")
+    assert pages.csp == "img-src https://cdn.example/X; frame-ancestors 'self'"
