@@ -371,6 +371,8 @@ def test_location_edges(policy: RoutePolicy, urls: UrlMap, value: str, https: bo
     ("1.25;url=https://cec.example.com/service-cloud/r", "1.25;url=/service-cloud/r"),
     ("1X https://cec.example.com/service-cloud/r", "1X https://cec.example.com/service-cloud/r"),
     ("1 ", "1 "),
+    ("0; url=https://cec.example.com/service-cloud/aXXXX/../../b",
+     "0; url=https://cec.example.com/service-cloud/aXXXX/../../b"),
     ("1 Xhttps://cec.example.com/service-cloud/r", "1 Xhttps://cec.example.com/service-cloud/r"),
     ("0; url=X//evil.example/xX", "0; url=X//evil.example/xX"),
     ("0; url='https://cec.example.com/service-cloud/a'/../../b",
