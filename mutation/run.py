@@ -68,6 +68,7 @@ TARGETS: dict[str, Target] = {
     "signing": Target("gateway/signing.py", ("tests/test_signing.py",
                                              "tests/test_signing_tables.py")),
     "inject": Target("gateway/chat/inject.py", ("tests/chat/test_chat_inject_tables.py",
+                                                "tests/chat/test_chat_inject_results_tables.py",
                                                 "tests/chat/test_chat_inject.py")),
 }
 
