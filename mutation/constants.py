@@ -26,6 +26,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "headers": ("HOP_BY_HOP", "_REPLACED_UP", "_TRACE_CONTEXT"),
     "boundary": ("ORIGIN_WIDE", "RESPONSE_HEADERS", "_SINGLE_DOTS", "_DOUBLE_DOTS",
                  "_DEFAULT_PORTS"),
+    "policy": ("_REASONS", "_VARY_ORIGIN"),
     "signing": ("DEFAULT_SIGNED_HEADERS", "DEFAULT_PAYLOAD_FIELDS", "_UNRESERVED"),
     "inject": ("MANAGED_FIELDS", "_INVISIBLE", "_SEPARATOR_CATEGORIES"),
 }

@@ -53,7 +53,7 @@ TARGETS: dict[str, Target] = {
     # test_boundary_redirects.py: its 1,500-example property takes a minute per mutant; the
     # redirect tables in test_boundary_tables.py stand in for it here.
     "boundary": Target("gateway/boundary.py", (
-        "tests/test_boundary_tables.py",
+        "tests/test_boundary_tables.py", "tests/test_boundary_compile_tables.py",
         "tests/test_boundary.py::test_upstream_cookie", "tests/test_boundary.py::test_set_cookie",
         "tests/test_boundary.py::test_client_scripts", "tests/test_boundary.py::test_valid_host")),
     "cors": Target("gateway/cors.py", ("tests/test_cors.py", "tests/test_cors_tables.py")),
@@ -61,8 +61,14 @@ TARGETS: dict[str, Target] = {
     # runs the same guard on a real redis-server, which is what reaches RedisCounters.
     "guard": Target("gateway/tokens/guard.py", ("tests/tokens/test_tokens_guard_units.py",
                                                 "tests/tokens/test_tokens_guard.py")),
-    "signing": Target("gateway/signing.py", ("tests/test_signing.py",)),
+    # The request policy: its pure unit files (tests/test_request_paths.py pins the same
+    # answers on sockets, seconds per run, so it is left out here).
+    "policy": Target("gateway/policy.py", ("tests/test_policy.py",
+                                           "tests/test_policy_tables.py")),
+    "signing": Target("gateway/signing.py", ("tests/test_signing.py",
+                                             "tests/test_signing_tables.py")),
     "inject": Target("gateway/chat/inject.py", ("tests/chat/test_chat_inject_tables.py",
+                                                "tests/chat/test_chat_inject_results_tables.py",
                                                 "tests/chat/test_chat_inject.py")),
 }
 
