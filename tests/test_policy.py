@@ -25,7 +25,14 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamTLSError,
 )
-from gateway.policy import ForwardingPolicy, Header, answer_response, error_answer, render_error
+from gateway.policy import (
+    LEAN_BODY_MAX,
+    ForwardingPolicy,
+    Header,
+    answer_response,
+    error_answer,
+    render_error,
+)
 
 
 @pytest.mark.parametrize(("exc", "status", "body", "close"), [
@@ -113,10 +120,11 @@ async def _own(request: web.BaseRequest) -> web.StreamResponse:
     return web.Response()
 
 
-def lean_policy(*, synchronous: bool = True) -> ForwardingPolicy:
-    config = load_config_text("""
-listen: {host: 127.0.0.1, port: 0}
-limits: {client_max_body_size: 32k}
+def lean_policy(*, synchronous: bool = True, max_body: str = "32k",
+                extensions: bool = True) -> ForwardingPolicy:
+    config = load_config_text(f"""
+listen: {{host: 127.0.0.1, port: 0}}
+limits: {{client_max_body_size: {max_body}}}
 routes:
   - prefix: /app/
     upstream: http://127.0.0.1:1/up/
@@ -124,6 +132,8 @@ routes:
     upstream: http://127.0.0.1:1/root/
 """, env={})
     gw = Gateway(config)
+    if not extensions:
+        return gw.policy
     rw = Rewriter(100, _async_rewrite, "application/json",
                   now=_sync_rewrite if synchronous else None)
     gw.ext = Extensions(endpoints={"/own": _own}, rewriters={SCRIPT: rw},
@@ -181,3 +191,38 @@ def test_lean_path_takes_a_rewrite_only_when_it_needs_no_io() -> None:
     # The other client script has no rewriter here: proxied as it is.
     other = lean_policy().lean("POST", OTHER_SCRIPT, headers)
     assert other is not None and other[3] is None
+
+
+def test_lean_path_names_the_route_it_forwards_to() -> None:
+    policy = lean_policy()
+    app, root = policy.lean("GET", "/app/x", _h()), policy.lean("GET", "/x", _h())
+    assert app is not None and root is not None
+    assert (app[0].prefix, app[1]) == ("/app/", "/up/x")
+    assert (root[0].prefix, root[1]) == ("/", "/root/x")
+
+
+@pytest.mark.parametrize(("max_body", "length", "lean"), [
+    ("32k", 32 * 1024, True),  # the limit itself is allowed (inclusive, as the full path)
+    ("32k", 32 * 1024 + 1, False),
+    ("1m", LEAN_BODY_MAX, True),  # the lean path's own bound, inclusive
+    ("1m", LEAN_BODY_MAX + 1, False),  # streamed by the full path
+    ("0", LEAN_BODY_MAX, True),  # no body limit: the lean bound still holds
+    ("0", LEAN_BODY_MAX + 1, False),
+])
+def test_lean_body_bounds(max_body: str, length: int, lean: bool) -> None:
+    offered = lean_policy(max_body=max_body).lean(
+        "POST", "/app/x", _h(("Content-Length", str(length))))
+    assert (offered is not None) is lean
+    if offered is not None:
+        assert offered[2] == length
+
+
+def test_lean_rewrite_bound_is_the_rewriters_own_inclusive() -> None:
+    at_limit = lean_policy().lean("POST", SCRIPT, _h(("Content-Length", "100")))
+    assert at_limit is not None and at_limit[3] is not None
+
+
+def test_lean_path_without_extensions() -> None:
+    """A gateway with no chat features (no extensions): plain requests are still lean."""
+    offered = lean_policy(extensions=False).lean("GET", "/app/x", _h())
+    assert offered is not None and offered[1] == "/up/x"

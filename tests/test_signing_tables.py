@@ -13,6 +13,7 @@ import pytest
 from gateway.signing import (
     Signer,
     SigningError,
+    authorization,
     parse_authorization,
     signed_payload,
     verify,
@@ -98,6 +99,8 @@ def test_setup_mistakes_say_what_is_wrong(kwargs: dict[str, object], message: st
 def test_missing_values_are_named() -> None:
     with pytest.raises(SigningError, match=r"^payload field missing: thirdUserId, tenantSpaceId$"):
         signed_payload({"thirdUserName": "a", "channelConfigId": "c"})
+    with pytest.raises(SigningError, match=r"^payload field missing: thirdUserId, tenantSpaceId$"):
+        Signer("ak", SECRET).sign_fields({"thirdUserName": "a", "channelConfigId": "c"})
     signer = Signer("ak", SECRET, signed_headers=("Content-Length", "X-Date"))
     with pytest.raises(SigningError, match=r"^no value for signed header X-Date$"):
         signer.sign_payload("{}", timestamp=TS)
@@ -121,3 +124,21 @@ def test_default_timestamp_is_utc_whatever_the_local_zone(
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+def test_an_empty_payload_is_signed_without_a_payload_line() -> None:
+    """SPEC: the canonical request has no payload part when the payload is empty; the
+    Signer agrees with the module-level signer on it (and on a non-empty one)."""
+    signer = Signer("ak", SECRET)
+    for payload in ("", "{}"):
+        headers = signer.headers_for(payload)
+        assert signer.sign_payload(payload, timestamp=TS, uri="/u") == authorization(
+            SECRET, "ak", TS, "POST", "/u", headers, payload)
+
+
+def test_headers_for_takes_the_callers_values() -> None:
+    signer = Signer("ak", SECRET, signed_headers=("Content-Type", "Host"))
+    assert signer.headers_for("{}", {"host": "shop.example", "Content-Type": "text/x"}) == {
+        "Content-Type": "text/x", "Host": "shop.example"}
+    with pytest.raises(SigningError, match="no value for signed header Host"):
+        signer.headers_for("{}")
