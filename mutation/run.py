@@ -59,8 +59,10 @@ TARGETS: dict[str, Target] = {
     "cors": Target("gateway/cors.py", ("tests/test_cors.py", "tests/test_cors_tables.py")),
     # The clock-driven unit file first (it kills most mutants in milliseconds); the other
     # runs the same guard on a real redis-server, which is what reaches RedisCounters.
+    # test_tokens_guard_redis_tables.py pins RedisCounters' answers and the Redis auth.
     "guard": Target("gateway/tokens/guard.py", ("tests/tokens/test_tokens_guard_units.py",
-                                                "tests/tokens/test_tokens_guard.py")),
+                                                "tests/tokens/test_tokens_guard.py",
+                                                "tests/tokens/test_tokens_guard_redis_tables.py")),
     # The request policy: its pure unit files (tests/test_request_paths.py pins the same
     # answers on sockets, seconds per run, so it is left out here).
     "policy": Target("gateway/policy.py", ("tests/test_policy.py",
