@@ -121,8 +121,10 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def running_redis(binary: str = REDIS_SERVER) -> Iterator[RedisServer]:
-    server = RedisServer(binary)
+def running_redis(binary: str = REDIS_SERVER, extra: Sequence[str] = ()
+                  ) -> Iterator[RedisServer]:
+    """A started redis-server (with ``extra`` options), stopped on the way out."""
+    server = RedisServer(binary, extra)
     server.start()
     try:
         yield server

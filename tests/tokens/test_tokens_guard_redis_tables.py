@@ -25,7 +25,7 @@ from gateway.tokens.guard import (
     open_guard,
     user_key,
 )
-from tests.redis_server import RedisServer, redis_or_fail
+from tests.redis_server import RedisServer, redis_or_fail, running_redis
 from tests.tokens.conftest import make_cfg
 
 PASSWORD = "guard-acl-pass-51c2"
@@ -93,12 +93,8 @@ async def test_hit_gives_a_key_without_expiry_the_window(
 
 @pytest.fixture
 def acl_redis() -> Iterator[RedisServer]:
-    server = RedisServer(extra=ACL)
-    server.start()
-    try:
+    with running_redis(extra=ACL) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

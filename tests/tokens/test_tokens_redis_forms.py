@@ -25,7 +25,7 @@ from pydantic import SecretStr
 
 from gateway.config import TokenRedis, load_config_text
 from gateway.tokens import TokenBackendUnavailable
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, running_redis
 from tests.support.ports import free_port
 from tests.support.process import wait_for
 from tests.tokens.conftest import (
@@ -56,14 +56,8 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
-@contextlib.contextmanager
-def redis(extra: list[str]) -> Iterator[RedisServer]:
-    server = RedisServer(extra=extra)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def redis(extra: list[str]) -> contextlib.AbstractContextManager[RedisServer]:
+    return running_redis(extra=extra)
 
 
 @pytest.fixture
