@@ -46,11 +46,11 @@ class _Inline:
     __slots__ = ("client_ip", "conn", "ex", "extras", "head", "head_request", "keep_alive",
                  "method", "minor", "opening", "raw_path", "rid", "route", "start", "version")
 
-    def __init__(self, conn: UpstreamConnection | None, route: CompiledRoute,
-                 msg: RawRequestMessage, ex: Exchange, rid: str, client_ip: str, start: float,
-                 head: bytes) -> None:
-        self.conn = conn
-        self.head = head
+    def __init__(self, route: CompiledRoute, msg: RawRequestMessage, ex: Exchange, rid: str,
+                 client_ip: str, start: float) -> None:
+        # The upstream connection and the bytes sent on it: set once the body is here.
+        self.conn: UpstreamConnection | None = None
+        self.head = b""
         self.route = route
         self.method = msg.method
         self.head_request = msg.method == "HEAD"
@@ -206,7 +206,7 @@ class FastRequestHandler(_GatewayRequestHandler):
         ex.transport = self.transport
         if gw.tracing is not None:
             ex.trace = gw.tracing.begin(headers, peer)
-        inline = _Inline(None, route, msg, ex, rid, fwd.client_ip, start, b"")
+        inline = _Inline(route, msg, ex, rid, fwd.client_ip, start)
         origin = headers.get("Origin")  # a browser's every POST carries one
         inline.extras = policy.proxied_extras(policy.cors_headers(origin) if origin else None)
         self._inline = inline
