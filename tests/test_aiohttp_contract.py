@@ -125,7 +125,7 @@ async def test_shutdown_drains_a_request_in_flight(echo: Echo, path: PathSwitch)
     cfg = build_config(ROUTES + "timeouts: {shutdown_grace: 5s}\n", echo)
     ctx = serving(cfg)
     gw = await ctx.__aenter__()
-    closing: asyncio.Future[object] | None = None
+    closing: asyncio.Future[bool | None] | None = None
     try:
         await warm(gw.host, gw.port)
         reader, writer = await asyncio.open_connection(gw.host, gw.port)

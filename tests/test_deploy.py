@@ -484,11 +484,10 @@ def test_dockerfile_copies_exist_and_make_a_working_wheel(tmp_path: Path) -> Non
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(path, target)
     # Offline (no build isolation): setuptools needs `wheel` for bdist_wheel before 70.1.
+    import importlib.metadata
     import importlib.util
 
-    import setuptools
-
-    major_minor = tuple(int(x) for x in setuptools.__version__.split(".")[:2])
+    major_minor = tuple(int(x) for x in importlib.metadata.version("setuptools").split(".")[:2])
     assert importlib.util.find_spec("wheel") or major_minor >= (70, 1), (
         "building the wheel offline needs the `wheel` package (a test dependency)")
     out = tmp_path / "wheel"
@@ -702,8 +701,8 @@ def test_compose_demo_runs_for_real(tmp_path: Path) -> None:
                 base = f"http://127.0.0.1:{ports['gateway']}"
                 assert http_get(f"{base}/api/status")[0] == 200
                 assert http_get(f"{base}/service-cloud/health")[0] == 200
-                done = health_check(config, gw_env)
-                assert done.returncode == 0, done.stderr
+                checked = health_check(config, gw_env)
+                assert checked.returncode == 0, checked.stderr
                 status, body = http_get(f"http://127.0.0.1:{admin}/readyz")
                 assert status == 200, body  # listening and not draining
                 assert gw.stop() == 0, gw.output

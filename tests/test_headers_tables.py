@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from typing import cast
 
 import pytest
 from yarl import URL
@@ -26,6 +27,7 @@ from gateway.headers import (
     upstream_request_head,
     valid_host,
 )
+from gateway.tracing import RequestTrace
 
 # Written out here, not imported: removing a member from the gateway's table must fail.
 HOP = ["Connection", "Keep-Alive", "TE", "Trailer", "Transfer-Encoding", "Upgrade",
@@ -311,7 +313,7 @@ def test_the_exact_bytes_of_a_request_head() -> None:
     out = upstream_request_head("POST", "/up?q=1", [(b"Accept", b"a"), (b"Cookie", b"c=1")],
                                 "cec.example.com", FWD, "rid-1", [(b"Content-Length", b"2")],
                                 new_content_type=b"application/json", connection=["close"],
-                                trace=_Trace())
+                                trace=cast(RequestTrace, _Trace()))
     assert bytes(out) == (
         b"POST /up?q=1 HTTP/1.1\r\nHost: cec.example.com\r\nAccept: a\r\nCookie: c=1\r\n"
         b"X-Real-IP: 198.51.100.7\r\nX-Forwarded-For: 198.51.100.7\r\n"

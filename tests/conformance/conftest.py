@@ -23,7 +23,8 @@ from tests.support.gateway import GatewayStarter
 def conformance_config(upstream: str, **limits: Any) -> Config:
     timeouts = {"connect": "2s", "read": "5s", "client_header": "2s", "client_body": "2s",
                 "send": "2s", "keepalive": "10s"}
-    return hardening_config(upstream, timeouts=timeouts, **({"limits": limits} if limits else {}))
+    top: dict[str, Any] = {"limits": limits} if limits else {}
+    return hardening_config(upstream, timeouts=timeouts, **top)
 
 
 @pytest.fixture

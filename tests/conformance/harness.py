@@ -18,7 +18,7 @@ import contextlib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from gateway.fastpath import FastRequestHandler
 from tests.support.rawhttp import RawResponse, read_response
@@ -115,7 +115,9 @@ class ScriptedUpstream(RawRecorder):
 
 
 def scripted_upstream() -> contextlib.AbstractAsyncContextManager[ScriptedUpstream]:
-    return run_recorder(rec=ScriptedUpstream())
+    # run_recorder serves the recorder it is given: this one.
+    return cast("contextlib.AbstractAsyncContextManager[ScriptedUpstream]",
+                run_recorder(rec=ScriptedUpstream()))
 
 
 # ------------------------------------------------------------------ the client side
@@ -229,10 +231,10 @@ async def run_case(case: Case, port: int, up: ScriptedUpstream, path: PathSwitch
     method, target, _ = case.request.decode("latin-1").split("\r\n", 1)[0].split(" ", 2)
     assert not up.errors, (case.id, up.errors)  # every request forwarded is well-formed
     for run in (1, 2):
-        marker = f"RUN{run}"
+        tag = f"RUN{run}"
         for req in (r for c in up.conns for r in c.requests
-                    if marker in r.target and r.seq >= up.since):
-            assert (req.method, req.target.replace(marker, "RUN?")) == (method, target), req.raw
+                    if tag in r.target and r.seq >= up.since):
+            assert (req.method, req.target.replace(tag, "RUN?")) == (method, target), req.raw
             assert req.head.endswith(b"\r\n\r\n") and b"\r\nHost: " in req.head, req.head
             for fact in case.upstream_has:
                 assert fact in req.head, (case.id, fact, req.head)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gateway.runtime import Running
-from tests.hardening.conftest import GatewayStarter
+from tests.support.gateway import GatewayStarter
 from tests.support.process import wait_for
 from tests.support.rawhttp import exchange, read_response
 from tests.support.upstreams import RawRecorder, UpConn, UpRequest

@@ -19,7 +19,7 @@ import asyncio
 import pytest
 
 from gateway.runtime import Running
-from tests.hardening.conftest import GatewayStarter
+from tests.support.gateway import GatewayStarter
 from tests.support.rawhttp import exchange, read_response
 from tests.support.upstreams import RawRecorder, UpRequest, recorder_barrier
 

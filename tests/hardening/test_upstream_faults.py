@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.hardening.conftest import GatewayStarter
 from tests.hardening.test_smuggling import get
+from tests.support.gateway import GatewayStarter
 from tests.support.ports import busy_port
 from tests.support.process import wait_for
 from tests.support.rawhttp import RawResponse, exchange, read_response

@@ -25,7 +25,6 @@ from tests.integration.conftest import (
     TENANT,
     TIMESTAMP_RE,
     BrowserFactory,
-    GatewayStarter,
     Site,
     guest_config,
     guest_id_of,
@@ -34,6 +33,7 @@ from tests.integration.conftest import (
     third_user_data,
     verify_authorization,
 )
+from tests.support.gateway import GatewayStarter
 from tests.support.process import clean_env, gateway_cli
 from tests.support.upstreams import RawRecorder
 
@@ -93,7 +93,7 @@ async def test_injection_forces_identity_signs_and_sets_cookie(
 
     [got] = cec.posts_to(NEW_CLIENT)
     assert got.query == "&t=123"
-    assert int(got.header("Content-Length")) == len(got.body)
+    assert got.header("Content-Length") == str(len(got.body))
     body = got.json()
     assert body["tenantSpaceId"] == TENANT
     assert body["channelConfigId"] == CHANNEL

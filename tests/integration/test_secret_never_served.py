@@ -23,12 +23,12 @@ from tests.integration.conftest import (
     TOKEN_KEY,
     VALIDATE,
     BrowserFactory,
-    GatewayStarter,
     Site,
     guest_config,
     third_user_data,
     token_config,
 )
+from tests.support.gateway import GatewayStarter
 from tests.support.ports import free_port
 from tests.support.process import clean_env, gateway_cli
 from tests.support.upstreams import RawRecorder

@@ -28,13 +28,13 @@ from tests.integration.conftest import (
     TENANT,
     VALIDATE,
     BrowserFactory,
-    GatewayStarter,
     Site,
     guest_id_of,
     third_user_data,
     token_config,
 )
 from tests.redis_server import RedisServer
+from tests.support.gateway import GatewayStarter
 from tests.support.ports import free_port
 from tests.support.process import clean_env, gateway_process
 from tests.support.upstreams import RawRecorder
@@ -85,7 +85,7 @@ async def test_logged_in_visitor_gets_site_identity_and_a_token_that_validates(
     assert status == 200, text
     assert any("sid=sess-a" in c for c in site.me_calls)
     [got] = cec.posts_to(CLIENT)
-    assert int(got.header("Content-Length")) == len(got.body)
+    assert got.header("Content-Length") == str(len(got.body))
     body = got.json()
     assert (body["thirdUserId"], body["thirdUserName"]) == ("u-1001", "Alice Zhang")
     assert (body["tenantSpaceId"], body["channelConfigId"]) == (TENANT, CHANNEL)

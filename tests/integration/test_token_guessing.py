@@ -27,7 +27,6 @@ from tests.integration.conftest import (
     NEW_CLIENT,
     VALIDATE,
     BrowserFactory,
-    GatewayStarter,
     Site,
     third_user_data,
     token_config,
@@ -35,6 +34,7 @@ from tests.integration.conftest import (
 from tests.integration.test_token_chat import gateway_url, issue, login, validate
 from tests.redis_server import RedisServer
 from tests.support.admin import metric
+from tests.support.gateway import GatewayStarter
 from tests.support.ports import free_port
 from tests.support.process import clean_env, gateway_cli
 from tests.support.upstreams import RawRecorder

@@ -116,8 +116,8 @@ class GatewayProcess:
     proc: asyncio.subprocess.Process
     url: str
     log: Path
+    config: Path
     admin_url: str | None = None
-    config: Path | None = None
 
     @property
     def pid(self) -> int:
@@ -208,7 +208,7 @@ async def launch_gateway(config_text: str, workdir: Path, *run_args: str,
         proc = await asyncio.create_subprocess_exec(
             *command, *fmt, "run", "-c", str(conf), *args,
             stdout=sink, stderr=sink, cwd=str(cwd), env=env, start_new_session=True)
-    return GatewayProcess(proc, "", log, None, conf)
+    return GatewayProcess(proc, "", log, conf)
 
 
 async def start_gateway_process(config_text: str, workdir: Path, *run_args: str,

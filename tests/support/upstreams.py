@@ -228,7 +228,7 @@ async def serve(target: Handler | web.Application, host: str = "127.0.0.1", *,
                 ) -> AsyncIterator[int]:
     """An aiohttp server (a low-level handler or an Application) on ``host`` port 0 until the
     context ends; yields the port."""
-    runner: web.BaseRunner[Any] = (
+    runner: web.BaseRunner = (
         web.AppRunner(target, access_log=None, shutdown_timeout=0.5)
         if isinstance(target, web.Application)
         else web.ServerRunner(web.Server(target, **server_kwargs), shutdown_timeout=0.5))

@@ -79,7 +79,7 @@ class Gateway:
         with warnings.catch_warnings():
             # The core's contract is a plain string key (aiohttp recommends RequestKey).
             warnings.simplefilter("ignore")
-            request[CLIENT_IP] = request.headers.get(TEST_IP_HEADER, request.remote) or ""
+            request[CLIENT_IP] = request.headers.get(TEST_IP_HEADER, request.remote or "")
         if request.path == self.cfg.validate_path:
             return await self.endpoints.validate(request)
         if request.path == self.cfg.issue_path:

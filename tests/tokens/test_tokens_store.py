@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -191,7 +192,7 @@ async def test_redis_holds_no_replayable_token(redis_server: RedisServer) -> Non
         stored = await raw.get(keys[0])
         assert isinstance(stored, bytes)
         index = await raw.zrange("gateway:tokens", 0, -1)
-        dump = keys[0].encode() + stored + b"".join(index)
+        dump = keys[0].encode() + stored + b"".join(cast(list[bytes], index))
         assert issued.token.encode() not in dump
         assert b"u1" in dump  # the binding is there, readable
         ttl = await raw.pttl(keys[0])
