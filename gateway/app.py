@@ -18,7 +18,15 @@ from gateway.accesslog import AccessLog, clean_host, clean_user_agent
 from gateway.boundary import ClientScripts, OwnPages, compile_policies
 from gateway.config import POOL_KEYS, Config
 from gateway.cors import CorsPolicy
-from gateway.errors import BadRequest, ClientBodyTimeout, GatewayError, RetryWithCookie
+from gateway.errors import (
+    BadRequest,
+    ClientBodyTimeout,
+    GatewayError,
+    MethodNotAllowed,
+    MovedPermanently,
+    NotFound,
+    RetryWithCookie,
+)
 from gateway.headers import Forwarded, TrustedProxies, valid_host
 from gateway.keys import CLIENT_IP, REQUEST_ID
 from gateway.metrics import Metrics
@@ -329,19 +337,19 @@ class Gateway:
         if self.ext.scripts:
             refused = self.ext.scripts.refusal(method, path)
             if refused == 404:
-                return error_response(404, "Not Found"), None
+                return answer_response(error_answer(NotFound("client script"))), None
             if refused == 405:
-                return error_response(405, "Method Not Allowed", {"Allow": "POST"}), None
+                return answer_response(error_answer(MethodNotAllowed("POST"))), None
 
         # `location /prefix/` answers `/prefix` with a redirect even when a shorter route
         # (the site's `/`) matches it, as nginx does.
         redirect = self.routes.redirect_for(path)
         if redirect is not None:
             location = redirect + ("?" + query if query else "")
-            return error_response(301, "Moved Permanently", {"Location": location}), None
+            return answer_response(error_answer(MovedPermanently(location))), None
         routed = self.policy.route(path, query)
         if routed is None:
-            return error_response(404, "Not Found"), None
+            return answer_response(error_answer(NotFound())), None
         route, target = routed
         ex.route = route
         extras = self.policy.proxied_extras(cors_headers)

@@ -155,6 +155,50 @@ class RetryWithCookie(GatewayError):
                 "Cache-Control": "no-store"}
 
 
+class NotFound(GatewayError):
+    """No route serves the path, or a client-script spelling the CEC must never see
+    (answered 404)."""
+
+    status = 404
+    log_level = 0
+    text = "Not Found"
+
+    def __init__(self, reason: str = "no route") -> None:
+        super().__init__(reason)
+
+
+class MethodNotAllowed(GatewayError):
+    """A client script asked for with another method than the POST the gateway rewrites
+    (answered 405 with ``Allow: POST``)."""
+
+    status = 405
+    log_level = 0
+    text = "Method Not Allowed"
+
+    def __init__(self, allow: str = "POST") -> None:
+        super().__init__("method not allowed")
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allow}
+
+
+class MovedPermanently(GatewayError):
+    """``/prefix`` of a ``/prefix/`` route: answered 301 to the slash form, as nginx does.
+    (Not an error, but an answer of the gateway's own, written by the same writer.)"""
+
+    status = 301
+    log_level = 0
+    text = "Moved Permanently"
+
+    def __init__(self, location: str) -> None:
+        super().__init__("redirect to the route's prefix")
+        self.location = location
+
+    def headers(self) -> dict[str, str]:
+        return {"Location": self.location}
+
+
 class ServiceUnavailable(GatewayError):
     """A backend the gateway itself needs (e.g. the token store) is down (answered 503)."""
 
