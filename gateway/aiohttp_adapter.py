@@ -119,6 +119,27 @@ class Protocol(RequestHandler):
             payload_exception=RequestPayloadError,
             auto_decompress=kwargs.get("auto_decompress", True), max_msg_queue_size=1)
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._waiter is None:
+            # start() has not run yet (before Python 3.12 aiohttp starts it from the next
+            # loop iteration; uvloop may deliver the first request before that). Park it in
+            # advance on a waiter of its own, so that the first request finds the loop
+            # idle as every later one does: the fast path can take it, and start() wakes
+            # only for what it must serve.
+            self._waiter = self._loop.create_future()
+
+    async def start(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            # The waiter parked in advance by connection_made: wait on it as start() waits
+            # on its own (a cancelled one ends the loop, as it would have).
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        await super().start()
+
     # ------------------------------------------------------------------ the request queue
 
     @property
