@@ -17,6 +17,11 @@ tests/test_aiohttp_contract.py pins the behaviours, on both request paths.
 - ``_waiter``: the future ``start()`` parks on while the queue is empty. The fast path
   hides it while parsing (so ``start()`` is not woken for a request the fast path takes)
   and wakes it for the requests the loop must serve.
+- ``start()`` (the connection loop, a task) may not have run when the first request
+  arrives (before Python 3.12 aiohttp starts it from the next loop iteration, and uvloop
+  can deliver a new connection's bytes first): ``connection_made`` parks it in advance on
+  a ``_waiter`` of its own, which the overridden ``start()`` awaits before aiohttp's loop
+  (that loop checks the queue, then creates its own waiter).
 - ``_current_request``: set while ``start()`` serves a request (the connection is busy).
 - ``_parser`` (an ``HttpRequestParser``, replaced here with one created with
   ``max_msg_queue_size=1``, and its ``message_consumed()``), ``_payload_parser``,
