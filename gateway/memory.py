@@ -12,6 +12,16 @@ So, when the open connection count has dropped well below its peak (the crowd we
 arenas go) and then glibc's ``malloc_trim(0)``, and again a few times later, when the
 upstream pool's idle connections from the crowd have expired. Nothing runs while
 connections stay few, and never more often than once a second.
+
+The collector is also tuned for a server holding many connections (``tune_collector``):
+CPython collects its youngest generation every 700 net allocations of container objects
+and promotes what survives. With thousands of requests in flight, nearly every object of
+a request is still alive at that moment (it lives as long as the request's round trip),
+so it is promoted twice and ends in the oldest generation, whose growth then triggers full
+collections that walk every object of the process, connections included: at 5,000 client
+connections those collections took a fifth of a worker's CPU. A
+young generation of 10,000 lets most of a request's objects die young, as they do at
+low concurrency; cycles wait a few milliseconds longer to be freed.
 """
 
 from __future__ import annotations
@@ -33,6 +43,18 @@ CROWD = 256
 # Seconds after the crowd went at which memory is given back again: what the crowd left in
 # the upstream pool is only freed when those idle connections expire (30 s by default).
 FOLLOW_UPS = (1.0, 8.0, 32.0, 128.0)
+
+
+# Net allocations of container objects between two collections of the youngest generation
+# (CPython's default: 700).
+YOUNG_GENERATION = 10_000
+
+
+def tune_collector(young: int = YOUNG_GENERATION) -> None:
+    """Size the collector's youngest generation for a serving process (see the module
+    docstring); the older generations' thresholds stay as they are."""
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(young, middle, old)
 
 
 def _libc_malloc_trim() -> Callable[[int], int] | None:

@@ -4,12 +4,13 @@ malloc_trim degrades to nothing where the C library lacks it."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 
 import pytest
 
-from gateway.memory import CrowdRelease, Trim, _libc_malloc_trim
+from gateway.memory import CrowdRelease, Trim, _libc_malloc_trim, tune_collector
 from tests.support.gateway import ROUTES, GatewayStarter, build_config
 from tests.support.process import wait_for
 from tests.support.upstreams import Echo
@@ -23,6 +24,22 @@ class CountingTrim(Trim):
     def __call__(self) -> bool:
         self.calls += 1
         return False
+
+
+def test_requests_in_flight_do_not_trigger_young_collections() -> None:
+    """A few thousand objects alive at once (what requests in flight hold) are allocated
+    without a collection of the youngest generation once the collector is tuned."""
+    before = gc.get_threshold()
+    try:
+        tune_collector()
+        assert gc.get_threshold()[1:] == before[1:]
+        gc.collect()
+        passes = gc.get_stats()[0]["collections"]
+        held = [{"request": i} for i in range(5_000)]
+        assert gc.get_stats()[0]["collections"] == passes
+        assert len(held) == 5_000
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_trim_without_malloc_trim_does_nothing() -> None:
