@@ -40,9 +40,11 @@ log = logging.getLogger("gateway.memory")
 # A crowd: at least this many connections open at once; it went when at most a quarter of
 # them remain (a full gc pass with thousands of connections open would stall them all).
 CROWD = 256
-# Seconds after the crowd went at which memory is given back again: what the crowd left in
-# the upstream pool is only freed when those idle connections expire (30 s by default).
-FOLLOW_UPS = (1.0, 8.0, 32.0, 128.0)
+# Seconds after the crowd went at which memory is given back: at once, then a second later
+# (the crowd "went" with up to a quarter of it still connected; those close meanwhile), and
+# later again, since what the crowd left in the upstream pool is only freed when those idle
+# connections expire (30 s by default).
+FOLLOW_UPS = (0.0, 1.0, 8.0, 32.0, 128.0)
 
 
 # Net allocations of container objects between two collections of the youngest generation
