@@ -729,7 +729,9 @@ class UpstreamPool:
     the current load does not need sink to the bottom and are closed after ``idle_timeout``.
     What stays idle is therefore the peak concurrency of the last ``idle_timeout``: a crowd
     of 1,000 clients keeps about 1,000 upstream connections warm, instead of opening a new
-    one for every request above a fixed cap. ``max_connections`` bounds what one upstream
+    one for every request above a fixed cap, and once that crowd went (a second with a
+    quarter of it or less connected, gateway/memory.py), those beyond the clients left are
+    closed (``shed``). ``max_connections`` bounds what one upstream
     is asked to hold; requests past it wait in one queue (both request paths), and a
     request that waited ``queue_timeout`` is answered 504.
 
@@ -926,6 +928,20 @@ class UpstreamPool:
         host.idle.append(conn)
         if self._ticker is None:
             self._ticker = loop.call_later(self.tick, self._on_tick)
+
+    def shed(self, keep: int) -> int:
+        """Close idle connections beyond ``keep`` per upstream, the longest idle first
+        (a crowd went: its idle connections would otherwise wait for ``idle_timeout``).
+        Returns how many were closed."""
+        closed = 0
+        for host in self._hosts.values():
+            idle = host.idle
+            while len(idle) > keep:
+                conn = idle.popleft()
+                conn._idle_since = 0.0
+                conn.close()
+                closed += 1
+        return closed
 
     def forget(self, conn: UpstreamConnection) -> None:
         host = self._hosts.get(conn.key)
