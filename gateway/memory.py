@@ -13,7 +13,7 @@ arenas go) and then glibc's ``malloc_trim(0)``, and again a few times later. A s
 after the crowd went, unless a new crowd came meanwhile, the upstream pools also close
 the idle connections the crowd left beyond the clients still connected (``shed``: those
 clients cannot use more at once, and a new crowd opens what it needs): kept for their
-``idle_timeout``, they would hold the arenas they were allocated in, a few MiB per
+``idle_timeout``, they would hold the arenas they were allocated in, several MiB per
 thousand, for that long. The release a second later gives that memory back. Nothing runs
 while connections stay few, and never more often than once a second.
 
