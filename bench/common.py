@@ -238,4 +238,6 @@ def gateway_config_yaml(port: int, routes: list[dict[str, object]], *, workers: 
         lines.append(f"    upstream: \"{route['upstream']}\"")
         if route.get("preserve_host"):
             lines.append("    preserve_host: true")
+        if "max_idle" in route:
+            lines.append(f"    max_idle: {route['max_idle']}")
     return "\n".join(lines) + "\n" + extra

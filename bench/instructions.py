@@ -14,7 +14,11 @@ is doing.
 Scenarios: 1 KiB GET through the textbook aiohttp proxy and through the gateway (also with
 every request traced: OpenTelemetry at ratio 1.0, spans exported to a local sink); the chat
 script POST through the gateway, plain and with injection (with the guest cookie a browser
-sends back after its first visit). Needs valgrind (Debian package ``valgrind``).
+sends back after its first visit). What a connection costs: the 1 KiB GET on a new client
+connection each time (textbook and gateway), and through a gateway route that keeps no
+upstream connection idle (``max_idle: 0``, so a new upstream connection each time); minus
+the keep-alive GET, the work of one connection (``--connections-only``: just these).
+Needs valgrind (Debian package ``valgrind``).
 """
 
 from __future__ import annotations
@@ -102,6 +106,38 @@ def get(path: str) -> Callable[[http.client.HTTPConnection], None]:
     return send
 
 
+def get_new_connection(path: str, port: int) -> Callable[[http.client.HTTPConnection], None]:
+    """A GET on a connection of its own: connect, request, read, close (the keep-alive
+    connection ``measure`` hands over is left alone)."""
+    send = get(path)
+
+    def send_fresh(_conn: http.client.HTTPConnection) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            send(conn)
+        finally:
+            conn.close()
+    return send_fresh
+
+
+def connection_scenarios(results: dict[str, float], argv: list[str], port: int, tmp: Path,
+                         env: dict[str, str], origin_port: int, extra: str, n: int) -> None:
+    """What a connection costs: the 1 KiB GET on a new client connection each time, and
+    with a new upstream connection each time (a route that keeps none idle). Minus the
+    keep-alive GET's figure, the work of one connection (accept or connect, its protocol
+    objects and timers, its close)."""
+    results["gateway: 1 KiB GET, new client connection each"] = measure(
+        "gateway-newclient", argv, port, env, tmp, get_new_connection("/1k.bin", port), n)
+    config = tmp / "gateway-noidle.yaml"
+    config.write_text(gateway_config_yaml(
+        port, [{"prefix": "/", "upstream": f"http://127.0.0.1:{origin_port}/", "max_idle": 0}],
+        extra=extra))
+    at = argv.index("-c") + 1
+    results["gateway: 1 KiB GET, new upstream connection each (max_idle 0)"] = measure(
+        "gateway-newupstream", [*argv[:at], str(config), *argv[at + 1:]], port, env, tmp,
+        get("/1k.bin"), n)
+
+
 def post(path: str, cookie: str) -> Callable[[http.client.HTTPConnection], None]:
     headers = {"Content-Type": "application/json;charset=UTF-8", "Cookie": cookie}
     body = CHAT_BODY.encode()
@@ -119,6 +155,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=2000, help="requests measured per scenario")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--connections-only", action="store_true",
+                        help="only the keep-alive GET and what a new connection costs")
     parser.add_argument("--only", choices=("get", "post"),
                         help="only the GET scenarios, or only the chat POST ones")
     args = parser.parse_args()
@@ -141,10 +179,13 @@ def main() -> int:
 
         port = free_port()
         if args.only != "post":
-            results["textbook: 1 KiB GET"] = measure(
-                "textbook", [py, str(BENCH_DIR / "textbook_proxy.py"), "--port", str(port),
-                             "--route", f"/=http://127.0.0.1:{origin_port}/"],
-                port, env, tmp, get("/1k.bin"), args.n)
+            textbook = [py, str(BENCH_DIR / "textbook_proxy.py"), "--port", str(port),
+                        "--route", f"/=http://127.0.0.1:{origin_port}/"]
+            results["textbook: 1 KiB GET"] = measure("textbook", textbook, port, env, tmp,
+                                                     get("/1k.bin"), args.n)
+            results["textbook: 1 KiB GET, new client connection each"] = measure(
+                "textbook-newclient", textbook, port, env, tmp,
+                get_new_connection("/1k.bin", port), args.n)
 
         cec = (f"cec:\n  tenant_space_id: \"{CEC_TENANT}\"\n"
                f"  channel_config_id: \"{CEC_CHANNEL}\"\n"
@@ -158,6 +199,9 @@ def main() -> int:
         if args.only != "post":
             results["gateway: 1 KiB GET"] = measure("gateway-get", argv, port, env, tmp,
                                                     get("/1k.bin"), args.n)
+            connection_scenarios(results, argv, port, tmp, env, origin_port, cec, args.n)
+            if args.connections_only:
+                return report(results, args.n, args.json)
             # The same with every request traced (ratio 1.0), spans exported over OTLP/HTTP
             # to a sink that reads and acknowledges them, with the SDK's default batching;
             # the exporting thread's work counts.
@@ -210,6 +254,17 @@ def report(results: dict[str, float], n: int, json_path: Path | None) -> int:
     if gw and traced:
         ratios["traced_over_gateway_get"] = traced / gw
         print(f"  traced / untraced, 1 KiB GET: {traced / gw:.2f}x the work")
+    for what, base, key in (
+            ("gateway, one client connection", gw,
+             "gateway: 1 KiB GET, new client connection each"),
+            ("gateway, one upstream connection", gw,
+             "gateway: 1 KiB GET, new upstream connection each (max_idle 0)"),
+            ("textbook, one client connection", tb,
+             "textbook: 1 KiB GET, new client connection each")):
+        fresh = results.get(key)
+        if base and fresh:
+            ratios[what.replace(",", "").replace(" ", "_") + "_instructions"] = fresh - base
+            print(f"  {what}: {fresh - base:,.0f} instructions")
     plain = results.get("gateway: chat POST, plain")
     inj = results.get("gateway: chat POST, injection")
     if plain and inj:

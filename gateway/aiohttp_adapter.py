@@ -17,6 +17,11 @@ tests/test_aiohttp_contract.py pins the behaviours, on both request paths.
 - ``_waiter``: the future ``start()`` parks on while the queue is empty. The fast path
   hides it while parsing (so ``start()`` is not woken for a request the fast path takes)
   and wakes it for the requests the loop must serve.
+- ``start()`` (the connection loop, a task) may not have run when the first request
+  arrives (before Python 3.12 aiohttp starts it from the next loop iteration, and uvloop
+  can deliver a new connection's bytes first): ``connection_made`` parks it in advance on
+  a ``_waiter`` of its own, which the overridden ``start()`` awaits before aiohttp's loop
+  (that loop checks the queue, then creates its own waiter).
 - ``_current_request``: set while ``start()`` serves a request (the connection is busy).
 - ``_parser`` (an ``HttpRequestParser``, replaced here with one created with
   ``max_msg_queue_size=1``, and its ``message_consumed()``), ``_payload_parser``,
@@ -118,6 +123,27 @@ class Protocol(RequestHandler):
             max_field_size=self.max_field_size, max_headers=self.max_headers,
             payload_exception=RequestPayloadError,
             auto_decompress=kwargs.get("auto_decompress", True), max_msg_queue_size=1)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._waiter is None:
+            # start() has not run yet (before Python 3.12 aiohttp starts it from the next
+            # loop iteration; uvloop may deliver the first request before that). Park it in
+            # advance on a waiter of its own, so that the first request finds the loop
+            # idle as every later one does: the fast path can take it, and start() wakes
+            # only for what it must serve.
+            self._waiter = self._loop.create_future()
+
+    async def start(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            # The waiter parked in advance by connection_made: wait on it as start() waits
+            # on its own (a cancelled one ends the loop, as it would have).
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        await super().start()
 
     # ------------------------------------------------------------------ the request queue
 

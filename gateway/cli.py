@@ -24,6 +24,7 @@ from pathlib import Path
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError
 from gateway.logs import json_logging, setup_logging
+from gateway.memory import tune_collector
 
 log = logging.getLogger("gateway.cli")
 
@@ -114,6 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 return 1
         log.info("running %s", why)
     _use_uvloop()
+    tune_collector()
     pid_file = cfg.pid_file if worker_port is None else None
     if pid_file is not None:
         pid_file.write_text(f"{os.getpid()}\n")

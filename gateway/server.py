@@ -299,7 +299,13 @@ class GatewayServer(Server):
         self.client_header_timeout = client_header_timeout
         self.gateway = gateway
         # Memory goes back to the system once a crowd of connections has closed.
-        self.crowd = CrowdRelease()
+        self.crowd = CrowdRelease(shed=self.shed_idle)
+
+    def shed_idle(self, clients: int) -> None:
+        """Close the upstream pools' idle connections beyond ``clients`` per upstream."""
+        pool = getattr(self.gateway, "pool", None)
+        if pool is not None:
+            pool.shed(clients)
 
 
 class ServerTLS:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import socket
 import ssl
 from collections import deque
 from collections.abc import Callable
@@ -592,12 +591,7 @@ class UpstreamConnection(asyncio.Protocol):
     # -------------------------------------------------------------- protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        # (No TCP_NODELAY here: asyncio and uvloop set it on every TCP transport.)
         self.transport = transport  # type: ignore[assignment]
 
     def pause_writing(self) -> None:
@@ -735,7 +729,9 @@ class UpstreamPool:
     the current load does not need sink to the bottom and are closed after ``idle_timeout``.
     What stays idle is therefore the peak concurrency of the last ``idle_timeout``: a crowd
     of 1,000 clients keeps about 1,000 upstream connections warm, instead of opening a new
-    one for every request above a fixed cap. ``max_connections`` bounds what one upstream
+    one for every request above a fixed cap, and once that crowd went (a second with a
+    quarter of it or less connected, gateway/memory.py), those beyond the clients left are
+    closed (``shed``). ``max_connections`` bounds what one upstream
     is asked to hold; requests past it wait in one queue (both request paths), and a
     request that waited ``queue_timeout`` is answered 504.
 
@@ -792,7 +788,9 @@ class UpstreamPool:
             limit = now - host.limits.idle_timeout
             # Oldest first: the connections the current load did not need.
             while idle and idle[0]._idle_since < limit:
-                idle.popleft().close()
+                conn = idle.popleft()
+                conn._idle_since = 0.0  # out of the idle queue: forget() need not look
+                conn.close()
             idle_left = idle_left or bool(idle)
         if (self._watched or idle_left) and not self._closed:
             self._ticker = loop.call_later(self.tick, self._on_tick)
@@ -805,6 +803,7 @@ class UpstreamPool:
         idle = host.idle
         while idle:
             conn = idle.pop()
+            conn._idle_since = 0.0
             if conn.transport is not None and not conn.transport.is_closing():
                 conn.reused = True
                 return conn
@@ -930,13 +929,29 @@ class UpstreamPool:
         if self._ticker is None:
             self._ticker = loop.call_later(self.tick, self._on_tick)
 
+    def shed(self, keep: int) -> int:
+        """Close idle connections beyond ``keep`` per upstream, the longest idle first
+        (a crowd went: its idle connections would otherwise wait for ``idle_timeout``).
+        Returns how many were closed."""
+        closed = 0
+        for host in self._hosts.values():
+            idle = host.idle
+            while len(idle) > keep:
+                conn = idle.popleft()
+                conn._idle_since = 0.0
+                conn.close()
+                closed += 1
+        return closed
+
     def forget(self, conn: UpstreamConnection) -> None:
         host = self._hosts.get(conn.key)
         if conn in self._all:
             self._all.discard(conn)
             if host is not None:
                 self._slot_freed(host)
-        if host is not None and host.idle:
+        # Only a connection still idle is in the queue: a search of a crowd's worth of
+        # idle connections for each one the ticker expires would cost O(n²).
+        if host is not None and conn._idle_since and host.idle:
             try:
                 host.idle.remove(conn)
             except ValueError:

@@ -4,14 +4,16 @@ malloc_trim degrades to nothing where the C library lacks it."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 
 import pytest
 
-from gateway.memory import CrowdRelease, Trim, _libc_malloc_trim
+from gateway.memory import CrowdRelease, Trim, _libc_malloc_trim, tune_collector
 from tests.support.gateway import ROUTES, GatewayStarter, build_config
 from tests.support.process import wait_for
+from tests.support.rawhttp import read_response_head_and_body
 from tests.support.upstreams import Echo
 
 
@@ -23,6 +25,22 @@ class CountingTrim(Trim):
     def __call__(self) -> bool:
         self.calls += 1
         return False
+
+
+def test_requests_in_flight_do_not_trigger_young_collections() -> None:
+    """A few thousand objects alive at once (what requests in flight hold) are allocated
+    without a collection of the youngest generation once the collector is tuned."""
+    before = gc.get_threshold()
+    try:
+        tune_collector()
+        assert gc.get_threshold()[1:] == before[1:]
+        gc.collect()
+        passes = gc.get_stats()[0]["collections"]
+        held = [{"request": i} for i in range(5_000)]
+        assert gc.get_stats()[0]["collections"] == passes
+        assert len(held) == 5_000
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_trim_without_malloc_trim_does_nothing() -> None:
@@ -97,6 +115,35 @@ async def test_memory_is_given_back_once_a_crowd_of_connections_closes(
     assert trim.calls == 2
 
 
+async def test_idle_upstream_connections_beyond_the_clients_left_close_with_the_crowd(
+        start_gateway: GatewayStarter, echo: Echo) -> None:
+    """A crowd of 8 clients left 8 idle upstream connections; once 7 clients went, the
+    pool keeps 1 (as many as the clients still connected can use at once)."""
+    running = await start_gateway(build_config(ROUTES, echo))
+    server = running.listener.server
+    pool = running.gateway.pool
+    crowd = server.crowd = CrowdRelease(crowd=6, follow_ups=(0.0, 0.1, 0.2), every=0.05,
+                                        trim=CountingTrim(), shed=server.shed_idle)
+    port = running.listener.address[1]
+    clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(8)]
+    for _, writer in clients:
+        writer.write(b"GET /app/do/slow?delay=0.3 HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+    for reader, _ in clients:
+        head, _ = await read_response_head_and_body(reader)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+    await wait_for(lambda: pool.stats()["idle"] == 8)
+    await _close([writer for _, writer in clients[1:]])
+    await wait_for(lambda: crowd.releases >= 1)
+    await wait_for(lambda: pool.stats() == {"open": 1, "idle": 1, "waiting": 0, "opened": 8})
+    # The one left is the most recently used, and serves the remaining client.
+    reader, writer = clients[0]
+    writer.write(b"GET /app/again HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+    head, _ = await read_response_head_and_body(reader)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert pool.stats()["opened"] == 8
+    await _close([writer])
+
+
 def test_a_crowd_that_stays_is_left_alone() -> None:
     calls: list[int] = []
 
@@ -115,6 +162,44 @@ def test_a_crowd_that_stays_is_left_alone() -> None:
         assert calls == [1]
         assert crowd.peak == 1
         crowd.close()
+
+    asyncio.run(scenario())
+
+
+def test_idle_connections_are_shed_a_second_after_the_crowd_went_unless_it_came_back(
+        ) -> None:
+    shed: list[int] = []
+
+    async def scenario() -> None:
+        crowd = CrowdRelease(crowd=4, follow_ups=(0.0, 1.0, 2.0), every=60.0,
+                             trim=CountingTrim(), shed=shed.append)
+        crowd.release = lambda: None  # type: ignore[method-assign]
+        for _ in range(6):
+            crowd.opened()
+        for _ in range(5):
+            crowd.closed()
+        crowd._check()  # the crowd went: memory back at once, nothing shed yet
+        assert shed == []
+        crowd._check()  # a second later, and no new crowd: shed down to the 1 left
+        assert shed == [1]
+        crowd._check()
+        assert shed == [1]
+        crowd.close()
+
+        # A crowd that comes back within that second keeps the pool's connections.
+        again = CrowdRelease(crowd=4, follow_ups=(0.0, 1.0, 2.0), every=60.0,
+                             trim=CountingTrim(), shed=shed.append)
+        again.release = lambda: None  # type: ignore[method-assign]
+        for _ in range(6):
+            again.opened()
+        for _ in range(6):
+            again.closed()
+        again._check()
+        for _ in range(5):
+            again.opened()
+        again._check()  # watching the new crowd, which is still here
+        assert shed == [1]
+        again.close()
 
     asyncio.run(scenario())
 

@@ -282,3 +282,45 @@ async def test_drain_waits_for_requests_queued_for_a_connection(
         await stopping
         assert len(rec.conns) == 1
         lean_as_expected(path, full_path_calls, "/drained")
+
+
+async def test_idle_connections_the_upstream_closes_leave_the_pool(
+        start_gateway: GatewayStarter, path: PathSwitch) -> None:
+    """Idle connections the upstream closes are taken out of the idle queue (the next
+    request opens a new one), as are those idle expiry closes; the one in use stays."""
+    async with run_recorder() as rec:
+        gate = asyncio.Event()
+
+        async def behave(req: UpRequest, conn: UpConn, writer: asyncio.StreamWriter) -> bool:
+            writer.write(fixed_response(req, len(conn.requests)))
+            await writer.drain()
+            if "/close-later" in req.target:
+                async with asyncio.timeout(10):
+                    await gate.wait()
+                return False  # the upstream ends this idle connection
+            return True
+
+        rec.behaviour = behave
+        gw = await start(start_gateway, rec.url)
+        pool = gw.gateway.pool
+        answers = await asyncio.gather(*(fetch(gw, f"/close-later/{i}") for i in range(3)),
+                                       fetch(gw, "/stays"))
+        assert [a.status for a in answers] == [200] * 4
+        await until(lambda: pool.stats()["idle"] == 4)
+        gate.set()
+        await until(lambda: pool.stats()["idle"] == 1)
+        assert pool.stats()["open"] == 1
+        assert (await fetch(gw, "/reuses")).status == 200
+        assert len(rec.conns) == 4  # the remaining idle connection served it
+
+
+async def test_upstream_connections_do_not_wait_to_fill_a_segment(
+        start_gateway: GatewayStarter, path: PathSwitch) -> None:
+    """TCP_NODELAY on upstream connections (the event loop sets it on every TCP transport)."""
+    async with run_recorder() as rec:
+        gw = await start(start_gateway, rec.url)
+        assert (await fetch(gw, "/one")).status == 200
+        conns = list(gw.gateway.pool._all)
+        assert len(conns) == 1 and conns[0].transport is not None
+        sock = conns[0].transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
