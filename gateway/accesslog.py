@@ -36,11 +36,12 @@ import select
 import socket
 import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING
 
 import ecs_logging
+from aiohttp import hdrs
 
 from gateway.logs import TEXT_TIME_FORMAT, access_destination
 
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
 
 access_logger = logging.getLogger("gateway.access")
 
+_time = time.time
+_USER_AGENT, _HOST_HEADER = hdrs.USER_AGENT, hdrs.HOST  # faster lookups than plain str keys
 _UA_MAX = 256
 _UNSAFE = re.compile(r'[^\x20-\x7e]|["\\]')
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9_.-]{1,253})(?::\d{1,5})?")
@@ -234,134 +237,147 @@ def dropped_lines() -> int:
 
 
 class _Clock:
-    """The line's timestamps, the date part formatted once a second."""
+    """The line's timestamps, from a ``time.time()`` value: the part down to the second
+    formatted once a second, the whole stamp once a millisecond (many lines share one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, utc: bool) -> None:
+        self._utc = utc
         self._second = -1
-        self._utc = ""
-        self._local = ""
-        # The last whole stamp of each kind: many lines share a millisecond under load.
-        self._utc_ms = self._local_ms = -1
-        self._utc_line = self._local_line = ""
+        self._head = ""
+        self.ms = -1  # the millisecond ``stamp`` is for
+        self.stamp = ""
 
-    def _now(self) -> int:
-        """Now in whole milliseconds; the date parts are formatted again each new second."""
-        ms = int(time.time() * 1000)
+    def set(self, ms: int) -> str:
+        """The stamp of the millisecond ``ms`` (since the epoch); ``stamp`` from now on."""
         second = ms // 1000
         if second != self._second:
             self._second = second
-            self._utc = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
-            self._local = time.strftime(TEXT_TIME_FORMAT, time.localtime(second))
-        return ms
-
-    def utc(self) -> str:
-        """ECS ``@timestamp``: UTC, milliseconds."""
-        ms = self._now()
-        if ms != self._utc_ms:
-            self._utc_ms = ms
-            self._utc_line = f"{self._utc}{ms % 1000:03d}Z"
-        return self._utc_line
-
-    def local(self) -> str:
-        """logging's ``%(asctime)s``: local time, milliseconds after a comma."""
-        ms = self._now()
-        if ms != self._local_ms:
-            self._local_ms = ms
-            self._local_line = f"{self._local},{ms % 1000:03d}"
-        return self._local_line
+            self._head = (time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second)) if self._utc
+                          else time.strftime(TEXT_TIME_FORMAT + ",", time.localtime(second)))
+        # ECS ``@timestamp``: UTC, milliseconds; text: logging's ``%(asctime)s``, local time.
+        self.stamp = f"{self._head}{ms % 1000:03d}{'Z' if self._utc else ''}"
+        self.ms = ms
+        return self.stamp
 
 
 _q = encode_basestring_ascii  # a str as a quoted JSON string (C)
 _ECS_VERSION = f',"ecs.version":"{ecs_logging.ECS_VERSION}"'
 
 
+class _RouteParts:
+    """A route's constant parts of the line, made once per route (routes live until a
+    reload builds new ones): the text ``route=... upstream=`` and ``@host rid=``, and the
+    JSON ``destination`` and ``gateway`` members, quoted."""
+
+    __slots__ = ("json_destination", "json_gateway", "route", "text_route", "text_upstream")
+
+    def __init__(self, route: CompiledRoute | None) -> None:
+        self.route = route  # alive while its parts are kept: its id names no other object
+        if route is None:
+            self.text_route, self.text_upstream = " route=None upstream=", " rid="
+            self.json_destination = self.json_gateway = ""
+            return
+        up = route.upstream
+        self.text_route = f" route={route.name} upstream="
+        self.text_upstream = f"@{up.host_header} rid="
+        self.json_destination = f',"destination":{{"address":{_q(up.host)},"port":{up.port}}}'
+        self.json_gateway = f',"gateway":{{"route":{_q(route.name)}'
+
+
 class AccessLog:
-    def __init__(self, *, enabled: bool = True) -> None:
-        self.enabled = enabled
+    """Writes each request's line. ``tls``: whether client connections can be TLS (the
+    listener's setting), so that a plain listener does not ask each connection."""
+
+    def __init__(self, *, enabled: bool = True, tls: bool = True) -> None:
         handler = access_destination(access_logger) if enabled else None
-        self._writer = process_writer() if handler is not None else None
+        # The level is set once at start-up when logging is the process's stream; otherwise
+        # ``logging`` decides per record (a test or an embedding application may change it).
+        if handler is not None and not access_logger.isEnabledFor(logging.INFO):
+            enabled = False
+        self.enabled = enabled
+        self._writer = process_writer() if enabled and handler is not None else None
         self._json = self._writer is not None and handler is not None and handler.shape == "json"
-        self._clock = _Clock()
+        self._tls = tls
+        self._clock = _Clock(utc=self._json or self._writer is None)
+        # By id: a route's hash walks all its fields.
+        self._routes: dict[int, _RouteParts] = {}
         # The last raw User-Agent and Host and how they are logged: a run of requests from
         # one client repeats them, and cleaning is a regex each. (Two strings, replaced on
         # every change: nothing of one visitor outlives the next line.)
         self._ua: tuple[str | None, str | None] = (None, None)
         self._host: tuple[str | None, str | None] = (None, None)
 
-    def _clean(self, headers: Mapping[str, str] | None) -> tuple[str | None, str | None]:
-        if headers is None:
-            return None, None
-        raw_ua = headers.get("User-Agent")
-        last_ua, user_agent = self._ua
-        if raw_ua != last_ua:
-            user_agent = clean_user_agent(raw_ua)
-            self._ua = (raw_ua, user_agent)
-        raw_host = headers.get("Host")
-        last_host, host = self._host
-        if raw_host != last_host:
-            host = clean_host(raw_host)
-            self._host = (raw_host, host)
-        return user_agent, host
+    def _route_parts(self, route: CompiledRoute | None) -> _RouteParts:
+        parts = self._routes[id(route)] = _RouteParts(route)
+        return parts
 
     def log_exchange(self, client_ip: str, request_id: str, method: str, raw_path: str,
                      minor: int, status: int, route: CompiledRoute | None, ex: Exchange,
                      duration: float) -> None:
-        if not self.enabled or not access_logger.isEnabledFor(logging.INFO):
+        # The hot part of every request: values at hand, one f-string, no calls that can
+        # be avoided (the parts that change rarely are kept from the previous line).
+        writer = self._writer
+        if writer is None and not access_logger.isEnabledFor(logging.INFO):
             return
+        ms = int(_time() * 1000)
+        clock = self._clock
+        stamp = clock.stamp if ms == clock.ms else clock.set(ms)
         path = raw_path.partition("?")[0]
-        user_agent, host = self._clean(ex.headers)
-        tls = tls_version(ex)
+        headers = ex.headers
+        if headers is not None:
+            raw = headers.get(_USER_AGENT)
+            last, user_agent = self._ua
+            if raw != last:
+                user_agent = clean_user_agent(raw)
+                self._ua = (raw, user_agent)
+            raw = headers.get(_HOST_HEADER)
+            last, host = self._host
+            if raw != last:
+                host = clean_host(raw)
+                self._host = (raw, host)
+        else:
+            user_agent = host = None
+        tls = tls_version(ex) if self._tls else None
         trace = ex.trace
         ids = trace.ids() if trace is not None else None
+        parts = self._routes.get(id(route)) or self._route_parts(route)
         message = (
             f"{client_ip} {method} {path} HTTP/1.{minor} {status} {ex.bytes_in}/{ex.bytes_out} "
             f"{duration * 1000:.1f}ms host={host or '-'} ua=\"{user_agent or '-'}\" "
-            f"tls={tls or '-'} route={route.name if route else None} "
-            f"upstream={ex.upstream_status or '-'}"
-            f"{'@' + route.upstream.host_header if route else ''} rid={request_id}"
+            f"tls={tls or '-'}{parts.text_route}{ex.upstream_status or '-'}"
+            f"{parts.text_upstream}{request_id}"
             f"{f' trace={ids[0]} span={ids[1]}' if ids else ''}")
-        writer = self._writer
         if writer is not None and not self._json:
-            writer.add(f"{self._clock.local()} INFO gateway.access: {message}\n")
+            writer.add(f"{stamp} INFO gateway.access: {message}\n")
             return
         # The ECS document: a template with every string JSON-escaped, each object's keys in
         # sorted order after the three ECS puts first, as ecs-logging writes them. (Encoding
-        # a nest of dicts costs several times more than the rest of the line.)
-        parts = [f'{{"@timestamp":"{self._clock.utc()}","log.level":"info",'
-                 f'"message":{_q(message)},"client":{{"ip":{_q(client_ip)}}}']
-        if route is not None:
-            up = route.upstream
-            parts.append(f',"destination":{{"address":{_q(up.host)},"port":{up.port}}}')
-        parts.append(_ECS_VERSION)
-        if ex.error:
-            parts.append(f',"error":{{"message":{_q(ex.error)}}}')
-        parts.append(f',"event":{{"dataset":"gateway.access","duration":{round(duration * 1e9)}}}')
-        if route is not None:
-            parts.append(f',"gateway":{{"route":{_q(route.name)}')
-            if ex.upstream_status:
-                parts.append(f',"upstream":{{"duration":{round(ex.upstream_time * 1e9)},'
-                             f'"status_code":{ex.upstream_status}}}')
-            parts.append("}")
-        parts.append(f',"http":{{"request":{{"body":{{"bytes":{ex.bytes_in}}},'
-                     f'"id":{_q(request_id)},"method":{_q(method)}}},'
-                     f'"response":{{"body":{{"bytes":{ex.bytes_out}}},"status_code":{status}}},'
-                     f'"version":"1.{minor}"}},"log":{{"logger":"gateway.access"}}')
-        if ids is not None:
-            parts.append(f',"span":{{"id":{_q(ids[1])}}}')
-        if tls is not None:
-            parts.append(f',"tls":{{"version":{_q(tls)},"version_protocol":"tls"}}')
-        if ids is not None:
-            parts.append(f',"trace":{{"id":{_q(ids[0])}}}')
+        # a nest of dicts costs several times more than the rest of the line.) The cleaned
+        # User-Agent and Host are printable ASCII without quotes or backslashes: they need
+        # the quotes only.
         if host is not None:
             domain, port = split_host(host)
-            parts.append(f',"url":{{"domain":{_q(domain)},"path":{_q(path)}'
-                         + (f',"port":{port}}}' if port is not None else "}"))
+            url = (f',"url":{{"domain":"{domain}","path":{_q(path)}'
+                   + (f',"port":{port}}}' if port is not None else "}"))
         else:
-            parts.append(f',"url":{{"path":{_q(path)}}}')
-        if user_agent is not None:
-            parts.append(f',"user_agent":{{"original":{_q(user_agent)}}}')
-        parts.append("}\n")
-        line = "".join(parts)
+            url = f',"url":{{"path":{_q(path)}}}'
+        upstream = (f',"upstream":{{"duration":{round(ex.upstream_time * 1e9)},'
+                    f'"status_code":{ex.upstream_status}}}}}' if ex.upstream_status else "}")
+        error = f',"error":{{"message":{_q(ex.error)}}}' if ex.error else ""
+        span, trace_id = (f',"span":{{"id":"{ids[1]}"}}', f',"trace":{{"id":"{ids[0]}"}}'
+                          ) if ids else ("", "")
+        line = (
+            f'{{"@timestamp":"{stamp}","log.level":"info","message":{_q(message)},'
+            f'"client":{{"ip":{_q(client_ip)}}}{parts.json_destination}{_ECS_VERSION}{error}'
+            f',"event":{{"dataset":"gateway.access","duration":{round(duration * 1e9)}}}'
+            f'{parts.json_gateway + upstream if route is not None else ""}'
+            f',"http":{{"request":{{"body":{{"bytes":{ex.bytes_in}}},'
+            f'"id":{_q(request_id)},"method":{_q(method)}}},'
+            f'"response":{{"body":{{"bytes":{ex.bytes_out}}},"status_code":{status}}},'
+            f'"version":"1.{minor}"}},"log":{{"logger":"gateway.access"}}{span}'
+            + (f',"tls":{{"version":"{tls}","version_protocol":"tls"}}' if tls else "")
+            + f'{trace_id}{url}'
+            + (f',"user_agent":{{"original":"{user_agent}"}}}}\n' if user_agent else "}\n"))
         if writer is not None:
             writer.add(line)
             return
