@@ -266,22 +266,26 @@ _ECS_VERSION = f',"ecs.version":"{ecs_logging.ECS_VERSION}"'
 
 class _RouteParts:
     """A route's constant parts of the line, made once per route (routes live until a
-    reload builds new ones): the text ``route=... upstream=`` and ``@host rid=``, and the
-    JSON ``destination`` and ``gateway`` members, quoted."""
+    reload builds new ones): the text ``route=... upstream=`` and ``@host rid=`` (also as
+    they read inside the JSON ``message``), and the JSON ``destination`` and ``gateway``."""
 
-    __slots__ = ("json_destination", "json_gateway", "route", "text_route", "text_upstream")
+    __slots__ = ("json_destination", "json_gateway", "json_route", "json_upstream", "route",
+                 "text_route", "text_upstream")
 
     def __init__(self, route: CompiledRoute | None) -> None:
         self.route = route  # alive while its parts are kept: its id names no other object
         if route is None:
             self.text_route, self.text_upstream = " route=None upstream=", " rid="
             self.json_destination = self.json_gateway = ""
-            return
-        up = route.upstream
-        self.text_route = f" route={route.name} upstream="
-        self.text_upstream = f"@{up.host_header} rid="
-        self.json_destination = f',"destination":{{"address":{_q(up.host)},"port":{up.port}}}'
-        self.json_gateway = f',"gateway":{{"route":{_q(route.name)}'
+        else:
+            up = route.upstream
+            self.text_route = f" route={route.name} upstream="
+            self.text_upstream = f"@{up.host_header} rid="
+            self.json_destination = (f',"destination":{{"address":{_q(up.host)},'
+                                     f'"port":{up.port}}}')
+            self.json_gateway = f',"gateway":{{"route":{_q(route.name)}'
+        self.json_route = _q(self.text_route)[1:-1]
+        self.json_upstream = _q(self.text_upstream)[1:-1]
 
 
 class AccessLog:
@@ -296,20 +300,42 @@ class AccessLog:
             enabled = False
         self.enabled = enabled
         self._writer = process_writer() if enabled and handler is not None else None
-        self._json = self._writer is not None and handler is not None and handler.shape == "json"
+        # Without a stream, the record's fields are read back from the JSON line.
+        self._json = self._writer is None or handler is None or handler.shape == "json"
         self._tls = tls
-        self._clock = _Clock(utc=self._json or self._writer is None)
+        self._clock = _Clock(utc=self._json)
         # By id: a route's hash walks all its fields.
         self._routes: dict[int, _RouteParts] = {}
-        # The last raw User-Agent and Host and how they are logged: a run of requests from
-        # one client repeats them, and cleaning is a regex each. (Two strings, replaced on
-        # every change: nothing of one visitor outlives the next line.)
-        self._ua: tuple[str | None, str | None] = (None, None)
-        self._host: tuple[str | None, str | None] = (None, None)
+        # The last raw User-Agent and Host and how they are logged (in the text, and the
+        # JSON members they make): a run of requests from one client repeats them, and
+        # cleaning is a regex each. (Replaced on every change: nothing of one visitor
+        # outlives the next line.)
+        self._ua: tuple[str | None, str, str] = (None, "-", "}\n")
+        self._host: tuple[str | None, str, str, str] = (None, "-", ',"url":{"path":', "}")
+        self._method = ("", '""')  # the last method and its JSON string (a token: few)
 
     def _route_parts(self, route: CompiledRoute | None) -> _RouteParts:
         parts = self._routes[id(route)] = _RouteParts(route)
         return parts
+
+    def _see_user_agent(self, raw: str | None) -> tuple[str | None, str, str]:
+        """A new User-Agent: as the text says it, and the end of the JSON line with it
+        (printable ASCII without quotes or backslashes needs the quotes only)."""
+        agent = clean_user_agent(raw)
+        self._ua = (raw, agent or "-",
+                    f',"user_agent":{{"original":"{agent}"}}}}\n' if agent else "}\n")
+        return self._ua
+
+    def _see_host(self, raw: str | None) -> tuple[str | None, str, str, str]:
+        """A new Host: as the text says it, and the JSON ``url`` before and after the path."""
+        host = clean_host(raw)
+        if host is None:
+            self._host = (raw, "-", ',"url":{"path":', "}")
+        else:
+            domain, port = split_host(host)
+            self._host = (raw, host, f',"url":{{"domain":"{domain}","path":',
+                          f',"port":{port}}}' if port is not None else "}")
+        return self._host
 
     def log_exchange(self, client_ip: str, request_id: str, method: str, raw_path: str,
                      minor: int, status: int, route: CompiledRoute | None, ex: Exchange,
@@ -322,67 +348,88 @@ class AccessLog:
         ms = int(_time() * 1000)
         clock = self._clock
         stamp = clock.stamp if ms == clock.ms else clock.set(ms)
-        path = raw_path.partition("?")[0]
+        path = raw_path.partition("?")[0] if "?" in raw_path else raw_path
         headers = ex.headers
-        if headers is not None:
-            raw = headers.get(_USER_AGENT)
-            last, user_agent = self._ua
-            if raw != last:
-                user_agent = clean_user_agent(raw)
-                self._ua = (raw, user_agent)
-            raw = headers.get(_HOST_HEADER)
-            last, host = self._host
-            if raw != last:
-                host = clean_host(raw)
-                self._host = (raw, host)
-        else:
-            user_agent = host = None
+        raw = headers.get(_USER_AGENT) if headers is not None else None
+        ua = self._ua if raw == self._ua[0] else self._see_user_agent(raw)
+        raw = headers.get(_HOST_HEADER) if headers is not None else None
+        host = self._host if raw == self._host[0] else self._see_host(raw)
         tls = tls_version(ex) if self._tls else None
         trace = ex.trace
         ids = trace.ids() if trace is not None else None
         parts = self._routes.get(id(route)) or self._route_parts(route)
-        message = (
-            f"{client_ip} {method} {path} HTTP/1.{minor} {status} {ex.bytes_in}/{ex.bytes_out} "
-            f"{duration * 1000:.1f}ms host={host or '-'} ua=\"{user_agent or '-'}\" "
-            f"tls={tls or '-'}{parts.text_route}{ex.upstream_status or '-'}"
-            f"{parts.text_upstream}{request_id}"
-            f"{f' trace={ids[0]} span={ids[1]}' if ids else ''}")
-        if writer is not None and not self._json:
-            writer.add(f"{stamp} INFO gateway.access: {message}\n")
+        if not self._json:
+            assert writer is not None
+            writer.add(
+                f"{stamp} INFO gateway.access: {client_ip} {method} {path} HTTP/1.{minor} "
+                f"{status} {ex.bytes_in}/{ex.bytes_out} {duration * 1000:.1f}ms "
+                f"host={host[1]} ua=\"{ua[1]}\" tls={tls or '-'}{parts.text_route}"
+                f"{ex.upstream_status or '-'}{parts.text_upstream}{request_id}"
+                f"{f' trace={ids[0]} span={ids[1]}' if ids else ''}\n")
             return
-        # The ECS document: a template with every string JSON-escaped, each object's keys in
-        # sorted order after the three ECS puts first, as ecs-logging writes them. (Encoding
-        # a nest of dicts costs several times more than the rest of the line.) The cleaned
-        # User-Agent and Host are printable ASCII without quotes or backslashes: they need
-        # the quotes only.
-        if host is not None:
-            domain, port = split_host(host)
-            url = (f',"url":{{"domain":"{domain}","path":{_q(path)}'
-                   + (f',"port":{port}}}' if port is not None else "}"))
-        else:
-            url = f',"url":{{"path":{_q(path)}}}'
-        upstream = (f',"upstream":{{"duration":{round(ex.upstream_time * 1e9)},'
-                    f'"status_code":{ex.upstream_status}}}}}' if ex.upstream_status else "}")
-        error = f',"error":{{"message":{_q(ex.error)}}}' if ex.error else ""
-        span, trace_id = (f',"span":{{"id":"{ids[1]}"}}', f',"trace":{{"id":"{ids[0]}"}}'
-                          ) if ids else ("", "")
+        # The ECS document: a template of JSON-escaped values, each object's keys in sorted
+        # order after the three ECS puts first, as ecs-logging writes them (encoding a nest
+        # of dicts costs several times more than the rest of the line). ``message`` is the
+        # text line's message, made of the same escaped values (escaping works piece by
+        # piece); the cleaned User-Agent and Host, the TLS version and the trace ids are
+        # printable ASCII without quotes or backslashes and need no escaping.
+        q_ip, q_path, q_rid = _q(client_ip), _q(path), _q(request_id)
+        q_method = self._method[1] if method == self._method[0] else self._see_method(method)
+        upstream = ex.upstream_status
+        error = ex.error
         line = (
-            f'{{"@timestamp":"{stamp}","log.level":"info","message":{_q(message)},'
-            f'"client":{{"ip":{_q(client_ip)}}}{parts.json_destination}{_ECS_VERSION}{error}'
+            f'{{"@timestamp":"{stamp}","log.level":"info","message":"{q_ip[1:-1]} '
+            f'{q_method[1:-1]} {q_path[1:-1]} HTTP/1.{minor} {status} '
+            f'{ex.bytes_in}/{ex.bytes_out} {duration * 1000:.1f}ms host={host[1]} '
+            f'ua=\\"{ua[1]}\\" tls={tls or "-"}{parts.json_route}{upstream or "-"}'
+            f'{parts.json_upstream}{q_rid[1:-1]}'
+            f'{f" trace={ids[0]} span={ids[1]}" if ids else ""}",'
+            f'"client":{{"ip":{q_ip}}}{parts.json_destination}{_ECS_VERSION}'
+            f'{f",{_q_error(error)}" if error else ""}'
             f',"event":{{"dataset":"gateway.access","duration":{round(duration * 1e9)}}}'
-            f'{parts.json_gateway + upstream if route is not None else ""}'
+            f'{parts.json_gateway if route is not None else ""}'
+            f'{_upstream_json(upstream, ex.upstream_time) if route is not None else ""}'
             f',"http":{{"request":{{"body":{{"bytes":{ex.bytes_in}}},'
-            f'"id":{_q(request_id)},"method":{_q(method)}}},'
+            f'"id":{q_rid},"method":{q_method}}},'
             f'"response":{{"body":{{"bytes":{ex.bytes_out}}},"status_code":{status}}},'
-            f'"version":"1.{minor}"}},"log":{{"logger":"gateway.access"}}{span}'
-            + (f',"tls":{{"version":"{tls}","version_protocol":"tls"}}' if tls else "")
-            + f'{trace_id}{url}'
-            + (f',"user_agent":{{"original":"{user_agent}"}}}}\n' if user_agent else "}\n"))
+            f'"version":"1.{minor}"}},"log":{{"logger":"gateway.access"}}'
+            f'{f",{_span_json(ids[1])}" if ids else ""}'
+            f'{f",{_tls_json(tls)}" if tls else ""}'
+            f'{f",{_trace_json(ids[0])}" if ids else ""}'
+            f'{host[2]}{q_path}{host[3]}{ua[2]}')
         if writer is not None:
             writer.add(line)
             return
         # logging's record carries the request's fields (EcsFormatter adds the rest).
         fields = json.loads(line)
+        message = fields["message"]
         for key in ("@timestamp", "log.level", "message", "ecs.version", "log"):
             del fields[key]
         access_logger.info("%s", message, extra={"access": fields})
+
+    def _see_method(self, method: str) -> str:
+        self._method = (method, _q(method))
+        return self._method[1]
+
+
+# The line's optional members (rare, or only with tracing or TLS on).
+def _q_error(error: str) -> str:
+    return f'"error":{{"message":{_q(error)}}}'
+
+
+def _upstream_json(status: int, seconds: float) -> str:
+    if not status:
+        return "}"
+    return f',"upstream":{{"duration":{round(seconds * 1e9)},"status_code":{status}}}}}'
+
+
+def _span_json(span_id: str) -> str:
+    return f'"span":{{"id":"{span_id}"}}'
+
+
+def _trace_json(trace_id: str) -> str:
+    return f'"trace":{{"id":"{trace_id}"}}'
+
+
+def _tls_json(version: str) -> str:
+    return f'"tls":{{"version":"{version}","version_protocol":"tls"}}'
