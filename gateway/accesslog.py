@@ -8,11 +8,14 @@ format the same facts make one nginx-like line after logging's usual prefix.
 
 When the process logs to a stream (``setup_logging``: stderr, or whatever file descriptor
 that stream is), a line is serialised in one call (an f-string template of JSON-escaped
-values) and handed to a ``LineWriter``: lines are batched (64 KiB, or one second after the
-first) and written from the loop with writes that never wait, so a slow or stopped reader
-of the log never stalls a request: past ``pending_limit`` bytes waiting, lines are dropped
-and counted (``gateway_access_log_dropped_total``). What is pending is written at exit,
-SIGTERM included, for up to a second. When logging was set up
+values; what repeats from line to line, a route's parts, the cleaned User-Agent and Host,
+the date, is kept from the previous line rather than made again) and handed to a
+``LineWriter``: lines are batched (64 KiB, or one second after the first) and written from
+the loop with writes that never wait, so a slow or stopped reader of the log never stalls a
+request: past ``pending_limit`` bytes waiting, lines are dropped and counted
+(``gateway_access_log_dropped_total``). What is pending is written at exit, SIGTERM
+included, for up to a second. Whether that stream takes INFO lines at all is decided once,
+when the access log is made (the level is set at start-up). When logging was set up
 otherwise (an application embedding the gateway, a test capturing records), the line is a
 ``logging`` record on ``gateway.access`` carrying the same fields in ``access``.
 
@@ -377,6 +380,13 @@ class AccessLog:
         q_method = self._method[1] if method == self._method[0] else self._see_method(method)
         upstream = ex.upstream_status
         error = ex.error
+        if route is None:
+            gateway = ""
+        elif upstream:
+            gateway = (f'{parts.json_gateway},"upstream":{{"duration":'
+                       f'{round(ex.upstream_time * 1e9)},"status_code":{upstream}}}}}')
+        else:
+            gateway = parts.json_gateway + "}"
         line = (
             f'{{"@timestamp":"{stamp}","log.level":"info","message":"{q_ip[1:-1]} '
             f'{q_method[1:-1]} {q_path[1:-1]} HTTP/1.{minor} {status} '
@@ -387,8 +397,7 @@ class AccessLog:
             f'"client":{{"ip":{q_ip}}}{parts.json_destination}{_ECS_VERSION}'
             f'{f",{_q_error(error)}" if error else ""}'
             f',"event":{{"dataset":"gateway.access","duration":{round(duration * 1e9)}}}'
-            f'{parts.json_gateway if route is not None else ""}'
-            f'{_upstream_json(upstream, ex.upstream_time) if route is not None else ""}'
+            f'{gateway}'
             f',"http":{{"request":{{"body":{{"bytes":{ex.bytes_in}}},'
             f'"id":{q_rid},"method":{q_method}}},'
             f'"response":{{"body":{{"bytes":{ex.bytes_out}}},"status_code":{status}}},'
@@ -415,12 +424,6 @@ class AccessLog:
 # The line's optional members (rare, or only with tracing or TLS on).
 def _q_error(error: str) -> str:
     return f'"error":{{"message":{_q(error)}}}'
-
-
-def _upstream_json(status: int, seconds: float) -> str:
-    if not status:
-        return "}"
-    return f',"upstream":{{"duration":{round(seconds * 1e9)},"status_code":{status}}}}}'
 
 
 def _span_json(span_id: str) -> str:
