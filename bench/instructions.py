@@ -12,7 +12,8 @@ is doing.
     .venv/bin/python bench/instructions.py -n 500          # quicker
 
 Scenarios: 1 KiB GET through the textbook aiohttp proxy and through the gateway (also with
-every request traced: OpenTelemetry at ratio 1.0, spans exported to a local sink); the chat
+every request traced: OpenTelemetry at ratio 1.0, spans exported to a local sink; and with the
+access log on, text and ECS JSON, written to a file); the chat
 script POST through the gateway, plain and with injection (with the guest cookie a browser
 sends back after its first visit). What a connection costs: the 1 KiB GET on a new client
 connection each time (textbook and gateway), and through a gateway route that keeps no
@@ -61,12 +62,20 @@ def _dumps(out: Path) -> list[Path]:
 
 
 def measure(name: str, argv: list[str], port: int, env: dict[str, str], tmp: Path,
-            send: Callable[[http.client.HTTPConnection], None], n: int) -> float:
-    """Instructions per request of ``send``, between two dumps taken around ``n`` calls."""
+            send: Callable[[http.client.HTTPConnection], None], n: int,
+            stderr: Path | None = None) -> float:
+    """Instructions per request of ``send``, between two dumps taken around ``n`` calls;
+    the process's stderr goes to the file ``stderr`` when given (its log), else nowhere."""
     out = tmp / f"callgrind.{name}"
-    proc = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv],
-        env=env, cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = (os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+           if stderr is not None else subprocess.DEVNULL)
+    try:
+        proc = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv],
+            env=env, cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=log)
+    finally:
+        if stderr is not None:
+            os.close(log)
     try:
         if not wait_port(port, timeout=300, proc=proc):  # type: ignore[arg-type]
             raise RuntimeError(f"{name} did not start under valgrind")
@@ -94,6 +103,30 @@ def measure(name: str, argv: list[str], port: int, env: dict[str, str], tmp: Pat
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def access_log(py: str, origin_port: int, extra: str, env: dict[str, str], tmp: Path,
+               n: int) -> dict[str, float]:
+    """The 1 KiB GET with the access log on, as shipped (level INFO) and as in bench/peers.py:
+    text, then ECS JSON, to stderr redirected to a regular file. Less the log-off figure, the
+    instructions one access line costs."""
+    results: dict[str, float] = {}
+    for fmt in ("text", "json"):
+        port = free_port()
+        config = tmp / f"gateway-log-{fmt}.yaml"
+        config.write_text(gateway_config_yaml(
+            port, [{"prefix": "/", "upstream": f"http://127.0.0.1:{origin_port}/"}],
+            extra=extra, access_log=True))
+        log = tmp / f"gateway-log-{fmt}.log"
+        results[f"gateway: 1 KiB GET, access log {fmt}"] = measure(
+            f"gateway-log-{fmt}", [py, "-m", "gateway", "--log-level", "INFO", "--log-format",
+                                   fmt, "run", "-c", str(config), "--workers", "1"],
+            port, env, tmp, get("/1k.bin"), n, stderr=log)
+        lines = sum(1 for line in log.read_text(errors="replace").splitlines()
+                    if "gateway.access" in line)
+        if lines < n:  # the log must really have been written, or the figure means nothing
+            raise RuntimeError(f"{log}: {lines} access lines for at least {n} requests")
+    return results
 
 
 def get(path: str) -> Callable[[http.client.HTTPConnection], None]:
@@ -220,6 +253,7 @@ def main() -> int:
                                    *argv[argv.index(str(config)) + 1:]],
                 port, env, tmp, get("/1k.bin"), args.n)
             procs.stop(sink)
+            results.update(access_log(py, origin_port, cec, env, tmp, args.n))
         if args.only == "get":
             return report(results, args.n, args.json)
 
@@ -250,6 +284,12 @@ def report(results: dict[str, float], n: int, json_path: Path | None) -> int:
     if tb and gw:
         ratios["textbook_over_gateway_get"] = tb / gw
         print(f"  textbook / gateway, 1 KiB GET: {tb / gw:.2f}x the work")
+    for fmt in ("text", "json"):
+        logged = results.get(f"gateway: 1 KiB GET, access log {fmt}")
+        if gw and logged:
+            ratios[f"access_log_{fmt}_over_gateway_get"] = logged / gw
+            print(f"  access log {fmt}: {logged - gw:,.0f} instructions a line "
+                  f"({logged / gw:.2f}x the work)")
     traced = results.get("gateway: 1 KiB GET, traced (ratio 1.0)")
     if gw and traced:
         ratios["traced_over_gateway_get"] = traced / gw

@@ -8,11 +8,14 @@ format the same facts make one nginx-like line after logging's usual prefix.
 
 When the process logs to a stream (``setup_logging``: stderr, or whatever file descriptor
 that stream is), a line is serialised in one call (an f-string template of JSON-escaped
-values) and handed to a ``LineWriter``: lines are batched (64 KiB, or one second after the
-first) and written from the loop with writes that never wait, so a slow or stopped reader
-of the log never stalls a request: past ``pending_limit`` bytes waiting, lines are dropped
-and counted (``gateway_access_log_dropped_total``). What is pending is written at exit,
-SIGTERM included, for up to a second. When logging was set up
+values; what repeats from line to line, a route's parts, the cleaned User-Agent and Host,
+the date, is kept from the previous line rather than made again) and handed to a
+``LineWriter``: lines are batched (64 KiB, or one second after the first) and written from
+the loop with writes that never wait, so a slow or stopped reader of the log never stalls a
+request: past ``pending_limit`` bytes waiting, lines are dropped and counted
+(``gateway_access_log_dropped_total``). What is pending is written at exit, SIGTERM
+included, for up to a second. Whether that stream takes INFO lines at all is decided once,
+when the access log is made (the level is set at start-up). When logging was set up
 otherwise (an application embedding the gateway, a test capturing records), the line is a
 ``logging`` record on ``gateway.access`` carrying the same fields in ``access``.
 
@@ -36,11 +39,12 @@ import select
 import socket
 import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING
 
 import ecs_logging
+from aiohttp import hdrs
 
 from gateway.logs import TEXT_TIME_FORMAT, access_destination
 
@@ -50,6 +54,8 @@ if TYPE_CHECKING:
 
 access_logger = logging.getLogger("gateway.access")
 
+_time = time.time
+_USER_AGENT, _HOST_HEADER = hdrs.USER_AGENT, hdrs.HOST  # faster lookups than plain str keys
 _UA_MAX = 256
 _UNSAFE = re.compile(r'[^\x20-\x7e]|["\\]')
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9_.-]{1,253})(?::\d{1,5})?")
@@ -234,139 +240,199 @@ def dropped_lines() -> int:
 
 
 class _Clock:
-    """The line's timestamps, the date part formatted once a second."""
+    """The line's timestamps, from a ``time.time()`` value: the part down to the second
+    formatted once a second, the whole stamp once a millisecond (many lines share one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, utc: bool) -> None:
+        self._utc = utc
         self._second = -1
-        self._utc = ""
-        self._local = ""
-        # The last whole stamp of each kind: many lines share a millisecond under load.
-        self._utc_ms = self._local_ms = -1
-        self._utc_line = self._local_line = ""
+        self._head = ""
+        self.ms = -1  # the millisecond ``stamp`` is for
+        self.stamp = ""
 
-    def _now(self) -> int:
-        """Now in whole milliseconds; the date parts are formatted again each new second."""
-        ms = int(time.time() * 1000)
+    def set(self, ms: int) -> str:
+        """The stamp of the millisecond ``ms`` (since the epoch); ``stamp`` from now on."""
         second = ms // 1000
         if second != self._second:
             self._second = second
-            self._utc = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
-            self._local = time.strftime(TEXT_TIME_FORMAT, time.localtime(second))
-        return ms
-
-    def utc(self) -> str:
-        """ECS ``@timestamp``: UTC, milliseconds."""
-        ms = self._now()
-        if ms != self._utc_ms:
-            self._utc_ms = ms
-            self._utc_line = f"{self._utc}{ms % 1000:03d}Z"
-        return self._utc_line
-
-    def local(self) -> str:
-        """logging's ``%(asctime)s``: local time, milliseconds after a comma."""
-        ms = self._now()
-        if ms != self._local_ms:
-            self._local_ms = ms
-            self._local_line = f"{self._local},{ms % 1000:03d}"
-        return self._local_line
+            self._head = (time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second)) if self._utc
+                          else time.strftime(TEXT_TIME_FORMAT + ",", time.localtime(second)))
+        # ECS ``@timestamp``: UTC, milliseconds; text: logging's ``%(asctime)s``, local time.
+        self.stamp = f"{self._head}{ms % 1000:03d}{'Z' if self._utc else ''}"
+        self.ms = ms
+        return self.stamp
 
 
 _q = encode_basestring_ascii  # a str as a quoted JSON string (C)
 _ECS_VERSION = f',"ecs.version":"{ecs_logging.ECS_VERSION}"'
 
 
-class AccessLog:
-    def __init__(self, *, enabled: bool = True) -> None:
-        self.enabled = enabled
-        handler = access_destination(access_logger) if enabled else None
-        self._writer = process_writer() if handler is not None else None
-        self._json = self._writer is not None and handler is not None and handler.shape == "json"
-        self._clock = _Clock()
-        # The last raw User-Agent and Host and how they are logged: a run of requests from
-        # one client repeats them, and cleaning is a regex each. (Two strings, replaced on
-        # every change: nothing of one visitor outlives the next line.)
-        self._ua: tuple[str | None, str | None] = (None, None)
-        self._host: tuple[str | None, str | None] = (None, None)
+class _RouteParts:
+    """A route's constant parts of the line, made once per route (routes live until a
+    reload builds new ones): the text ``route=... upstream=`` and ``@host rid=`` (also as
+    they read inside the JSON ``message``), and the JSON ``destination`` and ``gateway``."""
 
-    def _clean(self, headers: Mapping[str, str] | None) -> tuple[str | None, str | None]:
-        if headers is None:
-            return None, None
-        raw_ua = headers.get("User-Agent")
-        last_ua, user_agent = self._ua
-        if raw_ua != last_ua:
-            user_agent = clean_user_agent(raw_ua)
-            self._ua = (raw_ua, user_agent)
-        raw_host = headers.get("Host")
-        last_host, host = self._host
-        if raw_host != last_host:
-            host = clean_host(raw_host)
-            self._host = (raw_host, host)
-        return user_agent, host
+    __slots__ = ("json_destination", "json_gateway", "json_route", "json_upstream", "route",
+                 "text_route", "text_upstream")
+
+    def __init__(self, route: CompiledRoute | None) -> None:
+        self.route = route  # alive while its parts are kept: its id names no other object
+        if route is None:
+            self.text_route, self.text_upstream = " route=None upstream=", " rid="
+            self.json_destination = self.json_gateway = ""
+        else:
+            up = route.upstream
+            self.text_route = f" route={route.name} upstream="
+            self.text_upstream = f"@{up.host_header} rid="
+            self.json_destination = (f',"destination":{{"address":{_q(up.host)},'
+                                     f'"port":{up.port}}}')
+            self.json_gateway = f',"gateway":{{"route":{_q(route.name)}'
+        self.json_route = _q(self.text_route)[1:-1]
+        self.json_upstream = _q(self.text_upstream)[1:-1]
+
+
+class AccessLog:
+    """Writes each request's line. ``tls``: whether client connections can be TLS (the
+    listener's setting), so that a plain listener does not ask each connection."""
+
+    def __init__(self, *, enabled: bool = True, tls: bool = True) -> None:
+        handler = access_destination(access_logger) if enabled else None
+        # The level is set once at start-up when logging is the process's stream; otherwise
+        # ``logging`` decides per record (a test or an embedding application may change it).
+        if handler is not None and not access_logger.isEnabledFor(logging.INFO):
+            enabled = False
+        self.enabled = enabled
+        self._writer = process_writer() if enabled and handler is not None else None
+        # Without a stream, the record's fields are read back from the JSON line.
+        self._json = self._writer is None or handler is None or handler.shape == "json"
+        self._tls = tls
+        self._clock = _Clock(utc=self._json)
+        # By id: a route's hash walks all its fields.
+        self._routes: dict[int, _RouteParts] = {}
+        # The last raw User-Agent and Host and how they are logged (in the text, and the
+        # JSON members they make): a run of requests from one client repeats them, and
+        # cleaning is a regex each. (Replaced on every change: nothing of one visitor
+        # outlives the next line.)
+        self._ua: tuple[str | None, str, str] = (None, "-", "}\n")
+        self._host: tuple[str | None, str, str, str] = (None, "-", ',"url":{"path":', "}")
+        self._method = ("", '""')  # the last method and its JSON string (a token: few)
+
+    def _route_parts(self, route: CompiledRoute | None) -> _RouteParts:
+        parts = self._routes[id(route)] = _RouteParts(route)
+        return parts
+
+    def _see_user_agent(self, raw: str | None) -> tuple[str | None, str, str]:
+        """A new User-Agent: as the text says it, and the end of the JSON line with it
+        (printable ASCII without quotes or backslashes needs the quotes only)."""
+        agent = clean_user_agent(raw)
+        self._ua = (raw, agent or "-",
+                    f',"user_agent":{{"original":"{agent}"}}}}\n' if agent else "}\n")
+        return self._ua
+
+    def _see_host(self, raw: str | None) -> tuple[str | None, str, str, str]:
+        """A new Host: as the text says it, and the JSON ``url`` before and after the path."""
+        host = clean_host(raw)
+        if host is None:
+            self._host = (raw, "-", ',"url":{"path":', "}")
+        else:
+            domain, port = split_host(host)
+            self._host = (raw, host, f',"url":{{"domain":"{domain}","path":',
+                          f',"port":{port}}}' if port is not None else "}")
+        return self._host
 
     def log_exchange(self, client_ip: str, request_id: str, method: str, raw_path: str,
                      minor: int, status: int, route: CompiledRoute | None, ex: Exchange,
                      duration: float) -> None:
-        if not self.enabled or not access_logger.isEnabledFor(logging.INFO):
+        # The hot part of every request: values at hand, one f-string, no calls that can
+        # be avoided (the parts that change rarely are kept from the previous line).
+        writer = self._writer
+        if writer is None and not access_logger.isEnabledFor(logging.INFO):
             return
-        path = raw_path.partition("?")[0]
-        user_agent, host = self._clean(ex.headers)
-        tls = tls_version(ex)
+        ms = int(_time() * 1000)
+        clock = self._clock
+        stamp = clock.stamp if ms == clock.ms else clock.set(ms)
+        path = raw_path.partition("?")[0] if "?" in raw_path else raw_path
+        headers = ex.headers
+        raw = headers.get(_USER_AGENT) if headers is not None else None
+        ua = self._ua if raw == self._ua[0] else self._see_user_agent(raw)
+        raw = headers.get(_HOST_HEADER) if headers is not None else None
+        host = self._host if raw == self._host[0] else self._see_host(raw)
+        tls = tls_version(ex) if self._tls else None
         trace = ex.trace
         ids = trace.ids() if trace is not None else None
-        message = (
-            f"{client_ip} {method} {path} HTTP/1.{minor} {status} {ex.bytes_in}/{ex.bytes_out} "
-            f"{duration * 1000:.1f}ms host={host or '-'} ua=\"{user_agent or '-'}\" "
-            f"tls={tls or '-'} route={route.name if route else None} "
-            f"upstream={ex.upstream_status or '-'}"
-            f"{'@' + route.upstream.host_header if route else ''} rid={request_id}"
-            f"{f' trace={ids[0]} span={ids[1]}' if ids else ''}")
-        writer = self._writer
-        if writer is not None and not self._json:
-            writer.add(f"{self._clock.local()} INFO gateway.access: {message}\n")
+        parts = self._routes.get(id(route)) or self._route_parts(route)
+        if not self._json:
+            assert writer is not None
+            writer.add(
+                f"{stamp} INFO gateway.access: {client_ip} {method} {path} HTTP/1.{minor} "
+                f"{status} {ex.bytes_in}/{ex.bytes_out} {duration * 1000:.1f}ms "
+                f"host={host[1]} ua=\"{ua[1]}\" tls={tls or '-'}{parts.text_route}"
+                f"{ex.upstream_status or '-'}{parts.text_upstream}{request_id}"
+                f"{f' trace={ids[0]} span={ids[1]}' if ids else ''}\n")
             return
-        # The ECS document: a template with every string JSON-escaped, each object's keys in
-        # sorted order after the three ECS puts first, as ecs-logging writes them. (Encoding
-        # a nest of dicts costs several times more than the rest of the line.)
-        parts = [f'{{"@timestamp":"{self._clock.utc()}","log.level":"info",'
-                 f'"message":{_q(message)},"client":{{"ip":{_q(client_ip)}}}']
-        if route is not None:
-            up = route.upstream
-            parts.append(f',"destination":{{"address":{_q(up.host)},"port":{up.port}}}')
-        parts.append(_ECS_VERSION)
-        if ex.error:
-            parts.append(f',"error":{{"message":{_q(ex.error)}}}')
-        parts.append(f',"event":{{"dataset":"gateway.access","duration":{round(duration * 1e9)}}}')
-        if route is not None:
-            parts.append(f',"gateway":{{"route":{_q(route.name)}')
-            if ex.upstream_status:
-                parts.append(f',"upstream":{{"duration":{round(ex.upstream_time * 1e9)},'
-                             f'"status_code":{ex.upstream_status}}}')
-            parts.append("}")
-        parts.append(f',"http":{{"request":{{"body":{{"bytes":{ex.bytes_in}}},'
-                     f'"id":{_q(request_id)},"method":{_q(method)}}},'
-                     f'"response":{{"body":{{"bytes":{ex.bytes_out}}},"status_code":{status}}},'
-                     f'"version":"1.{minor}"}},"log":{{"logger":"gateway.access"}}')
-        if ids is not None:
-            parts.append(f',"span":{{"id":{_q(ids[1])}}}')
-        if tls is not None:
-            parts.append(f',"tls":{{"version":{_q(tls)},"version_protocol":"tls"}}')
-        if ids is not None:
-            parts.append(f',"trace":{{"id":{_q(ids[0])}}}')
-        if host is not None:
-            domain, port = split_host(host)
-            parts.append(f',"url":{{"domain":{_q(domain)},"path":{_q(path)}'
-                         + (f',"port":{port}}}' if port is not None else "}"))
+        # The ECS document: a template of JSON-escaped values, each object's keys in sorted
+        # order after the three ECS puts first, as ecs-logging writes them (encoding a nest
+        # of dicts costs several times more than the rest of the line). ``message`` is the
+        # text line's message, made of the same escaped values (escaping works piece by
+        # piece); the cleaned User-Agent and Host, the TLS version and the trace ids are
+        # printable ASCII without quotes or backslashes and need no escaping.
+        q_ip, q_path, q_rid = _q(client_ip), _q(path), _q(request_id)
+        q_method = self._method[1] if method == self._method[0] else self._see_method(method)
+        upstream = ex.upstream_status
+        error = ex.error
+        if route is None:
+            gateway = ""
+        elif upstream:
+            gateway = (f'{parts.json_gateway},"upstream":{{"duration":'
+                       f'{round(ex.upstream_time * 1e9)},"status_code":{upstream}}}}}')
         else:
-            parts.append(f',"url":{{"path":{_q(path)}}}')
-        if user_agent is not None:
-            parts.append(f',"user_agent":{{"original":{_q(user_agent)}}}')
-        parts.append("}\n")
-        line = "".join(parts)
+            gateway = parts.json_gateway + "}"
+        line = (
+            f'{{"@timestamp":"{stamp}","log.level":"info","message":"{q_ip[1:-1]} '
+            f'{q_method[1:-1]} {q_path[1:-1]} HTTP/1.{minor} {status} '
+            f'{ex.bytes_in}/{ex.bytes_out} {duration * 1000:.1f}ms host={host[1]} '
+            f'ua=\\"{ua[1]}\\" tls={tls or "-"}{parts.json_route}{upstream or "-"}'
+            f'{parts.json_upstream}{q_rid[1:-1]}'
+            f'{f" trace={ids[0]} span={ids[1]}" if ids else ""}",'
+            f'"client":{{"ip":{q_ip}}}{parts.json_destination}{_ECS_VERSION}'
+            f'{f",{_q_error(error)}" if error else ""}'
+            f',"event":{{"dataset":"gateway.access","duration":{round(duration * 1e9)}}}'
+            f'{gateway}'
+            f',"http":{{"request":{{"body":{{"bytes":{ex.bytes_in}}},'
+            f'"id":{q_rid},"method":{q_method}}},'
+            f'"response":{{"body":{{"bytes":{ex.bytes_out}}},"status_code":{status}}},'
+            f'"version":"1.{minor}"}},"log":{{"logger":"gateway.access"}}'
+            f'{f",{_span_json(ids[1])}" if ids else ""}'
+            f'{f",{_tls_json(tls)}" if tls else ""}'
+            f'{f",{_trace_json(ids[0])}" if ids else ""}'
+            f'{host[2]}{q_path}{host[3]}{ua[2]}')
         if writer is not None:
             writer.add(line)
             return
         # logging's record carries the request's fields (EcsFormatter adds the rest).
         fields = json.loads(line)
+        message = fields["message"]
         for key in ("@timestamp", "log.level", "message", "ecs.version", "log"):
             del fields[key]
         access_logger.info("%s", message, extra={"access": fields})
+
+    def _see_method(self, method: str) -> str:
+        self._method = (method, _q(method))
+        return self._method[1]
+
+
+# The line's optional members (rare, or only with tracing or TLS on).
+def _q_error(error: str) -> str:
+    return f'"error":{{"message":{_q(error)}}}'
+
+
+def _span_json(span_id: str) -> str:
+    return f'"span":{{"id":"{span_id}"}}'
+
+
+def _trace_json(trace_id: str) -> str:
+    return f'"trace":{{"id":"{trace_id}"}}'
+
+
+def _tls_json(version: str) -> str:
+    return f'"tls":{{"version":"{version}","version_protocol":"tls"}}'

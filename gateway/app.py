@@ -166,7 +166,7 @@ class Gateway:
             max_body=config.limits.client_max_body_size,
             send_timeout=config.timeouts.send,
         ))
-        self.access = AccessLog(enabled=config.access_log)
+        self.access = AccessLog(enabled=config.access_log, tls=config.listen.tls is not None)
         self.ws_idle = config.timeouts.websocket_idle
         self.metrics_hook: Callable[[str, str], None] = self.metrics.token_event
         # Token store/guard pings for the health monitor, and the guard's unlock (set by

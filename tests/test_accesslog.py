@@ -137,19 +137,21 @@ class _Transport:
         return _TLS() if name == "ssl_object" else None
 
 
-def _logged(shape: str, write: Callable[[AccessLog], None]) -> str:
+def _logged(shape: str, write: Callable[[AccessLog], None], level: int = logging.INFO) -> str:
     """What a process logging ``shape`` to a pipe writes while ``write`` logs exchanges."""
     r, w = os.pipe()
     handler = logs._ProcessHandler(os.fdopen(w, "w", closefd=False), shape)
     logger = logging.getLogger("gateway.access")
     saved = logger.handlers, logger.propagate, logger.level
-    logger.handlers, logger.propagate, logger.level = [handler], False, logging.INFO
+    logger.handlers, logger.propagate = [handler], False
+    logger.setLevel(level)  # (the attribute alone would leave logging's cached answers)
     try:
         write(AccessLog())
-        assert handler.lines is not None
-        handler.lines.close()
+        if handler.lines is not None:
+            handler.lines.close()
     finally:
-        logger.handlers, logger.propagate, logger.level = saved
+        logger.handlers, logger.propagate = saved[:2]
+        logger.setLevel(saved[2])
         os.close(w)
     with os.fdopen(r, "rb") as f:
         return f.read().decode()
@@ -228,6 +230,94 @@ def test_json_line_without_the_optional_fields_and_a_non_ascii_path() -> None:
     assert doc["url"] == {"path": "/caf\u00e9/\\\"x"}
 
 
+# Requests one after the other, each different from the last in every value the line keeps
+# from the previous one (route parts, cleaned Host and User-Agent, the method's JSON
+# string, the timestamp) and with the characters JSON must escape where a client or a
+# trusted proxy can put them (an IPv6 zone, a trusted X-Request-ID, the path).
+_ROUTES = [compile_route("/app/", "http://a.internal:8080/"),
+           compile_route("/b/", "https://b.internal/x/"), None]
+_REQUESTS = [
+    # client_ip, rid, method, raw path, minor, status, route, Host, User-Agent, seconds
+    ("203.0.113.9", "rid-1", "GET", "/app/1?token=SECRET", 1, 200, 0, "a.example", "ua-1", 0.0),
+    ("fe80::1%a\"b", 'r"\\d', "POST", '/b/"q\\?x=1', 0, 502, 1, "B.example:81", "ua\n2", 0.0004),
+    ("198.51.100.7", "rid-3", "DELETE", "/caf\u00e9", 1, 404, 2, None, None, 0.002),
+    ("203.0.113.9", "rid-4", "GET", "/app/4", 1, 304, 0, "a.example", "ua-1", 1.5),
+]
+
+
+def _log_requests(access: AccessLog, times: list[float]) -> None:
+    for i, (ip, rid, method, raw, minor, status, r, host, agent, dt) in enumerate(_REQUESTS):
+        ex = Exchange()
+        ex.headers = {k: v for k, v in (("Host", host), ("User-Agent", agent)) if v}
+        ex.bytes_in, ex.bytes_out = i, 100 + i
+        route = _ROUTES[r]
+        if route is not None:
+            ex.upstream_status, ex.upstream_time = status, 0.001 * (i + 1)
+        times.append(1_764_000_000.25 + dt)
+        access.log_exchange(ip, rid, method, raw, minor, status, route, ex, 0.01 * (i + 1))
+
+
+def test_each_line_carries_its_own_requests_values_and_end_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Text and JSON: every line has its own request's values and the time it ended, to the
+    millisecond; the JSON ``message`` is the text line's message, whatever the escaping."""
+    now: list[float] = []
+    monkeypatch.setattr("gateway.accesslog._time", lambda: now[-1])
+    text = _logged("text", lambda access: _log_requests(access, now)).splitlines()
+    docs = [json.loads(line) for line in _logged(
+        "json", lambda access: _log_requests(access, now)).splitlines()]
+    assert len(text) == len(docs) == len(_REQUESTS)
+    for i, (line, doc) in enumerate(zip(text, docs, strict=True)):
+        ip, rid, method, raw, minor, status, r, host, agent, dt = _REQUESTS[i]
+        route = _ROUTES[r]
+        ended = 1_764_000_000.25 + dt
+        local = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ended))
+        assert line.startswith(f"{local},{int(ended * 1000) % 1000:03d} INFO gateway.access: ")
+        assert doc["@timestamp"] == time.strftime(
+            "%Y-%m-%dT%H:%M:%S", time.gmtime(ended)) + f".{int(ended * 1000) % 1000:03d}Z"
+        message = line.split(" INFO gateway.access: ", 1)[1]
+        assert doc["message"] == message
+        path = raw.partition("?")[0]
+        assert message.startswith(f"{ip} {method} {path} HTTP/1.{minor} {status} {i}/{100 + i} ")
+        assert f" host={host.lower() if host else '-'} " in message
+        assert f' ua="{clean_user_agent(agent) or "-"}" ' in message
+        assert message.endswith(f"rid={rid}")
+        assert doc["client"] == {"ip": ip}
+        assert doc["http"]["request"] == {"body": {"bytes": i}, "id": rid, "method": method}
+        assert doc["http"]["response"] == {"body": {"bytes": 100 + i}, "status_code": status}
+        assert doc["http"]["version"] == f"1.{minor}"
+        assert doc["event"]["duration"] == round(0.01 * (i + 1) * 1e9)
+        assert doc["url"]["path"] == path
+        assert doc.get("user_agent", {}).get("original") == clean_user_agent(agent)
+        if route is None:
+            assert " route=None upstream=- rid=" in message
+            assert "gateway" not in doc and "destination" not in doc
+        else:
+            up = route.upstream
+            assert f" route={route.name} upstream={status}@{up.host_header} rid=" in message
+            assert doc["destination"] == {"address": up.host, "port": up.port}
+            assert doc["gateway"] == {"route": route.name, "upstream": {
+                "duration": round(0.001 * (i + 1) * 1e9), "status_code": status}}
+        if host is None:
+            assert doc["url"] == {"path": path}
+        else:
+            domain, port = split_host(host.lower())
+            assert doc["url"]["domain"] == domain and doc["url"].get("port") == port
+    assert "SECRET" not in repr(text) + repr(docs)
+
+
+def test_no_access_line_when_the_process_logs_above_info() -> None:
+    """``--log-level WARNING``: decided once when the access log is made, no line at all."""
+    made: list[AccessLog] = []
+
+    def write(access: AccessLog) -> None:
+        made.append(access)
+        access.log_exchange("203.0.113.9", "rid", "GET", "/x", 1, 200, None, Exchange(), 0.001)
+
+    assert _logged("text", write, level=logging.WARNING) == ""
+    assert not made[0].enabled  # Gateway.finished does not even call it
+
+
 # ------------------------------------------------------------------ the writer
 
 
@@ -244,6 +334,31 @@ def _drain(fd: int) -> bytes:
     while chunk := os.read(fd, 1 << 16):
         out += chunk
     return bytes(out)
+
+
+async def test_writer_writes_a_lone_line_within_flush_after() -> None:
+    """A line waits for its batch, but not longer than ``flush_after`` when no other comes."""
+    r, w = _pipe()
+    os.set_blocking(r, False)
+    writer = LineWriter(w, flush_after=0.2)
+    try:
+        writer.add("the only line\n")
+        with pytest.raises(BlockingIOError):
+            os.read(r, 100)  # batched: not written at once
+        started = time.monotonic()
+        async with asyncio.timeout(5):
+            while True:
+                try:
+                    got = os.read(r, 100)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+        assert got == b"the only line\n"
+        assert time.monotonic() - started < 2.0
+    finally:
+        writer.close()
+        os.close(w)
+        os.close(r)
 
 
 async def test_writer_drops_and_counts_when_nobody_reads_and_never_blocks() -> None:
