@@ -118,7 +118,7 @@ def real_client_ip(peer: str, xff_values: Sequence[str], trusted: TrustedProxies
 
 
 _HOST_RE = re.compile(
-    r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})?)*\.?"
+    r"(?:[A-Za-z0-9_][A-Za-z0-9_-]{0,62}(?:\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\.?"
     r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
