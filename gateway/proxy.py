@@ -379,7 +379,7 @@ def response_header_bytes(raw: Sequence[tuple[bytes, bytes]], route: CompiledRou
     and ``Access-Control-*`` as the route's trust boundary (gateway/boundary.py) says."""
     tokens = extra_hop_by_hop(raw, connection)
     policy = route.policy
-    out = bytearray()
+    lines: list[bytes] = []
     for name, value in raw:
         lname = name.lower()
         special = lname in _SPECIAL  # one lookup for the usual header, which is neither
@@ -390,9 +390,10 @@ def response_header_bytes(raw: Sequence[tuple[bytes, bytes]], route: CompiledRou
             if checked is None:
                 continue
             value = checked
-        # In-place appends: no temporary bytes objects for the concatenation.
-        out += name
-        out += b": "
-        out += value
-        out += b"\r\n"
-    return bytes(out)
+        # One short line per field, joined once: fewer steps than growing a bytearray
+        # four times per field.
+        lines.append(name + b": " + value)
+    if not lines:
+        return b""
+    lines.append(b"")
+    return b"\r\n".join(lines)
