@@ -193,14 +193,13 @@ class FastRequestHandler(_GatewayRequestHandler):
         lean = policy.lean(msg.method, msg.path, headers)
         if lean is None:
             return False
-        route, target, length, rewriter = lean
+        route, target, length, rewriter, host = lean
         # From here on, the request is the policy's, exactly as on the full path.
         start = time.perf_counter()  # durations only: the loop clock may tick in whole ms
         peer = self._peer_ip
         if peer is None:
             name = self.peername
             peer = self._peer_ip = name[0] if isinstance(name, tuple) else ""
-        host: str = headers["Host"]  # the policy checked it
         fwd, rid, https = policy.client(peer, headers, host,
                                         headers.getall("X-Forwarded-For", ()))
         ex = Exchange()

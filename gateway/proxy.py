@@ -325,24 +325,24 @@ def response_head(message: Response, route: CompiledRoute, version: HttpVersion,
             rechunk = True
         else:
             keep_alive = False  # HTTP/1.0 client: the end of the body is the close
-    head = bytearray(b"HTTP/%d.%d %d %s\r\n" % (version.major, version.minor, code,
-                                                 message.reason))
+    # Pieces joined once at the end (cheaper than growing a bytearray piece by piece).
+    head = [b"HTTP/%d.%d %d %s\r\n" % (version.major, version.minor, code, message.reason)]
     if not message.has_date:
-        head += date.line()
-    head += response_header_bytes(message.raw_headers, route, message.connection, https)
+        head.append(date.line())
+    head.append(response_header_bytes(message.raw_headers, route, message.connection, https))
     if length is not None and code >= 200 and code != 204:
-        head += b"Content-Length: %d\r\n" % length
+        head.append(b"Content-Length: %d\r\n" % length)
     for name, value in extra:
-        head += f"{name}: {value}\r\n".encode("latin-1")
-    head += extra_lines  # header lines already encoded, CRLF included
+        head.append(f"{name}: {value}\r\n".encode("latin-1"))
+    head.append(extra_lines)  # header lines already encoded, CRLF included
     if rechunk:
-        head += b"Transfer-Encoding: chunked\r\n"
+        head.append(b"Transfer-Encoding: chunked\r\n")
     if not keep_alive:
-        head += b"Connection: close\r\n"
+        head.append(b"Connection: close\r\n")
     elif version < HttpVersion11:
-        head += b"Connection: keep-alive\r\n"
-    head += b"\r\n"
-    return bytes(head), rechunk, keep_alive, no_body
+        head.append(b"Connection: keep-alive\r\n")
+    head.append(b"\r\n")
+    return b"".join(head), rechunk, keep_alive, no_body
 
 
 class Sent:
