@@ -227,7 +227,10 @@ class FastRequestHandler(_GatewayRequestHandler):
               *, now: bool = True) -> None:
         """Head and body to the upstream in one write (or the refusal of the body)."""
         ex = inline.ex
-        body, body_type, refused = self._body(msg, payload, length, rewriter, ex)
+        if length or rewriter is not None:
+            body, body_type, refused = self._body(msg, payload, length, rewriter, ex)
+        else:  # no body to read or rewrite (ex.bytes_in stays 0)
+            body, body_type, refused = b"", None, None
         if ex.extra_response_headers:
             inline.extras = (*ex.extra_response_headers, *inline.extras)
         if refused is not None:

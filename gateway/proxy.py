@@ -379,13 +379,16 @@ def response_header_bytes(raw: Sequence[tuple[bytes, bytes]], route: CompiledRou
     and ``Access-Control-*`` as the route's trust boundary (gateway/boundary.py) says."""
     tokens = extra_hop_by_hop(raw, connection)
     policy = route.policy
+    # Access-Control-* headers are the policy's to judge only where it strips them; where
+    # it does not, they pass as they are (RoutePolicy.response_value), unlooked-at.
+    strip_cors = policy.strip_cors
     lines: list[bytes] = []
     for name, value in raw:
         lname = name.lower()
         special = lname in _SPECIAL  # one lookup for the usual header, which is neither
         if (special and lname in HOP_BY_HOP) or (tokens and lname in tokens):
             continue
-        if special or lname.startswith(b"access-control-"):
+        if special or (strip_cors and lname.startswith(b"access-control-")):
             checked = policy.response_value(lname, value, route.urls, https)
             if checked is None:
                 continue

@@ -122,7 +122,8 @@ def parse_head(head: bytes) -> Response:
         name, colon, value = line.partition(b":")
         if not name or not colon:
             raise InvalidResponse("upstream sent an invalid header line")
-        value = value.strip(b" \t")
+        # Optional whitespace: SP and HTAB (the other bytes strip() takes are refused above).
+        value = value.strip()
         if len(name) in _SPECIAL_LENGTHS:  # most names are none of these: no lower()
             lname = name.lower()
             if lname == b"content-length":
