@@ -159,8 +159,9 @@ class Forwarded(NamedTuple):
 def forwarded_for(peer: str, xff_values: Sequence[str], trusted: TrustedProxies, scheme: str,
                   host: str, fwd_proto: str | None, fwd_host: str | None) -> Forwarded:
     if not xff_values and not trusted.any:
-        # The usual request from a browser straight to the gateway: nothing to walk.
-        return Forwarded(peer, peer, scheme, host)
+        # The usual request from a browser straight to the gateway: nothing to walk. (Made
+        # as the named tuple's own __new__ makes it, without that Python-level frame.)
+        return tuple.__new__(Forwarded, (peer, peer, scheme, host))
     client = real_client_ip(peer, xff_values, trusted)
     # nginx's $proxy_add_x_forwarded_for: what came in, plus the peer.
     prior = ", ".join(v.strip() for v in xff_values if v.strip())

@@ -382,13 +382,15 @@ def response_header_bytes(raw: Sequence[tuple[bytes, bytes]], route: CompiledRou
     # Access-Control-* headers are the policy's to judge only where it strips them; where
     # it does not, they pass as they are (RoutePolicy.response_value), unlooked-at.
     strip_cors = policy.strip_cors
+    watch = strip_cors or bool(tokens)  # more names to look at than _SPECIAL's
     lines: list[bytes] = []
     for name, value in raw:
         lname = name.lower()
-        special = lname in _SPECIAL  # one lookup for the usual header, which is neither
-        if (special and lname in HOP_BY_HOP) or (tokens and lname in tokens):
-            continue
-        if special or (strip_cors and lname.startswith(b"access-control-")):
+        # The usual field is none of these: one set lookup, then its line.
+        if lname in _SPECIAL or (watch and (lname in tokens or (
+                strip_cors and lname.startswith(b"access-control-")))):
+            if lname in HOP_BY_HOP or lname in tokens:
+                continue
             checked = policy.response_value(lname, value, route.urls, https)
             if checked is None:
                 continue
