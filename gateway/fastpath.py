@@ -107,7 +107,10 @@ class FastRequestHandler(_GatewayRequestHandler):
         # (The client-header deadline of the parent class is kept here too, inline: this
         # runs once per request on the hot path.)
         queue = self.queue
-        busy = bool(queue) or self.serving or self._inline is not None
+        # Whether a request was already under way before these bytes (aiohttp's loop only
+        # starts serving from its own task, never from parsing: it is asked below, when
+        # the answer matters).
+        was_busy = bool(queue) or self._inline is not None
         waiter = self.hide_waiter()
         try:
             self._parse(data)
@@ -122,7 +125,7 @@ class FastRequestHandler(_GatewayRequestHandler):
                 self._header_timer = None
             if queue:
                 self._pump()
-        elif not busy and data:
+        elif not was_busy and not self.serving and data:
             self._arm_header_timer()
 
     def _pump(self) -> None:

@@ -192,11 +192,13 @@ class Body:
         self._size += len(data)
         if self._size > _HIGH_WATER:
             self._conn.pause_reading()
-        self._wake()
+        if self._waiter is not None:  # (usually no one waits yet: no call then)
+            self._wake()
 
     def finish(self) -> None:
         self.done = True
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
 
     def fail(self, exc: BaseException) -> None:
         if not self.done:
