@@ -134,8 +134,11 @@ def parse_head(head: bytes) -> Response:
                 codings += value.split(b",")
                 continue
             if lname == b"connection":
-                connection += [t.strip(" \t").lower()
-                               for t in value.decode("latin-1").split(",")]
+                text = value.decode("latin-1")
+                if "," in text:
+                    connection += [t.strip(" \t").lower() for t in text.split(",")]
+                else:  # the usual one token (value is stripped already)
+                    connection.append(text.lower())
             elif lname == b"date":
                 has_date = True
         raw.append((name, value))
