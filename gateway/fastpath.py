@@ -43,11 +43,14 @@ log = logging.getLogger("gateway.fastpath")
 class _Inline:
     """One request in flight on the fast path."""
 
-    __slots__ = ("client_ip", "conn", "ex", "extras", "head", "head_request", "keep_alive",
-                 "method", "minor", "opening", "raw_path", "rid", "route", "start", "version")
+    __slots__ = ("client_ip", "conn", "ex", "extras", "gw", "head", "head_request",
+                 "keep_alive", "method", "minor", "opening", "raw_path", "rid", "route", "start",
+                 "version")
 
-    def __init__(self, route: CompiledRoute, msg: RawRequestMessage, ex: Exchange, rid: str,
-                 client_ip: str, start: float) -> None:
+    def __init__(self, gw: Gateway, route: CompiledRoute, msg: RawRequestMessage, ex: Exchange,
+                 rid: str, client_ip: str, start: float) -> None:
+        # The gateway this request started on (a reload swaps the server's), looked up once.
+        self.gw = gw
         # The upstream connection and the bytes sent on it: set once the body is here.
         self.conn: UpstreamConnection | None = None
         self.head = b""
@@ -104,7 +107,10 @@ class FastRequestHandler(_GatewayRequestHandler):
         # (The client-header deadline of the parent class is kept here too, inline: this
         # runs once per request on the hot path.)
         queue = self.queue
-        busy = bool(queue) or self.serving or self._inline is not None
+        # Whether a request was already under way before these bytes (aiohttp's loop only
+        # starts serving from its own task, never from parsing: it is asked below, when
+        # the answer matters).
+        was_busy = bool(queue) or self._inline is not None
         waiter = self.hide_waiter()
         try:
             self._parse(data)
@@ -119,7 +125,7 @@ class FastRequestHandler(_GatewayRequestHandler):
                 self._header_timer = None
             if queue:
                 self._pump()
-        elif not busy and data:
+        elif not was_busy and not self.serving and data:
             self._arm_header_timer()
 
     def _pump(self) -> None:
@@ -190,14 +196,13 @@ class FastRequestHandler(_GatewayRequestHandler):
         lean = policy.lean(msg.method, msg.path, headers)
         if lean is None:
             return False
-        route, target, length, rewriter = lean
+        route, target, length, rewriter, host = lean
         # From here on, the request is the policy's, exactly as on the full path.
         start = time.perf_counter()  # durations only: the loop clock may tick in whole ms
         peer = self._peer_ip
         if peer is None:
             name = self.peername
             peer = self._peer_ip = name[0] if isinstance(name, tuple) else ""
-        host: str = headers["Host"]  # the policy checked it
         fwd, rid, https = policy.client(peer, headers, host,
                                         headers.getall("X-Forwarded-For", ()))
         ex = Exchange()
@@ -206,7 +211,7 @@ class FastRequestHandler(_GatewayRequestHandler):
         ex.transport = self.transport
         if gw.tracing is not None:
             ex.trace = gw.tracing.begin(headers, peer)
-        inline = _Inline(route, msg, ex, rid, fwd.client_ip, start)
+        inline = _Inline(gw, route, msg, ex, rid, fwd.client_ip, start)
         origin = headers.get("Origin")  # a browser's every POST carries one
         inline.extras = policy.proxied_extras(policy.cors_headers(origin) if origin else None)
         self._inline = inline
@@ -225,7 +230,10 @@ class FastRequestHandler(_GatewayRequestHandler):
               *, now: bool = True) -> None:
         """Head and body to the upstream in one write (or the refusal of the body)."""
         ex = inline.ex
-        body, body_type, refused = self._body(msg, payload, length, rewriter, ex)
+        if length or rewriter is not None:
+            body, body_type, refused = self._body(msg, payload, length, rewriter, ex)
+        else:  # no body to read or rewrite (ex.bytes_in stays 0)
+            body, body_type, refused = b"", None, None
         if ex.extra_response_headers:
             inline.extras = (*ex.extra_response_headers, *inline.extras)
         if refused is not None:
@@ -234,14 +242,15 @@ class FastRequestHandler(_GatewayRequestHandler):
             else:  # answered once this request has left aiohttp's queue (the caller takes it)
                 self.event_loop.call_soon(self._refuse, inline, refused)
             return
-        head = self.gateway.policy.upstream_head(
+        gw = inline.gw
+        head = gw.policy.upstream_head(
             inline.route, msg.method, target, msg.raw_headers, host, fwd, inline.rid,
             msg.headers.getall("Connection", ()), trace=ex.trace,
             framing=_framing(msg.method, length, body), body_type=body_type)
         if body:
             head += body
         inline.head = bytes(head)
-        conn = self.gateway.pool.acquire_idle(inline.route.upstream)
+        conn = gw.pool.acquire_idle(inline.route.upstream)
         if conn is None:
             # None idle: open one (or queue for one at max_connections) in a small task.
             # `_inline` is already set, so pipelined requests wait behind this one.
@@ -264,7 +273,7 @@ class FastRequestHandler(_GatewayRequestHandler):
             inline.opening.add_done_callback(_log_task_error)
             return
         conn.start_cb(inline.head, method=inline.method,
-                      read_timeout=self.gateway.proxy.settings.read_timeout,
+                      read_timeout=inline.gw.proxy.settings.read_timeout,
                       on_head=partial(self._on_head, inline))
         conn.arm_read_timeout()
 
@@ -272,7 +281,7 @@ class FastRequestHandler(_GatewayRequestHandler):
         """A new upstream connection for ``inline``, then the request on it. (Cancelled by
         ``connection_lost`` if the client leaves meanwhile.)"""
         try:
-            conn = await self.gateway.pool.acquire(inline.route.upstream)
+            conn = await inline.gw.pool.acquire(inline.route.upstream)
         except UpstreamError as exc:
             inline.opening = None
             self._write_error(inline, exc)
@@ -385,7 +394,7 @@ class FastRequestHandler(_GatewayRequestHandler):
             message, inline.route, inline.version, inline.keep_alive, inline.head_request,
             inline.extras,
             b"X-Request-ID: %s\r\n" % inline.rid.encode(), https=ex.https,
-            date=self.gateway.proxy.date)
+            date=inline.gw.proxy.date)
         inline.keep_alive = keep_alive
         transport = self.transport
         conn = inline.conn
@@ -421,7 +430,7 @@ class FastRequestHandler(_GatewayRequestHandler):
                 out += len(chunk)
                 transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if rechunk else chunk)
                 if self.writing_paused:
-                    await drain_client(self, self.gateway.proxy.settings.send_timeout)
+                    await drain_client(self, inline.gw.proxy.settings.send_timeout)
             if rechunk and transport is not None:
                 transport.write(b"0\r\n\r\n")
             ok = True
@@ -443,7 +452,7 @@ class FastRequestHandler(_GatewayRequestHandler):
             self._done(inline, message.code)
 
     async def _retry(self, inline: _Inline) -> None:
-        gw = self.gateway
+        gw = inline.gw
         inline.conn = None
         try:
             conn = await gw.pool.acquire(inline.route.upstream, fresh=True)
@@ -478,7 +487,7 @@ class FastRequestHandler(_GatewayRequestHandler):
             transport.write(render_error(answer, inline.rid, minor=inline.minor,
                                          keep_alive=inline.keep_alive,
                                          head_request=inline.head_request,
-                                         date_line=self.gateway.proxy.date.line()))
+                                         date_line=inline.gw.proxy.date.line()))
         inline.ex.bytes_out = 0 if inline.head_request else len(answer.body)
         self._done(inline, answer.status)
 
@@ -488,7 +497,7 @@ class FastRequestHandler(_GatewayRequestHandler):
         self._inline = None
         if error:
             inline.ex.error = error
-        self.gateway.finished(inline.client_ip, inline.rid, inline.method, inline.raw_path,
+        inline.gw.finished(inline.client_ip, inline.rid, inline.method, inline.raw_path,
                               inline.minor, status, inline.route, inline.ex,
                               time.perf_counter() - inline.start)
         if self._drained is not None and not self._drained.done():

@@ -100,10 +100,12 @@ class Metrics:
         counts = self._counts
         key = (route, method, status)
         n = counts.get(key)
-        if n is None and len(counts) > 2000:  # methods are client-chosen: bound the series
-            key = (route, "OTHER", status)
-            n = counts.get(key)
-        counts[key] = (n or 0) + 1
+        if n is not None:  # the usual case: a series already counted
+            counts[key] = n + 1
+        else:
+            if len(counts) > 2000:  # methods are client-chosen: bound the series
+                key = (route, "OTHER", status)
+            counts[key] = counts.get(key, 0) + 1
         if upstream_error is not None:
             self.upstream_errors.labels(route, upstream_error).inc()
         if status == 101:

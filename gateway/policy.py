@@ -141,10 +141,10 @@ class ForwardingPolicy:
         self.ext: Extensions | None = None
 
     def lean(self, method: str, raw_path: str, headers: Mapping[str, str]
-             ) -> tuple[CompiledRoute, str, int, Rewriter | None] | None:
+             ) -> tuple[CompiledRoute, str, int, Rewriter | None, str] | None:
         """Whether the lean path (gateway/fastpath.py) may forward this request as it is:
-        (route, upstream target, body length, the body's rewriter) when nothing about it
-        needs the full path's answers, else None.
+        (route, upstream target, body length, the body's rewriter, the checked Host) when
+        nothing about it needs the full path's answers, else None.
 
         The full path takes everything that needs normalising, refusing or answering by the
         gateway (odd paths, an invalid Host, the gateway's own endpoints and client-script
@@ -183,7 +183,7 @@ class ForwardingPolicy:
         routed = self.route(path, query)
         if routed is None:
             return None
-        return routed[0], routed[1], length, rewriter
+        return routed[0], routed[1], length, rewriter, host
 
     def client(self, peer: str, headers: Mapping[str, str], host: str,
                xff: Sequence[str]) -> tuple[Forwarded, str, bool]:

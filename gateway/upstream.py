@@ -43,6 +43,16 @@ DEFAULT_MAX_HEADER_SIZE = 16 * 1024
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: |\r)")
 # What a status line or a field may hold besides its CRLF: HTAB, printable ASCII, obs-text.
 _FIELD_BYTES = bytes([9, *range(0x20, 0x7F), *range(0x80, 0x100)])
+# Translation tables that turn every byte not allowed into NUL (itself never allowed): one
+# pass with a fixed table, then a search for NUL, costs less than deleting the allowed bytes
+# (``translate(None, allowed)`` builds its table on every call). The NUL is searched as the
+# integer 0: ``bytes in bytes`` first tries its operand as an integer and pays for a
+# TypeError when it is not one. (CR and LF become NUL too: counted against the CRLFs.)
+_HEAD_CHECK = bytes(b if b in _FIELD_BYTES else 0 for b in range(256))
+# A field name: a token (RFC 9110 5.6.2).
+_TOKEN_CHECK = bytes(
+    b if b in b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    else 0 for b in range(256))
 # A field line that does not start with a token right before its colon (RFC 9112 §5.1):
 # this also finds obs-fold (a line starting with whitespace) and whitespace before the colon.
 _BAD_FIELD_START = re.compile(rb"\r\n(?![!#$%&'*+\-.^_`|~0-9A-Za-z]+:)")
@@ -99,10 +109,9 @@ def parse_head(head: bytes) -> Response:
         raise InvalidResponse("upstream sent an invalid status line")
     line_end = head.find(b"\r\n")
     # Every CR and LF is part of a CRLF, and no other control character is anywhere.
-    if head.replace(b"\r\n", b"").translate(None, _FIELD_BYTES):
+    # (A NUL for each CR and LF of every CRLF, and none for anything else.)
+    if head.translate(_HEAD_CHECK).count(0) != 2 * head.count(b"\r\n"):
         raise InvalidResponse("upstream sent a bare CR or LF or a control character")
-    if _BAD_FIELD_START.search(head, 0, len(head) - 2) is not None:
-        raise InvalidResponse("upstream sent an invalid header line")
     minor = 1 if m[1] == b"1" else 0
     raw: list[tuple[bytes, bytes]] = []
     lengths: list[bytes] = []
@@ -110,8 +119,11 @@ def parse_head(head: bytes) -> Response:
     connection: list[str] = []
     has_date = False
     for line in head[line_end + 2:-2].split(b"\r\n") if len(head) > line_end + 2 else ():
-        name, _, value = line.partition(b":")
-        value = value.strip(b" \t")
+        name, colon, value = line.partition(b":")
+        if not name or not colon:
+            raise InvalidResponse("upstream sent an invalid header line")
+        # Optional whitespace: SP and HTAB (the other bytes strip() takes are refused above).
+        value = value.strip()
         if len(name) in _SPECIAL_LENGTHS:  # most names are none of these: no lower()
             lname = name.lower()
             if lname == b"content-length":
@@ -121,11 +133,19 @@ def parse_head(head: bytes) -> Response:
                 codings += value.split(b",")
                 continue
             if lname == b"connection":
-                connection += [t.strip(" \t").lower()
-                               for t in value.decode("latin-1").split(",")]
+                text = value.decode("latin-1")
+                if "," in text:
+                    connection += [t.strip(" \t").lower() for t in text.split(",")]
+                else:  # the usual one token (value is stripped already)
+                    connection.append(text.lower())
             elif lname == b"date":
                 has_date = True
         raw.append((name, value))
+    # Each name a token right before its colon (RFC 9112 5.1): this also refuses obs-fold
+    # (a line starting with whitespace) and whitespace before the colon. (The names read
+    # above and not kept are tokens: they equal one.)
+    if raw and 0 in b"".join([name for name, _ in raw]).translate(_TOKEN_CHECK):
+        raise InvalidResponse("upstream sent an invalid header line")
     code = int(m[2])
     length: int | None = None
     if lengths:
@@ -174,11 +194,13 @@ class Body:
         self._size += len(data)
         if self._size > _HIGH_WATER:
             self._conn.pause_reading()
-        self._wake()
+        if self._waiter is not None:  # (usually no one waits yet: no call then)
+            self._wake()
 
     def finish(self) -> None:
         self.done = True
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
 
     def fail(self, exc: BaseException) -> None:
         if not self.done:
@@ -224,7 +246,7 @@ class ResponseReader:
     its body. Made anew for every exchange."""
 
     __slots__ = ("_buf", "_head_request", "_limit", "_remaining", "_state", "_trailer_size",
-                 "_upgrade", "body", "response", "stray", "tail")
+                 "_upgrade", "body", "complete", "response", "stray", "tail")
 
     def __init__(self, body: Body, *, head_request: bool, upgrade: bool, limit: int) -> None:
         self._buf = bytearray()
@@ -238,10 +260,9 @@ class ResponseReader:
         self.response: Response | None = None
         self.stray = False  # bytes after the end of the response: the connection is unusable
         self.tail = b""  # after a 101: the first bytes of the upgraded protocol
-
-    @property
-    def complete(self) -> bool:
-        return self._state == _DONE
+        # The response is read to its end (the state is _DONE): a plain attribute, as the
+        # connection asks on every read.
+        self.complete = False
 
     @property
     def until_close(self) -> bool:
@@ -313,6 +334,7 @@ class ResponseReader:
                 raise InvalidResponse("upstream switched protocols unasked")
             self.tail = rest
             self._state = _DONE
+            self.complete = True
         elif self._head_request or code in (204, 304):
             if self._head_request and response.length is None:
                 # The answer to a GET would have been streamed: the upstream may still be
@@ -412,6 +434,7 @@ class ResponseReader:
 
     def _end(self, rest: bytes) -> None:
         self._state = _DONE
+        self.complete = True
         if rest:
             self.stray = True
         self.body.finish()
@@ -420,6 +443,7 @@ class ResponseReader:
         """The upstream closed the connection: the end of a close-delimited body."""
         if self._state == _UNTIL_CLOSE:
             self._state = _DONE
+            self.complete = True
             self.body.finish()
 
 

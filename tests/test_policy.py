@@ -199,6 +199,8 @@ def test_lean_path_names_the_route_it_forwards_to() -> None:
     assert app is not None and root is not None
     assert (app[0].prefix, app[1]) == ("/app/", "/up/x")
     assert (root[0].prefix, root[1]) == ("/", "/root/x")
+    # The Host it checked, handed on (the lean path forwards exactly that one).
+    assert app[4] == root[4] == "gw.test"
 
 
 @pytest.mark.parametrize(("max_body", "length", "lean"), [
