@@ -8,7 +8,9 @@ full one), so every rule below is enforced in this one module:
 - request side: only the route's own cookies go upstream (``ccmessaging-token``, the names
   listed in ``forward_cookies`` and the cookies the third party set through the gateway,
   whose names are restored from their namespace); ``Authorization`` and
-  ``Proxy-Authorization`` only with ``forward_credentials``;
+  ``Proxy-Authorization`` only with ``forward_credentials``; a ``Referer`` from a page of
+  the site is cut to its origin (what a browser sends to another origin), unless
+  ``forward_referer``;
 - response side: a third party's ``Set-Cookie`` is renamed into the namespace, confined to
   the route's prefix (like nginx ``proxy_cookie_path``), loses its ``Domain``, gains
   ``Secure`` when the visitor uses https, and is refused when it names a cookie the gateway
@@ -73,6 +75,8 @@ __all__ = ["valid_host"]  # checked by the dispatcher and the fast path
 
 
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+# An absolute URL as a Referer carries it: scheme, authority, the rest (path, query).
+_REFERER = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#\s]+)([^\s#]*)(?:#\S*)?")
 _C0_OR_SPACE = "".join(chr(i) for i in range(0x21))
 _NEWLINES = str.maketrans("", "", "\t\n\r")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -323,8 +327,13 @@ class RoutePolicy:
     forward_credentials: bool = True
     refused_cookies: frozenset[str] = frozenset()  # lower-case
     stats: CookieStats = field(default_factory=CookieStats)
-    # Request headers never sent upstream on this route (beyond the hop-by-hop ones).
+    # Request headers never sent upstream as they are on this route (beyond the hop-by-hop
+    # ones): dropped, or (cookie, referer) reduced to what the route may see.
     drop_up: frozenset[bytes] = frozenset()
+
+    @property
+    def prefix_bytes(self) -> bytes:
+        return self.prefix.encode("utf-8", "surrogateescape")
 
     # ---------------------------------------------------------------- request side
 
@@ -345,6 +354,31 @@ class RoutePolicy:
                 elif name in self.forward_cookies:
                     kept.append(name + b"=" + val)
         return b"; ".join(kept) if kept else None
+
+    def upstream_referer(self, value: bytes) -> bytes | None:
+        """The ``Referer`` for a third-party upstream, or None (left out).
+
+        A page of the route itself (its path under the route's prefix) is the third
+        party's own and goes as it is. Any other page is the site's, and its URL may carry
+        what the site put there (a search, an order number, a token in the query): the
+        third party gets only its origin, as a browser would send it to another origin
+        (``strict-origin-when-cross-origin``). Without credentials or a fragment, as
+        browsers send it; something that is not an absolute URL is left out.
+        """
+        m = _REFERER.fullmatch(value)
+        if m is None:
+            return None
+        scheme, authority, path = m.groups()
+        authority = authority.rpartition(b"@")[2]
+        if not authority:
+            return None
+        origin = scheme.lower() + b"://" + authority
+        # (A path with dot segments or escapes may resolve outside the prefix: origin only.)
+        page = path.partition(b"?")[0]
+        if (page.startswith(self.prefix_bytes) and b"/." not in page and b"%" not in page
+                and b"\\" not in page):
+            return origin + path
+        return origin + b"/"
 
     # ---------------------------------------------------------------- response side
 
@@ -428,7 +462,7 @@ def site_policy(name: str, prefix: str, urls: UrlMap | None = None, *,
 
 def third_party_policy(name: str, prefix: str, urls: UrlMap, *,
                        forward_cookies: Sequence[str] = (), namespace: str = DEFAULT_NAMESPACE,
-                       forward_credentials: bool = False,
+                       forward_credentials: bool = False, forward_referer: bool = False,
                        refused_cookies: Iterable[str] = (),
                        counted: Callable[[str], None] | None = None) -> RoutePolicy:
     names = frozenset(n.encode() for n in (CEC_SESSION_COOKIE, *forward_cookies))
@@ -436,7 +470,8 @@ def third_party_policy(name: str, prefix: str, urls: UrlMap, *,
                                                               b"proxy-authorization"})
     return RoutePolicy(name, True, prefix, True, Redirects(urls), names, namespace.encode(),
                        forward_credentials, frozenset(n.lower() for n in refused_cookies),
-                       CookieStats(counted), drop_up=drop | {b"cookie"})
+                       CookieStats(counted),
+                       drop_up=drop | {b"cookie"} | (set() if forward_referer else {b"referer"}))
 
 
 # ------------------------------------------------------------------ client scripts
@@ -562,6 +597,7 @@ def compile_policies(config: Config, routes: list[CompiledRoute],
                 namespace=trust.cookie_namespace,
                 forward_credentials=declared.forward_credentials if declared is not None
                 else False,
+                forward_referer=declared.forward_referer if declared is not None else False,
                 refused_cookies=refused, counted=counted)
         else:
             policy = site_policy(route.name, route.prefix, route.urls, strip_cors=strip_cors)

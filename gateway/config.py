@@ -115,6 +115,7 @@ class Route(_Model):
     third_party: bool | None = None
     forward_cookies: list[str] = []  # to a third party, besides ccmessaging-token
     forward_credentials: bool = False  # Authorization / Proxy-Authorization to a third party
+    forward_referer: bool = False  # a Referer from the site's pages in full to a third party
     # The upstream's connection pool (gateway/upstream.py PoolLimits), per upstream like
     # nginx's `upstream { keepalive }`: routes to the same host:port share these. None: not
     # set on this route (another route to the upstream may set it, else the default).

@@ -188,7 +188,7 @@ def upstream_request_head(method: str, target: str, raw: RawHeaders, host: str,
 
     Body framing (Content-Length / chunked) is appended by the caller, who knows it.
     ``policy`` is the route's trust boundary: on a third-party route it drops the
-    credentials and keeps only the route's own cookies.
+    credentials, keeps only the route's own cookies and trims a ``Referer`` from the site.
     """
     drop = _DROP_UP if new_content_type is None else _DROP_UP_AND_TYPE
     if trace is not None:
@@ -202,6 +202,7 @@ def upstream_request_head(method: str, target: str, raw: RawHeaders, host: str,
     out = bytearray(f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode(*_RAW))
     guarded = policy.drop_up if policy is not None else _NONE
     cookies: list[bytes] = []
+    referer: bytes | None = None
     for name, value in raw:
         lname = name.lower()
         # Names with '_' are dropped like nginx does: CGI-style upstreams read X_Real_IP
@@ -211,6 +212,8 @@ def upstream_request_head(method: str, target: str, raw: RawHeaders, host: str,
         if guarded and lname in guarded:
             if lname == b"cookie":
                 cookies.append(value)
+            elif lname == b"referer":
+                referer = value
             continue
         out += name + b": " + value + b"\r\n"
     # The gateway's own lines in one piece (one encoding, one append).
@@ -222,6 +225,10 @@ def upstream_request_head(method: str, target: str, raw: RawHeaders, host: str,
         own = policy.upstream_cookie(cookies)
         if own is not None:
             out += b"Cookie: " + own + b"\r\n"
+    if referer is not None and policy is not None:
+        kept = policy.upstream_referer(referer)
+        if kept is not None:
+            out += b"Referer: " + kept + b"\r\n"
     if trace is not None:
         out += trace.upstream_lines()
     for name, value in extra:

@@ -234,6 +234,44 @@ async def test_configured_cookie_names_and_credentials_are_forwarded() -> None:
     assert got.header("Authorization") == "Basic eA=="
 
 
+SITE_PAGE = "https://shop.example/orders/4711?token=site-secret&q=x#frag"
+
+
+async def test_the_cec_gets_only_the_origin_of_a_site_pages_referer(
+        gw: Stack, path_mode: list[tuple[str, bool]]) -> None:
+    resp = await get(gw, path_mode, "/service-cloud/x", f"Referer: {SITE_PAGE}")
+    assert resp.status == 200
+    got = gw.cec.requests[-1]
+    assert got.all("Referer") == ["https://shop.example/"]
+    assert b"site-secret" not in got.raw and b"4711" not in got.raw
+
+
+async def test_the_cecs_own_page_as_referer_reaches_it_as_it_is(
+        gw: Stack, path_mode: list[tuple[str, bool]]) -> None:
+    own = "https://shop.example/service-cloud/webclient/chat.html?lang=en"
+    resp = await get(gw, path_mode, "/service-cloud/y", f"Referer: {own}")
+    assert resp.status == 200
+    assert gw.cec.requests[-1].all("Referer") == [own]
+
+
+async def test_the_site_route_gets_the_referer_as_it_is(
+        gw: Stack, path_mode: list[tuple[str, bool]]) -> None:
+    resp = await get(gw, path_mode, "/account", f"Referer: {SITE_PAGE}")
+    assert resp.status == 200
+    assert gw.site.requests[-1].header("Referer") == SITE_PAGE
+
+
+async def test_forward_referer_sends_it_in_full() -> None:
+    async with run_recorder() as cec, run_recorder() as site:
+        tree = config_tree(cec, site)
+        tree["routes"][0].update(forward_referer=True)
+        config = load_config_text(yaml.safe_dump(tree), env={})
+        async with serving(config) as running:
+            await raw_exchange("127.0.0.1", running.port, request(
+                "/service-cloud/z", f"Referer: {SITE_PAGE}"))
+    assert cec.requests[-1].header("Referer") == SITE_PAGE
+
+
 async def test_a_websocket_upgrade_to_the_cec_carries_only_its_cookies(gw: Stack) -> None:
     await raw_exchange("127.0.0.1", gw.port, request(
         "/service-cloud/ws", BROWSER_COOKIES, "Authorization: Bearer site-credential",
@@ -537,6 +575,34 @@ POLICY = third_party_policy("/service-cloud/", "/service-cloud/", CEC_URLS,
 ])
 def test_upstream_cookie(value: str, expected: str | None) -> None:
     out = POLICY.upstream_cookie([value.encode()])
+    assert out == (expected.encode() if expected is not None else None)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("https://shop.example/orders?token=t", "https://shop.example/"),
+    ("HTTPS://shop.example:8443/a/b#f", "https://shop.example:8443/"),
+    ("https://user:pw@shop.example/a", "https://shop.example/"),  # never credentials
+    ("https://shop.example", "https://shop.example/"),
+    ("https://shop.example?x=1", "https://shop.example/"),
+    ("https://shop.example/service-cloud/p?x=1#f", "https://shop.example/service-cloud/p?x=1"),
+    ("https://u@shop.example/service-cloud/p", "https://shop.example/service-cloud/p"),
+    # Paths that only look like the route's: its prefix exactly, nothing that resolves away.
+    ("https://shop.example/service-cloud", "https://shop.example/"),
+    ("https://shop.example/service-cloudy/p", "https://shop.example/"),
+    ("https://shop.example/service-cloud/../orders?token=t", "https://shop.example/"),
+    ("https://shop.example/service-cloud/%2e%2e/orders", "https://shop.example/"),
+    ("https://shop.example/service-cloud\\..\\orders", "https://shop.example/"),
+    ("https://shop.example/orders?next=/service-cloud/", "https://shop.example/"),
+    # Not an absolute URL: left out.
+    ("/orders?token=t", None),
+    ("shop.example/orders", None),
+    ("https:///orders", None),
+    ("https://@/orders", None),
+    ("https://shop.example/a b", None),
+    ("", None),
+])
+def test_upstream_referer(value: str, expected: str | None) -> None:
+    out = POLICY.upstream_referer(value.encode())
     assert out == (expected.encode() if expected is not None else None)
 
 
