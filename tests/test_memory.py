@@ -170,10 +170,15 @@ def test_idle_connections_are_shed_a_second_after_the_crowd_went_unless_it_came_
         ) -> None:
     shed: list[int] = []
 
-    async def scenario() -> None:
+    def watching() -> CrowdRelease:
+        """A crowd of 4 whose follow-ups come at each ``_check``, shedding into ``shed``."""
         crowd = CrowdRelease(crowd=4, follow_ups=(0.0, 1.0, 2.0), every=60.0,
                              trim=CountingTrim(), shed=shed.append)
         crowd.release = lambda: None  # type: ignore[method-assign]
+        return crowd
+
+    async def scenario() -> None:
+        crowd = watching()
         for _ in range(6):
             crowd.opened()
         for _ in range(5):
@@ -187,9 +192,7 @@ def test_idle_connections_are_shed_a_second_after_the_crowd_went_unless_it_came_
         crowd.close()
 
         # A crowd that comes back within that second keeps the pool's connections.
-        again = CrowdRelease(crowd=4, follow_ups=(0.0, 1.0, 2.0), every=60.0,
-                             trim=CountingTrim(), shed=shed.append)
-        again.release = lambda: None  # type: ignore[method-assign]
+        again = watching()
         for _ in range(6):
             again.opened()
         for _ in range(6):
