@@ -55,6 +55,7 @@ TARGETS: dict[str, Target] = {
     "boundary": Target("gateway/boundary.py", (
         "tests/test_boundary_tables.py", "tests/test_boundary_compile_tables.py",
         "tests/test_boundary.py::test_upstream_cookie", "tests/test_boundary.py::test_set_cookie",
+        "tests/test_boundary.py::test_upstream_referer",
         "tests/test_boundary.py::test_client_scripts", "tests/test_boundary.py::test_valid_host")),
     "cors": Target("gateway/cors.py", ("tests/test_cors.py", "tests/test_cors_tables.py")),
     # The clock-driven unit file first (it kills most mutants in milliseconds); the other

@@ -99,7 +99,7 @@ def test_a_third_party_route_gets_the_trust_section() -> None:
     policy = route.policy
     assert policy.namespace == b"__x_"
     assert policy.forward_credentials is False
-    assert {b"authorization", b"proxy-authorization", b"cookie"} <= policy.drop_up
+    assert {b"authorization", b"proxy-authorization", b"cookie", b"referer"} <= policy.drop_up
     assert policy.forward_cookies == frozenset({b"ccmessaging-token"})
     assert policy.refused_cookies == frozenset({"session", "cec_guest"})
     for name in ("SESSION", "session", "Cec_Guest", "cec_guest"):
@@ -113,9 +113,15 @@ def test_a_third_party_route_gets_the_trust_section() -> None:
 def test_a_declared_third_party_keeps_its_cookies_and_credentials() -> None:
     policy = compiled(config(ROUTES))["/ext/"].policy
     assert policy.forward_credentials is True
-    assert policy.drop_up == frozenset({b"cookie"})
+    assert policy.drop_up == frozenset({b"cookie", b"referer"})
     assert policy.forward_cookies == frozenset({b"ccmessaging-token", b"locale"})
     assert policy.upstream_cookie([b"locale=en; SESSION=s"]) == b"locale=en"
+
+
+def test_forward_referer_keeps_the_referer_out_of_the_guarded_headers() -> None:
+    routes = [dict(r, forward_referer=True) if r["prefix"] == "/ext/" else r for r in ROUTES]
+    policy = compiled(config(routes))["/ext/"].policy
+    assert policy.drop_up == frozenset({b"cookie"})
 
 
 def test_an_undeclared_route_under_the_context_path_is_a_closed_third_party() -> None:
