@@ -592,6 +592,11 @@ def test_upstream_cookie(value: str, expected: str | None) -> None:
     ("https://shop.example/service-cloud/../orders?token=t", "https://shop.example/"),
     ("https://shop.example/service-cloud/%2e%2e/orders", "https://shop.example/"),
     ("https://shop.example/service-cloud\\..\\orders", "https://shop.example/"),
+    # (A browser reads a backslash as a slash: this is /orders.)
+    ("https://shop.example/service-cloud/x\\..\\..\\orders", "https://shop.example/"),
+    # Escapes and dots in the route's own page's query are the CEC's own business.
+    ("https://shop.example/service-cloud/p?q=a%20b&r=../x",
+     "https://shop.example/service-cloud/p?q=a%20b&r=../x"),
     ("https://shop.example/orders?next=/service-cloud/", "https://shop.example/"),
     # Not an absolute URL: left out.
     ("/orders?token=t", None),
