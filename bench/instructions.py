@@ -12,14 +12,15 @@ is doing.
     .venv/bin/python bench/instructions.py -n 500          # quicker
 
 Scenarios: 1 KiB GET through the textbook aiohttp proxy and through the gateway (also with
-every request traced: OpenTelemetry at ratio 1.0, spans exported to a local sink; and with the
-access log on, text and ECS JSON, written to a file); the chat
-script POST through the gateway, plain and with injection (with the guest cookie a browser
-sends back after its first visit); a 4 KiB POST through the gateway, as bench/peers.py's
-``post4k`` sends it (``--only lean``: just it and the gateway's 1 KiB GET). What a
-connection costs: the 1 KiB GET on a new client connection each time (textbook and
-gateway), and through a gateway route that keeps no upstream connection idle (``max_idle: 0``, so a new upstream connection each time); minus
-the keep-alive GET, the work of one connection (``--connections-only``: just these).
+every request traced: OpenTelemetry at ratio 1.0, spans exported to a local sink; and with
+the access log on, text and ECS JSON, written to a file); the chat script POST through the
+gateway, plain and with injection (with the guest cookie a browser sends back after its
+first visit); a 4 KiB POST through the gateway, as bench/peers.py's ``post4k`` sends it
+(``--only lean``: just it and the gateway's 1 KiB GET). What a connection costs: the 1 KiB
+GET on a new client connection each time (textbook and gateway), and through a gateway route
+that keeps no upstream connection idle (``max_idle: 0``, so a new upstream connection each
+time); minus the keep-alive GET, the work of one connection (``--connections-only``: just
+these).
 Needs valgrind (Debian package ``valgrind``).
 """
 
