@@ -12,13 +12,15 @@ is doing.
     .venv/bin/python bench/instructions.py -n 500          # quicker
 
 Scenarios: 1 KiB GET through the textbook aiohttp proxy and through the gateway (also with
-every request traced: OpenTelemetry at ratio 1.0, spans exported to a local sink; and with the
-access log on, text and ECS JSON, written to a file); the chat
-script POST through the gateway, plain and with injection (with the guest cookie a browser
-sends back after its first visit). What a connection costs: the 1 KiB GET on a new client
-connection each time (textbook and gateway), and through a gateway route that keeps no
-upstream connection idle (``max_idle: 0``, so a new upstream connection each time); minus
-the keep-alive GET, the work of one connection (``--connections-only``: just these).
+every request traced: OpenTelemetry at ratio 1.0, spans exported to a local sink; and with
+the access log on, text and ECS JSON, written to a file); the chat script POST through the
+gateway, plain and with injection (with the guest cookie a browser sends back after its
+first visit); a 4 KiB POST through the gateway, as bench/peers.py's ``post4k`` sends it
+(``--only lean``: just it and the gateway's 1 KiB GET). What a connection costs: the 1 KiB
+GET on a new client connection each time (textbook and gateway), and through a gateway route
+that keeps no upstream connection idle (``max_idle: 0``, so a new upstream connection each
+time); minus the keep-alive GET, the work of one connection (``--connections-only``: just
+these).
 Needs valgrind (Debian package ``valgrind``).
 """
 
@@ -184,14 +186,36 @@ def post(path: str, cookie: str) -> Callable[[http.client.HTTPConnection], None]
     return send
 
 
+def post_4k(path: str) -> Callable[[http.client.HTTPConnection], None]:
+    """A 4 KiB body POSTed as wrk sends bench/peers.py's ``post4k``: head and body in one
+    write (http.client would send them in two, so the body would arrive on its own)."""
+    body = b"x" * 4096
+    request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               f"Content-Type: application/octet-stream\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+    def send(conn: http.client.HTTPConnection) -> None:
+        if conn.sock is None:
+            conn.connect()
+        assert conn.sock is not None
+        conn.sock.sendall(request)
+        resp = http.client.HTTPResponse(conn.sock, method="POST")
+        resp.begin()
+        resp.read()
+        if resp.status != 200 or resp.will_close:
+            raise RuntimeError(f"POST {path}: {resp.status}")
+    return send
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=2000, help="requests measured per scenario")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--connections-only", action="store_true",
                         help="only the keep-alive GET and what a new connection costs")
-    parser.add_argument("--only", choices=("get", "post"),
-                        help="only the GET scenarios, or only the chat POST ones")
+    parser.add_argument("--only", choices=("get", "post", "lean"),
+                        help="only the GET scenarios (with the 4 KiB POST), only the chat "
+                             "POST ones, or only the gateway's keep-alive GET and 4 KiB POST")
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.stderr.write("valgrind is not installed (apt-get install valgrind)\n")
@@ -211,7 +235,7 @@ def main() -> int:
         results: dict[str, float] = {}
 
         port = free_port()
-        if args.only != "post":
+        if args.only not in ("post", "lean"):
             textbook = [py, str(BENCH_DIR / "textbook_proxy.py"), "--port", str(port),
                         "--route", f"/=http://127.0.0.1:{origin_port}/"]
             results["textbook: 1 KiB GET"] = measure("textbook", textbook, port, env, tmp,
@@ -232,6 +256,10 @@ def main() -> int:
         if args.only != "post":
             results["gateway: 1 KiB GET"] = measure("gateway-get", argv, port, env, tmp,
                                                     get("/1k.bin"), args.n)
+            results["gateway: 4 KiB POST"] = measure("gateway-post4k", argv, port, env, tmp,
+                                                     post_4k("/post"), args.n)
+            if args.only == "lean":
+                return report(results, args.n, args.json)
             connection_scenarios(results, argv, port, tmp, env, origin_port, cec, args.n)
             if args.connections_only:
                 return report(results, args.n, args.json)
@@ -281,6 +309,10 @@ def report(results: dict[str, float], n: int, json_path: Path | None) -> int:
         print(f"  {key:<{width}}  {value:>10,.0f}")
     ratios: dict[str, float] = {}
     tb, gw = results.get("textbook: 1 KiB GET"), results.get("gateway: 1 KiB GET")
+    post4k = results.get("gateway: 4 KiB POST")
+    if gw and post4k:
+        ratios["post4k_over_gateway_get"] = post4k / gw
+        print(f"  gateway, 4 KiB POST / 1 KiB GET: {post4k / gw:.2f}x the work")
     if tb and gw:
         ratios["textbook_over_gateway_get"] = tb / gw
         print(f"  textbook / gateway, 1 KiB GET: {tb / gw:.2f}x the work")

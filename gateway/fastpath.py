@@ -247,9 +247,8 @@ class FastRequestHandler(_GatewayRequestHandler):
             inline.route, msg.method, target, msg.raw_headers, host, fwd, inline.rid,
             msg.headers.getall("Connection", ()), trace=ex.trace,
             framing=_framing(msg.method, length, body), body_type=body_type)
-        if body:
-            head += body
-        inline.head = bytes(head)
+        # One copy of each part: ``head += body`` would grow the bytearray, then copy it all.
+        inline.head = b"".join((head, body)) if body else bytes(head)
         conn = gw.pool.acquire_idle(inline.route.upstream)
         if conn is None:
             # None idle: open one (or queue for one at max_connections) in a small task.
