@@ -240,27 +240,34 @@ def dropped_lines() -> int:
 
 
 class _Clock:
-    """The line's timestamps, from a ``time.time()`` value: the part down to the second
-    formatted once a second, the whole stamp once a millisecond (many lines share one)."""
+    """The line's timestamps, from a ``time.time()`` value in milliseconds: the part down
+    to the second formatted once a second (``head``), the milliseconds from a table made
+    once (``millis[ms - base]``): formatting a number costs more than the rest of a stamp."""
 
     def __init__(self, *, utc: bool) -> None:
         self._utc = utc
-        self._second = -1
-        self._head = ""
-        self.ms = -1  # the millisecond ``stamp`` is for
-        self.stamp = ""
-
-    def set(self, ms: int) -> str:
-        """The stamp of the millisecond ``ms`` (since the epoch); ``stamp`` from now on."""
-        second = ms // 1000
-        if second != self._second:
-            self._second = second
-            self._head = (time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second)) if self._utc
-                          else time.strftime(TEXT_TIME_FORMAT + ",", time.localtime(second)))
+        self.base = -1000  # the first millisecond of the second ``head`` is for
+        self.head = ""
         # ECS ``@timestamp``: UTC, milliseconds; text: logging's ``%(asctime)s``, local time.
-        self.stamp = f"{self._head}{ms % 1000:03d}{'Z' if self._utc else ''}"
-        self.ms = ms
-        return self.stamp
+        self.millis = tuple(f"{i:03d}{'Z' if utc else ''}" for i in range(1000))
+
+    def second(self, ms: int) -> int:
+        """Moves to the second of the millisecond ``ms``; ``ms``'s index in ``millis``."""
+        second = ms // 1000
+        self.base = second * 1000
+        self.head = (time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second)) if self._utc
+                     else time.strftime(TEXT_TIME_FORMAT + ",", time.localtime(second)))
+        return ms - self.base
+
+
+# A duration's milliseconds with one decimal, as ``f"{ms:.1f}"`` writes them, by tenths
+# of a millisecond up to this many (longer ones are formatted): formatting a float costs
+# more than the rest of a text line.
+_TENTHS = 2000
+
+
+def _tenths() -> tuple[str, ...]:
+    return tuple(f"{k // 10}.{k % 10}" for k in range(_TENTHS))
 
 
 _q = encode_basestring_ascii  # a str as a quoted JSON string (C)
@@ -307,6 +314,7 @@ class AccessLog:
         self._json = self._writer is None or handler is None or handler.shape == "json"
         self._tls = tls
         self._clock = _Clock(utc=self._json)
+        self._tenths = _tenths()
         # By id: a route's hash walks all its fields.
         self._routes: dict[int, _RouteParts] = {}
         # The last raw User-Agent and Host and how they are logged (in the text, and the
@@ -350,7 +358,16 @@ class AccessLog:
             return
         ms = int(_time() * 1000)
         clock = self._clock
-        stamp = clock.stamp if ms == clock.ms else clock.set(ms)
+        i = ms - clock.base
+        if i >= 1000 or i < 0:
+            i = clock.second(ms)
+        stamp = clock.head + clock.millis[i]
+        # ``.1f`` rounds the exact value half to even, as ``round`` does ``t * 10`` unless
+        # that product was rounded onto a tie (then the two may differ: formatted instead).
+        t = duration * 1000
+        k = round(t * 10)
+        took = (self._tenths[k] if t >= 0 and k < _TENTHS and k - t * 10 not in (0.5, -0.5)
+                else f"{t:.1f}")
         path = raw_path.partition("?")[0] if "?" in raw_path else raw_path
         headers = ex.headers
         raw = headers.get(_USER_AGENT) if headers is not None else None
@@ -365,7 +382,7 @@ class AccessLog:
             assert writer is not None
             writer.add(
                 f"{stamp} INFO gateway.access: {client_ip} {method} {path} HTTP/1.{minor} "
-                f"{status} {ex.bytes_in}/{ex.bytes_out} {duration * 1000:.1f}ms "
+                f"{status} {ex.bytes_in}/{ex.bytes_out} {took}ms "
                 f"host={host[1]} ua=\"{ua[1]}\" tls={tls or '-'}{parts.text_route}"
                 f"{ex.upstream_status or '-'}{parts.text_upstream}{request_id}"
                 f"{f' trace={ids[0]} span={ids[1]}' if ids else ''}\n")
@@ -390,7 +407,7 @@ class AccessLog:
         line = (
             f'{{"@timestamp":"{stamp}","log.level":"info","message":"{q_ip[1:-1]} '
             f'{q_method[1:-1]} {q_path[1:-1]} HTTP/1.{minor} {status} '
-            f'{ex.bytes_in}/{ex.bytes_out} {duration * 1000:.1f}ms host={host[1]} '
+            f'{ex.bytes_in}/{ex.bytes_out} {took}ms host={host[1]} '
             f'ua=\\"{ua[1]}\\" tls={tls or "-"}{parts.json_route}{upstream or "-"}'
             f'{parts.json_upstream}{q_rid[1:-1]}'
             f'{f" trace={ids[0]} span={ids[1]}" if ids else ""}",'
