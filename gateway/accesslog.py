@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 access_logger = logging.getLogger("gateway.access")
 
 _time = time.time
+_running_loop = asyncio._get_running_loop  # the running loop or None, without raising
+_UNARMED = object()
 _USER_AGENT, _HOST_HEADER = hdrs.USER_AGENT, hdrs.HOST  # faster lookups than plain str keys
 _UA_MAX = 256
 _UNSAFE = re.compile(r'[^\x20-\x7e]|["\\]')
@@ -119,7 +121,8 @@ class LineWriter:
         self.dropped = 0
         self._lines: list[str] = []
         self._size = 0
-        self._timer_loop: asyncio.AbstractEventLoop | None = None  # has a flush pending
+        # The loop a flush is pending in; never a loop's value (None) when there is none.
+        self._timer_loop: object = _UNARMED
         self._pending = b""  # encoded, not yet taken by the destination
         self._closed = False
         self._send: Callable[[bytes | memoryview], int] = self._os_write
@@ -153,21 +156,23 @@ class LineWriter:
         """Queue one line (ending in a newline), written within ``flush_after`` seconds."""
         self._lines.append(line)
         self._size += len(line)
+        # Most lines: a flush is already pending in the running loop, and no batch is full.
+        if self._size < self.batch and _running_loop() is self._timer_loop:
+            return
         if self._size >= self.batch:
             self.flush()
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+        loop = _running_loop()
+        if loop is None:
             self.flush()
             return
-        if loop is not self._timer_loop:  # none pending in this loop (or the loop is new)
-            self._timer_loop = loop
-            loop.call_later(self.flush_after, self.flush)
+        # None pending in this loop (or the loop is new).
+        self._timer_loop = loop
+        loop.call_later(self.flush_after, self.flush)
 
     def flush(self) -> None:
         """Write what was collected and what was pending, as far as the destination takes it."""
-        self._timer_loop = None
+        self._timer_loop = _UNARMED
         lines = self._lines
         if lines:
             self._lines = []
@@ -317,6 +322,7 @@ class AccessLog:
         self._tenths = _tenths()
         # By id: a route's hash walks all its fields.
         self._routes: dict[int, _RouteParts] = {}
+        self._parts = self._routes[id(None)] = _RouteParts(None)
         # The last raw User-Agent and Host and how they are logged (in the text, and the
         # JSON members they make): a run of requests from one client repeats them, and
         # cleaning is a regex each. (Replaced on every change: nothing of one visitor
@@ -326,7 +332,10 @@ class AccessLog:
         self._method = ("", '""')  # the last method and its JSON string (a token: few)
 
     def _route_parts(self, route: CompiledRoute | None) -> _RouteParts:
-        parts = self._routes[id(route)] = _RouteParts(route)
+        parts = self._routes.get(id(route))
+        if parts is None:
+            parts = self._routes[id(route)] = _RouteParts(route)
+        self._parts = parts
         return parts
 
     def _see_user_agent(self, raw: str | None) -> tuple[str | None, str, str]:
@@ -361,12 +370,12 @@ class AccessLog:
         i = ms - clock.base
         if i >= 1000 or i < 0:
             i = clock.second(ms)
-        stamp = clock.head + clock.millis[i]
         # ``.1f`` rounds the exact value half to even, as ``round`` does ``t * 10`` unless
         # that product was rounded onto a tie (then the two may differ: formatted instead).
         t = duration * 1000
-        k = round(t * 10)
-        took = (self._tenths[k] if t >= 0 and k < _TENTHS and k - t * 10 not in (0.5, -0.5)
+        tenths = t * 10
+        k = round(tenths)
+        took = (self._tenths[k] if t >= 0 and k < _TENTHS and k - tenths not in (0.5, -0.5)
                 else f"{t:.1f}")
         path = raw_path.partition("?")[0] if "?" in raw_path else raw_path
         headers = ex.headers
@@ -377,11 +386,14 @@ class AccessLog:
         tls = tls_version(ex) if self._tls else None
         trace = ex.trace
         ids = trace.ids() if trace is not None else None
-        parts = self._routes.get(id(route)) or self._route_parts(route)
+        parts = self._parts  # the previous line's, most often
+        if parts.route is not route:
+            parts = self._route_parts(route)
         if not self._json:
             assert writer is not None
             writer.add(
-                f"{stamp} INFO gateway.access: {client_ip} {method} {path} HTTP/1.{minor} "
+                f"{clock.head}{clock.millis[i]} INFO gateway.access: {client_ip} {method} {path} "
+                f"HTTP/1.{minor} "
                 f"{status} {ex.bytes_in}/{ex.bytes_out} {took}ms "
                 f"host={host[1]} ua=\"{ua[1]}\" tls={tls or '-'}{parts.text_route}"
                 f"{ex.upstream_status or '-'}{parts.text_upstream}{request_id}"
@@ -405,7 +417,8 @@ class AccessLog:
         else:
             gateway = parts.json_gateway + "}"
         line = (
-            f'{{"@timestamp":"{stamp}","log.level":"info","message":"{q_ip[1:-1]} '
+            f'{{"@timestamp":"{clock.head}{clock.millis[i]}","log.level":"info",'
+            f'"message":"{q_ip[1:-1]} '
             f'{q_method[1:-1]} {q_path[1:-1]} HTTP/1.{minor} {status} '
             f'{ex.bytes_in}/{ex.bytes_out} {took}ms host={host[1]} '
             f'ua=\\"{ua[1]}\\" tls={tls or "-"}{parts.json_route}{upstream or "-"}'
