@@ -33,6 +33,7 @@ import atexit
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -55,6 +56,9 @@ if TYPE_CHECKING:
 access_logger = logging.getLogger("gateway.access")
 
 _time = time.time
+_floor = math.floor
+_running_loop = asyncio._get_running_loop  # the running loop or None, without raising
+_UNARMED = object()
 _USER_AGENT, _HOST_HEADER = hdrs.USER_AGENT, hdrs.HOST  # faster lookups than plain str keys
 _UA_MAX = 256
 _UNSAFE = re.compile(r'[^\x20-\x7e]|["\\]')
@@ -119,7 +123,8 @@ class LineWriter:
         self.dropped = 0
         self._lines: list[str] = []
         self._size = 0
-        self._timer_loop: asyncio.AbstractEventLoop | None = None  # has a flush pending
+        # The loop a flush is pending in; never a loop's value (None) when there is none.
+        self._timer_loop: object = _UNARMED
         self._pending = b""  # encoded, not yet taken by the destination
         self._closed = False
         self._send: Callable[[bytes | memoryview], int] = self._os_write
@@ -153,21 +158,23 @@ class LineWriter:
         """Queue one line (ending in a newline), written within ``flush_after`` seconds."""
         self._lines.append(line)
         self._size += len(line)
+        # Most lines: a flush is already pending in the running loop, and no batch is full.
+        if self._size < self.batch and _running_loop() is self._timer_loop:
+            return
         if self._size >= self.batch:
             self.flush()
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+        loop = _running_loop()
+        if loop is None:
             self.flush()
             return
-        if loop is not self._timer_loop:  # none pending in this loop (or the loop is new)
-            self._timer_loop = loop
-            loop.call_later(self.flush_after, self.flush)
+        # None pending in this loop (or the loop is new).
+        self._timer_loop = loop
+        loop.call_later(self.flush_after, self.flush)
 
     def flush(self) -> None:
         """Write what was collected and what was pending, as far as the destination takes it."""
-        self._timer_loop = None
+        self._timer_loop = _UNARMED
         lines = self._lines
         if lines:
             self._lines = []
@@ -240,27 +247,34 @@ def dropped_lines() -> int:
 
 
 class _Clock:
-    """The line's timestamps, from a ``time.time()`` value: the part down to the second
-    formatted once a second, the whole stamp once a millisecond (many lines share one)."""
+    """The line's timestamps, from a ``time.time()`` value in milliseconds: the part down
+    to the second formatted once a second (``head``), the milliseconds from a table made
+    once (``millis[ms - base]``): formatting a number costs more than the rest of a stamp."""
 
     def __init__(self, *, utc: bool) -> None:
         self._utc = utc
-        self._second = -1
-        self._head = ""
-        self.ms = -1  # the millisecond ``stamp`` is for
-        self.stamp = ""
-
-    def set(self, ms: int) -> str:
-        """The stamp of the millisecond ``ms`` (since the epoch); ``stamp`` from now on."""
-        second = ms // 1000
-        if second != self._second:
-            self._second = second
-            self._head = (time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second)) if self._utc
-                          else time.strftime(TEXT_TIME_FORMAT + ",", time.localtime(second)))
+        self.base = -1000  # the first millisecond of the second ``head`` is for
+        self.head = ""
         # ECS ``@timestamp``: UTC, milliseconds; text: logging's ``%(asctime)s``, local time.
-        self.stamp = f"{self._head}{ms % 1000:03d}{'Z' if self._utc else ''}"
-        self.ms = ms
-        return self.stamp
+        self.millis = tuple(f"{i:03d}{'Z' if utc else ''}" for i in range(1000))
+
+    def second(self, ms: int) -> int:
+        """Moves to the second of the millisecond ``ms``; ``ms``'s index in ``millis``."""
+        second = ms // 1000
+        self.base = second * 1000
+        self.head = (time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second)) if self._utc
+                     else time.strftime(TEXT_TIME_FORMAT + ",", time.localtime(second)))
+        return ms - self.base
+
+
+# A duration's milliseconds with one decimal, as ``f"{ms:.1f}"`` writes them, by tenths
+# of a millisecond up to this many (longer ones are formatted): formatting a float costs
+# more than the rest of a text line.
+_TENTHS = 2000
+
+
+def _tenths() -> tuple[str, ...]:
+    return tuple(f"{k // 10}.{k % 10}" for k in range(_TENTHS))
 
 
 _q = encode_basestring_ascii  # a str as a quoted JSON string (C)
@@ -307,8 +321,10 @@ class AccessLog:
         self._json = self._writer is None or handler is None or handler.shape == "json"
         self._tls = tls
         self._clock = _Clock(utc=self._json)
+        self._tenths = _tenths()
         # By id: a route's hash walks all its fields.
         self._routes: dict[int, _RouteParts] = {}
+        self._parts = self._routes[id(None)] = _RouteParts(None)
         # The last raw User-Agent and Host and how they are logged (in the text, and the
         # JSON members they make): a run of requests from one client repeats them, and
         # cleaning is a regex each. (Replaced on every change: nothing of one visitor
@@ -318,7 +334,10 @@ class AccessLog:
         self._method = ("", '""')  # the last method and its JSON string (a token: few)
 
     def _route_parts(self, route: CompiledRoute | None) -> _RouteParts:
-        parts = self._routes[id(route)] = _RouteParts(route)
+        parts = self._routes.get(id(route))
+        if parts is None:
+            parts = self._routes[id(route)] = _RouteParts(route)
+        self._parts = parts
         return parts
 
     def _see_user_agent(self, raw: str | None) -> tuple[str | None, str, str]:
@@ -348,9 +367,21 @@ class AccessLog:
         writer = self._writer
         if writer is None and not access_logger.isEnabledFor(logging.INFO):
             return
-        ms = int(_time() * 1000)
+        ms = _floor(_time() * 1000)  # (floor: cheaper than int() for a float)
         clock = self._clock
-        stamp = clock.stamp if ms == clock.ms else clock.set(ms)
+        i = ms - clock.base
+        if i >= 1000 or i < 0:
+            i = clock.second(ms)
+        # ``.1f`` rounds the exact value to the nearest tenth, as rounding ``t * 10`` does
+        # unless that product was rounded onto a tie (then formatted instead).
+        t = duration * 1000
+        tenths = t * 10
+        k = _floor(tenths)
+        frac = tenths - k
+        if frac > 0.5:
+            k += 1
+        took = (self._tenths[k] if t >= 0 and k < _TENTHS and frac != 0.5
+                else f"{t:.1f}")
         path = raw_path.partition("?")[0] if "?" in raw_path else raw_path
         headers = ex.headers
         raw = headers.get(_USER_AGENT) if headers is not None else None
@@ -360,12 +391,15 @@ class AccessLog:
         tls = tls_version(ex) if self._tls else None
         trace = ex.trace
         ids = trace.ids() if trace is not None else None
-        parts = self._routes.get(id(route)) or self._route_parts(route)
+        parts = self._parts  # the previous line's, most often
+        if parts.route is not route:
+            parts = self._route_parts(route)
         if not self._json:
             assert writer is not None
             writer.add(
-                f"{stamp} INFO gateway.access: {client_ip} {method} {path} HTTP/1.{minor} "
-                f"{status} {ex.bytes_in}/{ex.bytes_out} {duration * 1000:.1f}ms "
+                f"{clock.head}{clock.millis[i]} INFO gateway.access: {client_ip} {method} {path} "
+                f"HTTP/1.{minor} "
+                f"{status} {ex.bytes_in}/{ex.bytes_out} {took}ms "
                 f"host={host[1]} ua=\"{ua[1]}\" tls={tls or '-'}{parts.text_route}"
                 f"{ex.upstream_status or '-'}{parts.text_upstream}{request_id}"
                 f"{f' trace={ids[0]} span={ids[1]}' if ids else ''}\n")
@@ -388,9 +422,10 @@ class AccessLog:
         else:
             gateway = parts.json_gateway + "}"
         line = (
-            f'{{"@timestamp":"{stamp}","log.level":"info","message":"{q_ip[1:-1]} '
+            f'{{"@timestamp":"{clock.head}{clock.millis[i]}","log.level":"info",'
+            f'"message":"{q_ip[1:-1]} '
             f'{q_method[1:-1]} {q_path[1:-1]} HTTP/1.{minor} {status} '
-            f'{ex.bytes_in}/{ex.bytes_out} {duration * 1000:.1f}ms host={host[1]} '
+            f'{ex.bytes_in}/{ex.bytes_out} {took}ms host={host[1]} '
             f'ua=\\"{ua[1]}\\" tls={tls or "-"}{parts.json_route}{upstream or "-"}'
             f'{parts.json_upstream}{q_rid[1:-1]}'
             f'{f" trace={ids[0]} span={ids[1]}" if ids else ""}",'
