@@ -57,7 +57,9 @@ access_logger = logging.getLogger("gateway.access")
 
 _time = time.time
 _floor = math.floor
-_running_loop = asyncio._get_running_loop  # the running loop or None, without raising
+# The running loop or None, without raising (asyncio exports it for loop libraries:
+# asyncio.events.__all__).
+_running_loop = asyncio._get_running_loop
 _UNARMED = object()
 _USER_AGENT, _HOST_HEADER = hdrs.USER_AGENT, hdrs.HOST  # faster lookups than plain str keys
 _UA_MAX = 256
