@@ -19,6 +19,7 @@ from gateway.redisconn import RedisAuth
 from gateway.tokens import TokenBackendUnavailable
 from gateway.tokens.guard import (
     Counters,
+    Guard,
     RedisCounters,
     guard_from_config,
     open_counters,
@@ -129,15 +130,22 @@ async def test_open_counters_logs_in_with_the_auth(
         await anonymous.close()
 
 
+async def locked_out_after_three_failures(g: Guard, raw: aioredis.Redis, user: str, *,
+                                          lockout: float) -> None:
+    """Three failures past a limit of two: the user is locked for ``lockout`` seconds, and
+    the counter in Redis says 3."""
+    for _ in range(3):
+        await g.user_failed(user)
+    assert lockout - 1.0 < await g.user_locked(user) <= lockout
+    assert await stored(raw, user_key(user)) == 3
+
+
 async def test_open_guard_counts_in_the_password_protected_redis(
         acl_redis: RedisServer, acl_raw: aioredis.Redis) -> None:
     g = open_guard(acl_redis.url, max_failures=2, window=100.0, lockout=100.0,
                    rate_limit="1000/second", max_concurrency=4, auth=AUTH)
     try:
-        for _ in range(3):
-            await g.user_failed("u1")
-        assert 99.0 < await g.user_locked("u1") <= 100.0
-        assert await stored(acl_raw, user_key("u1")) == 3
+        await locked_out_after_three_failures(g, acl_raw, "u1", lockout=100.0)
     finally:
         await g.close()
 
@@ -150,9 +158,6 @@ async def test_guard_from_config_uses_token_redis(
     g = guard_from_config(cfg)
     try:
         await g.ping()
-        for _ in range(3):
-            await g.user_failed("u2")
-        assert 199.0 < await g.user_locked("u2") <= 200.0
-        assert await stored(acl_raw, user_key("u2")) == 3
+        await locked_out_after_three_failures(g, acl_raw, "u2", lockout=200.0)
     finally:
         await g.close()
