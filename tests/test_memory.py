@@ -28,17 +28,18 @@ class CountingTrim(Trim):
 
 
 def test_requests_in_flight_do_not_trigger_young_collections() -> None:
-    """A few thousand objects alive at once (what requests in flight hold) are allocated
-    without a collection of the youngest generation once the collector is tuned."""
+    """Tens of thousands of objects alive at once (what a crowd of 5,000 connections and
+    their requests in flight hold) are allocated without a collection of the youngest
+    generation once the collector is tuned."""
     before = gc.get_threshold()
     try:
         tune_collector()
         assert gc.get_threshold()[1:] == before[1:]
         gc.collect()
         passes = gc.get_stats()[0]["collections"]
-        held = [{"request": i} for i in range(5_000)]
+        held = [{"request": i} for i in range(40_000)]
         assert gc.get_stats()[0]["collections"] == passes
-        assert len(held) == 5_000
+        assert len(held) == 40_000
     finally:
         gc.set_threshold(*before)
 
