@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from gateway.aiohttp_adapter import RawRequestMessage, StreamReader
+from gateway.aiohttp_adapter import RawRequestMessage, StreamReader, complete_body
 from gateway.errors import ClientBodyTimeout, GatewayError, UpstreamError, UpstreamTimeout
 from gateway.headers import Forwarded
 from gateway.logs import log_fields
@@ -310,6 +310,15 @@ class FastRequestHandler(_GatewayRequestHandler):
             return
         self._stop_body_wait()
         wait.send()
+        # The read that completed the body may carry the next request, which the parser
+        # keeps until asked to go on (a read of the body through aiohttp would ask): parse
+        # it now, queued behind this one, without waking aiohttp's loop for it.
+        waiter = self.hide_waiter()
+        try:
+            self._parse(b"")
+        finally:
+            if waiter is not None:
+                self.restore_waiter(waiter)
 
     def _body_timer(self, wait: _BodyWait) -> None:
         if self._body_wait is not wait:
@@ -334,14 +343,18 @@ class FastRequestHandler(_GatewayRequestHandler):
         injection, exactly as the full path runs it: gateway/app.py)."""
         body = b""
         if length:
-            # Reading lets aiohttp resume parsing (it re-enters data_received): hide its
-            # loop's waiter meanwhile, so this request is not offered to either path again.
-            waiter = self.hide_waiter()
-            try:
-                body = payload.read_nowait(-1)
-            finally:
-                if waiter is not None:
-                    self.restore_waiter(waiter)
+            taken = complete_body(payload)
+            if taken is not None:
+                body = taken
+            else:
+                # Reading lets aiohttp resume parsing (it re-enters data_received): hide its
+                # loop's waiter meanwhile, so this request is not offered to either path again.
+                waiter = self.hide_waiter()
+                try:
+                    body = payload.read_nowait(-1)
+                finally:
+                    if waiter is not None:
+                        self.restore_waiter(waiter)
         ex.bytes_in = len(body)
         if rewriter is None:
             return body, None, None
