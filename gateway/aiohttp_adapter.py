@@ -285,7 +285,7 @@ def complete_body(payload: StreamReader) -> bytes | None:
     """All of a complete (at EOF) request body, taken from its reader without
     ``read_nowait`` and the parsing step it runs (see the module docstring); None for a
     reader that is not complete, failed, or was read from already (read it as usual)."""
-    if payload._buffer_offset or not payload.is_eof():
+    if payload._buffer_offset or not payload.is_eof() or payload.exception() is not None:
         return None
     chunks = payload._buffer
     body = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
