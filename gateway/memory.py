@@ -17,6 +17,19 @@ clients cannot use more at once, and a new crowd opens what it needs): kept for 
 thousand, for that long. The release a second later gives that memory back. Nothing runs
 while connections stay few, and never more often than once a second.
 
+What kept the crowd's arenas after all that were dead objects parked in the free lists of
+C extension types, which ``gc.collect()`` does not empty: uvloop's callback and timer
+handles (up to 250 each, one per ``call_soon``/``call_later``), asyncio's future iterators
+(up to 255, one per ``await`` of a future) and multidict's header dicts. When a crowd
+goes, the first of its objects to be freed fill those lists, each one in whichever arena
+the crowd allocated it, and a few hundred of them scattered over as many 1 MiB arenas
+kept about 20 MiB resident. ``FreeLists`` swaps them out at each release: it takes every
+parked object out of a list (by making as many objects as the list holds), puts back a
+set of the same objects made at start-up (the "plug", whose blocks sit in the arenas
+start-up filled), so that the crowd's objects, now beyond the list's capacity, go back to
+the allocator, and takes the plug back out. The lists are then empty, and refill with
+objects allocated after the release, in the arenas that stayed.
+
 The collector is also tuned for a server holding many connections (``tune_collector``):
 CPython collects its youngest generation every 700 net allocations of container objects
 and promotes what survives. While requests come and go at a steady number of connections,
@@ -44,8 +57,11 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 log = logging.getLogger("gateway.memory")
+
+_T = TypeVar("_T")
 
 # A crowd: at least this many connections open at once; it went when at most a quarter of
 # them remain (a full gc pass with thousands of connections open would stall them all).
@@ -56,6 +72,16 @@ CROWD = 256
 # later again, for what was kept in the pools until its idle timeout (30 s by default).
 FOLLOW_UPS = (0.0, 1.0, 2.0, 8.0, 32.0, 128.0)
 _SHED_AT = 1  # the index in FOLLOW_UPS of the release that sheds idle connections first
+
+
+# How many freed objects each free list keeps: uvloop's Cython classes
+# (``@cython.freelist(DEFAULT_FREELIST_SIZE)``) and CPython's ``_asyncio`` future
+# iterators (``FI_FREELIST_MAXLEN``). A larger list in another version only leaves part of
+# it unswapped.
+UVLOOP_FREE_LIST = 250
+FUTURE_ITER_FREE_LIST = 255
+# A delay no plug timer ever reaches: each is cancelled as soon as it is made.
+_NEVER = 86_400.0
 
 
 # Net allocations of container objects between two collections of the youngest generation
@@ -103,6 +129,80 @@ class Trim:
         return bool(self._trim(0)) if self._trim is not None else False
 
 
+def _noop() -> None:
+    return None
+
+
+def _multidict_freelist_clear() -> Callable[[], object] | None:
+    # multidict keeps freed dicts and their key tables in pools of its own and offers a
+    # (private) call to empty them; other versions may lack it, and then nothing is done.
+    try:
+        from multidict import _multidict  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    clear: Callable[[], object] | None = getattr(_multidict, "_freelist_clear", None)
+    return clear
+
+
+class FreeLists:
+    """Swaps the objects a crowd left in C extension types' free lists for ones made at
+    start-up (see the module docstring). Made on the event loop before any crowd."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        # The plugs hold references only: cancelled handles, iterators of a future that
+        # never completes.
+        self._future: asyncio.Future[None] = loop.create_future()
+        self._iters = self._future_iters()
+        # Plain asyncio's handles are Python objects without a free list of their own.
+        self.uvloop = type(loop).__module__.startswith("uvloop")
+        self._handles = self._callback_handles() if self.uvloop else []
+        self._timers = self._timer_handles() if self.uvloop else []
+        self._drained: list[asyncio.Handle] = []
+        self._multidict_clear = _multidict_freelist_clear()
+        self.swaps = 0
+
+    def _future_iters(self) -> list[object]:
+        return [self._future.__await__() for _ in range(FUTURE_ITER_FREE_LIST)]
+
+    def _callback_handles(self) -> list[asyncio.Handle]:
+        handles = [self._loop.call_soon(_noop) for _ in range(UVLOOP_FREE_LIST)]
+        for handle in handles:
+            handle.cancel()
+        return handles
+
+    def _timer_handles(self) -> list[asyncio.Handle]:
+        timers: list[asyncio.Handle] = [self._loop.call_later(_NEVER, _noop)
+                                        for _ in range(UVLOOP_FREE_LIST)]
+        for timer in timers:
+            timer.cancel()
+        return timers
+
+    def begin(self) -> None:
+        """Swap what can be swapped at once; ``finish`` (from a callback scheduled after
+        this one) does the callback handles, which the loop holds until its next pass."""
+        self._iters = self._swap(self._iters, self._future_iters)
+        if self.uvloop:
+            self._timers = self._swap(self._timers, self._timer_handles)
+            self._drained = self._callback_handles()
+
+    def finish(self) -> None:
+        if self._drained:
+            self._handles.clear()
+            self._drained.clear()
+            self._handles = self._callback_handles()
+        if self._multidict_clear is not None:
+            self._multidict_clear()
+        self.swaps += 1
+
+    @staticmethod
+    def _swap(plug: list[_T], make: Callable[[], list[_T]]) -> list[_T]:
+        drained = make()  # everything the free list held (LIFO), fresh objects for the rest
+        plug.clear()  # the plug fills the list to its capacity again
+        drained.clear()  # the list is full: these go back to the allocator
+        return make()  # and the plug comes back out of it
+
+
 class CrowdRelease:
     """Counts open connections; gives memory back once a crowd of them has closed."""
 
@@ -121,8 +221,12 @@ class CrowdRelease:
         self.releases = 0
         self._handle: asyncio.TimerHandle | None = None
         self._step = 0  # index into follow_ups once the crowd went
+        # Made with the first connection, before any crowd (see FreeLists).
+        self.free_lists: FreeLists | None = None
 
     def opened(self) -> None:
+        if self.free_lists is None:
+            self.free_lists = FreeLists(asyncio.get_running_loop())
         self.open += 1
         if self.open > self.peak:
             self.peak = self.open
@@ -164,6 +268,17 @@ class CrowdRelease:
                 self._arm(self.every)
 
     def release(self) -> None:
+        """Empty the free lists of the crowd's objects, then (once the loop let go of the
+        handles that takes) collect and trim."""
+        if self.free_lists is None:
+            self._collect()
+            return
+        self.free_lists.begin()
+        asyncio.get_running_loop().call_soon(self._collect)
+
+    def _collect(self) -> None:
+        if self.free_lists is not None:
+            self.free_lists.finish()
         started = time.perf_counter()
         gc.collect()
         collected = time.perf_counter()
