@@ -57,11 +57,8 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import TypeVar
 
 log = logging.getLogger("gateway.memory")
-
-_T = TypeVar("_T")
 
 # A crowd: at least this many connections open at once; it went when at most a quarter of
 # them remain (a full gc pass with thousands of connections open would stall them all).
@@ -146,61 +143,65 @@ def _multidict_freelist_clear() -> Callable[[], object] | None:
 
 class FreeLists:
     """Swaps the objects a crowd left in C extension types' free lists for ones made at
-    start-up (see the module docstring). Made on the event loop before any crowd."""
+    start-up (see the module docstring). Made on the event loop before any crowd.
+
+    A swap takes three steps, each a pass of the event loop apart: the loop holds a
+    cancelled callback handle until its next pass, and a cancelled timer handle stays
+    referenced by its libuv timer until that timer's close completes at the end of the
+    pass. ``begin`` empties the lists (by making as many objects as they hold), ``plug``
+    drops the plugs into them and lets the drained objects go, and ``finish`` takes the
+    plugs back out. The plug lists are filled in place: a new list object made during a
+    release would itself sit in an arena the crowd left."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         # The plugs hold references only: cancelled handles, iterators of a future that
         # never completes.
         self._future: asyncio.Future[None] = loop.create_future()
-        self._iters = self._future_iters()
         # Plain asyncio's handles are Python objects without a free list of their own.
         self.uvloop = type(loop).__module__.startswith("uvloop")
-        self._handles = self._callback_handles() if self.uvloop else []
-        self._timers = self._timer_handles() if self.uvloop else []
-        self._drained: list[asyncio.Handle] = []
+        self._iters: list[object] = []
+        self._handles: list[asyncio.Handle] = []
+        self._timers: list[asyncio.Handle] = []
+        self._drained_iters: list[object] = []
+        self._drained_handles: list[asyncio.Handle] = []
+        self._drained_timers: list[asyncio.Handle] = []
+        self._fill(self._iters, self._handles, self._timers)
         self._multidict_clear = _multidict_freelist_clear()
         self.swaps = 0
 
-    def _future_iters(self) -> list[object]:
-        return [self._future.__await__() for _ in range(FUTURE_ITER_FREE_LIST)]
-
-    def _callback_handles(self) -> list[asyncio.Handle]:
-        handles = [self._loop.call_soon(_noop) for _ in range(UVLOOP_FREE_LIST)]
+    def _fill(self, iters: list[object], handles: list[asyncio.Handle],
+              timers: list[asyncio.Handle]) -> None:
+        iters.extend(self._future.__await__() for _ in range(FUTURE_ITER_FREE_LIST))
+        if not self.uvloop:
+            return
+        handles.extend(self._loop.call_soon(_noop) for _ in range(UVLOOP_FREE_LIST))
+        timers.extend(self._loop.call_later(_NEVER, _noop) for _ in range(UVLOOP_FREE_LIST))
         for handle in handles:
             handle.cancel()
-        return handles
-
-    def _timer_handles(self) -> list[asyncio.Handle]:
-        timers: list[asyncio.Handle] = [self._loop.call_later(_NEVER, _noop)
-                                        for _ in range(UVLOOP_FREE_LIST)]
         for timer in timers:
             timer.cancel()
-        return timers
 
     def begin(self) -> None:
-        """Swap what can be swapped at once; ``finish`` (from a callback scheduled after
-        this one) does the callback handles, which the loop holds until its next pass."""
-        self._iters = self._swap(self._iters, self._future_iters)
-        if self.uvloop:
-            self._timers = self._swap(self._timers, self._timer_handles)
-            self._drained = self._callback_handles()
+        """Take every parked object out of the free lists (and fresh ones for the rest)."""
+        self._fill(self._drained_iters, self._drained_handles, self._drained_timers)
+
+    def plug(self) -> None:
+        """The plugs fill the lists to their capacity again; what was drained, now beyond
+        it, goes back to the allocator."""
+        for plug, drained in ((self._iters, self._drained_iters),
+                              (self._handles, self._drained_handles),
+                              (self._timers, self._drained_timers)):
+            plug.clear()
+            drained.clear()
 
     def finish(self) -> None:
-        if self._drained:
-            self._handles.clear()
-            self._drained.clear()
-            self._handles = self._callback_handles()
+        """Take the plugs back out: the lists are empty, and refill with objects allocated
+        after the release, in the arenas that stayed."""
+        self._fill(self._iters, self._handles, self._timers)
         if self._multidict_clear is not None:
             self._multidict_clear()
         self.swaps += 1
-
-    @staticmethod
-    def _swap(plug: list[_T], make: Callable[[], list[_T]]) -> list[_T]:
-        drained = make()  # everything the free list held (LIFO), fresh objects for the rest
-        plug.clear()  # the plug fills the list to its capacity again
-        drained.clear()  # the list is full: these go back to the allocator
-        return make()  # and the plug comes back out of it
 
 
 class CrowdRelease:
@@ -274,6 +275,11 @@ class CrowdRelease:
             self._collect()
             return
         self.free_lists.begin()
+        asyncio.get_running_loop().call_soon(self._plug)
+
+    def _plug(self) -> None:
+        if self.free_lists is not None:
+            self.free_lists.plug()
         asyncio.get_running_loop().call_soon(self._collect)
 
     def _collect(self) -> None:
