@@ -50,6 +50,7 @@ to that many objects (a few milliseconds, when it comes).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ctypes
 import ctypes.util
 import gc
@@ -149,8 +150,8 @@ class FreeLists:
     cancelled callback handle until its next pass, and a cancelled timer handle stays
     referenced by its libuv timer until that timer's close completes at the end of the
     pass. ``begin`` empties the lists (by making as many objects as they hold), ``plug``
-    drops the plugs into them and lets the drained objects go, and ``finish`` takes the
-    plugs back out. The plug lists are filled in place: a new list object made during a
+    drops the plugs into them and lets the drained objects go, and ``finish`` (after the
+    collection) takes the plugs back out. The plug lists are filled in place: a new list object made during a
     release would itself sit in an arena the crowd left."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -158,6 +159,9 @@ class FreeLists:
         # The plugs hold references only: cancelled handles, iterators of a future that
         # never completes.
         self._future: asyncio.Future[None] = loop.create_future()
+        # One context for all of them: a handle otherwise copies the current one, a new
+        # object per handle, made while the crowd's arenas are still there.
+        self._context = contextvars.copy_context()
         # Plain asyncio's handles are Python objects without a free list of their own.
         self.uvloop = type(loop).__module__.startswith("uvloop")
         self._iters: list[object] = []
@@ -175,8 +179,11 @@ class FreeLists:
         iters.extend(self._future.__await__() for _ in range(FUTURE_ITER_FREE_LIST))
         if not self.uvloop:
             return
-        handles.extend(self._loop.call_soon(_noop) for _ in range(UVLOOP_FREE_LIST))
-        timers.extend(self._loop.call_later(_NEVER, _noop) for _ in range(UVLOOP_FREE_LIST))
+        context = self._context
+        handles.extend(self._loop.call_soon(_noop, context=context)
+                       for _ in range(UVLOOP_FREE_LIST))
+        timers.extend(self._loop.call_later(_NEVER, _noop, context=context)
+                      for _ in range(UVLOOP_FREE_LIST))
         for handle in handles:
             handle.cancel()
         for timer in timers:
@@ -195,12 +202,16 @@ class FreeLists:
             plug.clear()
             drained.clear()
 
-    def finish(self) -> None:
-        """Take the plugs back out: the lists are empty, and refill with objects allocated
-        after the release, in the arenas that stayed."""
-        self._fill(self._iters, self._handles, self._timers)
+    def clear_multidict(self) -> None:
         if self._multidict_clear is not None:
             self._multidict_clear()
+
+    def finish(self) -> None:
+        """Take the plugs back out: the lists are empty, and refill with objects allocated
+        after the release, in the arenas that stayed. Called after the collection, as
+        taking a timer handle out makes a new float (its deadline) that would otherwise
+        land in an arena the crowd left."""
+        self._fill(self._iters, self._handles, self._timers)
         self.swaps += 1
 
 
@@ -284,9 +295,11 @@ class CrowdRelease:
 
     def _collect(self) -> None:
         if self.free_lists is not None:
-            self.free_lists.finish()
+            self.free_lists.clear_multidict()
         started = time.perf_counter()
         gc.collect()
+        if self.free_lists is not None:
+            self.free_lists.finish()
         collected = time.perf_counter()
         trimmed = self.trim()
         self.releases += 1
