@@ -8,8 +8,8 @@ until something asks for them back. Neither is a leak (the next crowd reuses the
 but an operator sizing a host sees the peak stay.
 
 So, when the open connection count has dropped well below its peak (the crowd went),
-``CrowdRelease`` runs one full ``gc.collect()`` (it also empties the free lists, letting
-arenas go) and then glibc's ``malloc_trim(0)``, and again a few times later. A second
+``CrowdRelease`` runs one full ``gc.collect()`` (it also empties CPython's free lists,
+letting arenas go) and then glibc's ``malloc_trim(0)``, and again a few times later. A second
 after the crowd went, unless a new crowd came meanwhile, the upstream pools also close
 the idle connections the crowd left beyond the clients still connected (``shed``: those
 clients cannot use more at once, and a new crowd opens what it needs): kept for their
@@ -17,18 +17,19 @@ clients cannot use more at once, and a new crowd opens what it needs): kept for 
 thousand, for that long. The release a second later gives that memory back. Nothing runs
 while connections stay few, and never more often than once a second.
 
-What kept the crowd's arenas after all that were dead objects parked in the free lists of
-C extension types, which ``gc.collect()`` does not empty: uvloop's callback and timer
-handles (up to 250 each, one per ``call_soon``/``call_later``), asyncio's future iterators
-(up to 255, one per ``await`` of a future) and multidict's header dicts. When a crowd
-goes, the first of its objects to be freed fill those lists, each one in whichever arena
-the crowd allocated it, and a few hundred of them scattered over as many 1 MiB arenas
-kept about 20 MiB resident. ``FreeLists`` swaps them out at each release: it takes every
-parked object out of a list (by making as many objects as the list holds), puts back a
-set of the same objects made at start-up (the "plug", whose blocks sit in the arenas
-start-up filled), so that the crowd's objects, now beyond the list's capacity, go back to
-the allocator, and takes the plug back out. The lists are then empty, and refill with
-objects allocated after the release, in the arenas that stayed.
+That alone left most of the crowd's arenas mapped. What kept them were dead objects parked
+in the free lists of C extension types, which ``gc.collect()`` does not empty (it empties
+CPython's own): uvloop's callback and timer handles (up to 250 each, one per
+``call_soon``/``call_later``), asyncio's future iterators (up to 255, one per ``await`` of
+a future) and multidict's dicts and key tables. When a crowd goes, the first of its
+objects to be freed fill those lists, each in whichever arena the crowd allocated it, so a
+few hundred small objects keep as many 1 MiB arenas resident. ``FreeLists`` swaps them
+out at each release: it takes every parked object out of a list (by making as many
+objects as the list holds), puts back a set of the same objects made before any crowd
+(the "plug"), so that the crowd's objects, now beyond the list's capacity, go back to the
+allocator, and after the collection takes the plug back out. The lists are then empty and
+refill with objects allocated after the release, in the arenas that stayed. multidict
+empties its own lists on request.
 
 The collector is also tuned for a server holding many connections (``tune_collector``):
 CPython collects its youngest generation every 700 net allocations of container objects
@@ -151,8 +152,8 @@ class FreeLists:
     referenced by its libuv timer until that timer's close completes at the end of the
     pass. ``begin`` empties the lists (by making as many objects as they hold), ``plug``
     drops the plugs into them and lets the drained objects go, and ``finish`` (after the
-    collection) takes the plugs back out. The plug lists are filled in place: a new list object made during a
-    release would itself sit in an arena the crowd left."""
+    collection) takes the plugs back out. The plug lists are filled in place: a new list
+    object made during a release would itself sit in an arena the crowd left."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
