@@ -197,6 +197,9 @@ class FreeLists:
     def plug(self) -> None:
         """The plugs fill the lists to their capacity again; what was drained, now beyond
         it, goes back to the allocator."""
+        # What entered the lists since ``begin`` (a handle the loop ran meanwhile: the
+        # release's own timer) is drained too, or a plug object would not fit.
+        self.begin()
         for plug, drained in ((self._iters, self._drained_iters),
                               (self._handles, self._drained_handles),
                               (self._timers, self._drained_timers)):
@@ -236,6 +239,7 @@ class CrowdRelease:
         self._step = 0  # index into follow_ups once the crowd went
         # Made with the first connection, before any crowd (see FreeLists).
         self.free_lists: FreeLists | None = None
+        self._rearm_at: float | None = None  # the follow-up timer, while it is remade
 
     def opened(self) -> None:
         if self.free_lists is None:
@@ -290,6 +294,13 @@ class CrowdRelease:
         asyncio.get_running_loop().call_soon(self._plug)
 
     def _plug(self) -> None:
+        # The next follow-up's timer was made before the crowd's arenas went: cancelled
+        # now (it is freed while the free list is full) and made again after the
+        # collection, where what stayed is.
+        if self._handle is not None:
+            when = self._handle.when()
+            self.close()
+            self._rearm_at = when
         if self.free_lists is not None:
             self.free_lists.plug()
         asyncio.get_running_loop().call_soon(self._collect)
@@ -299,6 +310,11 @@ class CrowdRelease:
             self.free_lists.clear_multidict()
         started = time.perf_counter()
         gc.collect()
+        if self._rearm_at is not None:
+            if self._handle is None:
+                self._handle = asyncio.get_running_loop().call_at(self._rearm_at,
+                                                                  self._check)
+            self._rearm_at = None
         if self.free_lists is not None:
             self.free_lists.finish()
         collected = time.perf_counter()
@@ -310,6 +326,7 @@ class CrowdRelease:
                   "returned pages" if trimmed else "nothing returned or unavailable")
 
     def close(self) -> None:
+        self._rearm_at = None
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
