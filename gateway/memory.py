@@ -224,8 +224,12 @@ class CrowdRelease:
 
     def __init__(self, *, crowd: int = CROWD, follow_ups: tuple[float, ...] = FOLLOW_UPS,
                  every: float = 1.0, trim: Trim | None = None,
-                 shed: Callable[[int], object] | None = None) -> None:
+                 shed: Callable[[int], object] | None = None,
+                 remake: Callable[[], object] | None = None) -> None:
         self.crowd = crowd
+        # Called after the collection: long-lived values that every request replaces
+        # (counters) are made anew, away from the arenas the crowd left.
+        self.remake = remake
         # Called with the connections still open a second after the crowd went: close idle
         # upstream connections beyond that many.
         self.shed = shed
@@ -317,6 +321,8 @@ class CrowdRelease:
             self._rearm_at = None
         if self.free_lists is not None:
             self.free_lists.finish()
+        if self.remake is not None:
+            self.remake()
         collected = time.perf_counter()
         trimmed = self.trim()
         self.releases += 1

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
+from gateway.app import RequestIds
 from gateway.memory import (
     FUTURE_ITER_FREE_LIST,
     UVLOOP_FREE_LIST,
@@ -20,6 +21,7 @@ from gateway.memory import (
     _libc_malloc_trim,
     tune_collector,
 )
+from gateway.metrics import Metrics
 from tests.support.gateway import ROUTES, GatewayStarter, build_config
 from tests.support.process import wait_for
 from tests.support.rawhttp import read_response_head_and_body
@@ -296,7 +298,10 @@ async def test_a_release_after_a_crowd_swaps_the_free_lists(
     running = await start_gateway(build_config(ROUTES, echo))
     server = running.listener.server
     crowd = server.crowd = CrowdRelease(crowd=6, follow_ups=(0.0,), every=0.05,
-                                        trim=CountingTrim())
+                                        trim=CountingTrim(), remake=server.remake_counters)
+    metrics = running.gateway.metrics
+    metrics.signatures = 1000
+    signatures = metrics.signatures
     port = running.listener.address[1]
     first = await _open(port, 1)
     await wait_for(lambda: crowd.free_lists is not None)  # made before the crowd
@@ -305,3 +310,32 @@ async def test_a_release_after_a_crowd_swaps_the_free_lists(
     await _close(first + many)
     await wait_for(lambda: crowd.releases == 1)
     assert crowd.free_lists.swaps == 1
+    # The counters were made anew, equal.
+    assert metrics.signatures == signatures and metrics.signatures is not signatures
+
+
+def test_counters_are_made_anew_with_the_same_values() -> None:
+    """What a crowd's last requests left as counter objects is replaced by equal new ones:
+    the scrape reads the same."""
+    metrics = Metrics()
+    for _ in range(300):
+        metrics.observe("app", "GET", 200, 0.002, None)
+    metrics.signatures = 1000
+    counts = dict(metrics._counts)
+    buckets, total = (list(x) for x in metrics._hist["app"])
+    scrape = metrics.render()
+    metrics.remake()
+    assert metrics.render() == scrape
+    for key, n in counts.items():
+        assert metrics._counts[key] == n and metrics._counts[key] is not n
+    after, after_total = metrics._hist["app"]
+    assert after == buckets and after_total == total
+    assert any(a is not b for a, b in zip(after, buckets, strict=True) if b > 256)
+    assert after_total[0] is not total[0]
+    ids = RequestIds()
+    for _ in range(300):
+        ids.next()
+    n = ids._n
+    ids.remake()
+    assert ids._n == n and ids._n is not n
+    assert ids.next().endswith(f"{301:010x}")
