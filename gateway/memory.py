@@ -29,7 +29,10 @@ objects as the list holds), puts back a set of the same objects made before any 
 (the "plug"), so that the crowd's objects, now beyond the list's capacity, go back to the
 allocator, and after the collection takes the plug back out. The lists are then empty and
 refill with objects allocated after the release, in the arenas that stayed. multidict
-empties its own lists on request.
+empties its own lists on request. Likewise, each counter that every request replaces
+(request counts, the latency histogram, request ids) is the number object made at its
+latest increment, during a crowd in one of its arenas: after the collection the release
+has them made anew (``remake``), and remakes its own follow-up timer too.
 
 The collector is also tuned for a server holding many connections (``tune_collector``):
 CPython collects its youngest generation every 700 net allocations of container objects
