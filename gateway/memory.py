@@ -163,9 +163,10 @@ class FreeLists:
         # The plugs hold references only: cancelled handles, iterators of a future that
         # never completes.
         self._future: asyncio.Future[None] = loop.create_future()
-        # One context for all of them: a handle otherwise copies the current one, a new
-        # object per handle, made while the crowd's arenas are still there.
-        self._context = contextvars.copy_context()
+        # One empty context for all of them (their callback never runs): a handle otherwise
+        # copies the current one, a new object per handle, made while the crowd's arenas
+        # are still there.
+        self._context = contextvars.Context()
         # Plain asyncio's handles are Python objects without a free list of their own.
         self.uvloop = type(loop).__module__.startswith("uvloop")
         self._iters: list[object] = []
