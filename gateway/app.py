@@ -134,6 +134,10 @@ class RequestIds:
         self._n += 1
         return f"{self._prefix}{self._n:010x}"
 
+    def remake(self) -> None:
+        """A new object for the counter (see ``Metrics.remake``)."""
+        self._n += 0
+
 
 class Gateway:
     """Runtime state built once from a Config; ``handle`` is the per-request entry point."""

@@ -116,6 +116,20 @@ class Metrics:
         hist[0][bisect_left(_BUCKETS, duration)] += 1
         hist[1][0] += duration
 
+    def remake(self) -> None:
+        """Make each count's number object anew (once a crowd went: gateway.memory). An
+        integer or float counter is the object made at its latest increment; after a crowd
+        that is in an arena the crowd allocated, and that one object keeps the whole 1 MiB
+        arena mapped. ``n + 0`` is a new object equal to ``n`` (not a small int: those are
+        shared and never freed), made where memory stayed."""
+        counts = self._counts
+        for key, n in counts.items():
+            counts[key] = n + 0
+        for buckets, total in self._hist.values():
+            buckets[:] = [n + 0 for n in buckets]
+            total[0] += 0.0
+        self.signatures += 0
+
     def token_event(self, endpoint: str, outcome: str) -> None:
         self.token_events.labels(endpoint, outcome).inc()
         if outcome == "lockout_started":

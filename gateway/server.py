@@ -299,7 +299,14 @@ class GatewayServer(Server):
         self.client_header_timeout = client_header_timeout
         self.gateway = gateway
         # Memory goes back to the system once a crowd of connections has closed.
-        self.crowd = CrowdRelease(shed=self.shed_idle)
+        self.crowd = CrowdRelease(shed=self.shed_idle, remake=self.remake_counters)
+
+    def remake_counters(self) -> None:
+        """The per-request counters' number objects, made anew after a crowd."""
+        gateway = self.gateway
+        if gateway is not None:
+            gateway.metrics.remake()
+            gateway.ids.remake()
 
     def shed_idle(self, clients: int) -> None:
         """Close the upstream pools' idle connections beyond ``clients`` per upstream."""

@@ -7,10 +7,21 @@ import asyncio
 import gc
 import os
 import sys
+from collections.abc import Callable
 
 import pytest
 
-from gateway.memory import CrowdRelease, Trim, _libc_malloc_trim, tune_collector
+from gateway.app import RequestIds
+from gateway.memory import (
+    FUTURE_ITER_FREE_LIST,
+    UVLOOP_FREE_LIST,
+    CrowdRelease,
+    FreeLists,
+    Trim,
+    _libc_malloc_trim,
+    tune_collector,
+)
+from gateway.metrics import Metrics
 from tests.support.gateway import ROUTES, GatewayStarter, build_config
 from tests.support.process import wait_for
 from tests.support.rawhttp import read_response_head_and_body
@@ -229,3 +240,102 @@ def test_a_new_crowd_during_the_follow_ups_is_watched_at_once() -> None:
         crowd.close()
 
     asyncio.run(scenario())
+
+
+def _swap_free_lists(loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    """A crowd's future iterators, callback and timer handles parked in their free lists
+    are drained by a swap, and the plugs made before the crowd come back out of the lists
+    instead of the crowd's objects."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        lists = FreeLists(loop)
+        plugs = [{id(x) for x in plug}
+                 for plug in (lists._iters, lists._handles, lists._timers)]
+        # The crowd: more of each than the free lists keep, then let go of them all.
+        future = loop.create_future()
+        iters = [future.__await__() for _ in range(2 * FUTURE_ITER_FREE_LIST)]
+        handles = [loop.call_soon(lambda: None) for _ in range(2 * UVLOOP_FREE_LIST)]
+        timers = [loop.call_later(3600, lambda: None) for _ in range(2 * UVLOOP_FREE_LIST)]
+        for handle in handles + timers:
+            handle.cancel()
+        crowd = [{id(x) for x in objects} for objects in (iters, handles, timers)]
+        del iters, handles, timers
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the loop let go of the handles, the timers closed
+        lists.begin()
+        drained = [{id(x) for x in objects} for objects in
+                   (lists._drained_iters, lists._drained_handles, lists._drained_timers)]
+        await asyncio.sleep(0)
+        lists.plug()
+        await asyncio.sleep(0)
+        lists.finish()
+        assert lists.swaps == 1
+        back = [{id(x) for x in plug} for plug in (lists._iters, lists._handles, lists._timers)]
+        for kind in range(3 if lists.uvloop else 1):
+            # What the free list held was the crowd's, and the swap took it out ...
+            assert len(drained[kind] & crowd[kind]) >= UVLOOP_FREE_LIST * 3 // 4
+            # ... and what comes back out is the plug, not the crowd's objects (a plug
+            # object or two can be lost to a handle freed by the loop between the passes).
+            assert len(back[kind] & plugs[kind]) >= len(plugs[kind]) - 5
+        future.cancel()
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(scenario())
+
+
+def test_a_crowds_objects_leave_the_free_lists_on_asyncio() -> None:
+    _swap_free_lists(asyncio.new_event_loop)
+
+
+def test_a_crowds_objects_leave_the_free_lists_on_uvloop() -> None:
+    uvloop = pytest.importorskip("uvloop")
+    _swap_free_lists(uvloop.new_event_loop)
+
+
+async def test_a_release_after_a_crowd_swaps_the_free_lists(
+        start_gateway: GatewayStarter, echo: Echo) -> None:
+    running = await start_gateway(build_config(ROUTES, echo))
+    server = running.listener.server
+    crowd = server.crowd = CrowdRelease(crowd=6, follow_ups=(0.0,), every=0.05,
+                                        trim=CountingTrim(), remake=server.remake_counters)
+    metrics = running.gateway.metrics
+    metrics.signatures = 1000
+    signatures = metrics.signatures
+    port = running.listener.address[1]
+    first = await _open(port, 1)
+    await wait_for(lambda: crowd.free_lists is not None)  # made before the crowd
+    assert crowd.free_lists is not None
+    many = await _open(port, 8)
+    await _close(first + many)
+    await wait_for(lambda: crowd.releases == 1)
+    assert crowd.free_lists.swaps == 1
+    # The counters were made anew, equal.
+    assert metrics.signatures == signatures and metrics.signatures is not signatures
+
+
+def test_counters_are_made_anew_with_the_same_values() -> None:
+    """What a crowd's last requests left as counter objects is replaced by equal new ones:
+    the scrape reads the same."""
+    metrics = Metrics()
+    for _ in range(300):
+        metrics.observe("app", "GET", 200, 0.002, None)
+    metrics.signatures = 1000
+    counts = dict(metrics._counts)
+    buckets, total = (list(x) for x in metrics._hist["app"])
+    scrape = metrics.render()
+    metrics.remake()
+    assert metrics.render() == scrape
+    for key, n in counts.items():
+        assert metrics._counts[key] == n and metrics._counts[key] is not n
+    after, after_total = metrics._hist["app"]
+    assert after == buckets and after_total == total
+    assert any(a is not b for a, b in zip(after, buckets, strict=True) if b > 256)
+    assert after_total[0] is not total[0]
+    ids = RequestIds()
+    for _ in range(300):
+        ids.next()
+    n = ids._n
+    ids.remake()
+    assert ids._n == n and ids._n is not n
+    assert ids.next().endswith(f"{301:010x}")
