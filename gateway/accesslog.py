@@ -60,7 +60,6 @@ _floor = math.floor
 # The running loop or None, without raising (asyncio exports it for loop libraries:
 # asyncio.events.__all__).
 _running_loop = asyncio._get_running_loop
-_UNARMED = object()
 _USER_AGENT, _HOST_HEADER = hdrs.USER_AGENT, hdrs.HOST  # faster lookups than plain str keys
 _UA_MAX = 256
 _UNSAFE = re.compile(r'[^\x20-\x7e]|["\\]')
@@ -125,8 +124,7 @@ class LineWriter:
         self.dropped = 0
         self._lines: list[str] = []
         self._size = 0
-        # The loop a flush is pending in; never a loop's value (None) when there is none.
-        self._timer_loop: object = _UNARMED
+        self._timer_loop: asyncio.AbstractEventLoop | None = None  # a flush is pending in it
         self._pending = b""  # encoded, not yet taken by the destination
         self._closed = False
         self._send: Callable[[bytes | memoryview], int] = self._os_write
@@ -157,26 +155,30 @@ class LineWriter:
         return self._sock.send(data, socket.MSG_DONTWAIT)
 
     def add(self, line: str) -> None:
-        """Queue one line (ending in a newline), written within ``flush_after`` seconds."""
+        """Queue one line (ending in a newline), written within ``flush_after`` seconds of
+        the first line of its batch (or when the loop its flush is pending in runs again;
+        at exit at the latest)."""
         self._lines.append(line)
         self._size += len(line)
-        # Most lines: a flush is already pending in the running loop, and no batch is full.
-        if self._size < self.batch and _running_loop() is self._timer_loop:
-            return
         if self._size >= self.batch:
             self.flush()
+            return
+        # Most lines: a flush is already pending in a loop that is still there. (Not asked
+        # of asyncio per line: in Python 3.11 finding the running loop makes a getpid
+        # system call, which cost more than the rest of the line.)
+        pending = self._timer_loop
+        if pending is not None and not pending.is_closed():
             return
         loop = _running_loop()
         if loop is None:
             self.flush()
             return
-        # None pending in this loop (or the loop is new).
         self._timer_loop = loop
         loop.call_later(self.flush_after, self.flush)
 
     def flush(self) -> None:
         """Write what was collected and what was pending, as far as the destination takes it."""
-        self._timer_loop = _UNARMED
+        self._timer_loop = None
         lines = self._lines
         if lines:
             self._lines = []

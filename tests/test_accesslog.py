@@ -24,7 +24,7 @@ import pytest
 import trustme
 from ecs_logging._utils import json_dumps as ecs_json_dumps
 
-from gateway import logs
+from gateway import accesslog, logs
 from gateway.accesslog import AccessLog, LineWriter, clean_host, clean_user_agent, split_host
 from gateway.proxy import Exchange
 from gateway.routing import CompiledRoute, compile_route
@@ -355,6 +355,65 @@ async def test_writer_writes_a_lone_line_within_flush_after() -> None:
                     await asyncio.sleep(0.01)
         assert got == b"the only line\n"
         assert time.monotonic() - started < 2.0
+    finally:
+        writer.close()
+        os.close(w)
+        os.close(r)
+
+
+async def test_writer_asks_for_the_running_loop_once_per_batch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding the running loop costs a system call (getpid, Python 3.11): asked when a
+    batch starts, not for every line."""
+    asked: list[object] = []
+    real = accesslog._running_loop
+
+    def counting() -> asyncio.AbstractEventLoop | None:
+        loop = real()
+        asked.append(loop)
+        return loop
+
+    monkeypatch.setattr(accesslog, "_running_loop", counting)
+    r, w = _pipe()
+    writer = LineWriter(w, flush_after=0.05)
+    try:
+        for i in range(200):
+            writer.add(f"line {i}\n")
+        assert asked == [asyncio.get_running_loop()]
+        writer.flush()
+        writer.add("the next batch\n")
+        assert len(asked) == 2
+    finally:
+        writer.close()
+        os.close(w)
+        os.close(r)
+
+
+def test_writer_whose_flush_was_pending_in_a_closed_loop_flushes_from_the_next() -> None:
+    """A loop that ended before its pending flush ran (one event loop after another, as
+    tests and embedding applications run them) does not hold the next loop's lines."""
+    r, w = _pipe()
+    os.set_blocking(r, False)
+    writer = LineWriter(w, flush_after=0.05)
+
+    async def add(line: str) -> None:
+        writer.add(line)
+
+    async def add_and_wait(line: str) -> bytes:
+        writer.add(line)
+        out = b""
+        async with asyncio.timeout(5):
+            while not out.endswith(line.encode()):
+                try:
+                    out += os.read(r, 1000)
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+        return out
+
+    try:
+        asyncio.run(add("from the first loop\n"))  # its flush never ran
+        got = asyncio.run(add_and_wait("from the second loop\n"))
+        assert got == b"from the first loop\nfrom the second loop\n"
     finally:
         writer.close()
         os.close(w)
