@@ -330,10 +330,11 @@ class RoutePolicy:
     # Request headers never sent upstream as they are on this route (beyond the hop-by-hop
     # ones): dropped, or (cookie, referer) reduced to what the route may see.
     drop_up: frozenset[bytes] = frozenset()
+    # The prefix as the request head's bytes carry it (a Referer's path is compared to it).
+    prefix_bytes: bytes = field(init=False, repr=False, compare=False)
 
-    @property
-    def prefix_bytes(self) -> bytes:
-        return self.prefix.encode("utf-8", "surrogateescape")
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefix_bytes", self.prefix.encode("utf-8", "surrogateescape"))
 
     # ---------------------------------------------------------------- request side
 
