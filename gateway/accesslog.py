@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 access_logger = logging.getLogger("gateway.access")
 
 _time = time.time
+_perf = time.perf_counter
 _floor = math.floor
 # The running loop or None, without raising (asyncio exports it for loop libraries:
 # asyncio.events.__all__).
@@ -251,29 +252,36 @@ def dropped_lines() -> int:
 
 
 class _Clock:
-    """The line's timestamps, from a ``time.time()`` value in milliseconds: the part down
-    to the second formatted once a second (``head``), the milliseconds from a table made
-    once (``millis[ms - base]``): formatting a number costs more than the rest of a stamp."""
+    """The line's timestamps, from the request's end on the ``perf_counter`` clock (read
+    once per request already, for its duration; reading the wall clock as well cost as
+    much as the rest of the stamp). The wall second a request ended in is found and
+    formatted once a second (``head``), with the ``perf_counter`` value at which that second
+    began (``start``); a line's milliseconds are then ``millis[(end - start) * 1000]``, from
+    a table made once. The wall clock is read again at every new second, so a step of the
+    system clock shows in the lines within a second."""
 
     def __init__(self, *, utc: bool) -> None:
         self._utc = utc
-        self.base = -1000  # the first millisecond of the second ``head`` is for
-        self.head = ""
         # ECS ``@timestamp``: UTC, milliseconds; text: logging's ``%(asctime)s``, local time.
         self.millis = tuple(f"{i:03d}{'Z' if utc else ''}" for i in range(1000))
+        self.start = 0.0
+        self.head = ""
+        self.second(_perf())
 
-    def second(self, ms: int) -> int:
-        """Moves to the second of the millisecond ``ms``; ``ms``'s index in ``millis``."""
-        second = ms // 1000
-        self.base = second * 1000
+    def second(self, end: float) -> int:
+        """Moves to the wall second in which the ``perf_counter`` value ``end`` fell; the
+        index of its millisecond in ``millis``."""
+        wall = _time() - (_perf() - end)
+        second = _floor(wall)
+        self.start = end - (wall - second)
         self.head = (time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second)) if self._utc
                      else time.strftime(TEXT_TIME_FORMAT + ",", time.localtime(second)))
-        return ms - self.base
+        return min(_floor((wall - second) * 1000), 999)
 
 
-# A duration's milliseconds with one decimal, as ``f"{ms:.1f}"`` writes them, by tenths
-# of a millisecond up to this many (longer ones are formatted): formatting a float costs
-# more than the rest of a text line.
+# A duration in milliseconds with one decimal (the nearest tenth), by tenths of a
+# millisecond up to this many (longer ones are formatted): formatting a float costs more
+# than the rest of a text line.
 _TENTHS = 2000
 
 
@@ -281,6 +289,7 @@ def _tenths() -> tuple[str, ...]:
     return tuple(f"{k // 10}.{k % 10}" for k in range(_TENTHS))
 
 
+_VERSIONS = ("HTTP/1.0", "HTTP/1.1")  # by the request's minor version
 _q = encode_basestring_ascii  # a str as a quoted JSON string (C)
 _ECS_VERSION = f',"ecs.version":"{ecs_logging.ECS_VERSION}"'
 
@@ -326,6 +335,8 @@ class AccessLog:
         self._tls = tls
         self._clock = _Clock(utc=self._json)
         self._tenths = _tenths()
+        # Status codes as the line writes them; 0 (no upstream answer) as "-".
+        self._codes = ("-", *(str(n) for n in range(1, 1000)))
         # By id: a route's hash walks all its fields.
         self._routes: dict[int, _RouteParts] = {}
         self._parts = self._routes[id(None)] = _RouteParts(None)
@@ -335,6 +346,10 @@ class AccessLog:
         # outlives the next line.)
         self._ua: tuple[str | None, str, str] = (None, "-", "}\n")
         self._host: tuple[str | None, str, str, str] = (None, "-", ',"url":{"path":', "}")
+        # The last pair of them and what they make together: the text's `` host=... ua="..."
+        # tls=``, the same inside the JSON message, then the JSON pieces of ``_host`` and
+        # ``_ua`` (Host before the path, after it, and the User-Agent ending the line).
+        self._client = self._see_client(None, None)
         self._method = ("", '""')  # the last method and its JSON string (a token: few)
 
     def _route_parts(self, route: CompiledRoute | None) -> _RouteParts:
@@ -352,6 +367,15 @@ class AccessLog:
                     f',"user_agent":{{"original":"{agent}"}}}}\n' if agent else "}\n")
         return self._ua
 
+    def _see_client(self, raw_ua: str | None, raw_host: str | None
+                    ) -> tuple[str | None, str | None, str, str, str, str, str]:
+        """A new User-Agent or Host (or both): the pieces of the line they make."""
+        ua = self._ua if raw_ua == self._ua[0] else self._see_user_agent(raw_ua)
+        host = self._host if raw_host == self._host[0] else self._see_host(raw_host)
+        self._client = (raw_ua, raw_host, f' host={host[1]} ua="{ua[1]}" tls=',
+                        f' host={host[1]} ua=\\"{ua[1]}\\" tls=', host[2], host[3], ua[2])
+        return self._client
+
     def _see_host(self, raw: str | None) -> tuple[str | None, str, str, str]:
         """A new Host: as the text says it, and the JSON ``url`` before and after the path."""
         host = clean_host(raw)
@@ -365,47 +389,51 @@ class AccessLog:
 
     def log_exchange(self, client_ip: str, request_id: str, method: str, raw_path: str,
                      minor: int, status: int, route: CompiledRoute | None, ex: Exchange,
-                     duration: float) -> None:
+                     duration: float, end: float | None = None) -> None:
+        """``end``: when the request ended, a ``time.perf_counter()`` value (read now when
+        not given)."""
         # The hot part of every request: values at hand, one f-string, no calls that can
         # be avoided (the parts that change rarely are kept from the previous line).
         writer = self._writer
         if writer is None and not access_logger.isEnabledFor(logging.INFO):
             return
-        ms = _floor(_time() * 1000)  # (floor: cheaper than int() for a float)
+        if end is None:
+            end = _perf()
         clock = self._clock
-        i = ms - clock.base
+        i = _floor((end - clock.start) * 1000)  # (floor: cheaper than int() for a float)
         if i >= 1000 or i < 0:
-            i = clock.second(ms)
-        # ``.1f`` rounds the exact value to the nearest tenth, as rounding ``t * 10`` does
-        # unless that product was rounded onto a tie (then formatted instead).
-        t = duration * 1000
-        tenths = t * 10
-        k = _floor(tenths)
-        frac = tenths - k
-        if frac > 0.5:
-            k += 1
-        took = (self._tenths[k] if t >= 0 and k < _TENTHS and frac != 0.5
-                else f"{t:.1f}")
+            i = clock.second(end)
+        k = _floor(duration * 10000 + 0.5)  # tenths of a millisecond, the nearest
+        took = self._tenths[k] if 0 <= k < _TENTHS else f"{duration * 1000:.1f}"
         path = raw_path.partition("?")[0] if "?" in raw_path else raw_path
         headers = ex.headers
-        raw = headers.get(_USER_AGENT) if headers is not None else None
-        ua = self._ua if raw == self._ua[0] else self._see_user_agent(raw)
-        raw = headers.get(_HOST_HEADER) if headers is not None else None
-        host = self._host if raw == self._host[0] else self._see_host(raw)
+        if headers is not None:
+            raw_ua, raw_host = headers.get(_USER_AGENT), headers.get(_HOST_HEADER)
+        else:
+            raw_ua = raw_host = None
+        client = self._client
+        if raw_ua != client[0] or raw_host != client[1]:
+            client = self._see_client(raw_ua, raw_host)
         tls = tls_version(ex) if self._tls else None
         trace = ex.trace
         ids = trace.ids() if trace is not None else None
         parts = self._parts  # the previous line's, most often
         if parts.route is not route:
             parts = self._route_parts(route)
+        upstream = ex.upstream_status
+        codes = self._codes
+        try:  # (tables: formatting a number costs more than the rest of a piece)
+            version, code, upstream_code = _VERSIONS[minor], codes[status], codes[upstream]
+        except IndexError:  # not HTTP/1.0 or 1.1, or a status not of three digits
+            version = f"HTTP/1.{minor}"
+            code, upstream_code = str(status), str(upstream or "-")
         if not self._json:
             assert writer is not None
             writer.add(
                 f"{clock.head}{clock.millis[i]} INFO gateway.access: {client_ip} {method} {path} "
-                f"HTTP/1.{minor} "
-                f"{status} {ex.bytes_in}/{ex.bytes_out} {took}ms "
-                f"host={host[1]} ua=\"{ua[1]}\" tls={tls or '-'}{parts.text_route}"
-                f"{ex.upstream_status or '-'}{parts.text_upstream}{request_id}"
+                f"{version} {code} {ex.bytes_in}/{ex.bytes_out} {took}ms"
+                f"{client[2]}{tls or '-'}{parts.text_route}"
+                f"{upstream_code}{parts.text_upstream}{request_id}"
                 f"{f' trace={ids[0]} span={ids[1]}' if ids else ''}\n")
             return
         # The ECS document: a template of JSON-escaped values, each object's keys in sorted
@@ -416,21 +444,20 @@ class AccessLog:
         # printable ASCII without quotes or backslashes and need no escaping.
         q_ip, q_path, q_rid = _q(client_ip), _q(path), _q(request_id)
         q_method = self._method[1] if method == self._method[0] else self._see_method(method)
-        upstream = ex.upstream_status
         error = ex.error
         if route is None:
             gateway = ""
         elif upstream:
             gateway = (f'{parts.json_gateway},"upstream":{{"duration":'
-                       f'{round(ex.upstream_time * 1e9)},"status_code":{upstream}}}}}')
+                       f'{round(ex.upstream_time * 1e9)},"status_code":{upstream_code}}}}}')
         else:
             gateway = parts.json_gateway + "}"
         line = (
             f'{{"@timestamp":"{clock.head}{clock.millis[i]}","log.level":"info",'
             f'"message":"{q_ip[1:-1]} '
-            f'{q_method[1:-1]} {q_path[1:-1]} HTTP/1.{minor} {status} '
-            f'{ex.bytes_in}/{ex.bytes_out} {took}ms host={host[1]} '
-            f'ua=\\"{ua[1]}\\" tls={tls or "-"}{parts.json_route}{upstream or "-"}'
+            f'{q_method[1:-1]} {q_path[1:-1]} {version} {code} '
+            f'{ex.bytes_in}/{ex.bytes_out} {took}ms{client[3]}'
+            f'{tls or "-"}{parts.json_route}{upstream_code}'
             f'{parts.json_upstream}{q_rid[1:-1]}'
             f'{f" trace={ids[0]} span={ids[1]}" if ids else ""}",'
             f'"client":{{"ip":{q_ip}}}{parts.json_destination}{_ECS_VERSION}'
@@ -439,12 +466,12 @@ class AccessLog:
             f'{gateway}'
             f',"http":{{"request":{{"body":{{"bytes":{ex.bytes_in}}},'
             f'"id":{q_rid},"method":{q_method}}},'
-            f'"response":{{"body":{{"bytes":{ex.bytes_out}}},"status_code":{status}}},'
+            f'"response":{{"body":{{"bytes":{ex.bytes_out}}},"status_code":{code}}},'
             f'"version":"1.{minor}"}},"log":{{"logger":"gateway.access"}}'
             f'{f",{_span_json(ids[1])}" if ids else ""}'
             f'{f",{_tls_json(tls)}" if tls else ""}'
             f'{f",{_trace_json(ids[0])}" if ids else ""}'
-            f'{host[2]}{q_path}{host[3]}{ua[2]}')
+            f'{client[4]}{q_path}{client[5]}{client[6]}')
         if writer is not None:
             writer.add(line)
             return

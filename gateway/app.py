@@ -201,15 +201,16 @@ class Gateway:
         self.policy.ext = ext
 
     def finished(self, client_ip: str, rid: str, method: str, raw_path: str, minor: int,
-                 status: int, route: CompiledRoute | None, ex: Exchange, duration: float
-                 ) -> None:
-        """Every request ends here, from either path: one access-log line, the metrics."""
+                 status: int, route: CompiledRoute | None, ex: Exchange, duration: float,
+                 end: float | None = None) -> None:
+        """Every request ends here, from either path: one access-log line, the metrics.
+        ``end``: the ``time.perf_counter()`` value the duration was taken at."""
         if ex.trace is not None:
             self._end_trace(method, raw_path, minor, status, route, ex, client_ip)
         access = self.access
         if access.enabled:
             access.log_exchange(client_ip, rid, method, raw_path, minor, status, route, ex,
-                                duration)
+                                duration, end)
         upstream_error = None
         if ex.error and not ex.upstream_status:
             upstream_error = "timeout" if status == 504 else "error" if status == 502 else None
@@ -292,8 +293,9 @@ class Gateway:
                 if isinstance(resp, web.Response):
                     body = resp.body
                     ex.bytes_out = len(body) if isinstance(body, bytes | bytearray) else 0
+            end = time.perf_counter()
             self.finished(fwd.client_ip, rid, request.method, request.raw_path,
-                          request.version.minor, status, route, ex, time.perf_counter() - start)
+                          request.version.minor, status, route, ex, end - start, end)
 
     async def _dispatch(self, request: web.BaseRequest, fwd: Forwarded, rid: str, ex: Exchange
                         ) -> tuple[web.StreamResponse, CompiledRoute | None]:

@@ -509,9 +509,10 @@ class FastRequestHandler(_GatewayRequestHandler):
         self._inline = None
         if error:
             inline.ex.error = error
+        end = time.perf_counter()
         inline.gw.finished(inline.client_ip, inline.rid, inline.method, inline.raw_path,
                               inline.minor, status, inline.route, inline.ex,
-                              time.perf_counter() - inline.start)
+                              end - inline.start, end)
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
         if not inline.keep_alive:

@@ -245,6 +245,9 @@ _REQUESTS = [
 ]
 
 
+_PERF_AT_START = 5000.0  # perf_counter when the wall clock says 1_764_000_000
+
+
 def _log_requests(access: AccessLog, times: list[float]) -> None:
     for i, (ip, rid, method, raw, minor, status, r, host, agent, dt) in enumerate(_REQUESTS):
         ex = Exchange()
@@ -254,7 +257,8 @@ def _log_requests(access: AccessLog, times: list[float]) -> None:
         if route is not None:
             ex.upstream_status, ex.upstream_time = status, 0.001 * (i + 1)
         times.append(1_764_000_000.25 + dt)
-        access.log_exchange(ip, rid, method, raw, minor, status, route, ex, 0.01 * (i + 1))
+        access.log_exchange(ip, rid, method, raw, minor, status, route, ex, 0.01 * (i + 1),
+                            _PERF_AT_START + 0.25 + dt)
 
 
 def test_each_line_carries_its_own_requests_values_and_end_time(
@@ -262,7 +266,13 @@ def test_each_line_carries_its_own_requests_values_and_end_time(
     """Text and JSON: every line has its own request's values and the time it ended, to the
     millisecond; the JSON ``message`` is the text line's message, whatever the escaping."""
     now: list[float] = []
-    monkeypatch.setattr("gateway.accesslog._time", lambda: now[-1])
+    # The wall clock and perf_counter, moving together: each line's end is given on the
+    # latter, and both clocks are read 0.3 s after it (the line is of the end, not of when
+    # it was written).
+    monkeypatch.setattr("gateway.accesslog._time",
+                        lambda: (now[-1] if now else 1_763_999_000) + 0.3)
+    monkeypatch.setattr("gateway.accesslog._perf", lambda: (
+        (now[-1] if now else 1_763_999_000) - 1_764_000_000 + _PERF_AT_START + 0.3))
     text = _logged("text", lambda access: _log_requests(access, now)).splitlines()
     docs = [json.loads(line) for line in _logged(
         "json", lambda access: _log_requests(access, now)).splitlines()]
@@ -304,6 +314,73 @@ def test_each_line_carries_its_own_requests_values_and_end_time(
             domain, port = split_host(host.lower())
             assert doc["url"]["domain"] == domain and doc["url"].get("port") == port
     assert "SECRET" not in repr(text) + repr(docs)
+
+
+def test_a_step_of_the_wall_clock_shows_in_the_lines_within_a_second(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lines are stamped from ``perf_counter``, the wall clock being read once a second: after
+    the system clock is set (here an hour and a quarter of a second ahead), a line ending up
+    to a second later may keep the old reading, and every later one has the new."""
+    wall_minus_perf = [1_764_000_000.0 - 5000.0]
+    perf = [5000.0]
+    monkeypatch.setattr("gateway.accesslog._perf", lambda: perf[0])
+    monkeypatch.setattr("gateway.accesslog._time", lambda: perf[0] + wall_minus_perf[0])
+    ends = [5000.125, 5000.5, 5000.875, 5001.25, 5001.625, 5002.25, 5002.375]  # (binary)
+
+    def write(access: AccessLog) -> None:
+        for n, end in enumerate(ends):
+            if n == 3:
+                wall_minus_perf[0] += 3600.25
+            perf[0] = end + 0.0625  # the line is written a little after the request ended
+            access.log_exchange("203.0.113.9", f"rid-{n}", "GET", "/x", 1, 200, None,
+                                Exchange(), 0.001, end)
+
+    stamps = [json.loads(line)["@timestamp"] for line in _logged("json", write).splitlines()]
+    assert stamps[:3] == ["2025-11-24T16:00:00.125Z", "2025-11-24T16:00:00.500Z",
+                          "2025-11-24T16:00:00.875Z"]
+    assert stamps[3] in ("2025-11-24T16:00:01.250Z", "2025-11-24T17:00:01.500Z")
+    assert stamps[4:] == ["2025-11-24T17:00:01.875Z", "2025-11-24T17:00:02.500Z",
+                          "2025-11-24T17:00:02.625Z"]
+
+
+@pytest.mark.parametrize(("minor", "status", "upstream", "written"), [
+    (0, 204, 0, "HTTP/1.0 204 0/0 "),
+    (1, 999, 999, "HTTP/1.1 999 0/0 "),
+    (1, 1000, 1234, "HTTP/1.1 1000 0/0 "),  # not a status a parser passes; still written
+    (2, 200, 200, "HTTP/1.2 200 0/0 "),
+])
+def test_version_and_status_codes_as_written(minor: int, status: int, upstream: int,
+                                             written: str) -> None:
+    """The version and the codes come from tables; what is outside them is formatted."""
+    route = compile_route("/app/", "http://a.internal:8080/")
+
+    def write(access: AccessLog) -> None:
+        ex = Exchange()
+        ex.upstream_status = upstream
+        access.log_exchange("203.0.113.9", "rid", "GET", "/app/x", minor, status,
+                            route if upstream else None, ex, 0.001)
+
+    line = _logged("text", write)
+    assert f" GET /app/x {written}" in line
+    assert f" upstream={upstream or '-'}" in line
+    doc = json.loads(_logged("json", write))
+    assert doc["http"]["response"]["status_code"] == status
+    assert doc["http"]["version"] == f"1.{minor}"
+    if upstream:
+        assert doc["gateway"]["upstream"]["status_code"] == upstream
+
+
+@pytest.mark.parametrize(("duration", "written"), [
+    (0.0, "0.0ms"), (0.00004, "0.0ms"), (0.00006, "0.1ms"), (0.01234, "12.3ms"),
+    (0.01236, "12.4ms"), (0.19994, "199.9ms"), (0.19996, "200.0ms"), (0.25, "250.0ms"),
+    (3.21, "3210.0ms"),  # past the table: formatted
+])
+def test_duration_in_milliseconds_to_the_nearest_tenth(duration: float, written: str) -> None:
+    def write(access: AccessLog) -> None:
+        access.log_exchange("203.0.113.9", "rid", "GET", "/x", 1, 200, None, Exchange(),
+                            duration)
+
+    assert f" 200 0/0 {written} host=" in _logged("text", write)
 
 
 def test_no_access_line_when_the_process_logs_above_info() -> None:
