@@ -15,7 +15,8 @@ in two instances: access log as shipped, and off.
 
 Loads (wrk ``-t1``): ``GET /1k.bin`` at 64, 1,000 and 5,000 connections, and a 4 KiB
 ``POST /post`` at 64. For each load, round and proxy, the two instances run back to back in
-alternating order (on first in even rounds), so that on/off compare within seconds. CPU per
+alternating order (on first in even rounds), so that on/off compare within seconds; at 64
+connections each leg is made of one-second slices alternating between them. CPU per
 request is the user+system time of every process of the proxy (``/proc/PID/stat``, all
 threads) over the requests wrk completed; ratios are taken within each round, then the
 median over rounds.
@@ -243,16 +244,10 @@ def run(procs: Procs, tmp: Path, origin_port: int, sink_port: int, *, rounds: in
             order = order[r % len(order):] + order[:r % len(order)]
             for name in order:
                 pair = by_name[name] if r % 2 == 0 else list(reversed(by_name[name]))
-                for peer in pair:
-                    path = "/post" if load == "post4k" else "/1k.bin"
-                    pids = process_tree(peer.proc.pid)
-                    before = cpu_seconds(pids)
-                    out = wrk(f"http://127.0.0.1:{peer.port}{path}", conns=conns,
-                              seconds=seconds * (crowd_factor if conns >= 1000 else 1),
-                              threads=1,
-                              script=lua if load == "post4k" else None)
-                    used = cpu_seconds(pids) - before
-                    if out.get("errors") or out.get("non2xx"):
+                path = "/post" if load == "post4k" else "/1k.bin"
+                for peer, out, used in _legs(pair, path, conns, seconds, crowd_factor, lua,
+                                             wrk):
+                    if out["errors"] or out["non2xx"]:
                         res.notes.append(f"round {r + 1} {load} {peer.key}: {out['errors']} "
                                          f"socket errors {out.get('error_kinds', {})}, "
                                          f"{out['non2xx']} non-2xx of "
@@ -272,6 +267,50 @@ def run(procs: Procs, tmp: Path, origin_port: int, sink_port: int, *, rounds: in
         res.memory = crowd_memory(procs, tmp, origin_port, crowd, seconds=seconds, wrk=wrk,
                                   log=log)
     return res
+
+
+def _legs(pair: list[Peer], path: str, conns: int, seconds: int, crowd_factor: int,
+          lua: Path, wrk: Callable[..., dict[str, Any]]
+          ) -> list[tuple[Peer, dict[str, Any], float]]:
+    """One leg per instance of a proxy (log on, off...): wrk's result and the CPU seconds
+    its processes used. Below 1,000 connections each leg is ``seconds`` one-second slices,
+    the instances' slices alternating (on, off, on, off...), so that a change in this
+    machine's speed over a few seconds falls on every instance alike; the slices of a leg
+    add up (req/s: its requests over the slices' time). The longer legs of the crowds run
+    whole, one after the other: their connections take seconds to settle."""
+    slices = seconds if conns < 1000 else 1
+    length = seconds // slices * (crowd_factor if conns >= 1000 else 1)
+    totals: dict[str, dict[str, Any]] = {
+        peer.key: {"requests": 0, "time": 0.0, "errors": 0, "non2xx": 0, "cpu": 0.0}
+        for peer in pair}
+    for _ in range(slices):
+        for peer in pair:
+            pids = process_tree(peer.proc.pid)
+            before = cpu_seconds(pids)
+            out = wrk(f"http://127.0.0.1:{peer.port}{path}", conns=conns, seconds=length,
+                      threads=1, script=lua if path == "/post" else None)
+            total = totals[peer.key]
+            total["cpu"] += cpu_seconds(pids) - before
+            total["errors"] += out.get("errors") or 0
+            total["non2xx"] += out.get("non2xx") or 0
+            for kind, n in (out.get("error_kinds") or {}).items():
+                total.setdefault("error_kinds", {}).setdefault(kind, 0)
+                total["error_kinds"][kind] += n
+            if out.get("rps") and out.get("requests"):
+                total["requests"] += out["requests"]
+                total["time"] += out["requests"] / out["rps"]
+            else:
+                total["raw"] = out.get("raw", "")
+    legs = []
+    for peer in pair:
+        total = totals[peer.key]
+        ok = total["requests"] and "raw" not in total
+        out = {"rps": total["requests"] / total["time"] if ok else None,
+               "requests": total["requests"], "errors": total["errors"],
+               "non2xx": total["non2xx"], "error_kinds": total.get("error_kinds", {}),
+               "raw": total.get("raw", "")}
+        legs.append((peer, out, total["cpu"]))
+    return legs
 
 
 # RSS after a 5,000-connection crowd is back within this of its level before (issue 18).
