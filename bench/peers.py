@@ -92,10 +92,12 @@ class PeerRun:
         values = table.get(load, {}).get(key)
         return statistics.median(values) if values else None
 
-    def ratio(self, table: dict[str, dict[str, list[float]]], load: str, a: str, b: str
-              ) -> float | None:
-        """Median over rounds of a/b taken within each round."""
-        xs, ys = table.get(load, {}).get(a) or [], table.get(load, {}).get(b) or []
+    def ratio(self, table: dict[str, dict[str, list[float]]], load: str, a: str, b: str,
+              load_b: str | None = None) -> float | None:
+        """Median over rounds of a/b taken within each round (b under ``load_b``, when
+        given, rather than ``load``)."""
+        xs = table.get(load, {}).get(a) or []
+        ys = table.get(load_b or load, {}).get(b) or []
         if not xs or len(xs) != len(ys) or not all(ys):
             return None
         return statistics.median(x / y for x, y in zip(xs, ys, strict=True))
@@ -437,10 +439,8 @@ def table(res: PeerRun) -> str:
                  "| gateway/nginx req/s (off) | gateway/caddy req/s (off) "
                  "| gateway/caddy req/s (on) | gateway CPU/req ÷ its get64 (off) |")
     lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
-    base = res.median(res.cpu_us, "get64", "gateway/off")
     for load, _ in res.loads:
-        cpu = res.median(res.cpu_us, load, "gateway/off")
-        growth = cpu / base if cpu is not None and base else None
+        growth = res.ratio(res.cpu_us, load, "gateway/off", "gateway/off", "get64")
         lines.append("| " + " | ".join([
             load,
             _f(res.ratio(res.rps, load, "gateway/on", "gateway/off"), 2),

@@ -46,12 +46,19 @@ tests/test_aiohttp_contract.py pins the behaviours, on both request paths.
   which holds a body only once it is complete and has parsed what followed it already,
   takes it from the payload's ``_buffer`` instead (``complete_body``: with ``_size`` and
   ``_cursor`` kept as a read keeps them), so a POST costs one parse, not two.
+- multidict (aiohttp's header dicts) keeps freed dicts and key tables in pools of its own;
+  ``multidict._multidict._freelist_clear()`` empties them, which ``gateway/memory.py``
+  calls after a crowd so that the pools do not hold the crowd's memory. It is looked up,
+  not imported: a multidict without it (the pure-Python build, another release) makes
+  ``multidict_freelist_clear()`` None and nothing is done. pyproject.toml bounds multidict
+  to the major release it was checked against.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -86,6 +93,7 @@ __all__ = [
     "StreamReader",
     "complete_body",
     "drain",
+    "multidict_freelist_clear",
     "splice_protocol",
 ]
 
@@ -293,6 +301,16 @@ def complete_body(payload: StreamReader) -> bytes | None:
     payload._size = 0
     payload._cursor += len(body)
     return body
+
+
+def multidict_freelist_clear() -> Callable[[], object] | None:
+    """multidict's call that empties its free lists, or None (see the module docstring)."""
+    try:
+        from multidict import _multidict  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    clear: Callable[[], object] | None = getattr(_multidict, "_freelist_clear", None)
+    return clear
 
 
 async def drain(protocol: BaseProtocol) -> None:

@@ -29,10 +29,11 @@ objects as the list holds), puts back a set of the same objects made before any 
 (the "plug"), so that the crowd's objects, now beyond the list's capacity, go back to the
 allocator, and after the collection takes the plug back out. The lists are then empty and
 refill with objects allocated after the release, in the arenas that stayed. multidict
-empties its own lists on request. Likewise, each counter that every request replaces
-(request counts, the latency histogram, request ids) is the number object made at its
-latest increment, during a crowd in one of its arenas: after the collection the release
-has them made anew (``remake``), and remakes its own follow-up timer too.
+empties its own lists on request (a private call, in ``gateway/aiohttp_adapter.py``).
+Likewise, each counter that every request replaces (request counts, the latency histogram,
+request ids) is the number object made at its latest increment, during a crowd in one of
+its arenas: after the collection the release has them made anew (``remake``), and remakes
+its own follow-up timer too.
 
 The collector is also tuned for a server holding many connections (``tune_collector``):
 CPython collects its youngest generation every 700 net allocations of container objects
@@ -62,6 +63,8 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+
+from gateway.aiohttp_adapter import multidict_freelist_clear
 
 log = logging.getLogger("gateway.memory")
 
@@ -135,17 +138,6 @@ def _noop() -> None:
     return None
 
 
-def _multidict_freelist_clear() -> Callable[[], object] | None:
-    # multidict keeps freed dicts and their key tables in pools of its own and offers a
-    # (private) call to empty them; other versions may lack it, and then nothing is done.
-    try:
-        from multidict import _multidict  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    clear: Callable[[], object] | None = getattr(_multidict, "_freelist_clear", None)
-    return clear
-
-
 class FreeLists:
     """Swaps the objects a crowd left in C extension types' free lists for ones made at
     start-up (see the module docstring). Made on the event loop before any crowd.
@@ -176,7 +168,7 @@ class FreeLists:
         self._drained_handles: list[asyncio.Handle] = []
         self._drained_timers: list[asyncio.Handle] = []
         self._fill(self._iters, self._handles, self._timers)
-        self._multidict_clear = _multidict_freelist_clear()
+        self._multidict_clear = multidict_freelist_clear()
         self.swaps = 0
 
     def _fill(self, iters: list[object], handles: list[asyncio.Handle],

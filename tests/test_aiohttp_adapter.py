@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp.base_protocol import BaseProtocol
 
-from gateway.aiohttp_adapter import StreamReader, complete_body
+from gateway.aiohttp_adapter import StreamReader, complete_body, multidict_freelist_clear
 
 
 class _Reading(BaseProtocol):
@@ -56,3 +56,19 @@ async def test_a_body_still_on_its_way_or_read_from_is_left_to_read_nowait() -> 
     reader, _ = _reader([b"abc"])
     reader.set_exception(ValueError("cut short"))
     assert complete_body(reader) is None
+
+
+def test_multidict_free_lists_can_be_emptied() -> None:
+    """The installed multidict (its C build, as pip installs it) still has the private call
+    ``gateway/memory.py`` uses after a crowd, and the call runs: a release that drops it
+    would otherwise leave the crowd's dicts parked without a word."""
+    import multidict
+
+    clear = multidict_freelist_clear()
+    if not getattr(multidict, "USE_EXTENSIONS", True):  # pure-Python build: nothing to clear
+        assert clear is None
+        return
+    assert clear is not None
+    for _ in range(100):
+        multidict.CIMultiDict({"a": "1"})
+    clear()
