@@ -14,12 +14,13 @@ in two instances: access log as shipped, and off.
 * textbook: aiohttp's default access logger to stderr.
 
 Loads (wrk ``-t1``): ``GET /1k.bin`` at 64, 1,000 and 5,000 connections, and a 4 KiB
-``POST /post`` at 64. For each load, round and proxy, the two instances run back to back in
+``POST /post`` at 64. For each load, round and proxy, the instances run back to back in
 alternating order (on first in even rounds), so that on/off compare within seconds; at 64
-connections each leg is made of one-second slices alternating between them. CPU per
-request is the user+system time of every process of the proxy (``/proc/PID/stat``, all
-threads) over the requests wrk completed; ratios are taken within each round, then the
-median over rounds.
+connections the GET's and the POST's legs are made of one-second slices, alternating
+between the instances and the two loads, so that on/off and POST/GET compare within a
+second or two. CPU per request is the user+system time of every process of the proxy
+(``/proc/PID/stat``, all threads) over the requests wrk completed; ratios are taken within
+each round, then the median over rounds.
 """
 
 from __future__ import annotations
@@ -240,15 +241,20 @@ def run(procs: Procs, tmp: Path, origin_port: int, sink_port: int, *, rounds: in
     by_name: dict[str, list[Peer]] = {}
     for peer in peers:
         by_name.setdefault(peer.name, []).append(peer)
+    # The loads below 1,000 connections run together, their slices alternating (see _legs);
+    # each crowd on its own.
+    small = [x for x in res.loads if x[1] < 1000]
+    groups = [[x] for x in res.loads if x[1] >= 1000]
+    if small:
+        groups.insert(0, small)
     for r in range(rounds):
-        for load, conns in res.loads:
+        for group in groups:
             order = [n for n in PROXIES if n in names]
             order = order[r % len(order):] + order[:r % len(order)]
             for name in order:
                 pair = by_name[name] if r % 2 == 0 else list(reversed(by_name[name]))
-                path = "/post" if load == "post4k" else "/1k.bin"
-                for peer, out, used in _legs(pair, path, conns, seconds, crowd_factor, lua,
-                                             wrk):
+                legs = [(peer, load, conns) for load, conns in group for peer in pair]
+                for peer, load, out, used in _legs(legs, seconds, crowd_factor, lua, wrk):
                     if out["errors"] or out["non2xx"]:
                         res.notes.append(f"round {r + 1} {load} {peer.key}: {out['errors']} "
                                          f"socket errors {out.get('error_kinds', {})}, "
@@ -261,7 +267,7 @@ def run(procs: Procs, tmp: Path, origin_port: int, sink_port: int, *, rounds: in
                     res.rps.setdefault(load, {}).setdefault(peer.key, []).append(out["rps"])
                     res.cpu_us.setdefault(load, {}).setdefault(peer.key, []).append(
                         used / out["requests"] * 1e6)
-            log(f"peers: round {r + 1}/{rounds} {load} done")
+            log(f"peers: round {r + 1}/{rounds} {'+'.join(load for load, _ in group)} done")
     for peer in peers:
         procs.stop(peer.proc)
     crowd = dict(res.loads).get("get5000")
@@ -271,48 +277,49 @@ def run(procs: Procs, tmp: Path, origin_port: int, sink_port: int, *, rounds: in
     return res
 
 
-def _legs(pair: list[Peer], path: str, conns: int, seconds: int, crowd_factor: int,
-          lua: Path, wrk: Callable[..., dict[str, Any]]
-          ) -> list[tuple[Peer, dict[str, Any], float]]:
-    """One leg per instance of a proxy (log on, off...): wrk's result and the CPU seconds
-    its processes used. Below 1,000 connections each leg is ``seconds`` one-second slices,
-    the instances' slices alternating (on, off, on, off...), so that a change in this
-    machine's speed over a few seconds falls on every instance alike; the slices of a leg
-    add up (req/s: its requests over the slices' time). The longer legs of the crowds run
-    whole, one after the other: their connections take seconds to settle."""
-    slices = seconds if conns < 1000 else 1
-    length = seconds // slices * (crowd_factor if conns >= 1000 else 1)
-    totals: dict[str, dict[str, Any]] = {
-        peer.key: {"requests": 0, "time": 0.0, "errors": 0, "non2xx": 0, "cpu": 0.0}
-        for peer in pair}
+def _legs(legs: list[tuple[Peer, str, int]], seconds: int, crowd_factor: int, lua: Path,
+          wrk: Callable[..., dict[str, Any]]
+          ) -> list[tuple[Peer, str, dict[str, Any], float]]:
+    """The legs of one proxy's instances (log on, off...) under one or more loads (``legs``:
+    instance, load, connections): wrk's result and the CPU seconds the instance's processes
+    used, per leg. Below 1,000 connections each leg is ``seconds`` one-second slices, the
+    legs' slices alternating (GET on, GET off, POST on, POST off, GET on...), so that a
+    change in this machine's speed over a few seconds falls on every side of a ratio alike;
+    the slices of a leg add up (req/s: its requests over the slices' time). A crowd's leg
+    (1,000 connections and more) runs whole, ``crowd_factor`` times longer: its
+    connections take seconds to settle."""
+    crowd = any(conns >= 1000 for _, _, conns in legs)
+    slices = 1 if crowd else seconds
+    length = seconds * crowd_factor if crowd else 1
+    totals: list[dict[str, Any]] = [
+        {"requests": 0, "time": 0.0, "errors": 0, "non2xx": 0, "cpu": 0.0, "error_kinds": {}}
+        for _ in legs]
     for _ in range(slices):
-        for peer in pair:
+        for (peer, load, conns), total in zip(legs, totals, strict=True):
+            path = "/post" if load == "post4k" else "/1k.bin"
             pids = process_tree(peer.proc.pid)
             before = cpu_seconds(pids)
             out = wrk(f"http://127.0.0.1:{peer.port}{path}", conns=conns, seconds=length,
                       threads=1, script=lua if path == "/post" else None)
-            total = totals[peer.key]
             total["cpu"] += cpu_seconds(pids) - before
             total["errors"] += out.get("errors") or 0
             total["non2xx"] += out.get("non2xx") or 0
             for kind, n in (out.get("error_kinds") or {}).items():
-                total.setdefault("error_kinds", {}).setdefault(kind, 0)
-                total["error_kinds"][kind] += n
+                total["error_kinds"][kind] = total["error_kinds"].get(kind, 0) + n
             if out.get("rps") and out.get("requests"):
                 total["requests"] += out["requests"]
                 total["time"] += out["requests"] / out["rps"]
             else:
                 total["raw"] = out.get("raw", "")
-    legs = []
-    for peer in pair:
-        total = totals[peer.key]
+    results = []
+    for (peer, load, _), total in zip(legs, totals, strict=True):
         ok = total["requests"] and "raw" not in total
         out = {"rps": total["requests"] / total["time"] if ok else None,
                "requests": total["requests"], "errors": total["errors"],
-               "non2xx": total["non2xx"], "error_kinds": total.get("error_kinds", {}),
+               "non2xx": total["non2xx"], "error_kinds": total["error_kinds"],
                "raw": total.get("raw", "")}
-        legs.append((peer, out, total["cpu"]))
-    return legs
+        results.append((peer, load, out, total["cpu"]))
+    return results
 
 
 # RSS after a 5,000-connection crowd is back within this of its level before (issue 18).

@@ -39,6 +39,7 @@ import re
 import select
 import socket
 import stat
+import threading
 import time
 from collections.abc import Callable
 from json.encoder import encode_basestring_ascii
@@ -123,6 +124,7 @@ class LineWriter:
         self.flush_after = flush_after
         self.exit_timeout = exit_timeout
         self.dropped = 0
+        self.owner = threading.get_ident()  # the thread that may use it (its loop's)
         self._lines: list[str] = []
         self._size = 0
         self._timer_loop: asyncio.AbstractEventLoop | None = None  # a flush is pending in it
@@ -177,6 +179,13 @@ class LineWriter:
         self._timer_loop = loop
         loop.call_later(self.flush_after, self.flush)
 
+    def write_now(self, line: str) -> None:
+        """Queue one line (ending in a newline) and write what is waiting, as far as the
+        destination takes it, now."""
+        self._lines.append(line)
+        self._size += len(line)
+        self.flush()
+
     def flush(self) -> None:
         """Write what was collected and what was pending, as far as the destination takes it."""
         self._timer_loop = None
@@ -224,7 +233,7 @@ class LineWriter:
         self._pending = b""
         if self.dropped:
             logging.getLogger("gateway").warning(
-                "access log: %d line(s) dropped in all because its destination did not keep up",
+                "log: %d line(s) dropped in all because its destination did not keep up",
                 self.dropped)
         if self._own_fd is not None:
             os.close(self._own_fd)
@@ -234,19 +243,12 @@ class LineWriter:
 def process_writer() -> LineWriter | None:
     """The writer to the process's log stream, or None when logging is not a stream."""
     handler = access_destination(access_logger)
-    if handler is None:
-        return None
-    try:
-        fd = handler.fileno()
-    except (AttributeError, OSError, ValueError):
-        return None
-    if handler.lines is None or handler.lines.target != fd:
-        handler.lines = LineWriter(fd)
-    return handler.lines
+    return handler.writer() if handler is not None else None
 
 
 def dropped_lines() -> int:
-    """Access lines dropped by this process because the log could not keep up."""
+    """Log lines (access lines and others) dropped by this process because the log's
+    destination could not keep up."""
     handler = access_destination(access_logger)
     return handler.lines.dropped if handler is not None and handler.lines is not None else 0
 

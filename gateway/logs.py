@@ -12,6 +12,7 @@ uncaught exceptions (also in threads) and start-up errors are log records too.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import threading
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
 
 # The request whose task is running (tracing.RequestTrace.within), for its log lines' ids.
 CURRENT_TRACE: ContextVar[RequestTrace | None] = ContextVar("gateway_trace", default=None)
+
+# The running loop or None, without raising (asyncio exports it for loop libraries:
+# asyncio.events.__all__).
+_running_loop = asyncio._get_running_loop
 
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 TEXT_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"  # and ",mmm": logging's default %(asctime)s, local time
@@ -92,18 +97,51 @@ def json_logging() -> bool:
 
 
 class _ProcessHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """The handler ``setup_logging`` installs: the access log writes to its stream's file
-    descriptor itself, in the same shape (gateway/accesslog.py)."""
+    """The handler ``setup_logging`` installs. The access log writes to its stream's file
+    descriptor itself, in the same shape (gateway/accesslog.py), through ``lines``; so does
+    every other record logged from a thread running an event loop: the writer never waits,
+    and a destination that does not keep up (a full pipe nobody reads, a stopped terminal)
+    loses lines, counted, rather than stalling the loop and every request with it. Such a
+    record is written at once (its level may be a warning an operator is waiting for), the
+    access lines before it with it. Other threads (start-up, shutdown, background exporters,
+    a second loop's thread) write to the stream as ``logging`` does, and may wait: they hold
+    up no request."""
 
     def __init__(self, stream: TextIO, fmt: str) -> None:
         super().__init__(stream)
         self.shape = fmt
-        self.lines: LineWriter | None = None  # the access log's writer to this stream
+        self.lines: LineWriter | None = None  # the writer to this stream's descriptor
 
     def fileno(self) -> int:
         self.flush()  # what was logged before goes out first
         fd: int = self.stream.fileno()
         return fd
+
+    def writer(self) -> LineWriter | None:
+        """The writer to the stream's file descriptor (made at first use; anew when the
+        stream was replaced), or None when the stream has none."""
+        from gateway.accesslog import LineWriter  # (it builds on this module)
+
+        try:
+            fd = self.fileno()
+        except (AttributeError, OSError, ValueError):
+            return None
+        if self.lines is None or self.lines.target != fd:
+            self.lines = LineWriter(fd)
+        return self.lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        writer = self.writer() if _running_loop() is not None else None
+        # (The writer is the loop thread's alone: the access log adds to it without a lock.)
+        if writer is None or writer.owner != threading.get_ident():
+            super().emit(record)
+            return
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        writer.write_now(line + "\n")
 
 
 def access_destination(logger: logging.Logger) -> _ProcessHandler | None:

@@ -160,7 +160,8 @@ class _RequestCollector(Collector):
                                   value=self._m.signatures)
         yield CounterMetricFamily(
             "gateway_access_log_dropped",
-            "Access-log lines dropped because the log destination did not keep up",
+            "Log lines (access lines and others) dropped because the log destination did "
+            "not keep up",
             value=dropped_lines())
         latency = HistogramMetricFamily("gateway_request_duration_seconds",
                                         "Time from request to the end of the response",

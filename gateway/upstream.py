@@ -38,6 +38,10 @@ log = logging.getLogger("gateway.upstream")
 _HIGH_WATER = 2**16
 # A chunk-size line (size and extensions) longer than this is not a real one.
 _MAX_CHUNK_LINE = 4096
+# Interim (1xx) answers to one request beyond this many are not a server at work (one
+# 100 Continue and a 103 Early Hints or two are) but one that would hold the exchange open,
+# a read timeout at a time, for as long as it likes: the exchange fails (502).
+MAX_INTERIM = 32
 DEFAULT_MAX_HEADER_SIZE = 16 * 1024
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: |\r)")
@@ -245,14 +249,15 @@ class ResponseReader:
     """Frames the answer to one exchange: any 1xx (dropped), then the final response and
     its body. Made anew for every exchange."""
 
-    __slots__ = ("_buf", "_head_request", "_limit", "_remaining", "_state", "_trailer_size",
-                 "_upgrade", "body", "complete", "response", "stray", "tail")
+    __slots__ = ("_buf", "_head_request", "_interim", "_limit", "_remaining", "_state",
+                 "_trailer_size", "_upgrade", "body", "complete", "response", "stray", "tail")
 
     def __init__(self, body: Body, *, head_request: bool, upgrade: bool, limit: int) -> None:
         self._buf = bytearray()
         self._state = _HEAD
         self._remaining = 0
         self._trailer_size = 0
+        self._interim = 0  # 1xx answers dropped so far
         self._head_request = head_request
         self._upgrade = upgrade
         self._limit = limit
@@ -321,6 +326,10 @@ class ResponseReader:
             if response.code >= 200 or response.code == 101:
                 break
             # An interim answer (100, 102, 103...): dropped; wait for the final one.
+            self._interim += 1
+            if self._interim > MAX_INTERIM:
+                raise InvalidResponse(f"upstream sent more than {MAX_INTERIM} interim (1xx) "
+                                      "answers")
         rest = bytes(buf)
         buf.clear()
         self.response = response

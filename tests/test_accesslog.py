@@ -30,6 +30,7 @@ from gateway.proxy import Exchange
 from gateway.routing import CompiledRoute, compile_route
 from gateway.runtime import serving
 from tests.support.gateway import ROUTES, build_config
+from tests.support.ports import busy_port
 from tests.support.process import PROJECT, PYTHON
 from tests.support.rawhttp import read_response
 from tests.support.upstreams import Echo
@@ -565,6 +566,9 @@ def test_pipe_writes_end_at_line_ends_within_pipe_buf() -> None:
 # ------------------------------------------------------------------ a real gateway process
 
 
+TEXT_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ")
+
+
 @dataclass
 class PipedGateway:
     proc: asyncio.subprocess.Process
@@ -572,17 +576,20 @@ class PipedGateway:
     url: str
     admin_url: str
     head: bytes  # what it wrote before listening
+    text: str = ""  # all it wrote, once ``finish`` has read it
 
 
-async def start_piped(tmp_path: Path, echo: Echo, fmt: str = "json") -> PipedGateway:
+async def start_piped(tmp_path: Path, echo: Echo, fmt: str = "json", *,
+                      upstream: str | None = None, access_log: bool = True) -> PipedGateway:
     conf = tmp_path / "gateway.yaml"
     conf.write_text(f"""
 listen: {{host: 127.0.0.1, port: 0}}
 admin: {{host: 127.0.0.1, port: 0}}
 timeouts: {{shutdown_grace: 2s}}
+access_log: {'true' if access_log else 'false'}
 routes:
   - prefix: /
-    upstream: {echo.url}/root/
+    upstream: {upstream or echo.url + '/root/'}
 """, encoding="utf-8")
     r, w = _pipe()
     proc = await asyncio.create_subprocess_exec(
@@ -610,15 +617,17 @@ async def finish(gw: PipedGateway) -> tuple[int, list[str], int]:
     os.close(gw.log)
     async with asyncio.timeout(10):
         code = await gw.proc.wait()
-    lines = (gw.head + rest).decode().splitlines()
-    said = re.search(r"access log: (\d+) line\(s\) dropped", "\n".join(lines))
+    gw.text = (gw.head + rest).decode()
+    lines = gw.text.splitlines()
+    said = re.search(r"log: (\d+) line\(s\) dropped", "\n".join(lines))
     access = [line for line in lines
               if "gateway.access:" in line or '"logger":"gateway.access"}' in line]
     return code, access, int(said.group(1)) if said else 0
 
 
-async def get_many(url: str, n: int, connections: int = 8) -> float:
-    """``n`` GETs over ``connections`` kept-alive connections; the slowest one's seconds."""
+async def get_many(url: str, n: int, connections: int = 8, status: int = 200) -> float:
+    """``n`` GETs over ``connections`` kept-alive connections, each answered ``status``; the
+    slowest one's seconds."""
     slowest = 0.0
     connector = aiohttp.TCPConnector(limit=connections)
     async with aiohttp.ClientSession(connector=connector) as http:
@@ -626,7 +635,7 @@ async def get_many(url: str, n: int, connections: int = 8) -> float:
             nonlocal slowest
             started = time.monotonic()
             async with http.get(f"{url}/r{i}") as resp:
-                assert resp.status == 200
+                assert resp.status == status
                 await resp.read()
             slowest = max(slowest, time.monotonic() - started)
 
@@ -660,10 +669,39 @@ async def test_a_log_nobody_reads_drops_lines_and_requests_go_on(tmp_path: Path,
         code, lines, lost = await finish(gw)
     assert code == 0
     # Every request is either a whole line in the log or counted as dropped (the count
-    # said at exit includes the lines still waiting when the metric was read).
+    # said at exit includes the lines still waiting when the metric was read, and the few
+    # other lines the process logged meanwhile, at shutdown, that the full log dropped).
     assert 0 < counted <= lost
-    assert len(lines) + lost == sent
+    assert sent <= len(lines) + lost <= sent + 5
     assert all(json.loads(line)["url"]["path"].startswith("/r") for line in lines)
+
+
+async def test_warnings_nobody_reads_are_dropped_and_requests_go_on(tmp_path: Path,
+                                                                   echo: Echo) -> None:
+    """Not only access lines: with the access log off and an upstream that refuses every
+    connection, each request logs a warning (written at once); once the pipe nobody reads
+    is full, they are dropped and counted, and the loop never waits on the log."""
+    with busy_port(listen=False) as port:
+        gw = await start_piped(tmp_path, echo, "text", upstream=f"http://127.0.0.1:{port}/",
+                               access_log=False)
+        try:
+            sent = 0
+            async with asyncio.timeout(60):
+                while await dropped(gw) == 0:  # the pipe (4 KiB) and 1 MiB waiting first
+                    slowest = await get_many(gw.url, 500, status=502)
+                    sent += 500
+                    assert slowest < 5.0  # a stalled loop would hold every request
+            assert sent <= 20_000
+            counted = await dropped(gw)
+        finally:
+            code, _, lost = await finish(gw)
+    assert code == 0
+    assert 0 < counted <= lost
+    # What did get through: whole lines, among them the warnings about the upstream.
+    lines = gw.text.splitlines()
+    assert all(TEXT_LINE.match(line) for line in lines), lines
+    warned = [line for line in lines if " WARNING " in line and " / " in line]
+    assert warned and len(warned) + lost >= sent
 
 
 @pytest.mark.parametrize("fmt", ["json", "text"])

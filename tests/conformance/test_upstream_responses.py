@@ -18,6 +18,7 @@ import time
 import pytest
 
 from gateway.runtime import Running, serving
+from gateway.upstream import MAX_INTERIM
 from tests.conformance.conftest import conformance_config
 from tests.conformance.harness import (
     Case,
@@ -173,6 +174,13 @@ CASES = [
     Case("header-many-small", [ok(*(b"X-F%d: v" % i for i in range(300)))], 200, BODY,
          present={"X-F299": "v"}),
     Case("header-over-limit", [ok(b"X-Big: " + b"a" * 17000)], 502, nginx=True),
+    # A hostile upstream's endless 1xx: a cap (gateway/upstream.py MAX_INTERIM), at once.
+    Case("interim-at-the-cap", [b"HTTP/1.1 100 Continue\r\n\r\n" * MAX_INTERIM + ok()], 200,
+         BODY),
+    Case("interim-over-the-cap", [b"HTTP/1.1 102 Processing\r\n\r\n" * (MAX_INTERIM + 1)
+                                  + ok()], 502),
+    Case("interim-over-the-cap-one-per-read",
+         [b"HTTP/1.1 103 Early Hints\r\n\r\n"] * (MAX_INTERIM + 1) + [ok()], 502, gap=0.002),
     Case("header-over-limit-in-1xx", [b"HTTP/1.1 103 Early Hints\r\nX-Big: " + b"a" * 17000
                                       + b"\r\n\r\n" + ok()], 502, nginx=True),
     Case("trailers-over-limit", [CHUNKED + b"\r\n5\r\nhello\r\n0\r\nX-Big: " + b"a" * 17000
