@@ -468,7 +468,7 @@ class AccessLog:
             f'{gateway}'
             f',"http":{{"request":{{"body":{{"bytes":{ex.bytes_in}}},'
             f'"id":{q_rid},"method":{q_method}}},'
-            f'"response":{{"body":{{"bytes":{ex.bytes_out}}},"status_code":{code}}},'
+            f'"response":{{"body":{{"bytes":{ex.bytes_out}}},"status_code":{status}}},'
             f'"version":"1.{minor}"}},"log":{{"logger":"gateway.access"}}'
             f'{f",{_span_json(ids[1])}" if ids else ""}'
             f'{f",{_tls_json(tls)}" if tls else ""}'
