@@ -652,19 +652,25 @@ async def dropped(gw: PipedGateway) -> float:
     return float(m.group(1))
 
 
+async def flood_until_dropped(gw: PipedGateway, status: int = 200) -> tuple[int, float]:
+    """GETs in batches of 500 until the gateway counts a dropped log line, each batch
+    answered ``status`` within 5 s (a stalled loop would hold every request until the log
+    is read): the requests sent, and the count."""
+    sent = 0
+    async with asyncio.timeout(60):
+        while await dropped(gw) == 0:
+            slowest = await get_many(gw.url, 500, status=status)
+            sent += 500
+            assert slowest < 5.0
+    return sent, await dropped(gw)
+
+
 async def test_a_log_nobody_reads_drops_lines_and_requests_go_on(tmp_path: Path,
                                                                 echo: Echo) -> None:
     gw = await start_piped(tmp_path, echo)
     try:
-        sent = 0
-        async with asyncio.timeout(60):
-            while await dropped(gw) == 0:  # 1 MiB may wait: about 2,000 lines
-                slowest = await get_many(gw.url, 500)
-                sent += 500
-                # A stalled loop would hold every request until the log is read.
-                assert slowest < 5.0
+        sent, counted = await flood_until_dropped(gw)  # 1 MiB may wait: about 2,000 lines
         assert sent <= 10_000
-        counted = await dropped(gw)
     finally:
         code, lines, lost = await finish(gw)
     assert code == 0
@@ -685,14 +691,8 @@ async def test_warnings_nobody_reads_are_dropped_and_requests_go_on(tmp_path: Pa
         gw = await start_piped(tmp_path, echo, "text", upstream=f"http://127.0.0.1:{port}/",
                                access_log=False)
         try:
-            sent = 0
-            async with asyncio.timeout(60):
-                while await dropped(gw) == 0:  # the pipe (4 KiB) and 1 MiB waiting first
-                    slowest = await get_many(gw.url, 500, status=502)
-                    sent += 500
-                    assert slowest < 5.0  # a stalled loop would hold every request
+            sent, counted = await flood_until_dropped(gw, status=502)
             assert sent <= 20_000
-            counted = await dropped(gw)
         finally:
             code, _, lost = await finish(gw)
     assert code == 0
