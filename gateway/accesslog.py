@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 import ecs_logging
 from aiohttp import hdrs
 
-from gateway.logs import TEXT_TIME_FORMAT, access_destination
+from gateway.logs import TEXT_TIME_FORMAT, access_destination, running_loop
 
 if TYPE_CHECKING:
     from gateway.proxy import Exchange
@@ -58,10 +58,8 @@ access_logger = logging.getLogger("gateway.access")
 
 _time = time.time
 _perf = time.perf_counter
+_running_loop = running_loop  # (the writer's own name for it: tests count its calls)
 _floor = math.floor
-# The running loop or None, without raising (asyncio exports it for loop libraries:
-# asyncio.events.__all__).
-_running_loop = asyncio._get_running_loop
 _USER_AGENT, _HOST_HEADER = hdrs.USER_AGENT, hdrs.HOST  # faster lookups than plain str keys
 _UA_MAX = 256
 _UNSAFE = re.compile(r'[^\x20-\x7e]|["\\]')

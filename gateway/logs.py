@@ -33,7 +33,7 @@ CURRENT_TRACE: ContextVar[RequestTrace | None] = ContextVar("gateway_trace", def
 
 # The running loop or None, without raising (asyncio exports it for loop libraries:
 # asyncio.events.__all__).
-_running_loop = asyncio._get_running_loop
+running_loop = asyncio._get_running_loop
 
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 TEXT_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"  # and ",mmm": logging's default %(asctime)s, local time
@@ -131,7 +131,7 @@ class _ProcessHandler(logging.StreamHandler):  # type: ignore[type-arg]
         return self.lines
 
     def emit(self, record: logging.LogRecord) -> None:
-        writer = self.writer() if _running_loop() is not None else None
+        writer = self.writer() if running_loop() is not None else None
         # (The writer is the loop thread's alone: the access log adds to it without a lock.)
         if writer is None or writer.owner != threading.get_ident():
             super().emit(record)
