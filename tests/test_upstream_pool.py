@@ -9,9 +9,10 @@ serve, the test checks that it did and that ``Gateway.handle`` (the full path) n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -241,6 +242,47 @@ async def test_connect_refused_is_502_on_either_path(
     assert answer.body == b"502 Bad Gateway: the upstream could not be reached\n"
     assert gw.gateway.pool.stats()["open"] == 0
     lean_as_expected(path, full_path_calls, "/refused")
+
+
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A port on 127.0.0.1 where a connect waits and never completes: its listener's accept
+    queue is full (a backlog of 0 holds one connection, never accepted), and Linux drops
+    the SYNs of further connects instead of refusing them."""
+    with socket.socket() as listener, contextlib.ExitStack() as held:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port: int = listener.getsockname()[1]
+        for _ in range(4):
+            sock = held.enter_context(socket.socket())
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.connect(("127.0.0.1", port))
+        yield port
+
+
+async def test_connect_timeout_is_504_on_either_path(
+        start_gateway: GatewayStarter, path: PathSwitch, full_path_calls: list[str]) -> None:
+    """An upstream that never completes the TCP handshake is the connect timeout's 504 (as
+    nginx answers), on the lean path (which opens the connection itself) as on the full
+    one; the slot the attempt took is given back."""
+    with unanswered_port() as port:
+        gw = await start_gateway(load_config_text(f"""
+listen: {{host: 127.0.0.1, port: 0}}
+access_log: false
+timeouts: {{connect: 300ms, read: 30s}}
+routes:
+  - prefix: /
+    upstream: http://127.0.0.1:{port}/
+""", env={}))
+        began = time.monotonic()
+        answer = await fetch(gw, "/unanswered")
+        took = time.monotonic() - began
+    assert answer.status == 504, answer
+    assert answer.body == b"504 Gateway Timeout: the upstream did not answer in time\n"
+    assert 0.3 <= took < 5.0, took  # the connect timeout's, not the read timeout's
+    assert gw.gateway.pool.stats()["open"] == 0
+    lean_as_expected(path, full_path_calls, "/unanswered")
 
 
 async def test_client_leaving_while_queued_gives_up_its_place(
