@@ -75,10 +75,10 @@ async def test_peek_reports_count_and_seconds_left_in_milliseconds(
     assert 999.5 < left <= 1000.0  # PTTL / 1000, read a moment after it was set
 
 
-async def test_hit_reports_the_window_then_the_block_exactly(counters: Counters) -> None:
-    # The script sets and reads the expiry in one step on Redis's frozen clock: exact values.
+async def test_hit_reports_the_window_then_the_block(counters: Counters) -> None:
+    # The script sets and reads the expiry in one step, but a Redis that reads PTTL from its
+    # live clock even inside a script (as 7.0 does) may report a millisecond less than it set.
     count, left = await counters.hit(KEY, 2, 1000.0, 3000.0)
-    # Redis may report the TTL a millisecond after it set it.
     assert count == 1 and 999.5 < left <= 1000.0
     count, left = await counters.hit(KEY, 2, 1000.0, 3000.0)
     assert count == 2 and 999.5 < left <= 1000.0
