@@ -79,7 +79,7 @@ def measure(name: str, argv: list[str], port: int, env: dict[str, str], tmp: Pat
         if stderr is not None:
             os.close(log)
     try:
-        if not wait_port(port, timeout=300, proc=proc):  # type: ignore[arg-type]
+        if not wait_port(port, timeout=300, proc=proc):
             raise RuntimeError(f"{name} did not start under valgrind")
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         for _ in range(200):  # warm: pooled upstream connections, caches, lazy imports
