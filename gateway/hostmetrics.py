@@ -34,6 +34,7 @@ import threading
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -123,7 +124,47 @@ class _Families(Collector):
         return self._families
 
 
-class _Server6(ThreadingHTTPServer):
+# The admin listener's bounds: a thread per connection, so a client that connects and
+# sends nothing (or a flood of them) must neither hold a thread for ever nor make
+# threads without limit. Beyond the cap a connection gets a short 503 and is closed.
+MAX_ADMIN_CONNECTIONS = 64
+ADMIN_IDLE_TIMEOUT = 10.0  # seconds a connection may wait for a byte of the request
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+         b"Content-Length: 24\r\nConnection: close\r\n\r\n503 admin listener busy\n")
+
+
+class _Server(ThreadingHTTPServer):
+    """At most ``MAX_ADMIN_CONNECTIONS`` connections served at once."""
+
+    daemon_threads = True
+
+    def server_activate(self) -> None:
+        self.slots = threading.BoundedSemaphore(MAX_ADMIN_CONNECTIONS)
+        super().server_activate()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                request.sendall(_BUSY)  # a fresh socket's buffer takes it at once
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()  # no thread started: the slot is free again
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
@@ -142,6 +183,9 @@ class HostAdmin:
         admin = self
 
         class Handler(BaseHTTPRequestHandler):
+            # On each read: a connection silent this long is closed (socket timeout).
+            timeout = ADMIN_IDLE_TIMEOUT
+
             def do_GET(self) -> None:
                 admin._answer(self)
 
@@ -152,12 +196,10 @@ class HostAdmin:
                 pass  # probes and scrapes are not worth a log line each
 
         try:
-            self._server = (_Server6 if ":" in host else ThreadingHTTPServer)((host, port),
-                                                                              Handler)
+            self._server = (_Server6 if ":" in host else _Server)((host, port), Handler)
         except OSError:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
-        self._server.daemon_threads = True
         addr = self._server.server_address
         bound = addr[0].decode() if isinstance(addr[0], bytes) else str(addr[0])
         shown = f"[{bound}]" if ":" in bound else bound
