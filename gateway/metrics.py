@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import platform
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -28,7 +28,12 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from gateway.accesslog import dropped_lines
@@ -55,11 +60,16 @@ class Metrics:
         Gauge("gateway_requests_in_flight",
               "Requests being answered now (open WebSocket sessions included)",
               registry=r).set_function(lambda: self.in_flight())
+        # The upstream pools' state and the connections they opened, read at scrape time
+        # (Runtime sets the sources): ``UpstreamPool.upstream_stats`` and ``.opened``.
+        self.pool_stats: Callable[[], Iterable[tuple[str, int, int, int]]] = lambda: ()
+        self.pool_opened: Callable[[], int] = lambda: 0
         self._counts: dict[tuple[str, str, int], int] = {}
         # route -> [count per bucket (non-cumulative, last one +Inf), sum of durations]
         self._hist: dict[str, tuple[list[int], list[float]]] = {}
         self.signatures = 0  # auth-v2 signatures made: a plain integer, like the requests
         r.register(_RequestCollector(self))
+        r.register(_PoolCollector(self))
         self.upstream_errors = Counter("gateway_upstream_errors", "Upstream failures",
                                        ["route", "kind"], registry=r)
         self.websockets = Gauge("gateway_websockets_open", "WebSocket connections open",
@@ -174,3 +184,31 @@ class _RequestCollector(Collector):
                 cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
             latency.add_metric([route], cumulative, total[0])
         yield latency
+
+
+class _PoolCollector(Collector):
+    """The upstream connection pool, per upstream, read at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        open_ = GaugeMetricFamily("gateway_upstream_connections_open",
+                                  "Upstream connections open or being opened (idle included)",
+                                  labels=["upstream"])
+        idle = GaugeMetricFamily("gateway_upstream_connections_idle",
+                                 "Upstream connections kept idle for the next request",
+                                 labels=["upstream"])
+        queued = GaugeMetricFamily("gateway_upstream_requests_queued",
+                                   "Requests waiting for an upstream connection "
+                                   "(at the route's max_connections)", labels=["upstream"])
+        for upstream, n_open, n_idle, n_queued in sorted(self._m.pool_stats()):
+            open_.add_metric([upstream], n_open)
+            idle.add_metric([upstream], n_idle)
+            queued.add_metric([upstream], n_queued)
+        yield open_
+        yield idle
+        yield queued
+        yield CounterMetricFamily("gateway_upstream_connections_opened",
+                                  "Upstream connections opened (few when they are reused)",
+                                  value=self._m.pool_opened())

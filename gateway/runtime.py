@@ -80,6 +80,10 @@ class Runtime:
         self.worker_index = worker_index
         self.metrics = Metrics()
         self.metrics.in_flight = self._in_flight
+        self.metrics.pool_stats = lambda: self.gateway.pool.upstream_stats()
+        # Counted on over reloads (each builds a new pool): what the replaced pools opened.
+        self._opened_before = 0
+        self.metrics.pool_opened = lambda: self._opened_before + self.gateway.pool.opened
         self.readiness = Readiness()
         self.health = HealthMonitor(
             self._upstream_targets, self._checks,
@@ -236,6 +240,7 @@ class Runtime:
                 return False
             log.info("TLS certificate reloaded from %s", new.listen.tls.cert_file)
         old_stack = self._stack
+        self._opened_before += self.gateway.pool.opened
         self.gateway, self._stack, self.config = gateway, stack, new
         if self.server is not None:
             self.server.gateway = gateway

@@ -1005,6 +1005,12 @@ class UpstreamPool:
             conn.close()
         await asyncio.sleep(0)
 
+    def upstream_stats(self) -> list[tuple[str, int, int, int]]:
+        """Per upstream (``http://host:port`` or ``https://...``): connections open or being
+        opened, those of them idle, and requests queued for one (at ``max_connections``)."""
+        return [(f"{'https' if tls else 'http'}://{host}:{port}", h.open, len(h.idle),
+                 len(h.waiters)) for (host, port, tls), h in self._hosts.items()]
+
     def stats(self) -> dict[str, Any]:
         hosts = self._hosts.values()
         return {"open": len(self._all), "idle": sum(len(h.idle) for h in hosts),

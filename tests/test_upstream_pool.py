@@ -13,14 +13,17 @@ import contextlib
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from gateway.app import Gateway
-from gateway.config import load_config_text
-from gateway.runtime import Running
+from gateway.config import load_config, load_config_text
+from gateway.runtime import Running, serving
 from tests.conformance.harness import PathSwitch
+from tests.support.admin import metric, scrape
 from tests.support.gateway import GatewayStarter
 from tests.support.process import wait_for
 from tests.support.rawhttp import RawResponse, exchange, get
@@ -45,11 +48,13 @@ def full_path_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-async def start(start_gateway: GatewayStarter, upstream: str, **route: Any) -> Running:
+async def start(start_gateway: GatewayStarter, upstream: str, *, admin: bool = False,
+                **route: Any) -> Running:
     keys = "".join(f"\n    {k}: {v}" for k, v in route.items())
     return await start_gateway(load_config_text(f"""
 listen: {{host: 127.0.0.1, port: 0}}
 access_log: false
+{"admin: {host: 127.0.0.1, port: 0}" if admin else ""}
 timeouts: {{connect: 5s, read: 10s}}
 routes:
   - prefix: /
@@ -283,6 +288,62 @@ routes:
     assert 0.3 <= took < 5.0, took  # the connect timeout's, not the read timeout's
     assert gw.gateway.pool.stats()["open"] == 0
     lean_as_expected(path, full_path_calls, "/unanswered")
+
+
+async def test_the_pool_state_per_upstream_is_in_the_metrics(
+        start_gateway: GatewayStarter, path: PathSwitch, http: aiohttp.ClientSession) -> None:
+    """/metrics shows, per upstream, the connections open and idle and the requests queued
+    for one, as they are at the scrape; and the connections opened."""
+    async with run_recorder() as rec:
+        gate = asyncio.Event()
+        rec.behaviour = gated(rec, gate, hold_for="/held")
+        gw = await start(start_gateway, rec.url, admin=True, max_connections=1,
+                         queue_timeout="10s")
+        assert gw.runtime.admin_url is not None
+        pool = gw.gateway.pool
+        held = asyncio.ensure_future(fetch(gw, "/held"))
+        await rec.wait_requests(1)
+        queued = asyncio.ensure_future(fetch(gw, "/queued"))
+        await until(lambda: pool.stats()["waiting"] == 1)
+        text = await scrape(http, gw.runtime.admin_url)
+        up = rec.url  # http://127.0.0.1:<port>
+        assert metric(text, "gateway_upstream_connections_open", upstream=up) == 1
+        assert metric(text, "gateway_upstream_connections_idle", upstream=up) == 0
+        assert metric(text, "gateway_upstream_requests_queued", upstream=up) == 1
+        gate.set()
+        assert (await held).status == 200 and (await queued).status == 200
+        await until(lambda: pool.stats()["idle"] == 1)
+        text = await scrape(http, gw.runtime.admin_url)
+        assert metric(text, "gateway_upstream_connections_open", upstream=up) == 1
+        assert metric(text, "gateway_upstream_connections_idle", upstream=up) == 1
+        assert metric(text, "gateway_upstream_requests_queued", upstream=up) == 0
+        assert metric(text, "gateway_upstream_connections_opened_total") == 1
+
+
+async def test_connections_opened_count_on_over_a_reload(
+        tmp_path: Path, path: PathSwitch, http: aiohttp.ClientSession) -> None:
+    """A reload builds a new pool; the counter of connections opened goes on from the old
+    pool's count instead of starting again at 0."""
+    async with run_recorder() as rec:
+        config = tmp_path / "gateway.yaml"
+        config.write_text(f"""
+listen: {{host: 127.0.0.1, port: 0}}
+admin: {{host: 127.0.0.1, port: 0}}
+access_log: false
+timeouts: {{shutdown_grace: 0s}}
+routes:
+  - prefix: /
+    upstream: {rec.url}/
+""")
+        async with serving(load_config(config), config_path=str(config)) as gw:
+            assert gw.runtime.admin_url is not None
+            assert (await fetch(gw, "/before")).status == 200
+            assert await gw.runtime.reload()
+            assert (await fetch(gw, "/after")).status == 200  # a new pool: a new connection
+            text = await scrape(http, gw.runtime.admin_url)
+    # (The health monitor's checks connect too, without a request.)
+    assert len([c for c in rec.conns if c.requests]) == 2
+    assert metric(text, "gateway_upstream_connections_opened_total") == 2
 
 
 async def test_client_leaving_while_queued_gives_up_its_place(
