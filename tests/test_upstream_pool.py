@@ -9,10 +9,9 @@ serve, the test checks that it did and that ``Gateway.handle`` (the full path) n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from gateway.runtime import Running, serving
 from tests.conformance.harness import PathSwitch
 from tests.support.admin import metric, scrape
 from tests.support.gateway import GatewayStarter
+from tests.support.ports import free_port, unanswered_port
 from tests.support.process import wait_for
 from tests.support.rawhttp import RawResponse, exchange, get
 from tests.support.upstreams import RawRecorder, UpConn, UpRequest, fixed_response, run_recorder
@@ -48,18 +48,25 @@ def full_path_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-async def start(start_gateway: GatewayStarter, upstream: str, *, admin: bool = False,
-                **route: Any) -> Running:
+def pool_config(upstream: str, *, admin: bool = False,
+                timeouts: str = "{connect: 5s, read: 10s}", **route: Any) -> str:
+    """One route to ``upstream`` with the route keys ``route`` (YAML)."""
     keys = "".join(f"\n    {k}: {v}" for k, v in route.items())
-    return await start_gateway(load_config_text(f"""
+    return f"""
 listen: {{host: 127.0.0.1, port: 0}}
 access_log: false
 {"admin: {host: 127.0.0.1, port: 0}" if admin else ""}
-timeouts: {{connect: 5s, read: 10s}}
+timeouts: {timeouts}
 routes:
   - prefix: /
     upstream: {upstream}/{keys}
-""", env={}))
+"""
+
+
+async def start(start_gateway: GatewayStarter, upstream: str, *, admin: bool = False,
+                timeouts: str = "{connect: 5s, read: 10s}", **route: Any) -> Running:
+    return await start_gateway(load_config_text(
+        pool_config(upstream, admin=admin, timeouts=timeouts, **route), env={}))
 
 
 async def fetch(gw: Running, target: str) -> RawResponse:
@@ -232,38 +239,14 @@ async def test_max_idle_caps_what_stays_idle(start_gateway: GatewayStarter, path
         await until(lambda: sum(not c.closed for c in rec.conns) == 2)
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 async def test_connect_refused_is_502_on_either_path(
         start_gateway: GatewayStarter, path: PathSwitch, full_path_calls: list[str]) -> None:
-    gw = await start(start_gateway, f"http://127.0.0.1:{closed_port()}")
+    gw = await start(start_gateway, f"http://127.0.0.1:{free_port()}")
     answer = await fetch(gw, "/refused")
     assert answer.status == 502, answer
     assert answer.body == b"502 Bad Gateway: the upstream could not be reached\n"
     assert gw.gateway.pool.stats()["open"] == 0
     lean_as_expected(path, full_path_calls, "/refused")
-
-
-@contextlib.contextmanager
-def unanswered_port() -> Iterator[int]:
-    """A port on 127.0.0.1 where a connect waits and never completes: its listener's accept
-    queue is full (a backlog of 0 holds one connection, never accepted), and Linux drops
-    the SYNs of further connects instead of refusing them."""
-    with socket.socket() as listener, contextlib.ExitStack() as held:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        port: int = listener.getsockname()[1]
-        for _ in range(4):
-            sock = held.enter_context(socket.socket())
-            sock.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                sock.connect(("127.0.0.1", port))
-        yield port
 
 
 async def test_connect_timeout_is_504_on_either_path(
@@ -272,14 +255,8 @@ async def test_connect_timeout_is_504_on_either_path(
     nginx answers), on the lean path (which opens the connection itself) as on the full
     one; the slot the attempt took is given back."""
     with unanswered_port() as port:
-        gw = await start_gateway(load_config_text(f"""
-listen: {{host: 127.0.0.1, port: 0}}
-access_log: false
-timeouts: {{connect: 300ms, read: 30s}}
-routes:
-  - prefix: /
-    upstream: http://127.0.0.1:{port}/
-""", env={}))
+        gw = await start(start_gateway, f"http://127.0.0.1:{port}",
+                         timeouts="{connect: 300ms, read: 30s}")
         began = time.monotonic()
         answer = await fetch(gw, "/unanswered")
         took = time.monotonic() - began
@@ -326,15 +303,7 @@ async def test_connections_opened_count_on_over_a_reload(
     pool's count instead of starting again at 0."""
     async with run_recorder() as rec:
         config = tmp_path / "gateway.yaml"
-        config.write_text(f"""
-listen: {{host: 127.0.0.1, port: 0}}
-admin: {{host: 127.0.0.1, port: 0}}
-access_log: false
-timeouts: {{shutdown_grace: 0s}}
-routes:
-  - prefix: /
-    upstream: {rec.url}/
-""")
+        config.write_text(pool_config(rec.url, admin=True))
         async with serving(load_config(config), config_path=str(config)) as gw:
             assert gw.runtime.admin_url is not None
             assert (await fetch(gw, "/before")).status == 200

@@ -1,4 +1,5 @@
-"""Free loopback ports for servers a test starts with a fixed port."""
+"""Loopback ports for tests: free ones for servers a test starts with a fixed port, and one
+where a connect never completes."""
 
 from __future__ import annotations
 
@@ -47,3 +48,20 @@ def busy_port(*, listen: bool = True) -> Iterator[int]:
         if listen:
             busy.listen(1)
         yield int(busy.getsockname()[1])
+
+
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A port on 127.0.0.1 where a connect waits and never completes: its listener's accept
+    queue is full (a backlog of 0 holds one connection, never accepted), and Linux drops
+    the SYNs of further connects instead of refusing them."""
+    with socket.socket() as listener, contextlib.ExitStack() as held:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port: int = listener.getsockname()[1]
+        for _ in range(4):
+            sock = held.enter_context(socket.socket())
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.connect(("127.0.0.1", port))
+        yield port
